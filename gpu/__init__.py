@@ -1,0 +1,1 @@
+"""orcd gpu package."""

@@ -1,0 +1,1 @@
+"""orcd loader package."""

@@ -1,0 +1,1 @@
+"""orcd tokenizer package."""
