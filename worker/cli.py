@@ -1,0 +1,46 @@
+"""`orcd` command line: one subcommand per module under `worker/commands/`.
+
+Every subcommand turns an `OrcdError` into its one-line message on stderr and exit status 2,
+so a bad file or name never shows a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from loader.errors import OrcdError
+
+# Subcommand name -> module under worker.commands exposing add_arguments(parser) and run(args).
+COMMANDS = {
+    "inspect": "Show what a GGUF model holds: architecture, sizes, quant mix, tokenizer, tensors.",
+    "synth": "Write a GGUF with a real architecture's shapes and random weights.",
+    "tokenize": "Encode, decode or render chat prompts, JSON lines in and out.",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="orcd", description="GGUF inference worker.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text in COMMANDS.items():
+        module = importlib.import_module(f"worker.commands.{name}")
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(command)
+        command.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except OrcdError as exc:
+        print(f"orcd {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
