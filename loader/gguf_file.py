@@ -33,6 +33,11 @@ MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_DIM = 1 << 40
 MAX_ELEMENTS = 1 << 48
 MAX_ALIGNMENT = 1 << 20
+# Far above any real file (~1k tensors, ~50 metadata keys, vocabularies up to ~260k tokens),
+# low enough that a crafted file cannot make parsing take seconds.
+MAX_TENSORS = 1 << 16
+MAX_KV = 1 << 16
+MAX_STRING_ARRAY = 1 << 22
 
 _SCALAR_FORMATS: dict[GGUFValueType, str] = {
     GGUFValueType.UINT8: "<B",
@@ -163,6 +168,8 @@ class GGUFFile:
             self.file_size = self.path.stat().st_size
         except OSError as exc:
             raise GGUFError(f"{self.path}: cannot open: {exc.strerror}") from exc
+        except ValueError as exc:  # e.g. an embedded NUL byte in the path
+            raise GGUFError(f"{self.path}: cannot open: {exc}") from exc
         if not self.path.is_file():
             raise GGUFError(f"{self.path}: not a regular file")
         if self.file_size < 4 + 4 + 8 + 8:
@@ -197,13 +204,24 @@ class GGUFFile:
             raise GGUFError(
                 f"kv_count {kv_count} cannot fit in the {cur.remaining()} bytes that remain"
             )
+        if kv_count > MAX_KV:
+            raise GGUFError(f"kv_count {kv_count} is more than {MAX_KV}")
         self.metadata = Metadata(self._read_metadata(cur, kv_count))
         if tensor_count > cur.remaining() // _MIN_TENSOR_INFO_BYTES:
             raise GGUFError(
                 f"tensor_count {tensor_count} cannot fit in the {cur.remaining()} bytes that remain"
             )
+        if tensor_count > MAX_TENSORS:
+            raise GGUFError(f"tensor_count {tensor_count} is more than {MAX_TENSORS}")
         self.alignment = self._read_alignment()
-        infos = [self._read_tensor_info(cur, i) for i in range(tensor_count)]
+        infos = []
+        names: set[str] = set()
+        for i in range(tensor_count):
+            info = self._read_tensor_info(cur, i)
+            if info.name in names:
+                raise GGUFError(f"duplicate tensor name {info.name!r}")
+            names.add(info.name)
+            infos.append(info)
         self.data_offset = _align(cur.pos, self.alignment)
         if infos and self.data_offset > self.file_size:
             raise GGUFError(
@@ -246,6 +264,10 @@ class GGUFFile:
                 raise GGUFError(
                     f"metadata {key!r}: string array count {count} cannot fit in the "
                     f"{cur.remaining()} bytes that remain"
+                )
+            if count > MAX_STRING_ARRAY:
+                raise GGUFError(
+                    f"metadata {key!r}: string array count {count} is more than {MAX_STRING_ARRAY}"
                 )
             what = f"metadata {key!r} element"
             return (value_type, elem_type), [cur.string(what) for _ in range(count)]
@@ -304,8 +326,6 @@ class GGUFFile:
         data_size = self.file_size - self.data_offset
         tensors: dict[str, TensorInfo] = {}
         for info in infos:
-            if info.name in tensors:
-                raise GGUFError(f"duplicate tensor name {info.name!r}")
             if info.offset % self.alignment:
                 raise GGUFError(
                     f"tensor {info.name!r}: offset {info.offset} is not aligned to "
@@ -329,6 +349,8 @@ class GGUFFile:
     def tensor_data(self, name: str) -> np.ndarray:
         """The tensor's raw bytes as a zero-copy uint8 view of the mapped file."""
         info = self.tensor(name)
+        if self._map is None:
+            raise GGUFError(f"{self.path}: file is closed")
         start = self.data_offset + info.offset
         return self._map[start : start + info.nbytes]
 

@@ -101,4 +101,4 @@ class Metadata:
     def get_float_array(self, key: str, default: Any = _MISSING) -> np.ndarray:
         accepted = frozenset((GGUFValueType.ARRAY, t) for t in _FLOAT_TYPES | _INT_TYPES)
         value = self._lookup(key, default, accepted, "a number array")
-        return value if value is None else value.astype(np.float32)
+        return value if value is None else np.asarray(value, dtype=np.float32)
