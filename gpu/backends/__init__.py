@@ -1,0 +1,1 @@
+"""Backends: `torch` (reference, CPU) and `cuda` (NVRTC kernels)."""

@@ -1,0 +1,159 @@
+"""Continuous batching: which sequences run this step, with how many tokens each.
+
+Each step first gives every running sequence its next tokens (one for a decode, a chunk for
+an unfinished prefill), then admits waiting sequences first-come-first-served while the token
+budget, the sequence cap and the KV pool allow. Prompts are prefilled in chunks of at most the
+remaining budget, so a long prompt delays running decodes by at most one chunk per step.
+When KV blocks run out, the pool reclaims idle sessions and cached prefixes; if that is not
+enough, the most recently admitted running sequence is preempted: its blocks are freed and it
+goes back to the front of the queue to be recomputed later (its tokens are kept; nothing is
+dropped).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from gpu.events import EngineEvent
+from gpu.kv_cache import KVCache
+from gpu.sequence import Sequence, SequenceStatus
+
+
+@dataclass(slots=True)
+class Schedule:
+    """The sequences of one step and their number of new tokens, in batch order."""
+
+    items: list[tuple[Sequence, int]] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.items)
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+
+class Scheduler:
+    """Waiting and running queues over one `KVCache`."""
+
+    def __init__(self, kv: KVCache, *, max_num_seqs: int = 64, max_batch_tokens: int = 512):
+        if max_batch_tokens < 1 or max_num_seqs < 1:
+            raise ValueError("max_batch_tokens and max_num_seqs must be positive")
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_batch_tokens = max_batch_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ----- one step ---------------------------------------------------------------------------
+
+    def schedule(self) -> Schedule:
+        schedule = Schedule()
+        budget = self.max_batch_tokens
+        index = 0
+        while index < len(self.running) and budget > 0:
+            seq = self.running[index]
+            n = min(seq.num_uncomputed, budget)
+            if self._grow_or_preempt(seq, n, index):
+                schedule.items.append((seq, n))
+                budget -= n
+                index += 1
+            # else: seq itself was preempted and removed from running; same index is next
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not self._admit(seq, budget):
+                break
+            self.waiting.popleft()
+            n = min(seq.num_uncomputed, budget)
+            self.running.append(seq)
+            schedule.items.append((seq, n))
+            budget -= n
+        return schedule
+
+    def _blocks_needed(self, seq: Sequence, n: int) -> int:
+        size = self.kv.block_size
+        return max(0, -(-(seq.num_computed + n) // size) - len(seq.block_table))
+
+    def _grow_or_preempt(self, seq: Sequence, n: int, index: int) -> bool:
+        """Give a running sequence blocks for n more tokens, preempting later ones if needed."""
+        need = self._blocks_needed(seq, n)
+        while True:
+            blocks = self.kv.allocate(need) if need else []
+            if blocks is not None:
+                seq.block_table.extend(blocks)
+                return True
+            victim = self.running[-1]
+            self.preempt(victim)
+            if victim is seq or len(self.running) <= index:
+                return False
+
+    def _admit(self, seq: Sequence, budget: int) -> bool:
+        """Reuse the cached prefix and allocate the first chunk's blocks; False if it can't."""
+        session_id = seq.request.session_id
+        if session_id is not None:
+            self.kv.claim_session(session_id)
+        matched = self.kv.match_prefix(seq.token_ids)
+        # At least one token must be computed to produce logits: never reuse the whole prompt.
+        if matched and len(matched) * self.kv.block_size >= seq.num_tokens:
+            self.kv.free(matched[-1:])
+            matched = matched[:-1]
+        seq.block_table = list(matched)
+        seq.block_keys = []
+        seq.num_computed = len(matched) * self.kv.block_size
+        n = min(seq.num_tokens - seq.num_computed, budget)
+        blocks = self.kv.allocate(self._blocks_needed(seq, n))
+        if blocks is None:
+            self.kv.free(seq.block_table)
+            seq.block_table, seq.num_computed = [], 0
+            if session_id is not None:
+                self.kv.release_session_claim(session_id)
+            return False
+        seq.block_table.extend(blocks)
+        seq.num_cached_tokens = seq.num_computed
+        seq.status = SequenceStatus.RUNNING
+        return True
+
+    # ----- leaving the running set ------------------------------------------------------------
+
+    def preempt(self, seq: Sequence) -> None:
+        """Free a running sequence's KV and put it back at the front of the queue."""
+        self.running.remove(seq)
+        self.kv.free(seq.block_table)
+        self.kv.events.append(
+            EngineEvent(
+                kind="preempted",
+                request_id=seq.request_id,
+                session_id=seq.request.session_id,
+                num_blocks=len(seq.block_table),
+                num_tokens=seq.num_computed,
+            )
+        )
+        seq.block_table, seq.block_keys, seq.num_computed = [], [], 0
+        seq.status = SequenceStatus.WAITING
+        if seq.request.session_id is not None:
+            self.kv.release_session_claim(seq.request.session_id)
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Remove a sequence for good; a session keeps references on its full blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        session_id = seq.request.session_id
+        if session_id is not None and seq.block_table:
+            full = seq.num_computed // self.kv.block_size
+            self.kv.pin_session(session_id, seq.block_table[:full], full * self.kv.block_size)
+        elif session_id is not None:
+            self.kv.release_session_claim(session_id)
+        self.kv.free(seq.block_table)
+        seq.block_table = []
