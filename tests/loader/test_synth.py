@@ -15,7 +15,7 @@ import pytest
 from gguf import GGMLQuantizationType, TokenType
 from gguf.quants import dequantize
 
-from loader import synth
+from loader import synth, synth_blocks, synth_vocab
 from loader.config import read_config
 from loader.gguf_file import open_gguf
 from worker.cli import main
@@ -131,7 +131,7 @@ def check_weights(gguf):
 @pytest.mark.parametrize("quant", [t.name for t in synth.FILE_TYPES])
 def test_random_blocks_dequantise_to_the_target_std(quant):
     spec = synth.TensorSpec("w", (1024, 512), T[quant], "weight", 0.02)
-    raw = synth.random_tensor(spec, seed=3)
+    raw = synth_blocks.random_tensor(spec, seed=3)
     assert raw.nbytes == spec.nbytes
     values = dequantize(raw.reshape(512, -1), T[quant])
     assert values.shape == (512, 1024)
@@ -225,8 +225,8 @@ def test_same_seed_writes_the_same_bytes(write, tmp_path):
 
 
 def test_byte_level_vocabulary_truncates_consistently():
-    source = synth.default_vocabulary()
-    small = synth.byte_level_vocabulary(source, 1000)
+    source = synth_vocab.default_vocabulary()
+    small = synth_vocab.byte_level_vocabulary(source, 1000)
     assert small.tokens == source.tokens[:1000]
     kept = set(small.tokens)
     assert 0 < len(small.merges) < len(source.merges)
@@ -239,8 +239,8 @@ def test_byte_level_vocabulary_truncates_consistently():
 
 
 def test_byte_level_vocabulary_pads_with_unique_unused_fillers():
-    source = synth.default_vocabulary()
-    big = synth.byte_level_vocabulary(source, len(source.tokens) + 100)
+    source = synth_vocab.default_vocabulary()
+    big = synth_vocab.byte_level_vocabulary(source, len(source.tokens) + 100)
     assert big.tokens[: len(source.tokens)] == source.tokens
     assert len(set(big.tokens)) == len(big.tokens)
     assert set(big.token_types[len(source.tokens) :]) == {TokenType.UNUSED}
@@ -248,7 +248,9 @@ def test_byte_level_vocabulary_pads_with_unique_unused_fillers():
 
 
 def test_sentencepiece_vocabulary_layout():
-    vocab = synth.sentencepiece_vocabulary(synth.default_vocabulary(), 32064, ("<|end|>",))
+    vocab = synth_vocab.sentencepiece_vocabulary(
+        synth_vocab.default_vocabulary(), 32064, ("<|end|>",)
+    )
     assert len(vocab.tokens) == len(vocab.scores) == len(vocab.token_types) == 32064
     assert len(set(vocab.tokens)) == 32064
     assert vocab.tokens[:3] == ["<unk>", "<s>", "</s>"]
