@@ -1,0 +1,97 @@
+"""`orcd tokenize`: JSON lines in and out, one output line per input line, bad lines answered
+with an error object without stopping the rest."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+
+from worker.commands import tokenize
+
+
+def run_lines(monkeypatch, capsys, lines: list[str], *flags: str) -> tuple[int, list[dict]]:
+    parser = argparse.ArgumentParser()
+    tokenize.add_arguments(parser)
+    args = parser.parse_args(list(flags))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(line + "\n" for line in lines)))
+    status = tokenize.run(args)
+    return status, [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+def test_encode(monkeypatch, capsys, smollm):
+    lines = [json.dumps("Hello <|im_start|>"), "", json.dumps("日本語 🙂")]
+    status, out = run_lines(monkeypatch, capsys, lines)
+    assert status == 0
+    assert out == [
+        {"ids": smollm.encode("Hello <|im_start|>")},
+        {"ids": smollm.encode("日本語 🙂")},
+    ]
+    _, plain = run_lines(monkeypatch, capsys, lines[:1], "--no-special")
+    assert plain == [{"ids": smollm.encode("Hello <|im_start|>", parse_special=False)}]
+
+
+def test_decode(monkeypatch, capsys, smollm):
+    ids = smollm.encode("<|im_start|>user\nhé<|im_end|>")
+    status, out = run_lines(monkeypatch, capsys, [json.dumps(ids)], "--decode")
+    assert (status, out) == (0, [{"text": "<|im_start|>user\nhé<|im_end|>"}])
+    _, out = run_lines(monkeypatch, capsys, [json.dumps(ids)], "--decode", "--no-special")
+    assert out == [{"text": "user\nhé"}]
+
+
+def test_chat(monkeypatch, capsys, smollm):
+    messages = [{"role": "user", "content": "Hi"}]
+    lines = [
+        json.dumps(messages),
+        json.dumps({"messages": messages, "add_generation_prompt": False}),
+    ]
+    status, out = run_lines(monkeypatch, capsys, lines, "--chat")
+    assert status == 0
+    prompt, ids = smollm.encode_chat(messages)
+    assert out[0] == {"prompt": prompt, "ids": ids}
+    assert out[1]["prompt"] == prompt.removesuffix("<|im_start|>assistant\n")
+
+
+def test_bad_lines_get_an_error_each_and_the_rest_goes_on(monkeypatch, capsys):
+    lines = ['"ok"', "{not json", "42", '"fine"', '"lone \\ud800 surrogate"']
+    status, out = run_lines(monkeypatch, capsys, lines)
+    assert status == 1
+    assert out[0].keys() == {"ids"} and out[3].keys() == {"ids"}
+    assert out[1]["error"].startswith("line 2: invalid JSON")
+    assert out[2] == {"error": "line 3: expected a JSON string to encode, got a number"}
+    assert "line 5: text 0 is not valid Unicode" in out[4]["error"]
+    status, out = run_lines(monkeypatch, capsys, ["[1, 99999999]", '["a"]', "[1]"], "--decode")
+    assert status == 1
+    assert "token id 99999999 is outside the vocabulary" in out[0]["error"]
+    assert out[1]["error"].startswith("line 2: expected a JSON list of integer token ids")
+    assert out[2] == {"text": "<|im_start|>"}
+    bad_chat = ['"hi"', '[{"role": "user"}]', '{"messages": [], "seed": 1}', '[{"x": 1}]']
+    status, out = run_lines(monkeypatch, capsys, bad_chat, "--chat")
+    assert status == 1 and all("error" in line for line in out)
+    assert "chat template" in out[1]["error"]  # 'dict object' has no attribute 'content'
+
+
+def test_help_documents_the_error_lines():
+    parser = argparse.ArgumentParser()
+    tokenize.add_arguments(parser)
+    assert '{"error": "line N: reason"}' in parser.format_help()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--model", "no-such-model"], "unknown model 'no-such-model'"),
+        (["--chat", "--no-special"], "--no-special cannot be combined with --chat"),
+    ],
+)
+def test_unusable_options_exit_2_with_one_line(flags, message):
+    result = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "tokenize", *flags],
+        input="", capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2 and result.stdout == ""
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
