@@ -17,6 +17,8 @@ COMMANDS = {
     "inspect": "Show what a GGUF model holds: architecture, sizes, quant mix, tokenizer, tensors.",
     "synth": "Write a GGUF with a real architecture's shapes and random weights.",
     "tokenize": "Encode, decode or render chat prompts, JSON lines in and out.",
+    "generate": "Generate an answer to one prompt, streamed to stdout.",
+    "perplexity": "Perplexity of a text file, computed as llama.cpp's llama-perplexity does.",
 }
 
 

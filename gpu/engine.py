@@ -1,0 +1,289 @@
+"""The inference engine: token ids in, token ids out, many requests at once.
+
+    engine = Engine("smollm2-135m")                    # or a path, a GGUFFile, a Backend
+    engine.add(Request("r1", prompt_token_ids=[...], max_tokens=64))
+    while engine.has_work():
+        for out in engine.step():                       # StepOutput per request that moved
+            ...                                         # out.new_token_ids, out.finish_reason
+    engine.pop_events()                                 # evictions / preemptions to narrate
+
+One `step()` = schedule (decodes, prefill chunks, admissions within the token budget and the
+KV pool) -> one forward call over the packed batch -> sample on the backend's device -> only
+token ids (and requested logprobs) come back. Aborts and finishes free KV at once; a request
+with a `session_id` leaves its full blocks pinned for the session's next turn.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from gpu.backends.base import Backend
+from gpu.batch import ForwardBatch
+from gpu.events import EngineEvent
+from gpu.kv_cache import KVCache, chain_key
+from gpu.request import Request, RequestError, StepOutput
+from gpu.sampler import Sampler, SamplingRow, make_generator
+from gpu.scheduler import Schedule, Scheduler
+from gpu.sequence import Sequence, SequenceStatus
+from loader.gguf_file import GGUFFile, open_gguf
+from loader.registry import resolve_model
+
+# End-of-generation token ids a GGUF may declare; any of them stops a request (unless
+# ignore_eos). Chat models often end turns with EOT (<|eot_id|>, <|im_end|>) rather than EOS.
+_STOP_TOKEN_KEYS = (
+    "tokenizer.ggml.eos_token_id",
+    "tokenizer.ggml.eot_token_id",
+    "tokenizer.ggml.eom_token_id",
+)
+DEFAULT_CPU_KV_BYTES = 1 << 30
+
+
+def stop_token_ids_of(gguf: GGUFFile) -> frozenset[int]:
+    """EOS/EOT/EOM ids declared in the file's metadata."""
+    meta = gguf.metadata
+    return frozenset(meta.get_int(key) for key in _STOP_TOKEN_KEYS if key in meta)
+
+
+def make_backend(kind: str, gguf: GGUFFile, progress: Callable | None = None) -> Backend:
+    """Build a backend by name: `torch` (reference, CPU) or `auto` (the best available)."""
+    if kind in ("auto", "torch"):
+        from gpu.backends.torch_backend import TorchBackend
+
+        return TorchBackend(gguf, progress=progress)
+    raise RequestError(f"unknown backend {kind!r}; available: auto, torch")
+
+
+class Engine:
+    """Continuous-batching engine over one model; see the module docstring for the loop."""
+
+    def __init__(
+        self,
+        model: str | os.PathLike | GGUFFile,
+        *,
+        backend: str | Backend = "auto",
+        kv_blocks: int | None = None,
+        block_size: int = 16,
+        max_num_seqs: int = 64,
+        max_batch_tokens: int = 512,
+        max_sessions: int = 1024,
+        session_ttl_s: float = 1800.0,
+        seed: int | None = None,
+        progress: Callable | None = None,
+    ) -> None:
+        gguf = model if isinstance(model, GGUFFile) else open_gguf(_model_path(model))
+        self.backend = backend if isinstance(backend, Backend) else make_backend(
+            backend, gguf, progress
+        )
+        self.config = self.backend.config
+        self.eos_token_ids = stop_token_ids_of(gguf)
+        if kv_blocks is None:
+            per_block = self.backend.kv_bytes_per_block(block_size)
+            kv_blocks = max(1, DEFAULT_CPU_KV_BYTES // per_block)
+        self.backend.allocate_kv(kv_blocks, block_size)
+        self.kv = KVCache(
+            kv_blocks, block_size, max_sessions=max_sessions, session_ttl_s=session_ttl_s
+        )
+        self.scheduler = Scheduler(
+            self.kv, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens
+        )
+        # Longest sequence the engine can hold: the model's context, or the whole pool.
+        self.max_model_len = min(self.config.context_length, kv_blocks * block_size)
+        self.sampler = Sampler(seed=seed)
+        self._sequences: dict[str, Sequence] = {}
+        self._aborted: list[Sequence] = []
+        self._arrivals = itertools.count()
+
+    # ----- requests ---------------------------------------------------------------------------
+
+    def add(self, request: Request) -> None:
+        """Queue a request; raises `RequestError` if it can never run."""
+        if request.request_id in self._sequences:
+            raise RequestError(f"request {request.request_id!r} is already in the engine")
+        prompt = list(request.prompt_token_ids)
+        if not prompt:
+            raise RequestError(f"request {request.request_id!r}: empty prompt")
+        if len(prompt) >= self.max_model_len:
+            raise RequestError(
+                f"request {request.request_id!r}: prompt of {len(prompt)} tokens does not fit "
+                f"the context of {self.max_model_len} tokens"
+            )
+        vocab = self.config.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise RequestError(
+                f"request {request.request_id!r}: token ids must be in [0, {vocab})"
+            )
+        if request.max_tokens < 1:
+            raise RequestError(f"request {request.request_id!r}: max_tokens must be >= 1")
+        request.sampling.validate()
+        generator = None
+        if request.sampling.seed is not None:
+            generator = make_generator(request.sampling.seed, self.backend.device)
+        seq = Sequence(
+            request=request,
+            token_ids=prompt,
+            num_prompt_tokens=len(prompt),
+            generator=generator,
+            arrival=next(self._arrivals),
+        )
+        self._sequences[request.request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its KV; its `abort` output comes with the next step."""
+        seq = self._sequences.get(request_id)
+        if seq is None or seq.status == SequenceStatus.FINISHED:
+            return False
+        self.scheduler.finish(seq, "abort")
+        self._aborted.append(seq)
+        return True
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work() or bool(self._aborted)
+
+    # ----- sessions and stats -----------------------------------------------------------------
+
+    def end_session(self, session_id: str) -> bool:
+        """Free the blocks a session holds; False if the engine holds no such session."""
+        return self.kv.end_session(session_id)
+
+    def pop_events(self) -> list[EngineEvent]:
+        """Evictions, expiries and preemptions since the last call, oldest first."""
+        events, self.kv.events = self.kv.events, []
+        return events
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "kv_blocks_total": self.kv.num_blocks,
+            "kv_blocks_used": self.kv.num_used,
+            "kv_blocks_cached": self.kv.num_cached,
+            "block_size": self.kv.block_size,
+            "sessions": len(self.kv.sessions),
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+        }
+
+    # ----- the step ---------------------------------------------------------------------------
+
+    def step(self) -> list[StepOutput]:
+        """Run one forward pass over what the scheduler picks; outputs of requests that moved."""
+        outputs = [self._final_output(seq) for seq in self._aborted]
+        for seq in self._aborted:
+            self._sequences.pop(seq.request_id, None)
+        self._aborted = []
+        self.kv.expire_sessions()
+        schedule = self.scheduler.schedule()
+        if not schedule:
+            if self.scheduler.waiting and not self.scheduler.running:
+                # Nothing runs and the head of the queue cannot be admitted even then: the
+                # pool cannot hold it. End it rather than wait forever.
+                seq = self.scheduler.waiting[0]
+                self.scheduler.finish(seq, "length")
+                outputs.append(self._final_output(seq))
+            return outputs
+        logits = self.backend.forward(self._build_batch(schedule))
+        sampled_seqs = [seq for seq, n in schedule.items if seq.num_computed + n == seq.num_tokens]
+        for seq, n in schedule.items:
+            seq.num_computed += n
+            self._register_full_blocks(seq)
+        tokens = self.sampler(logits, [self._sampling_row(seq) for seq in sampled_seqs])
+        for seq, token in zip(sampled_seqs, tokens, strict=True):
+            outputs.append(self._append_token(seq, token.token_id, token.logprobs))
+        return outputs
+
+    def _build_batch(self, schedule: Schedule) -> ForwardBatch:
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_start = [0]
+        context_lens: list[int] = []
+        query_lens: list[int] = []
+        logits_indices: list[int] = []
+        size = self.kv.block_size
+        for seq, n in schedule.items:
+            start = seq.num_computed
+            token_ids.extend(seq.token_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            table = seq.block_table
+            slots.extend(table[p // size] * size + p % size for p in range(start, start + n))
+            query_start.append(query_start[-1] + n)
+            context_lens.append(start + n)
+            query_lens.append(n)
+            if start + n == seq.num_tokens:
+                logits_indices.append(query_start[-1] - 1)
+        width = max(len(seq.block_table) for seq, _ in schedule.items)
+        tables = [seq.block_table + [-1] * (width - len(seq.block_table)) for seq, _ in schedule.items]
+        device = self.backend.device
+
+        def tensor(values, dtype=torch.int64):
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        return ForwardBatch(
+            token_ids=tensor(token_ids),
+            positions=tensor(positions),
+            slot_mapping=tensor(slots),
+            query_start=tensor(query_start),
+            context_lens=tensor(context_lens),
+            block_tables=tensor(tables, torch.int32),
+            logits_indices=tensor(logits_indices),
+            query_lens=query_lens,
+            context_lens_host=context_lens,
+        )
+
+    def _register_full_blocks(self, seq: Sequence) -> None:
+        """Make every newly completed block of the sequence findable by its prefix key."""
+        size = self.kv.block_size
+        full = seq.num_computed // size
+        while len(seq.block_keys) < full:
+            i = len(seq.block_keys)
+            tokens = tuple(seq.token_ids[i * size : (i + 1) * size])
+            key = chain_key(seq.block_keys[-1] if seq.block_keys else 0, tokens)
+            seq.block_keys.append(key)
+            self.kv.register(seq.block_table[i], key, tokens)
+
+    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+        return SamplingRow(
+            params=seq.request.sampling,
+            prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
+            output_token_ids=seq.output_token_ids,
+            generator=seq.generator,
+        )
+
+    def _append_token(self, seq: Sequence, token_id: int, logprobs) -> StepOutput:
+        seq.token_ids.append(token_id)
+        request = seq.request
+        reason = None
+        if token_id in request.stop_token_ids or (
+            not request.ignore_eos and token_id in self.eos_token_ids
+        ):
+            reason = "stop"
+        elif seq.num_output_tokens >= request.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        output = StepOutput(
+            request_id=seq.request_id,
+            new_token_ids=[token_id],
+            logprobs=[logprobs] if logprobs is not None else None,
+            num_cached_tokens=seq.num_cached_tokens,
+        )
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            output.finish_reason = reason
+            self._sequences.pop(seq.request_id, None)
+        return output
+
+    def _final_output(self, seq: Sequence) -> StepOutput:
+        self._sequences.pop(seq.request_id, None)
+        return StepOutput(
+            request_id=seq.request_id,
+            new_token_ids=[],
+            num_cached_tokens=seq.num_cached_tokens,
+            finish_reason=seq.finish_reason,
+        )
+
+
+def _model_path(model: str | os.PathLike) -> Path:
+    return resolve_model(str(model))
