@@ -19,6 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"default: {DEFAULT_MODEL}")
     parser.add_argument("--models-dir", help="directory of NAME.gguf files (or $ORCD_MODELS_DIR)")
     parser.add_argument("--backend", default="auto", help="auto (default) or torch")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="torch backend compute type (float32 = reference; bfloat16 ~2x faster)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--chat", dest="chat", action="store_true", default=True,
                       help="apply the model's chat template (default)")
@@ -41,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     configure_logging()
-    model = load_model(args.model, models_dir=args.models_dir, backend=args.backend)
+    model = load_model(args.model, models_dir=args.models_dir, backend=args.backend,
+                       dtype=args.dtype)
     tokenizer, engine = model.tokenizer, model.engine
     if args.chat:
         messages = [{"role": "system", "content": args.system}] if args.system else []

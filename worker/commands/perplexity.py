@@ -22,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"default: {DEFAULT_MODEL}")
     parser.add_argument("--models-dir", help="directory of NAME.gguf files (or $ORCD_MODELS_DIR)")
     parser.add_argument("--backend", default="auto", help="auto (default) or torch")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="torch backend compute type (float32 = reference; bfloat16 ~2x faster)")
     parser.add_argument("--ctx", type=int, default=512, help="chunk length in tokens (512)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -37,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     # llama-perplexity tokenizes with add_special=true, parse_special=false.
     tokens = tokenizer.encode(text, add_special_tokens=True, parse_special=False)
     bos = tokenizer.bos_id if tokenizer.add_bos else None
-    backend = make_backend(args.backend, gguf)
+    backend = make_backend(args.backend, gguf, dtype=args.dtype)
     bar = tqdm(total=len(tokens) // args.ctx, unit="chunk", file=sys.stderr,
                disable=args.json and not sys.stderr.isatty())
     estimate = None
