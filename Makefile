@@ -21,6 +21,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/orcd inspect smollm2-135m
+	$(VENV)/bin/orcd generate --max-tokens 64 "What is the capital of France? Answer in one sentence."
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

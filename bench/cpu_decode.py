@@ -62,7 +62,7 @@ def run_ours(path: Path, dtype: str, prompt: list[int], n_decode: int, batch: in
         engine.step()
         step_times.append(time.perf_counter() - start)
     step = statistics.median(step_times)
-    weight_bytes = sum(t.numel() * t.element_size() for t in engine.backend.weights._tensors())
+    weight_bytes = engine.backend.weights.nbytes()
     return {
         "prefill_tokens_per_s": len(prompt) * batch / prefill_s,
         "decode_tokens_per_s": batch / step,
