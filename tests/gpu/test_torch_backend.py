@@ -379,3 +379,32 @@ def test_unsupported_rope_is_refused(rope, message):
         check_rope_supported(rope, "m")
     with pytest.raises(RopeNotSupportedError, match=message):
         Rotary(rope)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "question",
+    ["What is the capital of France?", "Write a short poem about rain.",
+     "Explain what a hash table is."],
+)
+def test_engine_greedy_32_tokens_equal_transformers_generate(pair, question):
+    """The whole engine (scheduler, paged KV, sampler) continues a chat prompt exactly as
+    transformers' greedy `generate` does, 32 tokens, on the real SmolLM2 file."""
+    from gpu.engine import Engine
+    from gpu.request import Request, SamplingParams
+    from tokenizer.tokenizer import load_tokenizer
+
+    if pair.ours.config.architecture != "llama":
+        pytest.skip("the real-file check runs on SmolLM2")
+    path = resolve_model("smollm2-135m")
+    _, prompt = load_tokenizer(path).encode_chat([{"role": "user", "content": question}])
+    engine = Engine(path, backend=pair.ours, kv_blocks=16)
+    engine.add(Request("q", prompt, SamplingParams(temperature=0.0), max_tokens=32,
+                       ignore_eos=True))
+    ours = [t for _ in range(40) for out in engine.step() for t in out.new_token_ids]
+    tokens = list(prompt)  # transformers greedy, one full forward per token, no EOS stop
+    for _ in range(32):
+        tokens.append(int(pair.hf_logits(tokens)[-1].argmax()))
+    want = tokens[len(prompt) :]
+    pair.ours.allocate_kv(NUM_SEQS * BLOCKS_PER_SEQ, BLOCK_SIZE)  # give the fixture its pool back
+    assert ours == want
