@@ -8,7 +8,7 @@ import sys
 import time
 
 from gpu.request import Request, SamplingParams
-from loader.registry import DEFAULT_MODEL
+from worker.commands.options import add_model_options
 from worker.loaded_model import load_model
 from worker.log import configure_logging
 from worker.text_stream import TextStream
@@ -16,11 +16,7 @@ from worker.text_stream import TextStream
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", help="the user message (or raw text with --raw)")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"default: {DEFAULT_MODEL}")
-    parser.add_argument("--models-dir", help="directory of NAME.gguf files (or $ORCD_MODELS_DIR)")
-    parser.add_argument("--backend", default="auto", help="auto (default) or torch")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                        help="torch backend compute type (float32 = reference; bfloat16 ~2x faster)")
+    add_model_options(parser)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--chat", dest="chat", action="store_true", default=True,
                       help="apply the model's chat template (default)")

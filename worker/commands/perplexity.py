@@ -12,18 +12,15 @@ from gpu.engine import make_backend
 from gpu.perplexity import iter_perplexity
 from loader.errors import OrcdError
 from loader.gguf_file import open_gguf
-from loader.registry import DEFAULT_MODEL, resolve_model
+from loader.registry import resolve_model
 from tokenizer.tokenizer import GGUFTokenizer
+from worker.commands.options import add_model_options
 from worker.log import configure_logging
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", help="UTF-8 text file")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"default: {DEFAULT_MODEL}")
-    parser.add_argument("--models-dir", help="directory of NAME.gguf files (or $ORCD_MODELS_DIR)")
-    parser.add_argument("--backend", default="auto", help="auto (default) or torch")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                        help="torch backend compute type (float32 = reference; bfloat16 ~2x faster)")
+    add_model_options(parser)
     parser.add_argument("--ctx", type=int, default=512, help="chunk length in tokens (512)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 

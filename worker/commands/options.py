@@ -1,0 +1,21 @@
+"""Command-line options shared by every command that loads a model."""
+
+from __future__ import annotations
+
+import argparse
+
+from gpu.engine import DTYPES
+from loader.registry import DEFAULT_MODEL
+
+
+def add_model_options(parser: argparse.ArgumentParser, *, engine: bool = True) -> None:
+    """--model and --models-dir; with `engine`, also --backend and --dtype."""
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"a .gguf path or a model name (default: {DEFAULT_MODEL})")
+    parser.add_argument("--models-dir", help="directory of NAME.gguf files (or $ORCD_MODELS_DIR)")
+    if engine:
+        parser.add_argument("--backend", default="auto", choices=["auto", "torch"],
+                            help="auto (default: the best available) or torch")
+        parser.add_argument("--dtype", default="float32", choices=list(DTYPES),
+                            help="torch backend compute type: float32 (reference, default) or "
+                                 "bfloat16 (about 2x faster decode on CPU)")
