@@ -19,6 +19,11 @@ COMMANDS = {
     "tokenize": "Encode, decode or render chat prompts, JSON lines in and out.",
     "generate": "Generate an answer to one prompt, streamed to stdout.",
     "perplexity": "Perplexity of a text file, computed as llama.cpp's llama-perplexity does.",
+    "worker": "Serve a model's Redis job stream until SIGTERM (the daemon).",
+    "submit": "Submit a generation job to Redis; --wait streams the answer.",
+    "tail": "Print a job's events from the first, as JSON lines.",
+    "status": "Workers, job streams, pending jobs, dead letters and sessions.",
+    "demo": "A Redis, a worker and a two-turn chat with its narration, end to end.",
 }
 
 

@@ -1,0 +1,144 @@
+"""`AsyncOrcdClient`: the asyncio twin of `OrcdClient` (redis.asyncio), for backend services.
+
+    async with AsyncOrcdClient("rediss://user:secret@redis:6380/0") as client:
+        job_id = await client.submit(messages=[...], session_id="s1", max_tokens=64)
+        async for event in client.stream(job_id):
+            ...
+
+Same contract, same routing and attempt handling as the sync client (`jobs.protocol`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from jobs.client import CANCEL_TTL_S, READ_BLOCK_MS, decode, route_for_session
+from jobs.errors import JobError, JobFailed, JobTimeout
+from jobs.events import Done
+from jobs.keys import CONTROL_FIELD, JOB_FIELD, Keys
+from jobs.protocol import EventFollower, JobEvent, build_job, encode_job
+from jobs.schema import EndSession
+from loader.registry import DEFAULT_MODEL
+
+
+class AsyncOrcdClient:
+    """A backend's asyncio handle on orcd workers through one Redis."""
+
+    def __init__(
+        self,
+        redis_url: str = "redis://localhost:6379/0",
+        *,
+        prefix: str = "orcd",
+        connection: aioredis.Redis | None = None,
+        **redis_options: Any,
+    ) -> None:
+        self.redis = connection if connection is not None else aioredis.Redis.from_url(
+            redis_url, **redis_options
+        )
+        self.keys = Keys(prefix)
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    async def __aenter__(self) -> AsyncOrcdClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def submit(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: list[dict] | None = None,
+        model: str = DEFAULT_MODEL,
+        session_id: str | None = None,
+        job_id: str | None = None,
+        **options: Any,
+    ) -> str:
+        try:
+            job = build_job(model=model, prompt=prompt, messages=messages,
+                            session_id=session_id, job_id=job_id, **options)
+        except ValueError as exc:
+            raise JobError(f"invalid job: {exc}") from None
+        await self.redis.xadd(await self.stream_for(model, session_id),
+                              {JOB_FIELD: encode_job(job)})
+        return job.job_id
+
+    async def stream_for(self, model: str, session_id: str | None) -> str:
+        if not session_id:
+            return self.keys.jobs(model)
+        holder = decode(await self.redis.get(self.keys.session(session_id)))
+        if holder is None:
+            return self.keys.jobs(model)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.exists(self.keys.worker(holder))
+            pipe.hget(self.keys.workers, holder)
+            alive, info = await pipe.execute()
+        return route_for_session(self.keys, model, session_id, holder, bool(alive), decode(info))
+
+    async def events(self, job_id: str, *, timeout: float | None = None
+                     ) -> AsyncIterator[JobEvent]:
+        key = self.keys.out(job_id)
+        last_id = "0"
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            block = READ_BLOCK_MS
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise JobTimeout(f"job {job_id}: no answer within {timeout} s")
+                block = max(1, min(block, int(left * 1000)))
+            reply = await self.redis.xread({key: last_id}, block=block, count=512)
+            for _, entries in reply or ():
+                for entry_id, fields in entries:
+                    event = JobEvent.from_entry(entry_id, fields)
+                    last_id = event.id
+                    yield event
+                    if event.final:
+                        return
+
+    async def stream(self, job_id: str, *, timeout: float | None = None
+                     ) -> AsyncIterator[JobEvent]:
+        follower = EventFollower()
+        async for event in self.events(job_id, timeout=timeout):
+            shown = follower.feed(event)
+            if shown is not None:
+                yield shown
+
+    async def wait(self, job_id: str, *, timeout: float | None = None) -> Done:
+        async for event in self.stream(job_id, timeout=timeout):
+            if event.kind == "done":
+                return Done.model_validate(event.data)
+            if event.kind == "error":
+                raise JobFailed(job_id, event.data.get("code", "?"), event.data.get("message", ""))
+        raise JobError(f"job {job_id}: output stream ended without done")  # pragma: no cover
+
+    async def generate(self, prompt: str | None = None, *, timeout: float | None = None,
+                       **job: Any) -> Done:
+        return await self.wait(await self.submit(prompt, **job), timeout=timeout)
+
+    async def cancel(self, job_id: str, *, ttl_s: int = CANCEL_TTL_S) -> None:
+        await self.redis.set(self.keys.cancel(job_id), 1, ex=ttl_s)
+
+    async def end_session(self, session_id: str) -> bool:
+        control = EndSession(v=1, op="end_session", session_id=session_id)
+        holder = decode(await self.redis.get(self.keys.session(session_id)))
+        if holder is None:
+            return False
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.exists(self.keys.worker(holder))
+            pipe.hget(self.keys.workers, holder)
+            alive, info = await pipe.execute()
+        await self.redis.delete(self.keys.session(session_id))
+        if not alive or info is None:
+            return False
+        model = json.loads(info)["model"]
+        await self.redis.xadd(self.keys.routed(model, holder),
+                              {CONTROL_FIELD: control.model_dump_json()})
+        return True

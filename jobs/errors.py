@@ -1,0 +1,21 @@
+"""Errors of the jobs contract and its clients."""
+
+from __future__ import annotations
+
+from loader.errors import OrcdError
+
+
+class JobError(OrcdError):
+    """A job cannot be submitted or read (bad arguments, no worker for the model, timeout)."""
+
+
+class JobFailed(JobError):
+    """The worker answered a job with an `error` event."""
+
+    def __init__(self, job_id: str, code: str, message: str) -> None:
+        super().__init__(f"job {job_id} failed: {code}: {message}")
+        self.job_id, self.code, self.message = job_id, code, message
+
+
+class JobTimeout(JobError):
+    """No `done` or `error` came within the time the caller allowed."""

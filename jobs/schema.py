@@ -1,0 +1,124 @@
+"""Wire contract v1: the job a client puts on `orcd:jobs:{model}`, validated at the boundary.
+
+Untrusted JSON comes in here, so the models are strict: unknown fields are rejected, types are
+not coerced ("5" is not 5), sizes and ranges are bounded. Names and defaults follow
+OpenAI/vLLM: temperature 1.0, top_p 1.0, top_k 0 (off), min_p 0.0, penalties neutral,
+max_tokens 256, no stop strings, stream on, one token per `token` event.
+
+`prompt` is raw text continued as is: it is encoded with BOS as the model's file says and
+with special-token parsing *off*, so a user typing "<|im_end|>" gets those characters, not the
+control token. `messages` go through the model's chat template, whose control tokens are the
+template's own (user content is rendered into the template's text and then parsed, as
+llama.cpp and transformers do).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+VERSION = 1
+# Raw size of one stream entry's `job` field; bigger entries are dead-lettered unparsed.
+MAX_JOB_BYTES = 2 * 1024 * 1024
+MAX_PROMPT_CHARS = 1_000_000  # prompt, or all messages' content together
+MAX_MESSAGES = 1024
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+MAX_METADATA_BYTES = 64 * 1024
+# A sanity bound only: the worker rejects max_tokens above its model's context.
+MAX_TOKENS_LIMIT = 1 << 20
+# Ids become parts of Redis keys: no spaces, no glob characters.
+ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+
+Id = Annotated[str, Field(pattern=ID_PATTERN)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Message(_Strict):
+    """One chat turn, as OpenAI's chat API names it."""
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = Field(max_length=MAX_PROMPT_CHARS)
+
+
+class Sampling(_Strict):
+    """Sampling and stopping controls; defaults as OpenAI's API (temperature 1, top_p 1)."""
+
+    temperature: float = Field(1.0, ge=0.0, le=2.0)  # 0 = greedy
+    top_k: int = Field(0, ge=0, le=1_000_000)  # 0 = off
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    max_tokens: int = Field(256, ge=1, le=MAX_TOKENS_LIMIT)
+    stop: list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]] = Field(
+        default_factory=list, max_length=MAX_STOP_STRINGS
+    )
+    logprobs: int | None = Field(None, ge=0, le=20)  # top-n per token; 0 = the chosen only
+
+
+class GenerationJob(_Strict):
+    """A generation job (wire contract v1); exactly one of `prompt` and `messages`."""
+
+    v: Literal[1]
+    job_id: Id
+    model: Id
+    prompt: str | None = Field(None, min_length=1, max_length=MAX_PROMPT_CHARS)
+    messages: list[Message] | None = Field(None, min_length=1, max_length=MAX_MESSAGES)
+    session_id: Id | None = None
+    sampling: Sampling = Field(default_factory=Sampling)
+    stream: bool = True  # false: no `token` events, only `done`
+    stream_interval: int = Field(1, ge=1, le=1024)  # tokens per `token` event
+    priority: int = Field(0, ge=-1000, le=1000)  # accepted; workers serve FCFS today
+    metadata: dict[str, Any] = Field(default_factory=dict)  # echoed in `done`
+
+    @model_validator(mode="after")
+    def _one_input(self) -> GenerationJob:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("exactly one of 'prompt' and 'messages' must be given")
+        if self.messages is not None:
+            total = sum(len(message.content) for message in self.messages)
+            if total > MAX_PROMPT_CHARS:
+                raise ValueError(
+                    f"messages hold {total} characters; the limit is {MAX_PROMPT_CHARS}"
+                )
+        return self
+
+    @field_validator("metadata")
+    @classmethod
+    def _small_metadata(cls, value: dict[str, Any]) -> dict[str, Any]:
+        size = len(json.dumps(value))
+        if size > MAX_METADATA_BYTES:
+            raise ValueError(f"metadata is {size} bytes of JSON; the limit is {MAX_METADATA_BYTES}")
+        return value
+
+    def message_dicts(self) -> list[dict[str, str]]:
+        return [message.model_dump() for message in self.messages or ()]
+
+
+class EndSession(_Strict):
+    """Control message on a worker's routed stream: free the session's KV blocks."""
+
+    v: Literal[1]
+    op: Literal["end_session"]
+    session_id: Id
+
+
+def describe_validation_error(exc: Exception) -> str:
+    """One line naming each bad field and why (pydantic's own text is multi-line)."""
+    errors = getattr(exc, "errors", None)
+    if errors is None:
+        return str(exc)
+    parts = []
+    for error in errors()[:5]:
+        where = ".".join(str(p) for p in error["loc"]) or "job"
+        parts.append(f"{where}: {error['msg']}")
+    more = len(errors()) - 5
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")

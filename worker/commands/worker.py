@@ -1,0 +1,73 @@
+"""`orcd worker --model M`: serve a model's job stream until SIGTERM/SIGINT (exit 0)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import uuid
+
+from loader.registry import DEFAULT_MODEL
+from worker.daemon import Worker, WorkerConfig
+from worker.loaded_model import load_model
+from worker.log import configure_logging
+
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"default: {DEFAULT_MODEL}")
+    parser.add_argument("--models-dir", help="directory of NAME.gguf files (or $ORCD_MODELS_DIR)")
+    parser.add_argument("--redis", default=os.environ.get("REDIS_URL", DEFAULT_REDIS_URL),
+                        help="redis://, rediss:// or unix:// URL, with user:password@ for ACLs "
+                        f"(default: $REDIS_URL or {DEFAULT_REDIS_URL})")
+    parser.add_argument("--prefix", default="orcd", help="Redis key prefix (default: orcd)")
+    parser.add_argument("--backend", default="auto", choices=["auto", "torch"],
+                        help="auto (default) or torch")
+    parser.add_argument("--id", dest="worker_id", help="worker id (default: host-pid-random)")
+    parser.add_argument("--max-jobs", type=int, default=16,
+                        help="jobs running at once (default 16)")
+    parser.add_argument("--kv-blocks", type=int, help="KV pool size in blocks (default: sized "
+                        "from memory)")
+    parser.add_argument("--grace", type=float, default=30.0,
+                        help="seconds given to running jobs on SIGTERM (default 30)")
+    parser.add_argument("--reclaim-idle", type=float, default=30.0,
+                        help="seconds a dead worker's job waits before it is taken over "
+                        "(default 30)")
+    parser.add_argument("--heartbeat", type=float, default=1.0,
+                        help="seconds between heartbeats (default 1; TTL is 5 beats)")
+    parser.add_argument("--max-deliveries", type=int, default=3,
+                        help="deliveries before a job is dead-lettered (default 3)")
+    parser.add_argument("--out-ttl", type=int, default=3600,
+                        help="seconds output streams live after done/error (default 3600)")
+    parser.add_argument("--session-ttl", type=float, default=1800.0,
+                        help="seconds an idle session keeps its KV (default 1800)")
+    parser.add_argument("--log-json", action="store_true", default=None,
+                        help="JSON log lines even on a terminal")
+
+
+def run(args: argparse.Namespace) -> int:
+    configure_logging(json=args.log_json)
+    if args.max_jobs < 1:
+        raise SystemExit("orcd worker: --max-jobs must be at least 1")
+    model = load_model(args.model, models_dir=args.models_dir, backend=args.backend,
+                       kv_blocks=args.kv_blocks, session_ttl_s=args.session_ttl,
+                       max_num_seqs=max(args.max_jobs, 1))
+    config = WorkerConfig(
+        worker_id=args.worker_id or default_worker_id(),
+        redis_url=args.redis,
+        prefix=args.prefix,
+        max_jobs=args.max_jobs,
+        heartbeat_s=args.heartbeat,
+        heartbeat_ttl_s=5 * args.heartbeat,
+        reclaim_idle_s=args.reclaim_idle,
+        max_deliveries=args.max_deliveries,
+        out_ttl_s=args.out_ttl,
+        session_ttl_s=args.session_ttl,
+        grace_s=args.grace,
+    )
+    return Worker(model, config).run()

@@ -1,0 +1,544 @@
+"""The worker daemon: jobs from Redis Streams through the engine, events back to Redis.
+
+A worker's life, one loop iteration at a time:
+
+1. poll: one pipeline reads the cancel keys of its running jobs and, while it has room
+   (`max_jobs`, and the engine admitted everything it was given), new entries of the model's
+   shared stream and of its own routed stream (XREADGROUP; blocking ~100 ms only when idle);
+2. admit: validate each entry (bad ones to `orcd:dead`), skip jobs whose output already holds
+   `done`, tokenize, `Engine.add`, publish `queued` and `started`;
+3. step: one `Engine.step()`; each output becomes `token`/`done` events (`ActiveJob`);
+4. flush: every write of the iteration in one MULTI/EXEC, XACK after the job's last event;
+5. maintain: heartbeat every second, reclaim dead workers' jobs every few seconds.
+
+Redis going away stops none of this but the reads: writes wait in the publisher until Redis
+is back. SIGTERM/SIGINT stop the reads; running jobs finish within the grace period, the rest
+are left unacknowledged for another worker; then the worker exits 0.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass
+
+import redis
+import structlog
+
+from gpu.request import Request, RequestError, SamplingParams, StepOutput
+from jobs.events import ENGINE_ERROR, INVALID_REQUEST, TOO_MANY_DELIVERIES, UNKNOWN_MODEL
+from jobs.keys import Keys
+from tokenizer.errors import TokenizerError
+from worker.connection import RedisDown, RedisLink, connect
+from worker.consumer import Consumer, Control, Entry, Rejection, parse_entry
+from worker.heartbeat import Heartbeat
+from worker.job_runner import ActiveJob, Delivery
+from worker.loaded_model import LoadedModel
+from worker.log import (
+    add_narration_sink,
+    configure_logging,
+    get_logger,
+    remove_narration_sink,
+)
+from worker.narration import NarrationMirror, narrate_engine_event
+from worker.publisher import Publisher
+
+
+@dataclass(slots=True)
+class WorkerConfig:
+    """Everything `orcd worker` can set; defaults suit production."""
+
+    worker_id: str
+    redis_url: str = "redis://localhost:6379/0"
+    prefix: str = "orcd"
+    max_jobs: int = 16
+    block_ms: int = 100  # XREADGROUP wait when idle
+    heartbeat_s: float = 1.0
+    heartbeat_ttl_s: float = 5.0
+    reclaim_idle_s: float = 30.0  # a dead worker's job is taken over after this idle time
+    reclaim_every_s: float = 2.0
+    max_deliveries: int = 3
+    out_ttl_s: int = 3600  # output streams expire this long after done/error
+    session_ttl_s: float = 1800.0  # must match the engine's session TTL
+    grace_s: float = 30.0  # SIGTERM: time given to running jobs
+
+
+def short(job_id: str) -> str:
+    return job_id[:8]
+
+
+class Worker:
+    """One model, one Redis, one loop; `run()` returns the exit status."""
+
+    def __init__(self, model: LoadedModel, config: WorkerConfig,
+                 client: redis.Redis | None = None) -> None:
+        # The narration mirror is one of configure_logging's processors, and loggers bound
+        # before configuration keep structlog's defaults: configure first (no-op if done).
+        configure_logging()
+        self.model = model
+        self.engine = model.engine
+        self.tokenizer = model.tokenizer
+        self.config = config
+        self.keys = Keys(config.prefix)
+        self.worker_id = config.worker_id
+        client = client if client is not None else connect(config.redis_url)
+        self.redis = client
+        self.link = RedisLink(client, on_reconnect=self._on_reconnect)
+        self.consumer = Consumer(client, self.keys, model.name, config.worker_id,
+                                 reclaim_idle_ms=int(config.reclaim_idle_s * 1000))
+        self.publisher = Publisher(self.link, self.keys, out_ttl_s=config.out_ttl_s)
+        backend = self.engine.backend
+        self.heartbeat = Heartbeat(
+            self.keys, config.worker_id,
+            {"model": model.name, "backend": backend.name, "device": str(backend.device),
+             "max_jobs": config.max_jobs, "load_seconds": round(model.load_seconds, 3)},
+            interval_s=config.heartbeat_s, ttl_s=config.heartbeat_ttl_s,
+        )
+        self.active: dict[str, ActiveJob] = {}
+        self.jobs_done = 0
+        self.stopping = False
+        self.deadline = math.inf
+        self._signals: list[str] = []
+        self._groups_ready = False
+        self._next_reclaim = 0.0
+        self._mirror = NarrationMirror(self.publisher)
+        self.log = get_logger()
+
+    # ----- life -------------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Bind the worker's log context and mirror narration to Redis (`run` does this)."""
+        structlog.contextvars.bind_contextvars(worker_id=self.worker_id, model=self.model.name)
+        add_narration_sink(self._mirror)
+
+    def close(self) -> None:
+        remove_narration_sink(self._mirror)
+        structlog.contextvars.unbind_contextvars("worker_id", "model")
+
+    def run(self) -> int:
+        self.open()
+        restore = self._install_signals()
+        try:
+            stats = self.engine.stats()
+            self.log.info(
+                "worker.started",
+                narration=f"Worker {self.worker_id} serves {self.model.name} on "
+                f"{self.engine.backend.name} ({self.engine.backend.device}): loaded in "
+                f"{self.model.load_seconds:.2f} s, KV pool {stats['kv_blocks_total']} blocks of "
+                f"{stats['block_size']} tokens, up to {self.config.max_jobs} jobs at once",
+                kv_blocks=stats["kv_blocks_total"], max_jobs=self.config.max_jobs,
+            )
+            while not self._finished():
+                self.iteration()
+            self._shutdown()
+        finally:
+            restore()
+            self.close()
+        return 0
+
+    def stop(self, reason: str = "stop requested") -> None:
+        """Ask the loop to drain and exit (thread-safe: only sets flags)."""
+        self._signals.append(reason)
+
+    def iteration(self) -> None:
+        """One pass of the loop; see the module docstring."""
+        self._take_signals()
+        if not self._groups_ready:
+            self._setup_groups()
+        entries = self._poll()
+        if entries:
+            self._admit(entries)
+        if self.engine.has_work():
+            self._step()
+        for event in self.engine.pop_events():
+            narrate_engine_event(self.log, event)
+        self.publisher.flush()
+        self._maintain(time.monotonic())
+        if not self.engine.has_work() and not self.link.up:
+            time.sleep(min(self.link.seconds_to_retry(), self.config.block_ms / 1000) or 0.01)
+
+    def _install_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+        for sig in previous:
+            # Only a flag here: logging or Redis calls from a handler could interleave with
+            # the loop's own.
+            signal.signal(sig, lambda signum, frame: self._signals.append(
+                signal.Signals(signum).name))
+
+        def restore() -> None:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+        return restore
+
+    def _take_signals(self) -> None:
+        while self._signals:
+            reason = self._signals.pop(0)
+            if not self.stopping:
+                self.stopping = True
+                self.deadline = time.monotonic() + self.config.grace_s
+                self.log.info(
+                    "worker.draining", signal=reason,
+                    narration=f"{reason}: reading no more jobs; finishing {len(self.active)} "
+                    f"running within {self.config.grace_s:.0f} s",
+                )
+            else:
+                self.deadline = time.monotonic()
+                self.log.info("worker.hurry", signal=reason,
+                              narration=f"{reason} again: stopping now")
+
+    def _finished(self) -> bool:
+        if not self.stopping:
+            return False
+        if self.active and time.monotonic() >= self.deadline:
+            self._abandon()
+        return not self.active
+
+    def _abandon(self) -> None:
+        """Grace period over: stop the running jobs and leave them pending for another worker."""
+        for job in self.active.values():
+            self.engine.abort(job.job_id)
+            self.log.warning(
+                "job.abandoned", job_id=job.job_id, session_id=job.job.session_id,
+                narration=f"Left job {short(job.job_id)} unacknowledged: the grace period is "
+                "over; another worker will take it",
+            )
+        self.active.clear()
+        self._drain_engine()
+
+    def _drain_engine(self) -> None:
+        try:
+            while self.engine.has_work():
+                self.engine.step()
+        except Exception as exc:  # noqa: BLE001 - the engine is being emptied, nothing to save
+            self.log.error("engine.drain_failed", narration=f"Emptying the engine failed: {exc}")
+
+    def _shutdown(self) -> None:
+        held = list(self.engine.kv.sessions)
+        try:
+            left = self.link.call(self.redis.xlen, self.consumer.routed)
+            pipe = self.redis.pipeline(transaction=False)
+            for session_id in held:
+                pipe.get(self.keys.session(session_id))
+            owners = self.link.call(pipe.execute) if held else []
+            for session_id, owner in zip(held, owners, strict=True):
+                if owner is not None and owner.decode() == self.worker_id:
+                    self.publisher.write("delete", self.keys.session(session_id))
+            if left == 0:
+                self.publisher.write("delete", self.consumer.routed)
+            self.link.call(self.heartbeat.remove, self.redis, keep_entry=left > 0)
+        except RedisDown:
+            pass
+        self.log.info(
+            "worker.stopped",
+            narration=f"Worker {self.worker_id} stopped: {self.jobs_done} jobs served, "
+            f"{len(held)} sessions released",
+            jobs_done=self.jobs_done,
+        )
+        give_up = time.monotonic() + max(2.0, self.deadline - time.monotonic())
+        while not self.publisher.flush() and time.monotonic() < give_up:
+            time.sleep(max(0.05, self.link.seconds_to_retry()))
+        if len(self.publisher):
+            self.log.error("worker.unpublished", count=len(self.publisher),
+                           narration=f"Redis stayed away: {len(self.publisher)} writes lost")
+
+    # ----- Redis reads ------------------------------------------------------------------------
+
+    def _setup_groups(self) -> None:
+        try:
+            self.link.call(self.consumer.ensure_groups)
+            self._groups_ready = True
+        except RedisDown:
+            pass
+
+    def _on_reconnect(self) -> None:
+        # A Redis restarted without persistence lost the groups: create them again (raw calls:
+        # the link is in the middle of its own call).
+        self.consumer.ensure_groups()
+        self._groups_ready = True
+        self.heartbeat._next = 0.0
+
+    def _capacity(self) -> int:
+        if self.stopping or not self._groups_ready or self.engine.stats()["waiting"]:
+            # Everything given to the engine must be admitted before more is taken: what the
+            # KV pool cannot hold stays in the stream for another worker.
+            return 0
+        return max(0, self.config.max_jobs - len(self.active))
+
+    def _poll(self) -> list[Entry]:
+        """Cancel flags of running jobs and new entries, in one round trip."""
+        if not self.link.ready():
+            return []
+        running = [job_id for job_id, job in self.active.items() if not job.cancelled]
+        capacity = self._capacity()
+        if not running and not capacity:
+            return []
+        block = None if self.engine.has_work() or self.stopping else self.config.block_ms
+        pipe = self.redis.pipeline(transaction=False)
+        if running:
+            pipe.mget([self.keys.cancel(job_id) for job_id in running])
+        if capacity:
+            # COUNT applies per stream: one read can bring up to twice `capacity`.
+            self.consumer.read_pipeline(pipe, capacity, block)
+        try:
+            replies = self.link.call(pipe.execute, raise_on_error=False)
+        except RedisDown:
+            return []
+        if running:
+            flags = replies.pop(0)
+            if not isinstance(flags, Exception):
+                for job_id, flag in zip(running, flags, strict=True):
+                    if flag is not None:
+                        self._cancel(self.active[job_id])
+        if not capacity:
+            return []
+        reply = replies[0]
+        if isinstance(reply, redis.ResponseError):
+            if "NOGROUP" in str(reply):  # the stream or group was deleted: create them again
+                self._groups_ready = False
+            else:
+                self.log.error("redis.read_failed", narration=f"Reading jobs failed: {reply}")
+            return []
+        return self.consumer.entries_of(reply)
+
+    def _cancel(self, job: ActiveJob) -> None:
+        job.cancelled = True
+        self.engine.abort(job.job_id)
+        self.log.info("job.cancelling", job_id=job.job_id, session_id=job.job.session_id,
+                      narration=f"Cancelling job {short(job.job_id)} at the client's request")
+
+    # ----- admission --------------------------------------------------------------------------
+
+    def _admit(self, entries: list[Entry]) -> None:
+        deliveries: list[Delivery] = []
+        for entry in entries:
+            parsed = parse_entry(entry)
+            if isinstance(parsed, Rejection):
+                self._reject(parsed)
+            elif isinstance(parsed, Control):
+                self._control(parsed)
+            else:
+                deliveries.append(parsed)
+        if not deliveries:
+            return
+        answered = self._already_answered(deliveries)
+        for delivery, done in zip(deliveries, answered, strict=True):
+            job = delivery.job
+            log = self.log.bind(job_id=job.job_id, session_id=job.session_id)
+            if done:
+                log.info("job.duplicate", narration=f"Job {short(job.job_id)} was already "
+                         "answered: acknowledged without recomputing")
+                self.publisher.acknowledge(delivery.stream, delivery.entry_id)
+            elif job.job_id in self.active:
+                log.info("job.duplicate", narration=f"Job {short(job.job_id)} is already "
+                         "running here: acknowledged the duplicate entry")
+                self.publisher.acknowledge(delivery.stream, delivery.entry_id)
+            elif delivery.attempt > self.config.max_deliveries:
+                self._fail(delivery, TOO_MANY_DELIVERIES,
+                           f"delivered {delivery.attempt} times; the limit is "
+                           f"{self.config.max_deliveries}", dead=True)
+            elif job.model != self.model.name:
+                self._fail(delivery, UNKNOWN_MODEL,
+                           f"model {job.model!r} is not served on this stream "
+                           f"(worker serves {self.model.name!r})", dead=True)
+            else:
+                self._start(delivery, log)
+
+    def _already_answered(self, deliveries: list[Delivery]) -> list[bool]:
+        """Whether each job's output stream already ends with `done` (or `error`)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for delivery in deliveries:
+            pipe.xrevrange(self.keys.out(delivery.job.job_id), count=1)
+        try:
+            replies = self.link.call(pipe.execute)
+        except RedisDown:
+            return [False] * len(deliveries)  # at worst an answer is computed twice
+        return [bool(r) and r[0][1].get(b"event") in (b"done", b"error") for r in replies]
+
+    def _start(self, delivery: Delivery, log) -> None:
+        job = delivery.job
+        sampling = job.sampling
+        try:
+            if job.messages is not None:
+                _, prompt_ids = self.tokenizer.encode_chat(job.message_dicts())
+            else:
+                # Raw text: special-token parsing off, so user text cannot forge control tokens.
+                prompt_ids = self.tokenizer.encode(job.prompt, parse_special=False)
+            if sampling.max_tokens > self.engine.max_model_len:
+                raise RequestError(f"max_tokens {sampling.max_tokens} exceeds the context of "
+                                   f"{self.engine.max_model_len} tokens")
+            self.engine.add(Request(
+                job.job_id, prompt_ids,
+                SamplingParams(
+                    temperature=sampling.temperature, top_k=sampling.top_k,
+                    top_p=sampling.top_p, min_p=sampling.min_p,
+                    repetition_penalty=sampling.repetition_penalty,
+                    presence_penalty=sampling.presence_penalty,
+                    frequency_penalty=sampling.frequency_penalty,
+                    seed=sampling.seed, logprobs=sampling.logprobs,
+                ),
+                max_tokens=sampling.max_tokens,
+                stop_token_ids=self.tokenizer.end_of_generation_ids,
+                session_id=job.session_id,
+            ))
+        except (TokenizerError, RequestError) as exc:
+            self._fail(delivery, INVALID_REQUEST, str(exc))
+            return
+        active = ActiveJob.start(delivery, len(prompt_ids), self.tokenizer)
+        self.active[job.job_id] = active
+        self.publisher.opened(job.job_id)
+        self.publisher.event(job.job_id, "queued", {
+            "position": self.engine.stats()["waiting"] - 1, "queue_depth": len(self.active)})
+        self.publisher.event(job.job_id, "started",
+                             {"worker_id": self.worker_id, "attempt": delivery.attempt})
+        if job.session_id:
+            self.publisher.write("set", self.keys.session(job.session_id), self.worker_id,
+                                 ex=int(self.config.session_ttl_s))
+        again = f", attempt {delivery.attempt}" if delivery.attempt > 1 else ""
+        log.info(
+            "job.started",
+            narration=f"Started job {short(job.job_id)}: {len(prompt_ids)} prompt tokens, "
+            f"up to {sampling.max_tokens} new, waited {active.queue_ms:.0f} ms in the queue"
+            f"{again}",
+            prompt_tokens=len(prompt_ids), attempt=delivery.attempt,
+        )
+
+    def _reject(self, rejection: Rejection) -> None:
+        entry = rejection.entry
+        self.publisher.dead_letter(entry.stream, entry.entry_id, rejection.payload,
+                                   f"{rejection.code}: {rejection.message}", rejection.job_id)
+        if rejection.job_id:
+            self.publisher.opened(rejection.job_id)
+            self.publisher.event(rejection.job_id, "error",
+                                 {"code": rejection.code, "message": rejection.message})
+        self.publisher.acknowledge(entry.stream, entry.entry_id, rejection.job_id)
+        self.log.warning(
+            "job.dead_letter", job_id=rejection.job_id, code=rejection.code,
+            narration=f"Dead-lettered entry {entry.entry_id} of {entry.stream}: "
+            f"{rejection.code}: {rejection.message}",
+        )
+
+    def _fail(self, delivery: Delivery, code: str, message: str, *, dead: bool = False) -> None:
+        job_id = delivery.job.job_id
+        if dead:
+            self.publisher.dead_letter(delivery.stream, delivery.entry_id,
+                                       delivery.job.model_dump_json(), f"{code}: {message}",
+                                       job_id)
+        self.publisher.opened(job_id)
+        self.publisher.event(job_id, "error", {"code": code, "message": message})
+        self.publisher.acknowledge(delivery.stream, delivery.entry_id, job_id)
+        self.log.warning(
+            "job.dead_letter" if dead else "job.failed", job_id=job_id,
+            session_id=delivery.job.session_id, code=code,
+            narration=f"{'Dead-lettered' if dead else 'Failed'} job {short(job_id)}: "
+            f"{code}: {message}",
+        )
+
+    def _control(self, control: Control) -> None:
+        session_id = control.message.session_id
+        freed = self.engine.end_session(session_id)
+        self.publisher.acknowledge(control.entry.stream, control.entry.entry_id)
+        self.log.info(
+            "session.ended", session_id=session_id,
+            narration=f"Ended session {session_id} at the client's request"
+            + ("; its KV blocks are free" if freed else " (it held no KV here)"),
+        )
+
+    # ----- the step ---------------------------------------------------------------------------
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:  # noqa: BLE001 - out of memory or a bug: fail the jobs, not the worker
+            self._engine_failed(exc)
+            return
+        for output in outputs:
+            job = self.active.get(output.request_id)
+            if job is not None:
+                self._on_output(job, output)
+
+    def _on_output(self, job: ActiveJob, output: StepOutput) -> None:
+        first = job.first_token_at is None and bool(output.new_token_ids)
+        for kind, data in job.push(output):
+            self.publisher.event(job.job_id, kind, data)
+        if first and job.cached_tokens:
+            whose = f"session {job.job.session_id}" if job.job.session_id else "the prefix cache"
+            self.log.info(
+                "session.reused" if job.job.session_id else "prefix.reused",
+                job_id=job.job_id, session_id=job.job.session_id, cached_tokens=job.cached_tokens,
+                narration=f"Reused {job.cached_tokens} cached tokens of {whose} "
+                f"(of {job.prompt_tokens} prompt tokens)",
+            )
+        if job.stop_string_hit and not output.finished:
+            self.engine.abort(job.job_id)
+        if job.finish_reason is not None:
+            self._finish(job)
+
+    def _finish(self, job: ActiveJob) -> None:
+        delivery = job.delivery
+        self.publisher.acknowledge(delivery.stream, delivery.entry_id, job.job_id)
+        if job.job.session_id:
+            self.publisher.write("set", self.keys.session(job.job.session_id), self.worker_id,
+                                 ex=int(self.config.session_ttl_s))
+        del self.active[job.job_id]
+        self.jobs_done += 1
+        total = time.monotonic() - job.started_at
+        tokens = len(job.completion_ids)
+        self.log.info(
+            "job.finished", job_id=job.job_id, session_id=job.job.session_id,
+            finish_reason=job.finish_reason, completion_tokens=tokens,
+            narration=f"Finished job {short(job.job_id)} ({job.finish_reason}): {tokens} tokens "
+            f"in {total:.2f} s ({tokens / total if total > 0 else 0:.1f} tok/s)",
+        )
+
+    def _engine_failed(self, exc: Exception) -> None:
+        self.log.error(
+            "engine.failed", error=repr(exc),
+            narration=f"Engine step failed ({type(exc).__name__}: {exc}); failing its "
+            f"{len(self.active)} jobs, the worker goes on",
+        )
+        for job in list(self.active.values()):
+            self.engine.abort(job.job_id)
+            self._fail(job.delivery, ENGINE_ERROR, f"{type(exc).__name__}: {exc}")
+            del self.active[job.job_id]
+        self._drain_engine()
+
+    # ----- upkeep -----------------------------------------------------------------------------
+
+    def _maintain(self, now: float) -> None:
+        if self.heartbeat.due(now) and self.link.ready():
+            stats = self.engine.stats()
+            live = {
+                "state": "draining" if self.stopping else "serving",
+                "active_jobs": len(self.active),
+                "jobs_done": self.jobs_done,
+                "kv_blocks_used": stats["kv_blocks_used"],
+                "kv_blocks_total": stats["kv_blocks_total"],
+                "kv_blocks_cached": stats["kv_blocks_cached"],
+                "sessions": stats["sessions"],
+            }
+            try:
+                self.link.call(self.heartbeat.beat, self.redis, live, now)
+            except RedisDown:
+                pass
+        if now >= self._next_reclaim and self.link.ready():
+            self._next_reclaim = now + self.config.reclaim_every_s
+            capacity = self._capacity()
+            if capacity:
+                try:
+                    entries = self.link.call(self.consumer.reclaim, capacity)
+                except RedisDown:
+                    return
+                for entry in entries:
+                    self.log.warning(
+                        "job.reclaimed", previous_worker=entry.reclaimed_from,
+                        narration=f"Reclaimed entry {entry.entry_id} of {entry.stream} from "
+                        f"dead worker {entry.reclaimed_from} (delivery {entry.attempt})",
+                    )
+                if entries:
+                    self._admit(entries)
+

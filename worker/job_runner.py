@@ -1,0 +1,140 @@
+"""One job inside the worker: engine outputs in, contract events out (no Redis here).
+
+`ActiveJob.push(output)` turns a `StepOutput` into the events to publish: `token` events
+coalescing `stream_interval` tokens (text deltas from `TextStream`, UTF-8-safe and with stop
+strings held back), and on the last output `done` with the whole answer, usage and timings.
+A stop string ends the job early: the caller aborts the engine request and the abort output
+that follows finishes the job with reason `stop`; a cancel finishes it with `cancelled`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from gpu.request import StepOutput
+from jobs.schema import GenerationJob
+from tokenizer.tokenizer import GGUFTokenizer
+from worker.text_stream import TextStream
+
+
+@dataclass(slots=True)
+class Delivery:
+    """A valid job as read from a stream, with where it came from and its delivery count."""
+
+    stream: str
+    entry_id: str
+    job: GenerationJob
+    attempt: int = 1
+
+    @property
+    def enqueued_ms(self) -> int:
+        """When the client added it: a stream entry id starts with Redis's clock in ms."""
+        return int(self.entry_id.split("-", 1)[0])
+
+
+@dataclass(slots=True)
+class ActiveJob:
+    """A job the engine is running, and what of its answer has been published."""
+
+    delivery: Delivery
+    prompt_tokens: int
+    text_stream: TextStream
+    started_at: float = field(default_factory=time.monotonic)
+    queue_ms: float = 0.0
+    first_token_at: float | None = None
+    completion_ids: list[int] = field(default_factory=list)
+    cached_tokens: int = 0
+    next_index: int = 0  # index of the first token not yet in a `token` event
+    pending_ids: list[int] = field(default_factory=list)
+    pending_text: str = ""
+    pending_logprobs: list[dict] = field(default_factory=list)
+    stop_string_hit: bool = False
+    cancelled: bool = False
+    finish_reason: str | None = None
+
+    @classmethod
+    def start(cls, delivery: Delivery, prompt_tokens: int, tokenizer: GGUFTokenizer
+              ) -> ActiveJob:
+        job = cls(delivery, prompt_tokens, TextStream(tokenizer, delivery.job.sampling.stop))
+        job.queue_ms = max(0.0, time.time() * 1e3 - delivery.enqueued_ms)
+        return job
+
+    @property
+    def job(self) -> GenerationJob:
+        return self.delivery.job
+
+    @property
+    def job_id(self) -> str:
+        return self.delivery.job.job_id
+
+    def push(self, output: StepOutput) -> list[tuple[str, dict]]:
+        """Events for one engine output; after the job's last output `finish_reason` is set.
+        When this sets `stop_string_hit`, the caller must abort the engine request."""
+        now = time.monotonic()
+        if self.first_token_at is None and output.new_token_ids:
+            self.first_token_at = now
+            self.cached_tokens = output.num_cached_tokens
+        self.completion_ids += output.new_token_ids
+        if not self.stop_string_hit:
+            self.pending_ids += output.new_token_ids
+            self.pending_text += self.text_stream.push(output.new_token_ids)
+            if output.logprobs and self.job.sampling.logprobs is not None:
+                self.pending_logprobs += [
+                    {"token_id": lp.token_id, "logprob": lp.logprob, "top": lp.top}
+                    for lp in output.logprobs
+                ]
+            self.stop_string_hit = self.text_stream.stopped
+        events: list[tuple[str, dict]] = []
+        ending = output.finished or self.stop_string_hit
+        if ending and not self.text_stream.stopped:
+            self.pending_text += self.text_stream.finish()
+        if self.pending_ids and (ending or len(self.pending_ids) >= self.job.stream_interval):
+            events.extend(self._token_event())
+        if output.finished:
+            self.finish_reason = self._final_reason(output.finish_reason)
+            events.append(("done", self.done_payload(now)))
+        return events
+
+    def _token_event(self) -> list[tuple[str, dict]]:
+        data = {
+            "index": self.next_index,
+            "token_ids": self.pending_ids,
+            "text": self.pending_text,
+            "attempt": self.delivery.attempt,
+        }
+        if self.job.sampling.logprobs is not None:
+            data["logprobs"] = self.pending_logprobs
+        self.next_index += len(self.pending_ids)
+        self.pending_ids, self.pending_text, self.pending_logprobs = [], "", []
+        return [("token", data)] if self.job.stream else []
+
+    def _final_reason(self, engine_reason: str | None) -> str:
+        if self.stop_string_hit:
+            return "stop"
+        if engine_reason == "abort":
+            return "cancelled"
+        return engine_reason or "stop"
+
+    def done_payload(self, now: float) -> dict:
+        total = now - self.started_at
+        completion = len(self.completion_ids)
+        decode_s = now - self.first_token_at if self.first_token_at is not None else 0.0
+        return {
+            "finish_reason": self.finish_reason,
+            "text": self.text_stream.text,
+            "usage": {
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": completion,
+                "cached_tokens": self.cached_tokens,
+            },
+            "timings": {
+                "queue_ms": round(self.queue_ms, 1),
+                "ttft_ms": round((self.first_token_at - self.started_at) * 1e3, 1)
+                if self.first_token_at is not None else None,
+                "total_ms": round(total * 1e3, 1),
+                "decode_tokens_per_s": round((completion - 1) / decode_s, 2)
+                if completion > 1 and decode_s > 0 else None,
+            },
+            "metadata": self.job.metadata,
+        }

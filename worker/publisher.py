@@ -1,0 +1,121 @@
+"""Everything the worker writes to Redis, sent in one MULTI/EXEC per loop iteration.
+
+Writes are queued in order (a job's events before its XACK) and flushed together, so the
+events of one engine step cost one round trip. Narration lines are queued in the same order,
+so a reader of both streams sees "Started job" before the job's first token. While Redis is
+away the queue keeps growing and no event is lost; narration is the exception: past
+`NARRATION_BUFFER` queued lines, new ones are dropped (and counted). MULTI/EXEC makes a flush all-or-nothing, so a retried flush never leaves
+half of a step behind; if EXEC ran but its reply was lost, the retry writes the step twice,
+and readers drop repeated tokens by their `index` (`jobs.protocol.EventFollower`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from typing import Any
+
+import redis
+
+from jobs.keys import DATA_FIELD, EVENT_FIELD, GROUP, Keys
+from worker.connection import RedisDown, RedisLink
+from worker.log import get_logger
+
+NARRATION_MAXLEN = 10_000
+NARRATION_BUFFER = 10_000  # lines kept while Redis is away
+DEAD_MAXLEN = 100_000
+MAX_OPS_PER_FLUSH = 4096
+OUT_TTL_RUNNING_S = 24 * 3600  # an abandoned output stream still goes away eventually
+
+
+class Publisher:
+    """An ordered outbox of Redis writes; `flush()` sends it when Redis is there."""
+
+    def __init__(self, link: RedisLink, keys: Keys, *, out_ttl_s: int = 3600) -> None:
+        self.link = link
+        self.keys = keys
+        self.out_ttl_s = out_ttl_s
+        self._ops: deque[tuple[str, tuple, dict]] = deque()
+        self._narration_queued = 0
+        self.narration_dropped = 0
+        self._log = get_logger()
+        self.events_published = 0
+
+    def __len__(self) -> int:
+        return len(self._ops)
+
+    # ----- queueing ---------------------------------------------------------------------------
+
+    def write(self, method: str, *args: Any, **kwargs: Any) -> None:
+        """Queue any redis-py pipeline call, e.g. write("set", key, value, ex=60)."""
+        self._ops.append((method, args, kwargs))
+
+    def event(self, job_id: str, kind: str, data: dict[str, Any]) -> None:
+        """Queue one event for `orcd:out:{job_id}`."""
+        fields = {EVENT_FIELD: kind, DATA_FIELD: json.dumps(data, ensure_ascii=False)}
+        self._ops.append(("xadd", (self.keys.out(job_id), fields), {}))
+
+    def opened(self, job_id: str) -> None:
+        """A job's first event was queued: give its stream a long safety TTL."""
+        self._ops.append(("expire", (self.keys.out(job_id), OUT_TTL_RUNNING_S), {}))
+
+    def acknowledge(self, stream: str, entry_id: str, job_id: str | None = None) -> None:
+        """The job's final event is queued before this: expire its output, XACK and XDEL the
+        entry (deleting acknowledged entries keeps the job streams as long as their backlog)."""
+        if job_id is not None:
+            self._ops.append(("expire", (self.keys.out(job_id), self.out_ttl_s), {}))
+        self._ops.append(("xack", (stream, GROUP, entry_id), {}))
+        self._ops.append(("xdel", (stream, entry_id), {}))
+
+    def dead_letter(self, stream: str, entry_id: str, payload: str, reason: str,
+                    job_id: str | None) -> None:
+        fields = {"stream": stream, "entry_id": entry_id, "reason": reason,
+                  "job_id": job_id or "", "payload": payload}
+        self._ops.append(("xadd", (self.keys.dead, fields), {"maxlen": DEAD_MAXLEN,
+                                                            "approximate": True}))
+
+    def narration(self, fields: dict[str, str]) -> None:
+        if self._narration_queued >= NARRATION_BUFFER:
+            self.narration_dropped += 1
+            return
+        self._narration_queued += 1
+        self._ops.append(("xadd", (self.keys.narration, fields),
+                          {"maxlen": NARRATION_MAXLEN, "approximate": True}))
+
+    # ----- sending ----------------------------------------------------------------------------
+
+    def flush(self) -> bool:
+        """Send what is queued; False (and everything kept) when Redis is away."""
+        while self._ops:
+            if not self.link.ready():
+                return False
+            ops = [self._ops[i] for i in range(min(len(self._ops), MAX_OPS_PER_FLUSH))]
+            try:
+                results = self.link.call(self._send, ops)
+            except RedisDown:
+                return False
+            for _ in ops:
+                self._ops.popleft()
+            narration = sum(1 for _, args, _ in ops if args[0] == self.keys.narration)
+            self._narration_queued -= narration
+            self.events_published += sum(1 for op in ops if op[0] == "xadd") - narration
+            self._report_errors(ops, results)
+        return True
+
+    def _send(self, ops: list[tuple[str, tuple, dict]]) -> list:
+        pipe = self.link.redis.pipeline(transaction=True)
+        for method, args, kwargs in ops:
+            getattr(pipe, method)(*args, **kwargs)
+        # raise_on_error=False: a command refused by Redis (say WRONGTYPE on a key someone
+        # else wrote) comes back as an exception object instead of failing the whole flush,
+        # which would otherwise be retried forever.
+        return pipe.execute(raise_on_error=False)
+
+    def _report_errors(self, ops: list, results: list) -> None:
+        for (method, args, _), result in zip(ops, results, strict=False):
+            if isinstance(result, redis.ResponseError):
+                self._log.error(
+                    "redis.write_refused",
+                    narration=f"Redis refused {method.upper()} {args[0]}: {result}",
+                    command=method, key=str(args[0]), error=str(result),
+                )
