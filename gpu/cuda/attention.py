@@ -1,0 +1,122 @@
+"""Decode attention over the paged KV cache (gpu/kernels/attention.cu): one query token per
+sequence, GQA-aware, split over the context in fixed partitions with an ordered reduce."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gpu.cuda.errors import CudaError
+from gpu.cuda.kernels import launch_site
+from gpu.cuda.launch import LaunchConfig, ceil_div, pointer, row_stride
+from gpu.cuda.rope_kv import CACHE_DTYPES
+
+# Tokens per split. Fixed (never derived from the batch) so that a sequence's result does not
+# depend on the other sequences: that is what makes decode batch-invariant.
+PARTITION_TOKENS = 256
+ATTN_THREADS = 128  # ATTN_WARPS * 32 in attention.cu
+MAX_GROUP = 8  # MAX_G: query heads per kv head
+MAX_HEAD_DIM = 256  # MAX_D
+_DECODE_ARGS = ("ptr", "i32", "ptr", "i32", "ptr", "ptr", "ptr", "i32", "ptr",
+                "i32", "i32", "i32", "i32", "f32", "i32", "ptr", "ptr")  # fmt: skip
+_REDUCE_ARGS = ("ptr", "i32", "ptr", "ptr", "i32", "i32", "i32")
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionLaunch:
+    decode: LaunchConfig
+    reduce: LaunchConfig | None  # None when every context fits one partition
+    n_splits: int
+
+
+def attention_launch_config(
+    num_seqs: int, n_heads: int, n_kv_heads: int, max_context: int
+) -> AttentionLaunch:
+    """grid (kv heads, sequences, splits) for the decode kernel, (heads, sequences) to reduce."""
+    if num_seqs < 1 or max_context < 1:
+        raise CudaError(f"attention: {num_seqs} sequences, max context {max_context}")
+    if n_heads % n_kv_heads or n_heads // n_kv_heads > MAX_GROUP:
+        raise CudaError(f"attention: {n_heads} heads over {n_kv_heads} kv heads (group <= 8)")
+    n_splits = ceil_div(max_context, PARTITION_TOKENS)
+    decode = LaunchConfig((n_kv_heads, num_seqs, n_splits), (ATTN_THREADS, 1, 1))
+    reduce = LaunchConfig((n_heads, num_seqs, 1), (ATTN_THREADS, 1, 1)) if n_splits > 1 else None
+    return AttentionLaunch(decode, reduce, n_splits)
+
+
+class DecodeAttention:
+    """out[b] = softmax(q[b] k^T / sqrt(d)) v over sequence b's cached context."""
+
+    def __init__(
+        self, n_heads: int, n_kv_heads: int, head_dim: int, block_size: int,
+        cache_dtype: torch.dtype,
+    ) -> None:  # fmt: skip
+        if head_dim > MAX_HEAD_DIM:
+            raise CudaError(f"attention: head_dim {head_dim} > {MAX_HEAD_DIM}")
+        if cache_dtype not in CACHE_DTYPES:
+            raise CudaError(f"attention: KV cache dtype {cache_dtype} (float32 or float16)")
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.block_size, self.cache_dtype = block_size, cache_dtype
+        self.scale = head_dim**-0.5
+        name = f"attention_decode_{CACHE_DTYPES[cache_dtype]}"
+        self._decode = launch_site("attention.cu", name, _DECODE_ARGS)
+        self._reduce = launch_site("attention.cu", "attention_reduce", _REDUCE_ARGS)
+
+    def __call__(
+        self, out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+        block_tables: torch.Tensor, context_lens: torch.Tensor, max_context: int,
+    ) -> torch.Tensor:  # fmt: skip
+        """q rows hold the query heads first (a fused qkv row will do); out rows [heads * dim].
+        `max_context` (host int) bounds every context_lens entry: it sizes the split grid."""
+        num_seqs = q.shape[0]
+        launch = attention_launch_config(num_seqs, self.n_heads, self.n_kv_heads, max_context)
+        width = self.n_heads * self.head_dim
+        if q.shape[1] < width or out.shape[0] != num_seqs or out.shape[1] < width:
+            raise CudaError(f"attention: q {tuple(q.shape)} / out {tuple(out.shape)} mismatch")
+        if block_tables.shape[0] != num_seqs or context_lens.shape[0] != num_seqs:
+            raise CudaError("attention: block_tables and context_lens need one row per sequence")
+        if block_tables.shape[1] * self.block_size < max_context:
+            raise CudaError(f"attention: block tables too narrow for {max_context} tokens")
+        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+            expected = (self.block_size, self.n_kv_heads, self.head_dim)
+            if tuple(cache.shape[1:]) != expected or not cache.is_contiguous():
+                raise CudaError(f"attention: {name} {tuple(cache.shape)}, expected [N, {expected}]")
+        partial_out = partial_ml = None
+        if launch.n_splits > 1:
+            parts = num_seqs * self.n_heads * launch.n_splits
+            partial_out = torch.empty(parts * self.head_dim, dtype=torch.float32, device=q.device)
+            partial_ml = torch.empty(parts * 2, dtype=torch.float32, device=q.device)
+        out_ptr = pointer(out, "attention out", torch.float32)
+        out_stride = row_stride(out, "attention out")
+        self._decode.launch(
+            launch.decode,
+            out_ptr,
+            out_stride,
+            pointer(q, "attention q", torch.float32),
+            row_stride(q, "attention q"),
+            pointer(k_cache, "attention k_cache", self.cache_dtype, align=2),
+            pointer(v_cache, "attention v_cache", self.cache_dtype, align=2),
+            pointer(block_tables, "attention block_tables", torch.int32),
+            row_stride(block_tables, "attention block_tables"),
+            pointer(context_lens, "attention context_lens", torch.int64, align=8),
+            self.n_heads,
+            self.n_kv_heads,
+            self.head_dim,
+            self.block_size,
+            self.scale,
+            PARTITION_TOKENS,
+            pointer(partial_out, "attention partial_out", torch.float32, optional=True),
+            pointer(partial_ml, "attention partial_ml", torch.float32, optional=True),
+        )
+        if launch.reduce is not None:
+            self._reduce.launch(
+                launch.reduce,
+                out_ptr,
+                out_stride,
+                partial_out.data_ptr(),
+                partial_ml.data_ptr(),
+                self.n_heads,
+                self.head_dim,
+                launch.n_splits,
+            )
+        return out

@@ -1,0 +1,147 @@
+"""cuda-python driver API: context, modules, functions and launches on torch's current stream.
+
+torch owns device memory and streams; kernels get `data_ptr()`s. Each launch site owns a
+`LaunchSite`: the kernel's argument values live in ctypes cells allocated once, next to the
+void*[] array that points at them, so a launch writes a few numbers and calls cuLaunchKernel
+(10-13 µs of host time, ANCHORS.md). cuLaunchKernel copies the arguments when it is called, so
+a site may be reused at once, inside CUDA-graph capture too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from gpu.cuda.errors import CudaError, check_driver
+from gpu.cuda.launch import LaunchConfig
+from gpu.cuda.nvrtc import KernelImage
+
+_state = threading.local()
+_lock = threading.Lock()
+_initialised = False
+
+# Argument kinds a kernel parameter can have, as ctypes cells.
+_CELL_TYPES = {"ptr": ctypes.c_uint64, "i32": ctypes.c_int32, "i64": ctypes.c_int64,
+               "f32": ctypes.c_float}  # fmt: skip
+
+
+def _driver():
+    try:
+        from cuda.bindings import driver
+    except ImportError as exc:  # pragma: no cover - cuda-python is a dependency
+        raise CudaError(f"cuda-python is not installed: {exc}") from None
+    return driver
+
+
+def ensure_context() -> None:
+    """Initialise the driver and make torch's primary context current on this thread.
+
+    torch uses the device's primary context; retaining it (rather than creating our own) means
+    our modules and torch's allocations live in one context. Checked once per thread.
+    """
+    global _initialised
+    if getattr(_state, "ready", False):
+        return
+    if not torch.cuda.is_available():
+        raise CudaError("no CUDA device: torch.cuda.is_available() is False")
+    driver = _driver()
+    with _lock:
+        if not _initialised:
+            try:
+                check_driver(driver.cuInit(0), "cuInit")
+            except RuntimeError as exc:  # cuda.pathfinder could not find libcuda
+                raise CudaError(
+                    f"cuInit failed: the CUDA driver library is missing: {exc}"
+                ) from None
+            _initialised = True
+    torch.cuda.init()
+    index = torch.cuda.current_device()
+    context = check_driver(driver.cuCtxGetCurrent(), "cuCtxGetCurrent")
+    if int(context) == 0:
+        device = check_driver(driver.cuDeviceGet(index), "cuDeviceGet")
+        context = check_driver(driver.cuDevicePrimaryCtxRetain(device), "cuDevicePrimaryCtxRetain")
+        check_driver(driver.cuCtxSetCurrent(context), "cuCtxSetCurrent")
+    _state.ready = True
+
+
+def device_arch() -> str:
+    """The current device's compute capability as an NVRTC arch: 'sm_90' on an H100."""
+    major, minor = torch.cuda.get_device_capability()
+    return f"sm_{major}{minor}"
+
+
+def multiprocessor_count() -> int:
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+
+class Module:
+    """A loaded CUBIN/PTX image; `function(name)` looks up an `extern "C"` kernel."""
+
+    def __init__(self, image: KernelImage, name: str = "module") -> None:
+        ensure_context()
+        driver = _driver()
+        # cuda-python quirk: `image` is taken as a host address; a numpy view of the bytes gives
+        # one (the driver copies the image, so the view need only outlive the call). PTX must
+        # be NUL-terminated; nvrtc.py keeps the NUL that nvrtcGetPTX writes.
+        data = np.frombuffer(image.code, dtype=np.uint8)
+        self.handle = check_driver(
+            driver.cuModuleLoadData(data.ctypes.data), f"cuModuleLoadData({name})"
+        )
+        self.name = name
+        self._functions: dict[str, object] = {}
+
+    def function(self, kernel_name: str) -> object:
+        if kernel_name not in self._functions:
+            self._functions[kernel_name] = check_driver(
+                _driver().cuModuleGetFunction(self.handle, kernel_name.encode()),
+                f"cuModuleGetFunction({self.name}: {kernel_name})",
+            )
+        return self._functions[kernel_name]
+
+
+_streams: dict[int, object] = {}
+
+
+def current_stream() -> object:
+    """torch's current stream as a driver CUstream (the wrappers are cached per handle)."""
+    handle = torch.cuda.current_stream().cuda_stream
+    stream = _streams.get(handle)
+    if stream is None:
+        stream = _streams[handle] = _driver().CUstream(handle)
+    return stream
+
+
+class LaunchSite:
+    """One call site of one kernel: argument cells and their pointer array, built once."""
+
+    def __init__(self, function: object, arg_kinds: Sequence[str], name: str) -> None:
+        try:
+            self._cells = [_CELL_TYPES[kind]() for kind in arg_kinds]
+        except KeyError as exc:
+            raise CudaError(f"{name}: unknown argument kind {exc.args[0]!r}") from None
+        self._pointers = (ctypes.c_void_p * len(self._cells))(
+            *(ctypes.addressof(cell) for cell in self._cells)
+        )
+        self._params = ctypes.addressof(self._pointers)
+        self._function = function
+        self.name = name
+
+    def launch(self, config: LaunchConfig, *args: int | float) -> None:
+        """Launch on torch's current stream; pointers are passed as ints (0 for null)."""
+        if len(args) != len(self._cells):
+            raise CudaError(f"{self.name}: {len(args)} arguments for {len(self._cells)} parameters")
+        for cell, value in zip(self._cells, args, strict=True):
+            cell.value = value
+        gx, gy, gz = config.grid
+        bx, by, bz = config.block
+        check_driver(
+            _driver().cuLaunchKernel(
+                self._function, gx, gy, gz, bx, by, bz, config.shared_mem, current_stream(),
+                self._params, 0,
+            ),
+            f"cuLaunchKernel({self.name})",
+        )  # fmt: skip

@@ -1,0 +1,145 @@
+"""Per-kernel device time on the GPU machine: `python -m gpu.cuda.kernel_timing [out.json]`.
+
+Each kernel is launched many times inside one captured CUDA graph (so host launch cost stays
+out) over enough rotating copies of its weights to defeat the L2 cache; the median over graph
+replays, divided by the launches per graph, is its time. Bandwidth counts the bytes that must
+move (weights + activations), against a device-to-device copy measured in the same run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import statistics
+import sys
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from gpu.cuda.activation import SiluMul
+from gpu.cuda.attention import DecodeAttention
+from gpu.cuda.matvec import MatVec
+from gpu.cuda.norm import RMSNorm
+from loader.synth_blocks import random_blocks
+
+_T = GGMLQuantizationType
+ROTATE_BYTES = 512 * 2**20  # more than 10x the H100's 50 MB L2
+
+
+def _median_us(launch, per_graph: int, replays: int = 30) -> float:
+    """Median device time of one launch, from replays of a graph of `per_graph` launches."""
+    launch(0)  # warm-up: module load, lazy allocations
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        for i in range(per_graph):
+            launch(i)
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / per_graph)
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second."""
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    us = _median_us(lambda i: dst.copy_(src), per_graph=5, replays=10)
+    return 2 * src.numel() / (us * 1e-6)
+
+
+def _weights(qtype: _T, n_rows: int, n_cols: int) -> list[torch.Tensor]:
+    rng = np.random.default_rng(0)
+    if qtype == _T.F16:
+        one = (torch.randn(n_rows, n_cols, device="cuda") * 0.02).half().view(torch.uint8).view(-1)
+    else:
+        blocks = random_blocks(qtype, n_rows * n_cols // GGML_QUANT_SIZES[qtype][0], 0.02, rng)
+        one = torch.from_numpy(blocks.reshape(-1).copy()).cuda()
+    copies = max(2, -(-ROTATE_BYTES // one.numel()))
+    return [one.clone() for _ in range(copies)]
+
+
+def time_matvec(qtype: _T, n_rows: int, n_cols: int, n_seqs: int, copy_bw: float) -> dict:
+    weights = _weights(qtype, n_rows, n_cols)
+    op = MatVec(qtype, n_rows, n_cols)
+    x = torch.randn(n_seqs, n_cols, device="cuda")
+    y = torch.empty(n_seqs, n_rows, device="cuda")
+    us = _median_us(lambda i: op(y, x, weights[i % len(weights)]), per_graph=len(weights))
+    nbytes = weights[0].numel() + 4 * (x.numel() + y.numel())
+    return {"kernel": "matvec", "quant": qtype.name, "shape": f"{n_rows}x{n_cols}",
+            "batch": n_seqs, "us": round(us, 2), "GB_s": round(nbytes / us / 1e3, 1),
+            "fraction_of_copy": round(nbytes / (us * 1e-6) / copy_bw, 3)}  # fmt: skip
+
+
+def time_others(copy_bw: float) -> list[dict]:
+    rows = []
+    hidden, ffn = 4096, 14336
+    x = torch.randn(8, hidden, device="cuda")
+    out = torch.empty_like(x)
+    weight = torch.randn(hidden, device="cuda")
+    norm = RMSNorm(hidden, 1e-5)
+    for batch in (1, 8):
+        us = _median_us(lambda i, b=batch: norm(out[:b], x[:b], weight), per_graph=50)
+        nbytes = 4 * (2 * batch * hidden + hidden)
+        rows.append({"kernel": "rms_norm", "shape": f"{batch}x{hidden}", "batch": batch,
+                     "us": round(us, 2), "GB_s": round(nbytes / us / 1e3, 1)})  # fmt: skip
+    gate_up = torch.randn(8, 2 * ffn, device="cuda")
+    act_out = torch.empty(8, ffn, device="cuda")
+    silu = SiluMul(ffn)
+    us = _median_us(lambda i: silu(act_out[:1], gate_up[:1]), per_graph=50)
+    rows.append({"kernel": "silu_mul", "shape": f"1x{ffn}", "batch": 1, "us": round(us, 2),
+                 "GB_s": round(4 * 3 * ffn / us / 1e3, 1)})  # fmt: skip
+    n_heads, n_kv, head_dim, block_size = 32, 8, 128, 16
+    for batch, context in ((1, 2000), (8, 2000), (32, 512)):
+        n_blocks = batch * -(-context // block_size)
+        shape = (n_blocks, block_size, n_kv, head_dim)
+        k = torch.randn(shape, device="cuda").half()
+        v = torch.randn(shape, device="cuda").half()
+        tables = torch.arange(n_blocks, dtype=torch.int32, device="cuda").view(batch, -1)
+        lens = torch.full((batch,), context, dtype=torch.int64, device="cuda")
+        q = torch.randn(batch, n_heads * head_dim, device="cuda")
+        o = torch.empty_like(q)
+        attn = DecodeAttention(n_heads, n_kv, head_dim, block_size, torch.float16)
+        us = _median_us(
+            lambda i, op=attn, a=(o, q, k, v, tables, lens, context): op(*a), per_graph=20
+        )
+        nbytes = 2 * k.numel() * 2
+        rows.append({"kernel": "attention_decode_f16", "shape": f"ctx{context} 32/8x128",
+                     "batch": batch, "us": round(us, 2), "GB_s": round(nbytes / us / 1e3, 1),
+                     "fraction_of_copy": round(nbytes / (us * 1e-6) / copy_bw, 3)})  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    copy_bw = copy_bandwidth()
+    rows = []
+    for qtype in (_T.Q4_0, _T.Q4_K, _T.Q8_0, _T.F16):
+        for n_rows, n_cols in ((4096, 4096), (14336, 4096), (4096, 14336)):
+            rows.append(time_matvec(qtype, n_rows, n_cols, 1, copy_bw))
+        rows.append(time_matvec(qtype, 14336, 4096, 8, copy_bw))
+    rows.extend(time_others(copy_bw))
+    device = torch.cuda.get_device_name()
+    date = datetime.date.today().isoformat()
+    print(f"{device}, {date}: device-to-device copy {copy_bw / 1e9:.0f} GB/s (read + write)")
+    for r in rows:
+        frac = f"{100 * r['fraction_of_copy']:5.1f}% of copy" if "fraction_of_copy" in r else ""
+        print(f"{r['kernel']:22s} {r.get('quant', ''):5s} {r['shape']:18s} b={r['batch']:<2d} "
+              f"{r['us']:8.2f} us {r['GB_s']:8.1f} GB/s {frac}")  # fmt: skip
+    if len(sys.argv) > 1:
+        with open(sys.argv[1], "w") as f:
+            json.dump({"device": device, "date": date, "copy_GB_s": copy_bw / 1e9, "rows": rows},
+                      f, indent=1)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""NVRTC compilation and launch geometry of the CUDA backend: all of it runs without a GPU.
+
+Every kernel file must compile for Ampere, Ada and Hopper; the cache must hit on the second
+compile and miss on any change to the key; a broken source must surface NVRTC's log; the launch
+configs must cover ragged shapes exactly once.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from gpu.cuda import nvrtc
+from gpu.cuda.activation import THREADS, silu_mul_launch_config
+from gpu.cuda.attention import PARTITION_TOKENS, attention_launch_config
+from gpu.cuda.embedding import dequant_rows_launch_config
+from gpu.cuda.errors import CudaError
+from gpu.cuda.kernels import KERNEL_OPTIONS, kernel_files
+from gpu.cuda.launch import LaunchConfig
+from gpu.cuda.matvec import MATVEC_TYPES, ROWS_PER_CTA, matvec_launch_config
+from gpu.cuda.norm import rms_norm_launch_config
+from gpu.cuda.rope_kv import rope_kv_launch_config
+
+ARCHS = ("sm_80", "sm_89", "sm_90")
+
+
+@pytest.fixture(scope="module")
+def kernel_cache(tmp_path_factory):
+    """One empty cache for the module: every first compile here is a real NVRTC run."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ORCD_KERNEL_CACHE", str(tmp_path_factory.mktemp("kernels")))
+        yield
+
+
+def test_every_kernel_file_has_options():
+    assert kernel_files(), "no .cu files found"
+    assert set(kernel_files()) == set(KERNEL_OPTIONS)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("filename", sorted(KERNEL_OPTIONS))
+def test_kernel_compiles_to_cubin(kernel_cache, filename, arch):
+    image = nvrtc.compile_file(filename, arch, KERNEL_OPTIONS[filename])
+    assert image.kind == "cubin" and image.target == arch
+    assert image.code[:4] == b"\x7fELF"
+
+
+def test_second_compile_is_a_cache_hit(kernel_cache):
+    options = KERNEL_OPTIONS["norm.cu"]
+    first = nvrtc.compile_file("norm.cu", "sm_90", options)
+    compiled, hits = nvrtc.stats.compiled, nvrtc.stats.cache_hits
+    second = nvrtc.compile_file("norm.cu", "sm_90", options)
+    assert (nvrtc.stats.compiled, nvrtc.stats.cache_hits) == (compiled, hits + 1)
+    assert second == first
+
+
+def test_option_change_misses_the_cache(kernel_cache):
+    nvrtc.compile_file("activation.cu", "sm_90", ())
+    compiled = nvrtc.stats.compiled
+    nvrtc.compile_file("activation.cu", "sm_90", ("-lineinfo",))
+    assert nvrtc.stats.compiled == compiled + 1
+
+
+def test_cache_key_covers_every_input():
+    base = ("src", {"a.cuh": "x"}, ("-std=c++17",), "sm_90", (13, 0))
+    key = nvrtc.cache_key(*base)
+    variants = [
+        ("src2", {"a.cuh": "x"}, ("-std=c++17",), "sm_90", (13, 0)),
+        ("src", {"a.cuh": "y"}, ("-std=c++17",), "sm_90", (13, 0)),
+        ("src", {"b.cuh": "x"}, ("-std=c++17",), "sm_90", (13, 0)),
+        ("src", {"a.cuh": "x"}, ("-std=c++14",), "sm_90", (13, 0)),
+        ("src", {"a.cuh": "x"}, ("-std=c++17",), "sm_80", (13, 0)),
+        ("src", {"a.cuh": "x"}, ("-std=c++17",), "sm_90", (13, 1)),
+    ]
+    assert len({key, *(nvrtc.cache_key(*v) for v in variants)}) == len(variants) + 1
+
+
+def test_headers_are_collected_transitively():
+    headers = nvrtc.included_headers('#include "common.cuh"\n')
+    assert set(headers) == {"common.cuh", "quant_blocks.cuh"}
+
+
+def test_missing_header_is_named():
+    with pytest.raises(CudaError, match="nope.cuh"):
+        nvrtc.included_headers('#include "nope.cuh"\n')
+
+
+def test_broken_source_raises_with_the_log(kernel_cache):
+    source = 'extern "C" __global__ void broken(float* y) { y[0] = undefined_name; }\n'
+    with pytest.raises(CudaError) as info:
+        nvrtc.compile_source(source, "broken.cu", {}, "sm_90")
+    message = str(info.value)
+    assert "nvrtcCompileProgram" in message and "NVRTC_ERROR_COMPILATION" in message
+    assert "undefined_name" in message and "broken.cu" in message
+
+
+def test_unsupported_arch_falls_back_to_ptx(kernel_cache):
+    newest = max(nvrtc.supported_archs())
+    assert nvrtc.choose_target(newest + 1, [80, 90]) == ("compute_90", "ptx")
+    image = nvrtc.compile_source('extern "C" __global__ void k() {}\n', "k.cu", {}, newest + 1)
+    assert image.kind == "ptx" and image.target == f"compute_{newest}"
+    assert image.code.endswith(b"\0") and b".entry k" in image.code
+
+
+def test_arch_below_everything_is_refused():
+    with pytest.raises(CudaError, match="sm_30"):
+        nvrtc.choose_target(30, [75, 80, 90])
+
+
+@pytest.mark.parametrize(
+    ("arch", "expected"),
+    [("sm_90", 90), ("sm_90a", 90), ("compute_89", 89), (80, 80), ((8, 6), 86)],
+)
+def test_parse_arch(arch, expected):
+    assert nvrtc.parse_arch(arch) == expected
+
+
+# --- launch geometry ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("n_rows", "n_seqs", "ctas", "variant"),
+    [(1, 1, 1, 1), (4, 2, 1, 2), (5, 3, 2, 4), (4097, 5, 1025, 8), (14336, 8, 3584, 8)],
+)
+def test_matvec_config_covers_ragged_rows(n_rows, n_seqs, ctas, variant):
+    config, chosen = matvec_launch_config(n_rows, n_seqs)
+    assert config.grid == (ctas, 1, 1) and config.block == (32 * ROWS_PER_CTA, 1, 1)
+    assert chosen == variant
+    assert (ctas - 1) * ROWS_PER_CTA < n_rows <= ctas * ROWS_PER_CTA
+
+
+@pytest.mark.parametrize("n_seqs", [0, 9])
+def test_matvec_config_refuses_batch_out_of_range(n_seqs):
+    with pytest.raises(CudaError):
+        matvec_launch_config(16, n_seqs)
+
+
+def test_matvec_types_cover_the_issue():
+    names = {t.name for t in MATVEC_TYPES}
+    assert names == {"F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"}
+
+
+@pytest.mark.parametrize(("hidden", "threads"), [(1, 32), (33, 64), (576, 576), (4096, 1024)])
+def test_rms_norm_config(hidden, threads):
+    assert rms_norm_launch_config(7, hidden) == LaunchConfig((7, 1, 1), (threads, 1, 1))
+
+
+@pytest.mark.parametrize(("ffn", "x_blocks"), [(1, 1), (256, 1), (257, 2), (14336, 56)])
+def test_silu_mul_config(ffn, x_blocks):
+    config = silu_mul_launch_config(3, ffn)
+    assert config.grid == (x_blocks, 3, 1) and config.block == (THREADS, 1, 1)
+
+
+@pytest.mark.parametrize(("n_cols", "threads"), [(32, 32), (576, 32), (4096, 128), (16384, 256)])
+def test_dequant_rows_config(n_cols, threads):
+    assert dequant_rows_launch_config(5, n_cols).block == (threads, 1, 1)
+
+
+def test_rope_kv_config():
+    assert rope_kv_launch_config(9, 32, 8, 128).block == (256, 1, 1)
+    assert rope_kv_launch_config(9, 9, 3, 64).block == (256, 1, 1)
+    assert rope_kv_launch_config(1, 1, 1, 2).block == (32, 1, 1)
+    assert rope_kv_launch_config(9, 32, 8, 128).grid == (9, 1, 1)
+
+
+@pytest.mark.parametrize(
+    ("max_context", "splits"), [(1, 1), (PARTITION_TOKENS, 1), (PARTITION_TOKENS + 1, 2), (2000, 8)]
+)
+def test_attention_config_splits_by_fixed_partitions(max_context, splits):
+    launch = attention_launch_config(3, 32, 8, max_context)
+    assert launch.n_splits == splits
+    assert launch.decode.grid == (8, 3, splits)
+    assert (launch.reduce is None) == (splits == 1)
+    if launch.reduce is not None:
+        assert launch.reduce.grid == (32, 3, 1)
+
+
+def test_attention_config_refuses_bad_groups():
+    with pytest.raises(CudaError):
+        attention_launch_config(1, 30, 8, 10)  # not a whole group
+    with pytest.raises(CudaError):
+        attention_launch_config(1, 32, 2, 10)  # 16 query heads per kv head
+
+
+def test_launch_config_checks_limits():
+    with pytest.raises(CudaError):
+        LaunchConfig((1, 70000, 1), (32, 1, 1))
+    with pytest.raises(CudaError):
+        LaunchConfig((1, 1, 1), (1024, 2, 1))
+    with pytest.raises(CudaError):
+        LaunchConfig((0, 1, 1), (32, 1, 1))

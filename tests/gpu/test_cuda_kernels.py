@@ -1,0 +1,305 @@
+"""Each CUDA kernel against an independent torch reference, on fresh random inputs (run on the
+device: `pytest -m gpu tests/gpu/test_cuda_kernels.py`).
+
+References: loader/quants.dequantize + a float64 matmul, F.rms_norm's formula in float64,
+gpu/rope.Rotary, and attention per sequence over its gathered blocks in float64. Outputs are
+poisoned with NaN first, so an unwritten element fails; shapes include ragged ones.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType
+
+from loader.config import RopeConfig
+from loader.quants import dequantize
+from loader.synth_blocks import random_blocks
+
+pytestmark = pytest.mark.gpu
+
+_T = GGMLQuantizationType
+FP32_TOL = 1e-3
+FP16_TOL = 1e-2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _device():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+
+
+def _rng(*key) -> np.random.Generator:
+    return np.random.default_rng(
+        [abs(hash(str(k))) % 2**32 for k in key] + [int(torch.seed()) % 2**32]
+    )
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not torch.isnan(out).any(), "NaN in the output: an element was left unwritten"
+    return float((out.double() - ref.double()).norm() / ref.double().norm())
+
+
+def random_weight(qtype: _T, n_rows: int, n_cols: int, rng: np.random.Generator) -> torch.Tensor:
+    """The bytes of a GGUF tensor of n_rows x n_cols: valid random blocks, finite scales."""
+    if qtype in (_T.F16, _T.BF16, _T.F32):
+        values = torch.from_numpy(rng.standard_normal((n_rows, n_cols), dtype=np.float32) * 0.05)
+        dtype = {_T.F16: torch.float16, _T.BF16: torch.bfloat16, _T.F32: torch.float32}[qtype]
+        return values.to(dtype).view(torch.uint8).reshape(-1).cuda()
+    from gguf import GGML_QUANT_SIZES
+
+    block = GGML_QUANT_SIZES[qtype][0]
+    blocks = random_blocks(qtype, n_rows * n_cols // block, 0.05, rng)
+    return torch.from_numpy(blocks.reshape(-1).copy()).cuda()
+
+
+def nan_tensor(*shape: int) -> torch.Tensor:
+    return torch.full(shape, float("nan"), dtype=torch.float32, device="cuda")
+
+
+# --- matvec -------------------------------------------------------------------------------------
+
+from gpu.cuda.matvec import MATVEC_TYPES, MatVec  # noqa: E402
+
+MATVEC_SHAPES = [(1, 256, 1), (37, 512, 3), (129, 1024, 8), (300, 2816, 5), (1000, 4096, 2)]
+
+
+@pytest.mark.parametrize(("n_rows", "n_cols", "n_seqs"), MATVEC_SHAPES)
+@pytest.mark.parametrize("qtype", list(MATVEC_TYPES), ids=lambda t: t.name)
+def test_matvec_matches_dequantised_matmul(qtype, n_rows, n_cols, n_seqs):
+    rng = _rng("matvec", qtype, n_rows)
+    weight = random_weight(qtype, n_rows, n_cols, rng)
+    x = torch.randn(n_seqs, n_cols, device="cuda")
+    y = nan_tensor(n_seqs, n_rows)
+    MatVec(qtype, n_rows, n_cols)(y, x, weight)
+    ref = x.double() @ dequantize(weight, qtype, (n_rows, n_cols)).double().T
+    assert rel_error(y, ref) <= FP32_TOL
+
+
+@pytest.mark.parametrize("qtype", [_T.Q4_0, _T.Q4_K, _T.F16], ids=lambda t: t.name)
+def test_matvec_bias_residual_and_strided_rows(qtype):
+    n_rows, n_cols, n_seqs = 77, 512, 4
+    weight = random_weight(qtype, n_rows, n_cols, _rng("epilogue", qtype))
+    x = torch.randn(n_seqs, n_cols + 12, device="cuda")[:, :n_cols]  # row stride 524
+    bias = torch.randn(n_rows, device="cuda")
+    residual = torch.randn(n_seqs, n_rows, device="cuda")
+    ref = x.double() @ dequantize(weight, qtype, (n_rows, n_cols)).double().T
+    ref = ref + bias.double() + residual.double()
+    y = residual.clone()
+    MatVec(qtype, n_rows, n_cols)(y, x, weight, bias=bias, residual=y)  # in place: y += W x + b
+    assert rel_error(y, ref) <= FP32_TOL
+
+
+@pytest.mark.parametrize("qtype", [_T.Q4_0, _T.Q5_1, _T.Q8_0, _T.Q4_K, _T.Q6_K, _T.BF16],
+                         ids=lambda t: t.name)  # fmt: skip
+def test_matvec_is_batch_invariant(qtype):
+    """Sequence 0's result is bit-identical whatever the other sequences are, at any batch."""
+    n_rows, n_cols = 203, 1024
+    weight = random_weight(qtype, n_rows, n_cols, _rng("invariance", qtype))
+    op = MatVec(qtype, n_rows, n_cols)
+    first = torch.randn(1, n_cols, device="cuda")
+    results = []
+    for n_seqs in (1, 2, 3, 5, 8, 8):
+        x = torch.cat([first, torch.randn(n_seqs - 1, n_cols, device="cuda")])
+        y = nan_tensor(n_seqs, n_rows)
+        op(y, x, weight)
+        results.append(y[0].clone())
+    for other in results[1:]:
+        assert torch.equal(other, results[0])
+
+
+# --- dequantise rows / embedding ----------------------------------------------------------------
+
+from gpu.cuda.embedding import DEQUANT_TYPES, DequantRows  # noqa: E402
+
+
+@pytest.mark.parametrize("n_cols", [256, 768])
+@pytest.mark.parametrize("qtype", list(DEQUANT_TYPES), ids=lambda t: t.name)
+def test_embedding_lookup_is_bit_exact(qtype, n_cols):
+    n_rows = 53
+    table = random_weight(qtype, n_rows, n_cols, _rng("embd", qtype, n_cols))
+    token_ids = torch.tensor([0, 52, 7, 7, 19, 3, 52], dtype=torch.int64, device="cuda")
+    out = nan_tensor(len(token_ids), n_cols)
+    op = DequantRows(qtype, n_cols)
+    op.lookup(out, table, token_ids)
+    ref = dequantize(table, qtype, (n_rows, n_cols))
+    assert torch.equal(out, ref[token_ids])
+    rows = nan_tensor(11, n_cols)
+    op.rows(rows, table, first_row=40)
+    assert torch.equal(rows, ref[40:51])
+
+
+# --- RMSNorm ------------------------------------------------------------------------------------
+
+from gpu.cuda.norm import RMSNorm  # noqa: E402
+
+
+def _rms_ref(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    h = h.double()
+    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * weight.double()
+
+
+@pytest.mark.parametrize(
+    ("n_rows", "hidden"), [(1, 64), (5, 576), (3, 1000), (33, 4096), (2, 5120)]
+)
+def test_rms_norm(n_rows, hidden):
+    eps = 1e-5
+    x = torch.randn(n_rows, hidden, device="cuda") * 3
+    weight = torch.randn(hidden, device="cuda")
+    out = nan_tensor(n_rows, hidden)
+    RMSNorm(hidden, eps)(out, x, weight)
+    assert rel_error(out, _rms_ref(x, weight, eps)) <= FP32_TOL
+    assert rel_error(out, F.rms_norm(x, (hidden,), weight, eps)) <= FP32_TOL
+
+
+def test_rms_norm_fused_residual():
+    n_rows, hidden, eps = 7, 576, 1e-6
+    x = torch.randn(n_rows, hidden, device="cuda")
+    residual = torch.randn(n_rows, hidden, device="cuda")
+    expected_h = residual.double() + x.double()
+    weight = torch.randn(hidden, device="cuda")
+    out = nan_tensor(n_rows, hidden)
+    RMSNorm(hidden, eps)(out, x, weight, residual=residual)
+    assert rel_error(residual, expected_h) <= 1e-6
+    assert rel_error(out, _rms_ref(expected_h, weight, eps)) <= FP32_TOL
+
+
+# --- SiLU(gate) * up ----------------------------------------------------------------------------
+
+from gpu.cuda.activation import SiluMul  # noqa: E402
+
+
+@pytest.mark.parametrize(("n_tokens", "ffn"), [(1, 1), (3, 1536), (8, 14336), (5, 1000)])
+def test_silu_mul(n_tokens, ffn):
+    gate_up = torch.randn(n_tokens, 2 * ffn, device="cuda") * 4
+    out = nan_tensor(n_tokens, ffn)
+    SiluMul(ffn)(out, gate_up)
+    gate, up = gate_up.double().chunk(2, dim=-1)
+    assert rel_error(out, F.silu(gate) * up) <= FP32_TOL
+
+
+# --- RoPE + KV write ----------------------------------------------------------------------------
+
+from gpu.cuda.rope_kv import RopeKVWrite  # noqa: E402
+from gpu.rope import Rotary  # noqa: E402
+
+ROPE_CASES = [  # n_heads, n_kv_heads, head_dim, rot_dim, neox
+    (9, 3, 64, 64, False),  # SmolLM2
+    (32, 8, 128, 128, False),  # Llama 3
+    (14, 2, 64, 64, True),  # Qwen2
+    (4, 2, 96, 48, True),  # partial rotary, NeoX
+    (4, 4, 80, 40, False),  # partial rotary, normal
+]
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize(("n_heads", "n_kv_heads", "head_dim", "rot_dim", "neox"), ROPE_CASES)
+def test_rope_kv_write(n_heads, n_kv_heads, head_dim, rot_dim, neox, cache_dtype):
+    block_size, num_blocks, n_tokens = 16, 40, 13
+    rotary = Rotary(RopeConfig(base=10000.0, dim=rot_dim, neox=neox), device="cuda")
+    width = (n_heads + 2 * n_kv_heads) * head_dim
+    qkv = torch.randn(n_tokens, width, device="cuda")
+    positions = torch.tensor([0, 1, 16, 17, 299, 300, 1999, 2000, 5, 4095, 70000, 3, 8],
+                             dtype=torch.int64, device="cuda")  # fmt: skip
+    slots = torch.randperm(num_blocks * block_size, device="cuda")[:n_tokens]
+    slots[4] = -1  # a padding token: rotated Q, no cache write
+    shape = (num_blocks, block_size, n_kv_heads, head_dim)
+    k_cache = torch.full(shape, float("nan"), dtype=cache_dtype, device="cuda")
+    v_cache = torch.full(shape, float("nan"), dtype=cache_dtype, device="cuda")
+    cos, sin = rotary.cos_sin(positions)
+    heads = qkv.view(n_tokens, n_heads + 2 * n_kv_heads, head_dim)
+    ref_qk = rotary.apply(heads[:, : n_heads + n_kv_heads].double().float(), cos, sin)
+    ref_v = heads[:, n_heads + n_kv_heads :].clone()
+    RopeKVWrite(n_heads, n_kv_heads, head_dim, rot_dim, neox, cache_dtype)(
+        qkv, positions, slots, rotary.inv_freq, k_cache, v_cache
+    )
+    tol = FP32_TOL if cache_dtype == torch.float32 else FP16_TOL
+    assert rel_error(heads[:, :n_heads], ref_qk[:, :n_heads]) <= FP32_TOL
+    written = slots >= 0
+    k_flat = k_cache.view(-1, n_kv_heads, head_dim)
+    v_flat = v_cache.view(-1, n_kv_heads, head_dim)
+    assert rel_error(k_flat[slots[written]].float(), ref_qk[written, n_heads:]) <= tol
+    assert rel_error(v_flat[slots[written]].float(), ref_v[written]) <= tol
+    untouched = torch.ones(k_flat.shape[0], dtype=torch.bool, device="cuda")
+    untouched[slots[written]] = False
+    assert (
+        torch.isnan(k_flat[untouched].float()).all()
+        and torch.isnan(v_flat[untouched].float()).all()
+    )
+
+
+# --- decode attention ---------------------------------------------------------------------------
+
+from gpu.cuda.attention import DecodeAttention  # noqa: E402
+
+ATTENTION_CASES = [  # n_heads, n_kv_heads, head_dim, block_size, context lengths
+    (32, 8, 128, 16, [1, 17, 300, 2000]),
+    (9, 3, 64, 16, [17]),
+    (14, 2, 64, 32, [2000, 1, 300, 257, 256, 255, 33, 5]),
+    (4, 4, 80, 16, [300, 1]),
+    (8, 1, 256, 16, [700]),
+]
+
+
+def _attention_ref(q, k_cache, v_cache, block_tables, context_lens, n_heads, n_kv_heads):
+    block_size, head_dim = k_cache.shape[1], k_cache.shape[3]
+    outs = []
+    for i, context in enumerate(context_lens):
+        blocks = block_tables[i, : -(-context // block_size)].long()
+        keys = k_cache[blocks].flatten(0, 1)[:context].double()  # [ctx, kv, d]
+        values = v_cache[blocks].flatten(0, 1)[:context].double()
+        group = n_heads // n_kv_heads
+        keys = keys.repeat_interleave(group, dim=1).transpose(0, 1)  # [heads, ctx, d]
+        values = values.repeat_interleave(group, dim=1).transpose(0, 1)
+        query = q[i, : n_heads * head_dim].view(n_heads, 1, head_dim).double()
+        scores = query @ keys.transpose(1, 2) / head_dim**0.5
+        outs.append((scores.softmax(-1) @ values).reshape(-1))
+    return torch.stack(outs)
+
+
+def _paged_cache(n_kv_heads, head_dim, block_size, context_lens, cache_dtype):
+    """Random K/V in shuffled blocks; each sequence's table padded with -1 like the engine's."""
+    blocks_needed = [-(-c // block_size) for c in context_lens]
+    num_blocks = sum(blocks_needed) + 3
+    shape = (num_blocks, block_size, n_kv_heads, head_dim)
+    k_cache = torch.randn(shape, device="cuda").to(cache_dtype)
+    v_cache = torch.randn(shape, device="cuda").to(cache_dtype)
+    order = torch.randperm(num_blocks).tolist()
+    tables = torch.full((len(context_lens), max(blocks_needed) + 2), -1, dtype=torch.int32)
+    for i, n in enumerate(blocks_needed):
+        tables[i, :n] = torch.tensor([order.pop() for _ in range(n)], dtype=torch.int32)
+    return k_cache, v_cache, tables.cuda()
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize(("n_heads", "n_kv_heads", "head_dim", "block_size", "contexts"),
+                         ATTENTION_CASES)  # fmt: skip
+def test_decode_attention(n_heads, n_kv_heads, head_dim, block_size, contexts, cache_dtype):
+    k_cache, v_cache, tables = _paged_cache(n_kv_heads, head_dim, block_size, contexts, cache_dtype)
+    n_seqs = len(contexts)
+    q = torch.randn(n_seqs, (n_heads + 2 * n_kv_heads) * head_dim, device="cuda")  # fused qkv rows
+    context_lens = torch.tensor(contexts, dtype=torch.int64, device="cuda")
+    out = nan_tensor(n_seqs, n_heads * head_dim)
+    op = DecodeAttention(n_heads, n_kv_heads, head_dim, block_size, cache_dtype)
+    op(out, q, k_cache, v_cache, tables, context_lens, max(contexts))
+    ref = _attention_ref(q, k_cache, v_cache, tables, contexts, n_heads, n_kv_heads)
+    assert rel_error(out, ref) <= FP32_TOL  # the cache values are the inputs: exact either dtype
+
+
+def test_decode_attention_is_batch_invariant():
+    n_heads, n_kv_heads, head_dim, block_size = 32, 8, 128, 16
+    contexts = [200, 2000, 17, 900]
+    k_cache, v_cache, tables = _paged_cache(
+        n_kv_heads, head_dim, block_size, contexts, torch.float16
+    )
+    q = torch.randn(4, n_heads * head_dim, device="cuda")
+    lens = torch.tensor(contexts, dtype=torch.int64, device="cuda")
+    op = DecodeAttention(n_heads, n_kv_heads, head_dim, block_size, torch.float16)
+    full = nan_tensor(4, n_heads * head_dim)
+    op(full, q, k_cache, v_cache, tables, lens, max(contexts))
+    for i in range(4):  # each sequence alone (fewer splits for most of them)
+        alone = nan_tensor(1, n_heads * head_dim)
+        op(alone, q[i : i + 1], k_cache, v_cache, tables[i : i + 1], lens[i : i + 1], contexts[i])
+        assert torch.equal(alone[0], full[i])
