@@ -1,4 +1,4 @@
-"""CPU prefill and decode speed: our torch backend (float32 and bfloat16) vs transformers.
+"""CPU prefill and decode speed: our torch backend (float32, bfloat16, int8) vs transformers.
 
 Same GGUF, same prompt, same run. Decode is memory-bound, so each row also shows the
 bandwidth floor: weight bytes read per step over the copy bandwidth measured here, in this
@@ -113,8 +113,10 @@ def main() -> int:
         "transformers float32, batch 1": run_transformers(path, prompt, args.decode),
         "orcd torch float32, batch 1": run_ours(path, "float32", prompt, args.decode, 1),
         "orcd torch bfloat16, batch 1": run_ours(path, "bfloat16", prompt, args.decode, 1),
-        "orcd torch bfloat16, batch 4": run_ours(path, "bfloat16", prompt, args.decode, 4),
+        "orcd torch int8, batch 1": run_ours(path, "int8", prompt, args.decode, 1),
         "orcd torch float32, batch 4": run_ours(path, "float32", prompt, args.decode, 4),
+        "orcd torch bfloat16, batch 4": run_ours(path, "bfloat16", prompt, args.decode, 4),
+        "orcd torch int8, batch 4": run_ours(path, "int8", prompt, args.decode, 4),
     }
     print(f"{args.model}: prompt {len(prompt)} tokens, {args.decode} decode steps, "
           f"{torch.get_num_threads()} threads, copy bandwidth {bandwidth:.1f} GB/s")
@@ -128,6 +130,10 @@ def main() -> int:
               f"{row['floor_tokens_per_s']:12.1f} {row['fraction_of_floor']:9.0%}")
     reference = rows["transformers float32, batch 1"]["decode_tokens_per_s"]
     ratios = {
+        "int8_vs_transformers_batch1": rows["orcd torch int8, batch 1"]["decode_tokens_per_s"]
+        / reference,
+        "int8_batch4_vs_batch1": rows["orcd torch int8, batch 4"]["decode_tokens_per_s"]
+        / rows["orcd torch int8, batch 1"]["decode_tokens_per_s"],
         "bf16_vs_transformers_batch1": rows["orcd torch bfloat16, batch 1"]["decode_tokens_per_s"]
         / reference,
         "fp32_vs_transformers_batch1": rows["orcd torch float32, batch 1"]["decode_tokens_per_s"]

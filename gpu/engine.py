@@ -49,7 +49,7 @@ def stop_token_ids_of(gguf: GGUFFile) -> frozenset[int]:
     return frozenset(meta.get_int(key) for key in _STOP_TOKEN_KEYS if key in meta)
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
 
 
 def make_backend(
@@ -58,7 +58,8 @@ def make_backend(
     """Build a backend by name: `torch` (reference, CPU) or `auto` (the best available).
 
     `dtype` is the weights' compute type on the torch backend: float32 is the reference;
-    bfloat16 halves the bytes read per token (decode is memory-bound) at a small accuracy cost.
+    bfloat16 halves the bytes read per token (decode is memory-bound) at a small accuracy cost;
+    int8 (per-row weight-only, bfloat16 activations) halves them again.
     """
     if dtype not in DTYPES:
         raise RequestError(f"unknown dtype {dtype!r}; available: {', '.join(DTYPES)}")

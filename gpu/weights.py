@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from gpu.int8_linear import Int8Weight
 from loader.config import ModelConfig
 from loader.gguf_file import GGUFFile
 from loader.quants import dequantize
@@ -52,7 +53,10 @@ class ModelWeights:
     def nbytes(self) -> int:
         """Bytes the weights take on the device (a tied output counted once)."""
         tensors = {id(t): t for t in self._tensors()}
-        return sum(t.numel() * t.element_size() for t in tensors.values())
+        return sum(
+            t.nbytes() if isinstance(t, Int8Weight) else t.numel() * t.element_size()
+            for t in tensors.values()
+        )
 
     def _tensors(self) -> list[torch.Tensor]:
         out = [self.token_embd, self.output_norm, self.output]
@@ -98,13 +102,22 @@ def load_weights(
     dtype: torch.dtype = torch.float32,
     progress: ProgressCallback | None = None,
 ) -> ModelWeights:
-    """Dequantise every tensor `config` names into `dtype` on `device`, fusing QKV and gate·up."""
+    """Dequantise every tensor `config` names into `dtype` on `device`, fusing QKV and gate·up.
+
+    `dtype=torch.int8` keeps the linear matrices as `Int8Weight` (per-row int8) and everything
+    else, the embedding table included (it is only gathered from), in bfloat16.
+    """
     factors = config.rope.freq_factors_tensor
     names = list(config.tensor_shapes) + ([factors] if factors else [])
     reader = _Reader(file, names, torch.device(device), progress)
+    int8 = dtype == torch.int8
+    dense_dtype = torch.bfloat16 if int8 else dtype
 
     def matrix(name: str) -> torch.Tensor:
-        return reader.read(name).to(dtype)
+        return reader.read(name).to(dense_dtype)
+
+    def packed(weight: torch.Tensor) -> torch.Tensor | Int8Weight:
+        return Int8Weight.quantize(weight) if int8 else weight
 
     def norm(name: str) -> torch.Tensor:
         return reader.read(name)
@@ -134,19 +147,19 @@ def load_weights(
         layers.append(
             LayerWeights(
                 attn_norm=norm(f"{blk}.attn_norm.weight"),
-                wqkv=wqkv,
+                wqkv=packed(wqkv),
                 bqkv=bqkv,
-                wo=matrix(f"{blk}.attn_output.weight"),
+                wo=packed(matrix(f"{blk}.attn_output.weight")),
                 ffn_norm=norm(f"{blk}.ffn_norm.weight"),
-                w_gate_up=w_gate_up,
-                w_down=matrix(f"{blk}.ffn_down.weight"),
+                w_gate_up=packed(w_gate_up),
+                w_down=packed(matrix(f"{blk}.ffn_down.weight")),
             )
         )
     token_embd = matrix("token_embd.weight")
     return ModelWeights(
         token_embd=token_embd,
         output_norm=norm("output_norm.weight"),
-        output=token_embd if config.tied_embeddings else matrix("output.weight"),
+        output=packed(token_embd if config.tied_embeddings else matrix("output.weight")),
         layers=layers,
         rope_freq_factors=norm(factors) if factors else None,
     )

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from gpu.backends.base import Backend
 from gpu.batch import ForwardBatch
+from gpu.int8_linear import linear
 from gpu.rope import Rotary, check_rope_supported
 from gpu.weights import ProgressCallback, load_weights
 from loader.config import read_config
@@ -55,7 +56,8 @@ class TorchBackend(Backend):
             self.config = read_config(file)
             check_rope_supported(self.config.rope, self.config.name)  # before minutes of loading
             self.device = torch.device(device)
-            self.dtype = dtype
+            # Activations and the KV cache: the weights' dtype, bfloat16 for int8 weights.
+            self.dtype = torch.bfloat16 if dtype == torch.int8 else dtype
             with torch.inference_mode():
                 self.weights = load_weights(file, self.config, self.device, dtype, progress)
         finally:
@@ -92,7 +94,7 @@ class TorchBackend(Backend):
         hidden = w.token_embd[batch.token_ids].float()  # the float32 residual stream, [T, h]
         for layer, (k_cache, v_cache) in zip(w.layers, self.kv_cache, strict=True):
             x = rms_norm(hidden, layer.attn_norm, c.rms_eps).to(self.dtype)
-            qkv = F.linear(x, layer.wqkv, layer.bqkv)
+            qkv = linear(x, layer.wqkv, layer.bqkv)
             # Q and K heads are adjacent columns of the fused output: rotate them in one call.
             qk, v = qkv.split([c.q_size + c.kv_size, c.kv_size], dim=-1)
             qk = self.rotary.apply(
@@ -104,12 +106,12 @@ class TorchBackend(Backend):
             k_cache.view(-1, c.n_kv_heads, c.head_dim).index_copy_(0, batch.slot_mapping, k)
             v_cache.view(-1, c.n_kv_heads, c.head_dim).index_copy_(0, batch.slot_mapping, v)
             attn = self._attention(q, k_cache, v_cache, batch)
-            hidden = hidden + F.linear(attn.view(n_tokens, c.q_size), layer.wo).float()
+            hidden = hidden + linear(attn.view(n_tokens, c.q_size), layer.wo).float()
             x = rms_norm(hidden, layer.ffn_norm, c.rms_eps).to(self.dtype)
-            gate, up = F.linear(x, layer.w_gate_up).chunk(2, dim=-1)
-            hidden = hidden + F.linear(F.silu(gate) * up, layer.w_down).float()
+            gate, up = linear(x, layer.w_gate_up).chunk(2, dim=-1)
+            hidden = hidden + linear(F.silu(gate) * up, layer.w_down).float()
         x = rms_norm(hidden[batch.logits_indices], w.output_norm, c.rms_eps).to(self.dtype)
-        return F.linear(x, w.output).float()
+        return linear(x, w.output).float()
 
     def _attention(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch

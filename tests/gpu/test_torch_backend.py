@@ -226,6 +226,43 @@ def test_bfloat16_weights_stay_close_to_float32(smollm2):
     assert (want.max(-1).values - picked).max().item() <= 2 * error
 
 
+def test_int8_weights_stay_close_to_float32(smollm2):
+    """Per-row int8 weights (the fastest CPU mode): logits near float32's, and where the
+    greedy pick differs float32 rates the int8 pick within the measured error of its own."""
+    from gpu.int8_linear import Int8Weight
+
+    backend = TorchBackend(resolve_model("smollm2-135m"), dtype=torch.int8)
+    backend.allocate_kv(BLOCKS_PER_SEQ, BLOCK_SIZE)
+    assert isinstance(backend.weights.layers[0].wqkv, Int8Weight)
+    assert backend.kv_cache[0][0].dtype == torch.bfloat16
+    assert backend.weights.nbytes() < 0.8 * 0.5 * smollm2.weights.nbytes()
+    prompt = random_ids(24, smollm2.config.vocab_size, seed=25)
+    want = smollm2.forward(make_batch([Chunk(0, prompt)]))
+    got = backend.forward(make_batch([Chunk(0, prompt)]))
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    error = (got - want).abs().max().item()
+    assert error < 2.5
+    agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
+    assert agree >= 0.75
+    picked = want.gather(1, got.argmax(-1, keepdim=True))[:, 0]
+    assert (want.max(-1).values - picked).max().item() <= 2 * error
+
+
+def test_int8_quantisation_is_exact_per_row():
+    from gpu.int8_linear import Int8Weight, linear
+
+    weight = torch.randn(37, 64)
+    packed = Int8Weight.quantize(weight)
+    restored = packed.values.float() * packed.scales.float()[:, None]
+    step = packed.scales.float()[:, None]
+    # Half a step of rounding, plus the bfloat16 rounding of the scale times up to 127 steps.
+    assert ((restored - weight).abs() <= (0.5 + 127 * 2**-8) * step).all()
+    assert (packed.values.abs().amax(dim=1) >= 126).all()  # each row uses its full range
+    x = torch.randn(3, 64)
+    expected = x.bfloat16().float() @ restored.T
+    assert torch.allclose(linear(x, packed).float(), expected, rtol=2e-2, atol=5e-2)
+
+
 def test_kv_pool_shape_and_bytes(smollm2):
     c = smollm2.config
     k_cache, v_cache = smollm2.kv_cache[0]

@@ -17,5 +17,6 @@ def add_model_options(parser: argparse.ArgumentParser, *, engine: bool = True) -
         parser.add_argument("--backend", default="auto", choices=["auto", "torch"],
                             help="auto (default: the best available) or torch")
         parser.add_argument("--dtype", default="float32", choices=list(DTYPES),
-                            help="torch backend compute type: float32 (reference, default) or "
-                                 "bfloat16 (about 2x faster decode on CPU)")
+                            help="torch backend weights: float32 (reference, default), "
+                                 "bfloat16 (about 2x faster decode on CPU) or int8 "
+                                 "(per-row weight-only, about 3x)")
