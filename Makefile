@@ -20,8 +20,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/orcd inspect smollm2-135m
-	$(VENV)/bin/orcd generate --max-tokens 64 "What is the capital of France? Answer in one sentence."
+	$(VENV)/bin/orcd demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
