@@ -71,7 +71,10 @@ def make_backend(
 
 
 class Engine:
-    """Continuous-batching engine over one model; see the module docstring for the loop."""
+    """Continuous-batching engine over one model; see the module docstring for the loop.
+
+    Not thread-safe: one thread drives add/step/abort (the worker's loop does).
+    """
 
     def __init__(
         self,
