@@ -110,6 +110,42 @@ def test_session_turn_goes_to_its_holder_and_reuses_kv(cluster, reference):
     assert client.wait(elsewhere.job_id, timeout=5).text == second.text
 
 
+def test_bad_inputs_on_real_redis_each_refused_and_worker_keeps_serving(cluster, reference):
+    """Garbage on the shared stream: each entry gets a dead letter and, where a job id can be
+    read, an `error` event; the workers go on serving a good job afterwards."""
+    server, _ = cluster
+    client = OrcdClient(server.url)
+    stream = KEYS.jobs(MODEL)
+    good = {"v": 1, "model": MODEL, "prompt": "Hello", "sampling": {"max_tokens": 2}}
+    cases = {
+        "bad-json": b'{"v": 1, "job_id": "bad-json", ',
+        "bad-field": json.dumps({**good, "job_id": "bad-field", "colour": "red"}),
+        "bad-type": json.dumps({**good, "job_id": "bad-type", "stream": "yes please"}),
+        "bad-model": json.dumps({**good, "job_id": "bad-model", "model": "no-such-model"}),
+        "bad-empty": json.dumps({**good, "job_id": "bad-empty", "prompt": ""}),
+        "bad-zero": json.dumps({**good, "job_id": "bad-zero", "sampling": {"max_tokens": 0}}),
+        "bad-huge": json.dumps({**good, "job_id": "bad-huge",
+                                "sampling": {"max_tokens": 10**9}}),
+        "bad-long": json.dumps({**good, "job_id": "bad-long", "prompt": "word " * 9000}),
+    }
+    dead_before = client.redis.xlen(KEYS.dead)
+    for payload in cases.values():
+        client.redis.xadd(stream, {"job": payload})
+    ok = client.generate("The capital of France is", max_tokens=4, temperature=0, timeout=120)
+    assert ok.finish_reason in ("stop", "length") and ok.text == reference(
+        "The capital of France is", 4)
+    for job_id in cases:
+        if job_id == "bad-json":
+            continue  # no job id can be read: only the dead letter
+        events = [e for e in client.stream(job_id, timeout=60)]
+        assert events[-1].kind == "error", job_id
+        assert events[-1].data["message"], job_id
+    deadline = time.monotonic() + 30
+    while client.redis.xlen(KEYS.dead) < dead_before + 7 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert client.redis.xlen(KEYS.dead) >= dead_before + 7  # all but the too-long prompt
+
+
 def test_sigkill_mid_generation_loses_no_job(cluster, reference):
     server, (wa, wb) = cluster
     client = OrcdClient(server.url)
