@@ -181,24 +181,34 @@ def _compile(
         check_nvrtc(status, f"nvrtcCompileProgram({name}, {' '.join(options)})", _log(program))
         if kind == "cubin":
             size = check_nvrtc(nvrtc.nvrtcGetCUBINSize(program), "nvrtcGetCUBINSize")
-            buffer = b" " * size
+            buffer = _out_buffer(size)
             check_nvrtc(nvrtc.nvrtcGetCUBIN(program, buffer), "nvrtcGetCUBIN")
         else:
             # The PTX size counts its terminating NUL, which cuModuleLoadData needs.
             size = check_nvrtc(nvrtc.nvrtcGetPTXSize(program), "nvrtcGetPTXSize")
-            buffer = b" " * size
+            buffer = _out_buffer(size)
             check_nvrtc(nvrtc.nvrtcGetPTX(program, buffer), "nvrtcGetPTX")
         if not buffer:
             raise CudaError(f"NVRTC produced an empty {kind} for {name}")
-        return buffer
+        return bytes(buffer)
     finally:
         check_nvrtc(nvrtc.nvrtcDestroyProgram(program), "nvrtcDestroyProgram")
+
+
+def _out_buffer(size: int) -> bytearray:
+    """A fresh writable buffer for NVRTC to fill.
+
+    Never `b" " * size`: NVRTC writes into the buffer it is given, and for size 1 (an empty
+    log is one NUL byte) that expression returns CPython's shared one-byte `b" "` object, so
+    every b" " in the process became b"\x00" (tokenizers then decoded spaces as NULs).
+    """
+    return bytearray(size)
 
 
 def _log(program: object) -> str:
     from cuda.bindings import nvrtc
 
     size = check_nvrtc(nvrtc.nvrtcGetProgramLogSize(program), "nvrtcGetProgramLogSize")
-    buffer = b" " * size
+    buffer = _out_buffer(size)
     check_nvrtc(nvrtc.nvrtcGetProgramLog(program, buffer), "nvrtcGetProgramLog")
     return buffer.rstrip(b"\0").decode(errors="replace").strip()
