@@ -55,7 +55,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.in
 def make_backend(
     kind: str, gguf: GGUFFile, progress: Callable | None = None, dtype: str = "float32"
 ) -> Backend:
-    """Build a backend by name: `torch` (reference, CPU) or `auto` (the best available).
+    """Build a backend by name: `torch` (reference, CPU), `cuda` (our kernels; needs a GPU) or
+    `auto` (cuda when torch sees a GPU, else torch).
 
     `dtype` is the weights' compute type on the torch backend: float32 is the reference;
     bfloat16 halves the bytes read per token (decode is memory-bound) at a small accuracy cost;
@@ -63,11 +64,15 @@ def make_backend(
     """
     if dtype not in DTYPES:
         raise RequestError(f"unknown dtype {dtype!r}; available: {', '.join(DTYPES)}")
+    if kind == "cuda" or (kind == "auto" and torch.cuda.is_available()):
+        from gpu.backends.cuda_backend import CudaBackend
+
+        return CudaBackend(gguf, progress=progress)
     if kind in ("auto", "torch"):
         from gpu.backends.torch_backend import TorchBackend
 
         return TorchBackend(gguf, progress=progress, dtype=DTYPES[dtype])
-    raise RequestError(f"unknown backend {kind!r}; available: auto, torch")
+    raise RequestError(f"unknown backend {kind!r}; available: auto, torch, cuda")
 
 
 class Engine:

@@ -13,8 +13,9 @@ from gpu.cuda.launch import LaunchConfig, ceil_div, pointer, row_stride
 from gpu.cuda.rope_kv import CACHE_DTYPES
 
 # Tokens per split. Fixed (never derived from the batch) so that a sequence's result does not
-# depend on the other sequences: that is what makes decode batch-invariant.
-PARTITION_TOKENS = 256
+# depend on the other sequences: that is what makes decode batch-invariant. Small, so that a
+# batch-1 step over a few hundred tokens still spreads over enough CTAs (kv heads x splits).
+PARTITION_TOKENS = 64
 ATTN_THREADS = 128  # ATTN_WARPS * 32 in attention.cu
 MAX_GROUP = 8  # MAX_G: query heads per kv head
 MAX_HEAD_DIM = 256  # MAX_D

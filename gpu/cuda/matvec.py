@@ -1,8 +1,9 @@
 """Quantised matrix x vector(s) (gpu/kernels/matvec.cu): y[b] = W x[b] (+ bias) (+ residual).
 
 Weights stay in the GGUF block layout exactly as stored (a copy of the file's bytes, no
-repacking): one warp per output row reads the row's blocks, so the legacy 18/22/34-byte blocks
-are read with 2-byte loads and the K-quants and F16/BF16 rows with 16-byte loads. Up to 8
+repacking): one CTA per output row reads the row's blocks, several threads per block so that
+loads are contiguous; the legacy 18/22/34-byte blocks are read with 2-byte loads, the K-quants
+and F16/BF16 rows with 8- and 16-byte loads. Up to 8
 sequences share each read of the weights; the kernel is instantiated for 1, 2, 4 and 8 and the
 smallest that fits is launched.
 """
@@ -15,7 +16,7 @@ from gguf import GGMLQuantizationType
 from gpu.cuda.driver import LaunchSite
 from gpu.cuda.errors import CudaError
 from gpu.cuda.kernels import launch_site
-from gpu.cuda.launch import LaunchConfig, ceil_div, pointer, row_stride
+from gpu.cuda.launch import LaunchConfig, pointer, row_stride
 from loader.quants import row_nbytes
 
 _T = GGMLQuantizationType
@@ -33,20 +34,20 @@ MATVEC_TYPES: dict[GGMLQuantizationType, tuple[str, int]] = {
     _T.Q5_K: ("q5_k", 256),
     _T.Q6_K: ("q6_k", 256),
 }
-ROWS_PER_CTA = 4  # MATVEC_WARPS in matvec.cu: one warp per row
+MATVEC_WARPS = 4  # matvec.cu: one CTA of this many warps per output row
 BATCH_VARIANTS = (1, 2, 4, 8)  # the MAXB instantiations
 MAX_SEQS = BATCH_VARIANTS[-1]
 _ARG_KINDS = ("ptr", "i32", "ptr", "i64", "ptr", "i32", "i32", "i32", "i32", "ptr", "ptr", "i32")
 
 
 def matvec_launch_config(n_rows: int, n_seqs: int) -> tuple[LaunchConfig, int]:
-    """(config, batch variant): a warp per row, ROWS_PER_CTA rows per CTA, the last CTA ragged."""
+    """(config, batch variant): one CTA of MATVEC_WARPS warps per row."""
     if n_rows < 1:
         raise CudaError(f"matvec: {n_rows} output rows")
     if not 1 <= n_seqs <= MAX_SEQS:
         raise CudaError(f"matvec: {n_seqs} sequences; one launch takes 1 to {MAX_SEQS}")
     variant = next(b for b in BATCH_VARIANTS if b >= n_seqs)
-    return LaunchConfig((ceil_div(n_rows, ROWS_PER_CTA), 1, 1), (32 * ROWS_PER_CTA, 1, 1)), variant
+    return LaunchConfig((n_rows, 1, 1), (32 * MATVEC_WARPS, 1, 1)), variant
 
 
 class MatVec:

@@ -2,59 +2,62 @@
 // for up to MAXB sequences per read of the weights. W stays in the GGUF block layout as stored
 // (see quant_blocks.cuh); x, y, bias and residual are float32 and the sums are float32.
 //
-// One warp per output row (MATVEC_WARPS rows per CTA). Each lane walks the row in "units"
-// (8 elements for F16/BF16, one 32-element block for the legacy quants, a quarter super-block of
-// 64 elements for the K-quants), keeps one partial sum per sequence, and the warp reduces them
-// with a fixed xor butterfly. A sequence's result depends only on its own x and the weights,
-// in a fixed order, so it is bit-identical whatever the other sequences in the batch are.
+// One CTA of MATVEC_WARPS warps per output row (the 4096-row projections of an 8B model are too
+// few rows to fill an H100 with one warp each). A block is split over LANES threads (4 for the
+// 32-element legacy blocks, 16 for the 256-element K-quant super-blocks, 1 for an 8-element
+// F16/BF16 unit), each owning a fixed slice, so the CTA's threads step over consecutive blocks
+// together: their weight loads are one contiguous run and their x loads
+// (float4s) cover contiguous 128-byte lines (llama.cpp's mmvq layout of work; the first version
+// gave each lane a whole block, 32 lines per warp load, and stalled at ~20% of bandwidth).
+// Each lane loads UNROLL steps of weights before it computes, to keep enough bytes in flight.
 //
-// Measured (H100, 2026-11-25, batch 1, 14336x4096): F16 reaches the copy bandwidth, but every
-// quantised type stalls at ~3.7 elements/clock/SM (Q4_0 490 GB/s, Q4_K 480, Q8_0 850): the
-// x loads are the limit. A lane reads its whole unit's x (128 or 256 contiguous bytes), so one
-// warp-wide float4 load touches 32 different cache lines: 32 L1 wavefronts instead of 4. The fix
-// is llama.cpp's layout of work: several lanes per block, each lane a 4-8 element slice, so a
-// warp's x loads are contiguous (and x as int8 with dp4a, or x staged in padded shared memory,
-// for batches, where the x bytes per weight byte grow with the batch).
+// Measured (H100, 2026-11-25, batch 1, GB/s of weights + activations read; copy 2436 GB/s
+// read + write, F16 reads at ~2750): 14336x4096 Q4_0 490 -> 1290, Q4_K 480 -> 932, Q8_0 850 ->
+// 1929; 4096x14336 Q4_0 706 (first fix, a warp per row) -> 1279. Batch 8 is compute/L1-bound
+// (Q4_0 14336x4096: 133 us vs 26 us at batch 1): every sequence re-reads its x from L1 as
+// float32; int8 x with dp4a, or several rows per warp sharing x, is the next step there.
+//
+// Quant values become floats without I2F (quarter rate on sm_90, which capped the kernel below
+// the bandwidth): a byte q is placed under the exponent of 2^23 with one byte_perm, and
+// (2^23 + q) - (2^23 + offset) is exact.
+//
+// Determinism: each thread adds its slices in block order, each warp reduces with a fixed xor
+// butterfly, the warps are added in index order, and nothing depends on how many sequences share the launch, so a sequence's result
+// is bit-identical whatever the other sequences in the batch are.
 #include "quant_blocks.cuh"
 
 #define MATVEC_WARPS 4
+#define UNROLL 4
+#define MAGIC 8388608.0f  // 2^23
 
 __device__ __forceinline__ float4 ld_x4(const float* p) { return __ldg((const float4*)p); }
 
-// sum_i q[i] * x[i] over N elements (N a multiple of 4, x 16-byte aligned), in a fixed order.
-template <int N>
-__device__ __forceinline__ float dot_n(const float* q, const float* x) {
-    float s = 0.0f;
+// The four bytes of v as floats minus `offset` (exact for bytes and small offsets).
+__device__ __forceinline__ void bytes4(u32 v, float offset, float* out) {
 #pragma unroll
-    for (int i = 0; i < N; i += 4) {
-        const float4 v = ld_x4(x + i);
-        s += q[i] * v.x;
-        s += q[i + 1] * v.y;
-        s += q[i + 2] * v.z;
-        s += q[i + 3] * v.w;
-    }
-    return s;
+    for (int i = 0; i < 4; ++i) out[i] = __uint_as_float(__byte_perm(v, 0x4B000000u, 0x7540 + i)) - (MAGIC + offset);
 }
 
-template <int N>
-__device__ __forceinline__ float sum_n(const float* x) {
-    float s = 0.0f;
-#pragma unroll
-    for (int i = 0; i < N; i += 4) {
-        const float4 v = ld_x4(x + i);
-        s += (v.x + v.y) + (v.z + v.w);
-    }
-    return s;
+__device__ __forceinline__ float dot4(const float* q, float4 x) {
+    return ((q[0] * x.x + q[1] * x.y) + (q[2] * x.z + q[3] * x.w));
+}
+__device__ __forceinline__ float sum4(float4 x) { return (x.x + x.y) + (x.z + x.w); }
+
+// Bits 4j..4j+3 of h, each moved to bit 4 of its own byte (the Q5 legacy high bits).
+__device__ __forceinline__ u32 spread4(u32 h, int j) {
+    const u32 t = (h >> (4 * j)) & 0xF;
+    return ((t & 1) << 4) | ((t & 2) << 11) | ((t & 4) << 18) | ((t & 8) << 25);
 }
 
 template <int T> struct Unit;
 
-// F16 / BF16: 8 elements per unit, one 16-byte load.
+// F16 / BF16: one 16-byte load of 8 elements per lane.
 template <bool BF16> struct HalfUnit {
-    static constexpr int ELEMS = 8;
+    static constexpr int LANES = 1, ELEMS = 8, BYTES = 16;
+    typedef uint4 Raw;
+    static __device__ __forceinline__ Raw load(const u8* blk, int) { return *(const uint4*)blk; }
     template <int MAXB>
-    static __device__ __forceinline__ void dot(const u8* row, int u, const float* x, int xs, int nb, float* acc) {
-        const uint4 raw = *(const uint4*)(row + 16 * u);
+    static __device__ __forceinline__ void dot(const Raw& raw, int, const float* x, int xs, int nb, float* acc) {
         const u32 words[4] = {raw.x, raw.y, raw.z, raw.w};
         float w[8];
 #pragma unroll
@@ -65,184 +68,134 @@ template <bool BF16> struct HalfUnit {
         }
 #pragma unroll
         for (int b = 0; b < MAXB; ++b)
-            if (b < nb) acc[b] += dot_n<8>(w, x + b * xs + 8 * u);
+            if (b < nb) acc[b] += dot4(w, ld_x4(x + b * xs)) + dot4(w + 4, ld_x4(x + b * xs + 4));
     }
 };
 template <> struct Unit<GGML_F16> : HalfUnit<false> {};
 template <> struct Unit<GGML_BF16> : HalfUnit<true> {};
 
-// The 16 quant bytes of a legacy block as nibble values: q[i] low nibble of byte i, q[i + 16] high.
-__device__ __forceinline__ void nibbles16(const u8* qs, bool aligned4, float* q, float offset) {
-    u8 bytes[16];
-    if (aligned4) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const u32 v = ld_u32(qs + 4 * i);
-            bytes[4 * i] = v & 0xFF; bytes[4 * i + 1] = (v >> 8) & 0xFF;
-            bytes[4 * i + 2] = (v >> 16) & 0xFF; bytes[4 * i + 3] = v >> 24;
-        }
-    } else {
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            const u16 v = ld_u16(qs + 2 * i);
-            bytes[2 * i] = v & 0xFF; bytes[2 * i + 1] = v >> 8;
-        }
-    }
-#pragma unroll
-    for (int i = 0; i < 16; ++i) {
-        q[i] = (float)(bytes[i] & 0xF) - offset;
-        q[i + 16] = (float)(bytes[i] >> 4) - offset;
-    }
-}
+// Legacy 32-element blocks, 4 lanes each. Lane j owns quant bytes 4j..4j+3: elements 4j..4j+3
+// (low nibbles) and 16 + 4j..16 + 4j + 3 (high nibbles); Q8_0's lane j owns elements 8j..8j+7.
+struct LegacyRaw { u32 d; u32 qs; u32 extra; };  // extra: m (type 1 blocks) or qh (Q5)
 
-template <> struct Unit<GGML_Q4_0> {
-    static constexpr int ELEMS = 32;
-    template <int MAXB>
-    static __device__ __forceinline__ void dot(const u8* row, int u, const float* x, int xs, int nb, float* acc) {
-        const u8* blk = row + 18 * u;
-        const float d = f16_to_f32(ld_u16(blk));
-        float q[32];
-        nibbles16(blk + 2, false, q, 8.0f);
-#pragma unroll
-        for (int b = 0; b < MAXB; ++b)
-            if (b < nb) acc[b] += d * dot_n<32>(q, x + b * xs + 32 * u);
+template <int T, int BYTES_, int QS, bool HAS_MIN, bool Q5>
+struct Legacy4 {
+    static constexpr int LANES = 4, ELEMS = 32, BYTES = BYTES_;
+    typedef LegacyRaw Raw;
+    static __device__ __forceinline__ Raw load(const u8* blk, int j) {
+        Raw r;
+        if (HAS_MIN) {  // 4-byte aligned blocks: d, m as one word
+            r.d = ld_u32(blk);
+            r.qs = ld_u32(blk + QS + 4 * j);
+            r.extra = Q5 ? ld_u32(blk + 4) : 0u;
+        } else {
+            r.d = ld_u16(blk);
+            r.qs = ld_u32_a2(blk + QS + 4 * j);
+            r.extra = Q5 ? ld_u32_a2(blk + 2) : 0u;
+        }
+        return r;
     }
-};
-
-template <> struct Unit<GGML_Q4_1> {
-    static constexpr int ELEMS = 32;
     template <int MAXB>
-    static __device__ __forceinline__ void dot(const u8* row, int u, const float* x, int xs, int nb, float* acc) {
-        const u8* blk = row + 20 * u;
-        const u32 dm = ld_u32(blk);
-        const float d = f16_to_f32(dm & 0xFFFF), m = f16_to_f32(dm >> 16);
-        float q[32];
-        nibbles16(blk + 4, true, q, 0.0f);
+    static __device__ __forceinline__ void dot(const Raw& r, int j, const float* x, int xs, int nb, float* acc) {
+        u32 lo_bits = r.qs & 0x0F0F0F0Fu, hi_bits = (r.qs >> 4) & 0x0F0F0F0Fu;
+        if (Q5) {
+            lo_bits |= spread4(r.extra, j);
+            hi_bits |= spread4(r.extra, j + 4);
+        }
+        const float offset = HAS_MIN ? 0.0f : (Q5 ? 16.0f : 8.0f);
+        float lo[4], hi[4];
+        bytes4(lo_bits, offset, lo);
+        bytes4(hi_bits, offset, hi);
+        const float d = f16_to_f32(r.d & 0xFFFF);
+        const float m = HAS_MIN ? f16_to_f32(r.d >> 16) : 0.0f;
 #pragma unroll
         for (int b = 0; b < MAXB; ++b) {
             if (b < nb) {
-                const float* xb = x + b * xs + 32 * u;
-                acc[b] += d * dot_n<32>(q, xb) + m * sum_n<32>(xb);
+                const float4 xl = ld_x4(x + b * xs + 4 * j), xh = ld_x4(x + b * xs + 16 + 4 * j);
+                float v = d * (dot4(lo, xl) + dot4(hi, xh));
+                if (HAS_MIN) v += m * (sum4(xl) + sum4(xh));
+                acc[b] += v;
             }
         }
     }
 };
-
-// Q5: qh bit i is bit 4 of weight i.
-__device__ __forceinline__ void add_high_bits(u32 qh, float* q) {
-#pragma unroll
-    for (int i = 0; i < 32; ++i) q[i] += (float)(((qh >> i) & 1) << 4);
-}
-
-template <> struct Unit<GGML_Q5_0> {
-    static constexpr int ELEMS = 32;
-    template <int MAXB>
-    static __device__ __forceinline__ void dot(const u8* row, int u, const float* x, int xs, int nb, float* acc) {
-        const u8* blk = row + 22 * u;
-        const float d = f16_to_f32(ld_u16(blk));
-        float q[32];
-        nibbles16(blk + 6, false, q, 16.0f);
-        add_high_bits(ld_u32_a2(blk + 2), q);
-#pragma unroll
-        for (int b = 0; b < MAXB; ++b)
-            if (b < nb) acc[b] += d * dot_n<32>(q, x + b * xs + 32 * u);
-    }
-};
-
-template <> struct Unit<GGML_Q5_1> {
-    static constexpr int ELEMS = 32;
-    template <int MAXB>
-    static __device__ __forceinline__ void dot(const u8* row, int u, const float* x, int xs, int nb, float* acc) {
-        const u8* blk = row + 24 * u;
-        const u32 dm = ld_u32(blk);
-        const float d = f16_to_f32(dm & 0xFFFF), m = f16_to_f32(dm >> 16);
-        float q[32];
-        nibbles16(blk + 8, true, q, 0.0f);
-        add_high_bits(ld_u32(blk + 4), q);
-#pragma unroll
-        for (int b = 0; b < MAXB; ++b) {
-            if (b < nb) {
-                const float* xb = x + b * xs + 32 * u;
-                acc[b] += d * dot_n<32>(q, xb) + m * sum_n<32>(xb);
-            }
-        }
-    }
-};
+template <> struct Unit<GGML_Q4_0> : Legacy4<GGML_Q4_0, 18, 2, false, false> {};
+template <> struct Unit<GGML_Q4_1> : Legacy4<GGML_Q4_1, 20, 4, true, false> {};
+template <> struct Unit<GGML_Q5_0> : Legacy4<GGML_Q5_0, 22, 6, false, true> {};
+template <> struct Unit<GGML_Q5_1> : Legacy4<GGML_Q5_1, 24, 8, true, true> {};
 
 template <> struct Unit<GGML_Q8_0> {
-    static constexpr int ELEMS = 32;
+    static constexpr int LANES = 4, ELEMS = 32, BYTES = 34;
+    struct Raw { u32 d; u32 q0; u32 q1; };
+    static __device__ __forceinline__ Raw load(const u8* blk, int j) {
+        Raw r;
+        r.d = ld_u16(blk);
+        r.q0 = ld_u32_a2(blk + 2 + 8 * j);
+        r.q1 = ld_u32_a2(blk + 6 + 8 * j);
+        return r;
+    }
     template <int MAXB>
-    static __device__ __forceinline__ void dot(const u8* row, int u, const float* x, int xs, int nb, float* acc) {
-        const u8* blk = row + 34 * u;
-        const float d = f16_to_f32(ld_u16(blk));
-        float q[32];
-#pragma unroll
-        for (int i = 0; i < 16; ++i) {
-            const u16 v = ld_u16(blk + 2 + 2 * i);
-            q[2 * i] = (float)(i8)(v & 0xFF);
-            q[2 * i + 1] = (float)(i8)(v >> 8);
-        }
+    static __device__ __forceinline__ void dot(const Raw& r, int j, const float* x, int xs, int nb, float* acc) {
+        float q[8];  // int8 as (byte ^ 0x80) - 128
+        bytes4(r.q0 ^ 0x80808080u, 128.0f, q);
+        bytes4(r.q1 ^ 0x80808080u, 128.0f, q + 4);
+        const float d = f16_to_f32(r.d);
 #pragma unroll
         for (int b = 0; b < MAXB; ++b)
-            if (b < nb) acc[b] += d * dot_n<32>(q, x + b * xs + 32 * u);
+            if (b < nb)
+                acc[b] += d * (dot4(q, ld_x4(x + b * xs + 8 * j)) + dot4(q + 4, ld_x4(x + b * xs + 8 * j + 4)));
     }
 };
 
-// K-quants: unit u is quarter c = u % 4 of super-block u / 4 (64 elements).
-__device__ __forceinline__ void load32(const u8* p, u8* out) {  // 32 bytes, p 16-byte aligned
-    const uint4 a = *(const uint4*)p, b = *(const uint4*)(p + 16);
-    const u32 w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-        out[4 * i] = w[i] & 0xFF; out[4 * i + 1] = (w[i] >> 8) & 0xFF;
-        out[4 * i + 2] = (w[i] >> 16) & 0xFF; out[4 * i + 3] = w[i] >> 24;
-    }
-}
-
-// Q4_K and Q5_K: quarter c holds sub-blocks 2c (low nibbles of qs chunk c) and 2c + 1 (high).
+// Q4_K / Q5_K, 16 lanes per super-block. Lane t owns quant bytes 8(t % 4)..+7 of chunk c = t / 4:
+// low nibbles are elements 64c + l of sub-block 2c, high nibbles 64c + 32 + l of sub-block 2c + 1.
 template <bool Q5> struct K4Unit {
-    static constexpr int ELEMS = 64;
+    static constexpr int LANES = 16, ELEMS = QK_K, BYTES = Q5 ? 176 : 144;
+    struct Raw { u32 dm; u32 sc[3]; uint2 qs; uint2 qh; };
+    static __device__ __forceinline__ Raw load(const u8* blk, int t) {
+        const int c = t >> 2, l0 = 8 * (t & 3);
+        Raw r;
+        r.dm = ld_u32(blk);
+#pragma unroll
+        for (int i = 0; i < 3; ++i) r.sc[i] = ld_u32(blk + 4 + 4 * i);
+        r.qs = *(const uint2*)(blk + (Q5 ? 48 : 16) + 32 * c + l0);
+        r.qh = Q5 ? *(const uint2*)(blk + 16 + l0) : make_uint2(0, 0);
+        return r;
+    }
     template <int MAXB>
-    static __device__ __forceinline__ void dot(const u8* row, int u, const float* x, int xs, int nb, float* acc) {
-        const int c = u & 3;
-        const u8* blk = row + (Q5 ? 176 : 144) * (u >> 2);
-        const u32 dm = ld_u32(blk);
-        const float d = f16_to_f32(dm & 0xFFFF), dmin = f16_to_f32(dm >> 16);
+    static __device__ __forceinline__ void dot(const Raw& r, int t, const float* x, int xs, int nb, float* acc) {
+        const int c = t >> 2, l0 = 8 * (t & 3);
         u8 scales[12];
 #pragma unroll
         for (int i = 0; i < 3; ++i) {
-            const u32 v = ld_u32(blk + 4 + 4 * i);
-            scales[4 * i] = v & 0xFF; scales[4 * i + 1] = (v >> 8) & 0xFF;
-            scales[4 * i + 2] = (v >> 16) & 0xFF; scales[4 * i + 3] = v >> 24;
+            scales[4 * i] = r.sc[i] & 0xFF; scales[4 * i + 1] = (r.sc[i] >> 8) & 0xFF;
+            scales[4 * i + 2] = (r.sc[i] >> 16) & 0xFF; scales[4 * i + 3] = r.sc[i] >> 24;
         }
         int sc0, mn0, sc1, mn1;
         k4_scale_min(scales, 2 * c, &sc0, &mn0);
         k4_scale_min(scales, 2 * c + 1, &sc1, &mn1);
-        u8 qs[32];
-        load32(blk + (Q5 ? 48 : 16) + 32 * c, qs);
-        float lo[32], hi[32];
+        const float d = f16_to_f32(r.dm & 0xFFFF), dmin = f16_to_f32(r.dm >> 16);
+        const u32 qs[2] = {r.qs.x, r.qs.y}, qh[2] = {r.qh.x, r.qh.y};
+        float lo[8], hi[8];
 #pragma unroll
-        for (int l = 0; l < 32; ++l) {
-            lo[l] = (float)(qs[l] & 0xF);
-            hi[l] = (float)(qs[l] >> 4);
-        }
-        if (Q5) {
-            u8 qh[32];
-            load32(blk + 16, qh);
-#pragma unroll
-            for (int l = 0; l < 32; ++l) {
-                lo[l] += (float)(((qh[l] >> (2 * c)) & 1) << 4);
-                hi[l] += (float)(((qh[l] >> (2 * c + 1)) & 1) << 4);
+        for (int h = 0; h < 2; ++h) {
+            u32 l = qs[h] & 0x0F0F0F0Fu, u = (qs[h] >> 4) & 0x0F0F0F0Fu;
+            if (Q5) {
+                l |= ((qh[h] >> (2 * c)) & 0x01010101u) << 4;
+                u |= ((qh[h] >> (2 * c + 1)) & 0x01010101u) << 4;
             }
+            bytes4(l, 0.0f, lo + 4 * h);
+            bytes4(u, 0.0f, hi + 4 * h);
         }
         const float s0 = d * (float)sc0, m0 = dmin * (float)mn0;
         const float s1 = d * (float)sc1, m1 = dmin * (float)mn1;
 #pragma unroll
         for (int b = 0; b < MAXB; ++b) {
             if (b < nb) {
-                const float* xb = x + b * xs + 64 * u;
-                acc[b] += (s0 * dot_n<32>(lo, xb) - m0 * sum_n<32>(xb)) +
-                          (s1 * dot_n<32>(hi, xb + 32) - m1 * sum_n<32>(xb + 32));
+                const float* xb = x + b * xs + 64 * c + l0;
+                const float4 a0 = ld_x4(xb), a1 = ld_x4(xb + 4), b0 = ld_x4(xb + 32), b1 = ld_x4(xb + 36);
+                acc[b] += (s0 * (dot4(lo, a0) + dot4(lo + 4, a1)) - m0 * (sum4(a0) + sum4(a1))) +
+                          (s1 * (dot4(hi, b0) + dot4(hi + 4, b1)) - m1 * (sum4(b0) + sum4(b1)));
             }
         }
     }
@@ -250,44 +203,45 @@ template <bool Q5> struct K4Unit {
 template <> struct Unit<GGML_Q4_K> : K4Unit<false> {};
 template <> struct Unit<GGML_Q5_K> : K4Unit<true> {};
 
-// Q6_K (2-byte aligned blocks): quarter c = 2h + p covers elements 128h + 32s + 16p + l for
-// s = 0..3, l = 0..15; their sub-block scales are scales[8h + 2s + p].
+// Q6_K (2-byte aligned blocks), 16 lanes per super-block. Lane t: half h = t / 8, l0 = 4(t % 8);
+// it owns elements 128h + 32s + l0..l0+3 for s = 0..3: low 4 bits from ql[64h + l] (s = 0, 2: low
+// and high nibble) and ql[64h + 32 + l] (s = 1, 3), bits 4-5 from bits 2s of qh[32h + l], stored
+// + 32, int8 scale scales[8h + 2s + l / 16].
 template <> struct Unit<GGML_Q6_K> {
-    static constexpr int ELEMS = 64;
+    static constexpr int LANES = 16, ELEMS = QK_K, BYTES = 210;
+    struct Raw { u32 qa, qb, qh; u32 sc; u32 d; };
+    static __device__ __forceinline__ Raw load(const u8* blk, int t) {
+        const int h = t >> 3, l0 = 4 * (t & 7);
+        Raw r;
+        r.qa = ld_u32_a2(blk + 64 * h + l0);
+        r.qb = ld_u32_a2(blk + 64 * h + 32 + l0);
+        r.qh = ld_u32_a2(blk + 128 + 32 * h + l0);
+        // scales[8h + 2s + l0 / 16] for s = 0..3: bytes 8h + (l0 >> 4) + {0, 2, 4, 6}
+        const u8* sc = blk + 192 + 8 * h + (l0 >> 4);
+        r.sc = (u32)sc[0] | ((u32)sc[2] << 8) | ((u32)sc[4] << 16) | ((u32)sc[6] << 24);
+        r.d = ld_u16(blk + 208);
+        return r;
+    }
     template <int MAXB>
-    static __device__ __forceinline__ void dot(const u8* row, int u, const float* x, int xs, int nb, float* acc) {
-        const int c = u & 3, h = c >> 1, p = c & 1;
-        const u8* blk = row + 210 * (u >> 2);
-        u8 ql_a[16], ql_b[16], qh[16];
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            const u16 a = ld_u16(blk + 64 * h + 16 * p + 2 * i);
-            const u16 bb = ld_u16(blk + 64 * h + 32 + 16 * p + 2 * i);
-            const u16 hh = ld_u16(blk + 128 + 32 * h + 16 * p + 2 * i);
-            ql_a[2 * i] = a & 0xFF; ql_a[2 * i + 1] = a >> 8;
-            ql_b[2 * i] = bb & 0xFF; ql_b[2 * i + 1] = bb >> 8;
-            qh[2 * i] = hh & 0xFF; qh[2 * i + 1] = hh >> 8;
-        }
-        const float d = f16_to_f32(ld_u16(blk + 208));
-        float q[4][16];
-#pragma unroll
-        for (int l = 0; l < 16; ++l) {
-            q[0][l] = (float)((int)((ql_a[l] & 0xF) | ((qh[l] & 3) << 4)) - 32);
-            q[1][l] = (float)((int)((ql_b[l] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32);
-            q[2][l] = (float)((int)((ql_a[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
-            q[3][l] = (float)((int)((ql_b[l] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
-        }
+    static __device__ __forceinline__ void dot(const Raw& r, int t, const float* x, int xs, int nb, float* acc) {
+        const int h = t >> 3, l0 = 4 * (t & 7);
+        float q[4][4];
+        bytes4((r.qa & 0x0F0F0F0Fu) | ((r.qh << 4) & 0x30303030u), 32.0f, q[0]);
+        bytes4((r.qb & 0x0F0F0F0Fu) | ((r.qh << 2) & 0x30303030u), 32.0f, q[1]);
+        bytes4(((r.qa >> 4) & 0x0F0F0F0Fu) | (r.qh & 0x30303030u), 32.0f, q[2]);
+        bytes4(((r.qb >> 4) & 0x0F0F0F0Fu) | ((r.qh >> 2) & 0x30303030u), 32.0f, q[3]);
+        const float d = f16_to_f32(r.d);
         float scale[4];
 #pragma unroll
-        for (int s = 0; s < 4; ++s) scale[s] = d * (float)(i8)blk[192 + 8 * h + 2 * s + p];
+        for (int s = 0; s < 4; ++s) scale[s] = d * (float)(i8)((r.sc >> (8 * s)) & 0xFF);
 #pragma unroll
         for (int b = 0; b < MAXB; ++b) {
             if (b < nb) {
-                const float* xb = x + b * xs + 256 * (u >> 2) + 128 * h + 16 * p;
-                float s = 0.0f;
+                const float* xb = x + b * xs + 128 * h + l0;
+                float v = 0.0f;
 #pragma unroll
-                for (int k = 0; k < 4; ++k) s += scale[k] * dot_n<16>(q[k], xb + 32 * k);
-                acc[b] += s;
+                for (int s = 0; s < 4; ++s) v += scale[s] * dot4(q[s], ld_x4(xb + 32 * s));
+                acc[b] += v;
             }
         }
     }
@@ -298,16 +252,30 @@ __device__ __forceinline__ void matvec_impl(
     float* y, int y_stride, const u8* __restrict__ weight, i64 row_bytes, const float* __restrict__ x,
     int x_stride, int n_seqs, int n_rows, int n_cols, const float* __restrict__ bias,
     const float* residual, int residual_stride) {
+    typedef Unit<T> U;
+    constexpr int PER_STEP = 32 * MATVEC_WARPS / U::LANES;  // blocks the CTA covers per step
+    __shared__ float partial[MATVEC_WARPS][MAXB];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int row = blockIdx.x * MATVEC_WARPS + warp;
-    if (row >= n_rows) return;
+    const int row = blockIdx.x;
     const u8* w = weight + (i64)row * row_bytes;
-    const int n_units = n_cols / Unit<T>::ELEMS;
+    const int n_blocks = n_cols / U::ELEMS;
+    const int sub = threadIdx.x % U::LANES;
     float acc[MAXB];
 #pragma unroll
     for (int b = 0; b < MAXB; ++b) acc[b] = 0.0f;
-#pragma unroll 2
-    for (int u = lane; u < n_units; u += 32) Unit<T>::template dot<MAXB>(w, u, x, x_stride, n_seqs, acc);
+    for (int first = threadIdx.x / U::LANES; first < n_blocks; first += UNROLL * PER_STEP) {
+        typename U::Raw raw[UNROLL];
+#pragma unroll
+        for (int k = 0; k < UNROLL; ++k) {
+            const int blk = first + k * PER_STEP;
+            if (blk < n_blocks) raw[k] = U::load(w + (i64)blk * U::BYTES, sub);
+        }
+#pragma unroll
+        for (int k = 0; k < UNROLL; ++k) {
+            const int blk = first + k * PER_STEP;
+            if (blk < n_blocks) U::template dot<MAXB>(raw[k], sub, x + (i64)blk * U::ELEMS, x_stride, n_seqs, acc);
+        }
+    }
 #pragma unroll
     for (int b = 0; b < MAXB; ++b) {
 #pragma unroll
@@ -315,14 +283,17 @@ __device__ __forceinline__ void matvec_impl(
     }
     if (lane == 0) {
 #pragma unroll
-        for (int b = 0; b < MAXB; ++b) {
-            if (b < n_seqs) {
-                float v = acc[b];
-                if (bias) v += bias[row];
-                if (residual) v += residual[(i64)b * residual_stride + row];
-                y[(i64)b * y_stride + row] = v;
-            }
-        }
+        for (int b = 0; b < MAXB; ++b) partial[warp][b] = acc[b];
+    }
+    __syncthreads();
+    if (threadIdx.x < n_seqs && threadIdx.x < MAXB) {  // warps added in index order
+        const int b = threadIdx.x;
+        float v = 0.0f;
+#pragma unroll
+        for (int k = 0; k < MATVEC_WARPS; ++k) v += partial[k][b];
+        if (bias) v += bias[row];
+        if (residual) v += residual[(i64)b * residual_stride + row];
+        y[(i64)b * y_stride + row] = v;
     }
 }
 

@@ -16,7 +16,7 @@ from gpu.cuda.embedding import dequant_rows_launch_config
 from gpu.cuda.errors import CudaError
 from gpu.cuda.kernels import KERNEL_OPTIONS, kernel_files
 from gpu.cuda.launch import LaunchConfig
-from gpu.cuda.matvec import MATVEC_TYPES, ROWS_PER_CTA, matvec_launch_config
+from gpu.cuda.matvec import MATVEC_TYPES, MATVEC_WARPS, matvec_launch_config
 from gpu.cuda.norm import rms_norm_launch_config
 from gpu.cuda.rope_kv import rope_kv_launch_config
 
@@ -119,13 +119,12 @@ def test_parse_arch(arch, expected):
 
 @pytest.mark.parametrize(
     ("n_rows", "n_seqs", "ctas", "variant"),
-    [(1, 1, 1, 1), (4, 2, 1, 2), (5, 3, 2, 4), (4097, 5, 1025, 8), (14336, 8, 3584, 8)],
+    [(1, 1, 1, 1), (4, 2, 4, 2), (5, 3, 5, 4), (4097, 5, 4097, 8), (14336, 8, 14336, 8)],
 )
-def test_matvec_config_covers_ragged_rows(n_rows, n_seqs, ctas, variant):
+def test_matvec_config_one_cta_per_row(n_rows, n_seqs, ctas, variant):
     config, chosen = matvec_launch_config(n_rows, n_seqs)
-    assert config.grid == (ctas, 1, 1) and config.block == (32 * ROWS_PER_CTA, 1, 1)
+    assert config.grid == (ctas, 1, 1) and config.block == (32 * MATVEC_WARPS, 1, 1)
     assert chosen == variant
-    assert (ctas - 1) * ROWS_PER_CTA < n_rows <= ctas * ROWS_PER_CTA
 
 
 @pytest.mark.parametrize("n_seqs", [0, 9])
@@ -163,7 +162,8 @@ def test_rope_kv_config():
 
 
 @pytest.mark.parametrize(
-    ("max_context", "splits"), [(1, 1), (PARTITION_TOKENS, 1), (PARTITION_TOKENS + 1, 2), (2000, 8)]
+    ("max_context", "splits"), [(1, 1), (PARTITION_TOKENS, 1), (PARTITION_TOKENS + 1, 2),
+     (2000, -(-2000 // PARTITION_TOKENS))]
 )
 def test_attention_config_splits_by_fixed_partitions(max_context, splits):
     launch = attention_launch_config(3, 32, 8, max_context)

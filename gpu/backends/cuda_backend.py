@@ -1,0 +1,271 @@
+"""The CUDA backend: quantised weights on the GPU, our NVRTC kernels, CUDA graphs for decode.
+
+Decode steps (every sequence has one new token) run our kernels only: embedding lookup, then per
+layer RMSNorm -> fused QKV matvec (+ qwen2 bias) -> RoPE + paged KV write -> paged decode
+attention -> O matvec with the residual add in its epilogue -> RMSNorm -> fused gate·up matvec
+-> SiLU·up -> down matvec with the residual add; then the final norm and the LM head matvec.
+They are captured as one CUDA graph per batch-size bucket (1, 2, 4, ... padded) and attention
+split count, and replayed; padding rows write no KV (slot -1) and their logits are dropped.
+
+Prefill chunks and mixed batches take the interim prefill path: each layer's weights are
+dequantised into an fp16 scratch for torch.matmul (cuBLAS) and attention is torch SDPA over
+the gathered KV blocks, as in the torch backend; norms, RoPE + KV write, SiLU, the final norm
+and the LM head still run our kernels. The KV pool is fp16; the residual stream, norms,
+matvec sums and attention are float32; logits are float32.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from gpu.backends.base import Backend
+from gpu.backends.torch_backend import KVNotAllocatedError
+from gpu.batch import ForwardBatch
+from gpu.cuda.activation import SiluMul
+from gpu.cuda.attention import PARTITION_TOKENS, DecodeAttention
+from gpu.cuda.driver import ensure_context
+from gpu.cuda.embedding import DequantRows
+from gpu.cuda.norm import RMSNorm
+from gpu.cuda.qweights import ProgressCallback, load_quant_weights
+from gpu.cuda.rope_kv import RopeKVWrite
+from gpu.rope import Rotary, check_rope_supported
+from loader.config import read_config
+from loader.gguf_file import GGUFFile, open_gguf
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+KV_DTYPE = torch.float16
+
+
+@dataclass(slots=True)
+class _StaticInputs:
+    """Decode inputs at fixed addresses, sized for the largest bucket: what graphs read."""
+
+    token_ids: torch.Tensor
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+    context_lens: torch.Tensor
+    block_tables: torch.Tensor
+    logits: torch.Tensor
+
+
+def _bucket(n: int, buckets: tuple[int, ...]) -> int | None:
+    return next((b for b in buckets if b >= n), None)
+
+
+class CudaBackend(Backend):
+    """One model on one CUDA device, weights quantised as in the file."""
+
+    name = "cuda"
+
+    def __init__(
+        self,
+        gguf_file_or_path: GGUFFile | str | os.PathLike,
+        device: torch.device | str = "cuda",
+        progress: ProgressCallback | None = None,
+        use_graphs: bool = True,
+    ) -> None:
+        ensure_context()
+        opened_here = not isinstance(gguf_file_or_path, GGUFFile)
+        file = open_gguf(gguf_file_or_path) if opened_here else gguf_file_or_path
+        try:
+            self.config = read_config(file)
+            check_rope_supported(self.config.rope, self.config.name)
+            self.device = torch.device(device)
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
+            with torch.inference_mode():
+                self.weights = load_quant_weights(file, self.config, self.device, progress)
+        finally:
+            if opened_here:
+                file.close()
+        c = self.config
+        rotary = Rotary(c.rope, self.weights.rope_freq_factors, self.device)
+        self.inv_freq = rotary.inv_freq.float().contiguous()
+        self.norm = RMSNorm(c.hidden_size, c.rms_eps)
+        self.silu = SiluMul(c.ffn_size)
+        self.embed = DequantRows(self.weights.token_embd.ggml_type, c.hidden_size)
+        self.rope_kv = RopeKVWrite(
+            c.n_heads, c.n_kv_heads, c.head_dim, c.rope.dim, c.rope.neox, KV_DTYPE
+        )
+        self.use_graphs = use_graphs
+        self.kv_cache: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.block_size = 0
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self._pool = None
+        self._static: _StaticInputs | None = None
+
+    # ----- KV pool ------------------------------------------------------------------------------
+
+    def kv_bytes_per_block(self, block_size: int) -> int:
+        c = self.config
+        return 2 * block_size * c.n_kv_heads * c.head_dim * KV_DTYPE.itemsize * c.n_layers
+
+    def allocate_kv(self, num_blocks: int, block_size: int) -> None:
+        c = self.config
+        shape = (num_blocks, block_size, c.n_kv_heads, c.head_dim)
+        self.kv_cache = [
+            (torch.zeros(shape, dtype=KV_DTYPE, device=self.device),
+             torch.zeros(shape, dtype=KV_DTYPE, device=self.device))
+            for _ in range(c.n_layers)
+        ]  # fmt: skip
+        self.block_size = block_size
+        self.attention = DecodeAttention(c.n_heads, c.n_kv_heads, c.head_dim, block_size, KV_DTYPE)
+        # Widest block table a sequence can need; graphs index tables of exactly this width.
+        self._table_width = -(-min(c.context_length, num_blocks * block_size) // block_size)
+        n, dev = BATCH_BUCKETS[-1], self.device
+        self._static = _StaticInputs(
+            token_ids=torch.zeros(n, dtype=torch.int64, device=dev),
+            positions=torch.zeros(n, dtype=torch.int64, device=dev),
+            slot_mapping=torch.full((n,), -1, dtype=torch.int64, device=dev),
+            context_lens=torch.ones(n, dtype=torch.int64, device=dev),
+            block_tables=torch.zeros(n, self._table_width, dtype=torch.int32, device=dev),
+            logits=torch.zeros(n, c.vocab_size, dtype=torch.float32, device=dev),
+        )
+        self._graphs.clear()
+
+    # ----- forward ------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        if not self.kv_cache:
+            raise KVNotAllocatedError("cuda backend: forward called before allocate_kv")
+        if any(n != 1 for n in batch.query_lens):
+            return self._prefill(batch)
+        n = batch.num_seqs
+        max_context = max(batch.context_lens_host)
+        if self.use_graphs and _bucket(n, BATCH_BUCKETS) is not None:
+            return self._decode_graphed(batch, max_context)
+        logits = torch.empty(n, self.config.vocab_size, dtype=torch.float32, device=self.device)
+        self._decode(logits, batch.token_ids, batch.positions, batch.slot_mapping,
+                     batch.context_lens, batch.block_tables, max_context)  # fmt: skip
+        return logits[batch.logits_indices]
+
+    def _decode(
+        self, logits: torch.Tensor, token_ids: torch.Tensor, positions: torch.Tensor,
+        slot_mapping: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor,
+        max_context: int,
+    ) -> None:  # fmt: skip
+        """One token per sequence through our kernels only (graph-capturable: no host syncs)."""
+        c, w = self.config, self.weights
+        n = token_ids.shape[0]
+
+        def buffer(width: int) -> torch.Tensor:
+            return torch.empty(n, width, dtype=torch.float32, device=self.device)
+
+        hidden, x = buffer(c.hidden_size), buffer(c.hidden_size)
+        qkv, attn = buffer(c.q_size + 2 * c.kv_size), buffer(c.q_size)
+        gate_up, act = buffer(2 * c.ffn_size), buffer(c.ffn_size)
+        self.embed.lookup(hidden, w.token_embd.raw, token_ids)
+        for layer, (k_cache, v_cache) in zip(w.layers, self.kv_cache, strict=True):
+            self.norm(x, hidden, layer.attn_norm)
+            layer.qkv.matvec(qkv, x)
+            self.rope_kv(qkv, positions, slot_mapping, self.inv_freq, k_cache, v_cache)
+            self.attention(attn, qkv, k_cache, v_cache, block_tables, context_lens, max_context)
+            layer.wo.matvec(hidden, attn, residual=True)
+            self.norm(x, hidden, layer.ffn_norm)
+            layer.gate_up.matvec(gate_up, x)
+            self.silu(act, gate_up)
+            layer.down.matvec(hidden, act, residual=True)
+        self.norm(x, hidden, w.output_norm)
+        w.output.matvec(logits, x)
+
+    def _decode_graphed(self, batch: ForwardBatch, max_context: int) -> torch.Tensor:
+        """Copy the inputs into the static buffers, pad to the bucket, replay (capture once)."""
+        n, s = batch.num_seqs, self._static
+        bucket = _bucket(n, BATCH_BUCKETS)
+        splits = 1 << (-(-max_context // PARTITION_TOKENS) - 1).bit_length()
+        graph_context = min(splits * PARTITION_TOKENS, self._table_width * self.block_size)
+        s.token_ids[:n].copy_(batch.token_ids)
+        s.positions[:n].copy_(batch.positions)
+        s.slot_mapping[:n].copy_(batch.slot_mapping)
+        s.context_lens[:n].copy_(batch.context_lens)
+        width = batch.block_tables.shape[1]
+        s.block_tables[:n, :width].copy_(batch.block_tables)
+        if bucket > n:  # padding rows: no KV write, one token of context in block 0
+            s.slot_mapping[n:bucket].fill_(-1)
+            s.context_lens[n:bucket].fill_(1)
+            s.block_tables[n:bucket, 0].fill_(0)
+        key = (bucket, splits)
+        graph = self._graphs.get(key)
+        if graph is None:
+            graph = self._graphs[key] = self._capture(bucket, graph_context)
+        graph.replay()
+        return s.logits[:n][batch.logits_indices]
+
+    def _capture(self, bucket: int, max_context: int) -> torch.cuda.CUDAGraph:
+        s = self._static
+        args = (s.logits[:bucket], s.token_ids[:bucket], s.positions[:bucket],
+                s.slot_mapping[:bucket], s.context_lens[:bucket], s.block_tables[:bucket],
+                max_context)  # fmt: skip
+        # Warm up outside the capture (modules load, sites build); it computes this very step,
+        # so running it twice writes the same KV values.
+        self._decode(*args)
+        torch.cuda.synchronize(self.device)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            self._decode(*args)
+        return graph
+
+    # ----- the interim prefill path -------------------------------------------------------------
+
+    def _prefill(self, batch: ForwardBatch) -> torch.Tensor:
+        """Any batch with a prompt chunk: dequantise-to-fp16 + cuBLAS, SDPA over gathered KV."""
+        c, w = self.config, self.weights
+        n = batch.num_tokens
+        hidden = torch.empty(n, c.hidden_size, dtype=torch.float32, device=self.device)
+        x = torch.empty_like(hidden)
+        act = torch.empty(n, c.ffn_size, dtype=torch.float32, device=self.device)
+        self.embed.lookup(hidden, w.token_embd.raw, batch.token_ids)
+        for layer, (k_cache, v_cache) in zip(w.layers, self.kv_cache, strict=True):
+            self.norm(x, hidden, layer.attn_norm)
+            qkv = F.linear(x.half(), layer.qkv.dense()).float()
+            if layer.qkv.bias is not None:
+                qkv += layer.qkv.bias
+            self.rope_kv(qkv, batch.positions, batch.slot_mapping, self.inv_freq, k_cache, v_cache)
+            attn = self._sdpa(qkv[:, : c.q_size], k_cache, v_cache, batch)
+            hidden += F.linear(attn.half(), layer.wo.dense()).float()
+            self.norm(x, hidden, layer.ffn_norm)
+            gate_up = F.linear(x.half(), layer.gate_up.dense()).float()
+            self.silu(act, gate_up)
+            hidden += F.linear(act.half(), layer.down.dense()).float()
+        rows = hidden[batch.logits_indices].contiguous()
+        x = torch.empty_like(rows)
+        self.norm(x, rows, w.output_norm)
+        logits = torch.empty(rows.shape[0], c.vocab_size, dtype=torch.float32, device=self.device)
+        w.output.matvec(logits, x)
+        return logits
+
+    def _sdpa(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch
+    ) -> torch.Tensor:
+        """Causal GQA attention of each sequence's new queries over its cached context
+        (the torch backend's method: queries at the bottom-right of the causal mask)."""
+        c = self.config
+        out = torch.empty_like(q)
+        start = 0
+        for i, (query_len, context_len) in enumerate(
+            zip(batch.query_lens, batch.context_lens_host, strict=True)
+        ):
+            blocks = batch.block_tables[i, : -(-context_len // self.block_size)].long()
+            keys = k_cache[blocks].flatten(0, 1)[:context_len].transpose(0, 1)[None].float()
+            values = v_cache[blocks].flatten(0, 1)[:context_len].transpose(0, 1)[None].float()
+            queries = q[start : start + query_len].view(query_len, c.n_heads, c.head_dim)
+            queries = queries.transpose(0, 1)[None]
+            mask = None
+            if 1 < query_len < context_len:
+                query_pos = torch.arange(context_len - query_len, context_len, device=q.device)
+                key_pos = torch.arange(context_len, device=q.device)
+                mask = key_pos[None, :] <= query_pos[:, None]
+            attn = F.scaled_dot_product_attention(
+                queries, keys, values, attn_mask=mask,
+                is_causal=query_len > 1 and query_len == context_len, enable_gqa=True,
+            )  # fmt: skip
+            out[start : start + query_len] = attn[0].transpose(0, 1).reshape(query_len, -1)
+            start += query_len
+        return out

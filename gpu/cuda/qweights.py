@@ -1,0 +1,190 @@
+"""A model's weights on the GPU, still quantised: the GGUF blocks uploaded as uint8 tensors.
+
+Matrices keep the file's exact bytes (no repacking: matvec.cu reads the blocks in place, several
+threads per block). Q/K/V and gate/up are fused by concatenating their raw rows when the parts
+share a type (rows of one type are whole blocks, so a concatenation is a valid matrix);
+otherwise they stay separate parts, each written to its column range of the fused output.
+A type with no matvec kernel (F32, Q2_K, Q3_K) is dequantised at load and stored as F16.
+Norm weights, biases and RoPE factors are float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType
+
+from gpu.cuda.embedding import DequantRows
+from gpu.cuda.errors import CudaError
+from gpu.cuda.matvec import MATVEC_TYPES, MAX_SEQS, MatVec
+from loader.config import ModelConfig
+from loader.gguf_file import GGUFFile
+from loader.quants import dequantize
+
+_T = GGMLQuantizationType
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass(slots=True)
+class QuantMatrix:
+    """One [n_rows, n_cols] matrix as raw GGUF rows on the GPU, with its matvec op."""
+
+    raw: torch.Tensor  # uint8 [n_rows * row_bytes]
+    ggml_type: GGMLQuantizationType
+    n_rows: int
+    n_cols: int
+    matvec: MatVec
+
+    @property
+    def nbytes(self) -> int:
+        return self.raw.numel()
+
+    def dense(self) -> torch.Tensor:
+        """The matrix dequantised to an fp16 scratch (the interim prefill GEMM path)."""
+        out = torch.empty(self.n_rows, self.n_cols, dtype=torch.float32, device=self.raw.device)
+        DequantRows(self.ggml_type, self.n_cols).rows(out, self.raw)
+        return out.half()
+
+
+@dataclass(slots=True)
+class FusedLinear:
+    """Parts written side by side into one output row: [(matrix, first output column)]."""
+
+    parts: list[tuple[QuantMatrix, int]]
+    bias: torch.Tensor | None  # float32 [n_out]
+    n_out: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.nbytes for m, _ in self.parts)
+
+    def matvec(self, y: torch.Tensor, x: torch.Tensor, residual: bool = False) -> None:
+        """y[:, :n_out] = W x (+ bias) (+ y when `residual`), MAX_SEQS rows per launch."""
+        for start in range(0, x.shape[0], MAX_SEQS):
+            rows = slice(start, start + MAX_SEQS)
+            for matrix, col in self.parts:
+                out = y[rows, col : col + matrix.n_rows]
+                bias = None if self.bias is None else self.bias[col : col + matrix.n_rows]
+                matrix.matvec(out, x[rows], matrix.raw, bias=bias, residual=out if residual else None)
+
+    def dense(self) -> torch.Tensor:
+        """[n_out, n_in] fp16 (prefill path)."""
+        if len(self.parts) == 1:
+            return self.parts[0][0].dense()
+        return torch.cat([m.dense() for m, _ in self.parts])
+
+
+@dataclass(slots=True)
+class QuantLayer:
+    attn_norm: torch.Tensor
+    qkv: FusedLinear  # Q rows, then K, then V
+    wo: FusedLinear
+    ffn_norm: torch.Tensor
+    gate_up: FusedLinear  # gate rows, then up
+    down: FusedLinear
+
+
+@dataclass(slots=True)
+class QuantModel:
+    token_embd: QuantMatrix
+    output_norm: torch.Tensor
+    output: FusedLinear  # shares token_embd's bytes when tied
+    layers: list[QuantLayer]
+    rope_freq_factors: torch.Tensor | None
+
+    def matrix_bytes(self) -> int:
+        """Bytes of matrices one decode step reads (the embedding table is only indexed)."""
+        return self.output.nbytes + sum(
+            lyr.qkv.nbytes + lyr.wo.nbytes + lyr.gate_up.nbytes + lyr.down.nbytes
+            for lyr in self.layers
+        )
+
+
+class _Uploader:
+    def __init__(self, file: GGUFFile, device: torch.device, progress: ProgressCallback | None):
+        self.file, self.device, self.progress = file, device, progress
+        self.bytes_total = sum(info.nbytes for info in file.tensors.values())
+        self.bytes_done = 0
+
+    def _bytes(self, name: str) -> torch.Tensor:
+        raw = torch.from_numpy(np.array(self.file.tensor_data(name))).to(self.device)
+        self.bytes_done += raw.numel()
+        if self.progress is not None:
+            self.progress(self.bytes_done, self.bytes_total)
+        return raw
+
+    def vector(self, name: str) -> torch.Tensor:
+        info = self.file.tensor(name)
+        return dequantize(self._bytes(name), info.ggml_type, info.shape).float().reshape(-1)
+
+    def matrix(self, name: str) -> QuantMatrix:
+        info = self.file.tensor(name)
+        if len(info.shape) != 2:
+            raise CudaError(f"{name}: expected a matrix, got shape {info.shape}")
+        n_rows, n_cols = info.shape
+        qtype, raw = info.ggml_type, self._bytes(name)
+        if qtype not in MATVEC_TYPES:
+            values = dequantize(raw, qtype, info.shape)
+            qtype, raw = _T.F16, values.half().view(torch.uint8).reshape(-1)
+        return QuantMatrix(raw, qtype, n_rows, n_cols, MatVec(qtype, n_rows, n_cols))
+
+
+def fuse(matrices: list[QuantMatrix], bias: torch.Tensor | None = None) -> FusedLinear:
+    """One matrix when all parts share a type (raw rows concatenated), else parts side by side."""
+    n_out = sum(m.n_rows for m in matrices)
+    first = matrices[0]
+    if len(matrices) > 1 and all(m.ggml_type == first.ggml_type for m in matrices):
+        raw = torch.cat([m.raw for m in matrices])
+        fused = QuantMatrix(raw, first.ggml_type, n_out, first.n_cols,
+                            MatVec(first.ggml_type, n_out, first.n_cols))  # fmt: skip
+        return FusedLinear([(fused, 0)], bias, n_out)
+    parts, col = [], 0
+    for m in matrices:
+        parts.append((m, col))
+        col += m.n_rows
+    return FusedLinear(parts, bias, n_out)
+
+
+def load_quant_weights(
+    file: GGUFFile, config: ModelConfig, device: torch.device,
+    progress: ProgressCallback | None = None,
+) -> QuantModel:  # fmt: skip
+    up = _Uploader(file, device, progress)
+    layers = []
+    for i in range(config.n_layers):
+        blk = f"blk.{i}"
+        if config.fused_qkv:
+            qkv_parts = [up.matrix(f"{blk}.attn_qkv.weight")]
+            bias = up.vector(f"{blk}.attn_qkv.bias") if config.qkv_bias else None
+        else:
+            qkv_parts = [up.matrix(f"{blk}.attn_{p}.weight") for p in "qkv"]
+            bias = None
+            if config.qkv_bias:
+                bias = torch.cat([up.vector(f"{blk}.attn_{p}.bias") for p in "qkv"])
+        if config.fused_gate_up:
+            gate_up_parts = [up.matrix(f"{blk}.ffn_up.weight")]  # gate rows, then up (weights.py)
+        else:
+            gate_up_parts = [up.matrix(f"{blk}.ffn_gate.weight"), up.matrix(f"{blk}.ffn_up.weight")]
+        layers.append(
+            QuantLayer(
+                attn_norm=up.vector(f"{blk}.attn_norm.weight"),
+                qkv=fuse(qkv_parts, bias),
+                wo=fuse([up.matrix(f"{blk}.attn_output.weight")]),
+                ffn_norm=up.vector(f"{blk}.ffn_norm.weight"),
+                gate_up=fuse(gate_up_parts),
+                down=fuse([up.matrix(f"{blk}.ffn_down.weight")]),
+            )
+        )
+    token_embd = up.matrix("token_embd.weight")
+    factors = config.rope.freq_factors_tensor
+    output = token_embd if config.tied_embeddings else up.matrix("output.weight")
+    return QuantModel(
+        token_embd=token_embd,
+        output_norm=up.vector("output_norm.weight"),
+        output=fuse([output]),
+        layers=layers,
+        rope_freq_factors=up.vector(factors) if factors else None,
+    )
