@@ -23,6 +23,7 @@ COMMANDS = {
     "submit": "Submit a generation job to Redis; --wait streams the answer.",
     "tail": "Print a job's events from the first, as JSON lines.",
     "status": "Workers, job streams, pending jobs, dead letters and sessions.",
+    "batch": "Batch jobs through RQ: submit a JSONL file, follow progress, fetch results.",
     "demo": "A Redis, a worker and a two-turn chat with its narration, end to end.",
 }
 

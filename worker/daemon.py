@@ -42,8 +42,10 @@ from worker.log import (
     get_logger,
     remove_narration_sink,
 )
+from worker.metrics import WorkerMetrics
 from worker.narration import NarrationMirror, narrate_engine_event
 from worker.publisher import Publisher
+from worker.systemd_notify import SystemdNotifier
 
 
 @dataclass(slots=True)
@@ -73,7 +75,7 @@ class Worker:
     """One model, one Redis, one loop; `run()` returns the exit status."""
 
     def __init__(self, model: LoadedModel, config: WorkerConfig,
-                 client: redis.Redis | None = None) -> None:
+                 client: redis.Redis | None = None, metrics: WorkerMetrics | None = None) -> None:
         # The narration mirror is one of configure_logging's processors, and loggers bound
         # before configuration keep structlog's defaults: configure first (no-op if done).
         configure_logging()
@@ -105,6 +107,9 @@ class Worker:
         self._next_reclaim = 0.0
         self._mirror = NarrationMirror(self.publisher)
         self.log = get_logger()
+        self.metrics = metrics if metrics is not None else WorkerMetrics()
+        self.metrics.watch_streams(client, lambda: [self.consumer.shared, self.consumer.routed])
+        self.notifier = SystemdNotifier.from_env()  # does nothing outside systemd
 
     # ----- life -------------------------------------------------------------------------------
 
@@ -154,6 +159,7 @@ class Worker:
             self._step()
         for event in self.engine.pop_events():
             narrate_engine_event(self.log, event)
+            self.metrics.engine_event(event)
         self.publisher.flush()
         self._maintain(time.monotonic())
         if not self.engine.has_work() and not self.link.up:
@@ -181,6 +187,7 @@ class Worker:
             if not self.stopping:
                 self.stopping = True
                 self.deadline = time.monotonic() + self.config.grace_s
+                self.notifier.stopping(f"draining {len(self.active)} jobs")
                 self.log.info(
                     "worker.draining", signal=reason,
                     narration=f"{reason}: reading no more jobs; finishing {len(self.active)} "
@@ -261,6 +268,7 @@ class Worker:
         self.consumer.ensure_groups()
         self._groups_ready = True
         self.heartbeat._next = 0.0
+        self.metrics.redis_reconnected()
 
     def _capacity(self) -> int:
         if self.stopping or not self._groups_ready or self.engine.stats()["waiting"]:
@@ -416,6 +424,7 @@ class Worker:
             self.publisher.event(rejection.job_id, "error",
                                  {"code": rejection.code, "message": rejection.message})
         self.publisher.acknowledge(entry.stream, entry.entry_id, rejection.job_id)
+        self.metrics.job_failed(rejection.code)
         self.log.warning(
             "job.dead_letter", job_id=rejection.job_id, code=rejection.code,
             narration=f"Dead-lettered entry {entry.entry_id} of {entry.stream}: "
@@ -431,6 +440,7 @@ class Worker:
         self.publisher.opened(job_id)
         self.publisher.event(job_id, "error", {"code": code, "message": message})
         self.publisher.acknowledge(delivery.stream, delivery.entry_id, job_id)
+        self.metrics.job_failed(code)
         self.log.warning(
             "job.dead_letter" if dead else "job.failed", job_id=job_id,
             session_id=delivery.job.session_id, code=code,
@@ -486,6 +496,7 @@ class Worker:
                                  ex=int(self.config.session_ttl_s))
         del self.active[job.job_id]
         self.jobs_done += 1
+        self.metrics.job_finished(job)
         total = time.monotonic() - job.started_at
         tokens = len(job.completion_ids)
         self.log.info(
@@ -521,10 +532,15 @@ class Worker:
                 "kv_blocks_cached": stats["kv_blocks_cached"],
                 "sessions": stats["sessions"],
             }
+            self.metrics.observe_engine(stats, len(self.active))
+            status = (f"{live['state']} {self.model.name}: {len(self.active)} jobs, KV "
+                      f"{stats['kv_blocks_used']}/{stats['kv_blocks_total']} blocks")
             try:
                 self.link.call(self.heartbeat.beat, self.redis, live, now)
+                self.notifier.alive(status)  # READY=1 after the first heartbeat, then WATCHDOG=1
             except RedisDown:
-                pass
+                if self.notifier.ready_sent:  # the loop turns: generation goes on without Redis
+                    self.notifier.watchdog(f"{status}; Redis unreachable")
         if now >= self._next_reclaim and self.link.ready():
             self._next_reclaim = now + self.config.reclaim_every_s
             capacity = self._capacity()

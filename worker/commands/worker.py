@@ -11,6 +11,7 @@ from loader.registry import DEFAULT_MODEL
 from worker.daemon import Worker, WorkerConfig
 from worker.loaded_model import load_model
 from worker.log import configure_logging
+from worker.metrics import WorkerMetrics
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 
@@ -46,6 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds output streams live after done/error (default 3600)")
     parser.add_argument("--session-ttl", type=float, default=1800.0,
                         help="seconds an idle session keeps its KV (default 1800)")
+    parser.add_argument("--metrics-port", type=int,
+                        help="serve Prometheus metrics on this port (default: off)")
+    parser.add_argument("--metrics-host", default="0.0.0.0",
+                        help="address the metrics server binds (default 0.0.0.0)")
     parser.add_argument("--log-json", action="store_true", default=None,
                         help="JSON log lines even on a terminal")
 
@@ -54,6 +59,9 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(json=args.log_json)
     if args.max_jobs < 1:
         raise SystemExit("orcd worker: --max-jobs must be at least 1")
+    metrics = WorkerMetrics()
+    if args.metrics_port is not None:  # before loading the model: a taken port fails fast
+        metrics.serve(args.metrics_port, args.metrics_host)
     model = load_model(args.model, models_dir=args.models_dir, backend=args.backend,
                        kv_blocks=args.kv_blocks, session_ttl_s=args.session_ttl,
                        max_num_seqs=max(args.max_jobs, 1))
@@ -70,4 +78,4 @@ def run(args: argparse.Namespace) -> int:
         session_ttl_s=args.session_ttl,
         grace_s=args.grace,
     )
-    return Worker(model, config).run()
+    return Worker(model, config, metrics=metrics).run()
