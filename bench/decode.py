@@ -3,7 +3,7 @@
 For each `shape:quant`, write the synthetic GGUF (loader/synth, random weights: speed does not
 depend on the values) unless it exists, prefill a 512-token prompt, then decode 128 tokens at
 batch 1 (greedy argmax on the device, no host sync inside the loop; each step's index tensors
-are built on the host and copied up, as the engine does). `step_us_same_batch` replays one
+are built on the host and copied up from pinned memory without blocking). `step_us_same_batch` replays one
 step's batch 50 times: the device time per step when the host keeps ahead. The floor is the bytes one
 decode step must read (every matrix once, plus the KV read) over the device-to-device copy
 bandwidth measured in the same run.
@@ -60,8 +60,8 @@ def make_batch(tokens: torch.Tensor, start: int, tables: list[list[int]], logits
     for n in query_lens:
         query_start.append(query_start[-1] + n)
 
-    def tensor(values, dtype=torch.int64):
-        return torch.tensor(values, dtype=dtype, device=device)
+    def tensor(values, dtype=torch.int64):  # pinned staging: the copy does not block the host
+        return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
     return ForwardBatch(
         token_ids=tokens, positions=tensor(positions), slot_mapping=tensor(slots),

@@ -12,16 +12,25 @@ from gpu.cuda.kernels import launch_site
 from gpu.cuda.launch import LaunchConfig, ceil_div, pointer, row_stride
 from gpu.cuda.rope_kv import CACHE_DTYPES
 
-# Tokens per split. Fixed (never derived from the batch) so that a sequence's result does not
-# depend on the other sequences: that is what makes decode batch-invariant. Small, so that a
-# batch-1 step over a few hundred tokens still spreads over enough CTAs (kv heads x splits).
+# Tokens per split (ATTN_PARTITION in attention.cu, compiled in). Fixed (never derived from the
+# batch) so that a sequence's result does not depend on the other sequences: that is what makes
+# decode batch-invariant. Small, so that a batch-1 step over a few hundred tokens still spreads
+# over enough CTAs (kv heads x splits).
 PARTITION_TOKENS = 64
-ATTN_THREADS = 128  # ATTN_WARPS * 32 in attention.cu
+ROW_GROUPS = 8  # tokens in flight per CTA (ROW_GROUPS in attention.cu)
+REDUCE_THREADS = 128
 MAX_GROUP = 8  # MAX_G: query heads per kv head
-MAX_HEAD_DIM = 256  # MAX_D
+MAX_HEAD_DIM = 256
 _DECODE_ARGS = ("ptr", "i32", "ptr", "i32", "ptr", "ptr", "ptr", "i32", "ptr",
-                "i32", "i32", "i32", "i32", "f32", "i32", "ptr", "ptr")  # fmt: skip
+                "i32", "i32", "i32", "i32", "f32", "ptr", "ptr")  # fmt: skip
 _REDUCE_ARGS = ("ptr", "i32", "ptr", "ptr", "i32", "i32", "i32")
+
+
+def row_lanes(head_dim: int) -> int:
+    """Lanes that hold one K/V row, 8 elements each: 8, 16 or 32 (the kernel's LANES)."""
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise CudaError(f"attention: head_dim {head_dim} outside 1..{MAX_HEAD_DIM}")
+    return max(8, 1 << (ceil_div(head_dim, 8) - 1).bit_length())
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +41,7 @@ class AttentionLaunch:
 
 
 def attention_launch_config(
-    num_seqs: int, n_heads: int, n_kv_heads: int, max_context: int
+    num_seqs: int, n_heads: int, n_kv_heads: int, max_context: int, head_dim: int = 128
 ) -> AttentionLaunch:
     """grid (kv heads, sequences, splits) for the decode kernel, (heads, sequences) to reduce."""
     if num_seqs < 1 or max_context < 1:
@@ -40,8 +49,9 @@ def attention_launch_config(
     if n_heads % n_kv_heads or n_heads // n_kv_heads > MAX_GROUP:
         raise CudaError(f"attention: {n_heads} heads over {n_kv_heads} kv heads (group <= 8)")
     n_splits = ceil_div(max_context, PARTITION_TOKENS)
-    decode = LaunchConfig((n_kv_heads, num_seqs, n_splits), (ATTN_THREADS, 1, 1))
-    reduce = LaunchConfig((n_heads, num_seqs, 1), (ATTN_THREADS, 1, 1)) if n_splits > 1 else None
+    threads = ROW_GROUPS * row_lanes(head_dim)
+    decode = LaunchConfig((n_kv_heads, num_seqs, n_splits), (threads, 1, 1))
+    reduce = LaunchConfig((n_heads, num_seqs, 1), (REDUCE_THREADS, 1, 1)) if n_splits > 1 else None
     return AttentionLaunch(decode, reduce, n_splits)
 
 
@@ -52,14 +62,13 @@ class DecodeAttention:
         self, n_heads: int, n_kv_heads: int, head_dim: int, block_size: int,
         cache_dtype: torch.dtype,
     ) -> None:  # fmt: skip
-        if head_dim > MAX_HEAD_DIM:
-            raise CudaError(f"attention: head_dim {head_dim} > {MAX_HEAD_DIM}")
+        lanes = row_lanes(head_dim)
         if cache_dtype not in CACHE_DTYPES:
             raise CudaError(f"attention: KV cache dtype {cache_dtype} (float32 or float16)")
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.block_size, self.cache_dtype = block_size, cache_dtype
         self.scale = head_dim**-0.5
-        name = f"attention_decode_{CACHE_DTYPES[cache_dtype]}"
+        name = f"attention_decode_{CACHE_DTYPES[cache_dtype]}_l{lanes}"
         self._decode = launch_site("attention.cu", name, _DECODE_ARGS)
         self._reduce = launch_site("attention.cu", "attention_reduce", _REDUCE_ARGS)
 
@@ -70,7 +79,9 @@ class DecodeAttention:
         """q rows hold the query heads first (a fused qkv row will do); out rows [heads * dim].
         `max_context` (host int) bounds every context_lens entry: it sizes the split grid."""
         num_seqs = q.shape[0]
-        launch = attention_launch_config(num_seqs, self.n_heads, self.n_kv_heads, max_context)
+        launch = attention_launch_config(
+            num_seqs, self.n_heads, self.n_kv_heads, max_context, self.head_dim
+        )
         width = self.n_heads * self.head_dim
         if q.shape[1] < width or out.shape[0] != num_seqs or out.shape[1] < width:
             raise CudaError(f"attention: q {tuple(q.shape)} / out {tuple(out.shape)} mismatch")
@@ -105,7 +116,6 @@ class DecodeAttention:
             self.head_dim,
             self.block_size,
             self.scale,
-            PARTITION_TOKENS,
             pointer(partial_out, "attention partial_out", torch.float32, optional=True),
             pointer(partial_ml, "attention partial_ml", torch.float32, optional=True),
         )

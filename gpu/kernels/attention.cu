@@ -1,134 +1,253 @@
 // Decode attention over the paged KV cache: one new query token per sequence.
 //
-// One CTA per (kv head, sequence, split): it serves all G = n_heads / n_kv_heads query heads that
-// share the kv head (GQA), so each K/V element is read once per CTA. Warps take the split's
-// tokens round-robin and keep, per query head, an online softmax (running max m, denominator l,
-// unnormalised output acc) in base 2 (q is pre-scaled by scale * log2(e)); lanes split head_dim.
-// The warps' states are combined in shared memory in warp order.
+// One CTA per (kv head, sequence, split of ATTN_PARTITION = 64 tokens). It serves all
+// G = n_heads / n_kv_heads query heads that share the kv head (GQA), so each K/V element is read
+// once per CTA. Threads work on tokens in parallel, in three phases:
+//   1. Every thread issues its loads up front: LANES consecutive threads ("a row group") hold one
+//      token's K and V row, 8 elements (16 bytes of fp16) per lane; the CTA's 8 row groups take
+//      tokens gi, gi + 8, ... of the split (8 tokens each). Each lane dots its K slice with the 8
+//      matching elements of every query head (q pre-scaled by scale * log2(e), in shared memory),
+//      the row group sums over its lanes with xor shuffles, and the scores go to shared memory.
+//   2. Per query head, one warp takes the max over the split's 64 scores, p = exp2(s - max) and
+//      their sum (warp shuffles in a fixed pattern).
+//   3. P·V: each lane accumulates p * V over its 8 tokens for its 8 dims (registers from phase 1);
+//      the 8 row groups' sums are added in shared memory in row-group order.
+// LANES = head_dim / 8 rounded up to 8, 16 or 32 (a template: 64, 128 or 256 threads).
 //
-// Split-K: a sequence's context is cut into fixed partitions of `partition_tokens` tokens, one per
-// blockIdx.z. With one split the CTA writes the normalised output; with several it writes its
-// (m, l, acc) and attention_reduce combines the splits in order. The partition size never depends
-// on the other sequences, and a lone split goes through the reduce with factors exp2(0) = 1 and
-// + 0 terms, so a sequence's output is bit-identical whatever else is in the batch.
+// Split-K: a sequence's context is cut into fixed partitions, one per blockIdx.z. With one split
+// the CTA writes the normalised output; with several it writes its (m, l, acc) and
+// attention_reduce combines the splits in order. The partition size never depends on the other
+// sequences, and a lone split goes through the reduce with factors exp2(0) = 1 and + 0 terms, so a
+// sequence's output is bit-identical whatever else is in the batch. Every sum above has a fixed
+// order that depends only on the token's position in its split.
 #include "common.cuh"
 
-#define ATTN_WARPS 4
-#define MAX_G 8      // query heads per kv head
-#define MAX_D 256    // head_dim
-#define D_PER_LANE (MAX_D / 32)
+#define ATTN_PARTITION 64  // PARTITION_TOKENS in gpu/cuda/attention.py
+#define ROW_GROUPS 8       // row groups per CTA
+#define TOK_PER_GROUP (ATTN_PARTITION / ROW_GROUPS)
+#define MAX_G 8            // query heads per kv head
+#define RED_FLOATS 4096    // shared floats for the phase-3 sums (16 KiB)
 #define LOG2E 1.4426950408889634f
 #define NEG_INF (-__int_as_float(0x7f800000))  // no <cmath> under NVRTC: no INFINITY macro
 
-template <typename CacheT>
+// 8 consecutive cache elements of one row, kept in their storage format until used.
+template <typename T> struct Row8;
+
+template <> struct Row8<u16> {
+    uint4 r;
+    __device__ __forceinline__ void zero() { r = make_uint4(0u, 0u, 0u, 0u); }
+    __device__ __forceinline__ void load(const u16* p, int valid, bool vec) {
+        if (vec && valid >= 8) {
+            r = *reinterpret_cast<const uint4*>(p);
+        } else {
+            u32 w[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const u32 lo = 2 * i < valid ? p[2 * i] : 0u;
+                const u32 hi = 2 * i + 1 < valid ? p[2 * i + 1] : 0u;
+                w[i] = lo | (hi << 16);
+            }
+            r = make_uint4(w[0], w[1], w[2], w[3]);
+        }
+    }
+    __device__ __forceinline__ void to_float(float* f) const {
+        const u32 w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            f[2 * i] = f16_to_f32((u16)(w[i] & 0xFFFFu));
+            f[2 * i + 1] = f16_to_f32((u16)(w[i] >> 16));
+        }
+    }
+};
+
+template <> struct Row8<float> {
+    float4 a, b;
+    __device__ __forceinline__ void zero() {
+        a = make_float4(0.f, 0.f, 0.f, 0.f);
+        b = a;
+    }
+    __device__ __forceinline__ void load(const float* p, int valid, bool vec) {
+        if (vec && valid >= 8) {
+            a = reinterpret_cast<const float4*>(p)[0];
+            b = reinterpret_cast<const float4*>(p)[1];
+        } else {
+            float f[8];
+#pragma unroll
+            for (int i = 0; i < 8; ++i) f[i] = i < valid ? p[i] : 0.0f;
+            a = make_float4(f[0], f[1], f[2], f[3]);
+            b = make_float4(f[4], f[5], f[6], f[7]);
+        }
+    }
+    __device__ __forceinline__ void to_float(float* f) const {
+        f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w;
+        f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
+    }
+};
+
+template <typename CacheT, int LANES>
 __device__ __forceinline__ void attention_decode_impl(
     float* out, int out_stride, const float* q, int q_stride, const CacheT* k_cache,
     const CacheT* v_cache, const int* block_tables, int block_table_stride, const i64* context_lens,
-    int n_heads, int n_kv_heads, int head_dim, int block_size, float scale, int partition_tokens,
-    float* partial_out, float* partial_ml) {
-    __shared__ float q_s[MAX_G * MAX_D];
-    __shared__ float warp_acc[ATTN_WARPS][MAX_G * MAX_D];
-    __shared__ float warp_ml[ATTN_WARPS][MAX_G][2];
+    int n_heads, int n_kv_heads, int head_dim, int block_size, float scale, float* partial_out,
+    float* partial_ml) {
+    constexpr int DP = 8 * LANES;          // head_dim padded to the lanes' 8-element slices
+    constexpr int THREADS = ROW_GROUPS * LANES;
+    constexpr int N_WARPS = THREADS / 32;
+    constexpr int GC = RED_FLOATS / (ROW_GROUPS * DP);  // query heads per phase-3 pass
+    __shared__ __align__(16) float q_s[MAX_G * DP];
+    __shared__ float p_s[MAX_G][ATTN_PARTITION];
+    __shared__ float ml_s[MAX_G][2];
+    __shared__ __align__(16) float red_s[ROW_GROUPS][GC * DP];
+
     const int kv_head = blockIdx.x, seq = blockIdx.y, split = blockIdx.z, n_splits = gridDim.z;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int gi = threadIdx.x / LANES, c = threadIdx.x % LANES;
     const int G = n_heads / n_kv_heads;
     const int context = (int)context_lens[seq];
-    const int start = split * partition_tokens;
-    const int end = min(context, start + partition_tokens);
-    const float* q_seq = q + (i64)seq * q_stride + kv_head * G * head_dim;
-    for (int i = threadIdx.x; i < G * head_dim; i += blockDim.x) q_s[i] = q_seq[i] * (scale * LOG2E);
-    __syncthreads();
+    const int start = split * ATTN_PARTITION;
+    const int end = min(context, start + ATTN_PARTITION);
 
-    float m[MAX_G], l[MAX_G], acc[MAX_G][D_PER_LANE];
-#pragma unroll
-    for (int g = 0; g < MAX_G; ++g) {
-        m[g] = NEG_INF;
-        l[g] = 0.0f;
-#pragma unroll
-        for (int i = 0; i < D_PER_LANE; ++i) acc[g][i] = 0.0f;
+    if (start >= end) {  // a split past this sequence's context (graphs round the grid up)
+        if (n_splits > 1) {  // it adds nothing to the reduce: l = 0 and finite zeros
+            for (int idx = threadIdx.x; idx < G * head_dim; idx += THREADS) {
+                const int head = kv_head * G + idx / head_dim, d = idx % head_dim;
+                const i64 part = ((i64)seq * n_heads + head) * n_splits + split;
+                partial_out[part * head_dim + d] = 0.0f;
+                if (d == 0) {
+                    partial_ml[2 * part] = NEG_INF;
+                    partial_ml[2 * part + 1] = 0.0f;
+                }
+            }
+        }
+        return;
     }
+
+    // Phase 1a: issue every K/V load of this thread first (8 tokens x 2 rows x 16 bytes).
     const int* table = block_tables + (i64)seq * block_table_stride;
     const i64 token_stride = (i64)n_kv_heads * head_dim;
-    // K/V of the warp's next token are loaded before this token's math: one load latency per
-    // token otherwise (measured: ~1 us per token, which made decode attention latency-bound).
-    float k_next[D_PER_LANE], v_next[D_PER_LANE];
-    auto load_token = [&](int t, float* k, float* v) {
-        const i64 slot = (i64)table[t / block_size] * block_size + t % block_size;
-        const CacheT* k_tok = k_cache + slot * token_stride + kv_head * head_dim;
-        const CacheT* v_tok = v_cache + slot * token_stride + kv_head * head_dim;
+    const int valid = head_dim - 8 * c;  // elements of this lane's slice inside head_dim
+    const bool vec = (head_dim % 8 == 0) && ((reinterpret_cast<unsigned long long>(k_cache) |
+                                              reinterpret_cast<unsigned long long>(v_cache)) % 16 == 0);
+    Row8<CacheT> kr[TOK_PER_GROUP], vr[TOK_PER_GROUP];
 #pragma unroll
-        for (int i = 0; i < D_PER_LANE; ++i) {
-            const int d = lane + 32 * i;
-            k[i] = d < head_dim ? load_kv(k_tok + d) : 0.0f;
-            v[i] = d < head_dim ? load_kv(v_tok + d) : 0.0f;
+    for (int i = 0; i < TOK_PER_GROUP; ++i) {
+        const int t = start + gi + ROW_GROUPS * i;
+        if (t < end && valid > 0) {
+            const i64 slot = (i64)table[t / block_size] * block_size + t % block_size;
+            const i64 off = slot * token_stride + (i64)kv_head * head_dim + 8 * c;
+            kr[i].load(k_cache + off, valid, vec);
+            vr[i].load(v_cache + off, valid, vec);
+        } else {
+            kr[i].zero();
+            vr[i].zero();
         }
-    };
-    if (start + warp < end) load_token(start + warp, k_next, v_next);
-    for (int t = start + warp; t < end; t += ATTN_WARPS) {
-        float k[D_PER_LANE], v[D_PER_LANE];
+    }
+    // q of the group, scaled, zero-padded to DP per head.
+    const float* q_seq = q + (i64)seq * q_stride + kv_head * G * head_dim;
+    for (int i = threadIdx.x; i < MAX_G * DP; i += THREADS) {
+        const int g = i / DP, d = i % DP;
+        q_s[i] = (g < G && d < head_dim) ? q_seq[g * head_dim + d] * (scale * LOG2E) : 0.0f;
+    }
+    __syncthreads();
+
+    // Phase 1b: scores (base 2) of the row group's tokens for every query head.
 #pragma unroll
-        for (int i = 0; i < D_PER_LANE; ++i) {
-            k[i] = k_next[i];
-            v[i] = v_next[i];
-        }
-        if (t + ATTN_WARPS < end) load_token(t + ATTN_WARPS, k_next, v_next);
+    for (int i = 0; i < TOK_PER_GROUP; ++i) {
+        float k[8];
+        kr[i].to_float(k);
+        const int t_local = gi + ROW_GROUPS * i;
+        const bool live = start + t_local < end;
 #pragma unroll
         for (int g = 0; g < MAX_G; ++g) {
             if (g < G) {
-                float s = 0.0f;
+                const float4 qa = *reinterpret_cast<const float4*>(&q_s[g * DP + 8 * c]);
+                const float4 qb = *reinterpret_cast<const float4*>(&q_s[g * DP + 8 * c + 4]);
+                float s = qa.x * k[0];
+                s = fmaf(qa.y, k[1], s);
+                s = fmaf(qa.z, k[2], s);
+                s = fmaf(qa.w, k[3], s);
+                s = fmaf(qb.x, k[4], s);
+                s = fmaf(qb.y, k[5], s);
+                s = fmaf(qb.z, k[6], s);
+                s = fmaf(qb.w, k[7], s);
 #pragma unroll
-                for (int i = 0; i < D_PER_LANE; ++i) {
-                    const int d = lane + 32 * i;
-                    if (d < head_dim) s += q_s[g * head_dim + d] * k[i];
-                }
-                s = warp_sum(s);
-                const float m_new = fmaxf(m[g], s);
-                const float correction = exp2f(m[g] - m_new);  // exp2(-inf) = 0 on the first token
-                const float p = exp2f(s - m_new);
-                l[g] = l[g] * correction + p;
-#pragma unroll
-                for (int i = 0; i < D_PER_LANE; ++i) acc[g][i] = acc[g][i] * correction + p * v[i];
-                m[g] = m_new;
-            }
-        }
-    }
-#pragma unroll
-    for (int g = 0; g < MAX_G; ++g) {
-        if (g < G) {
-            if (lane == 0) {
-                warp_ml[warp][g][0] = m[g];
-                warp_ml[warp][g][1] = l[g];
-            }
-#pragma unroll
-            for (int i = 0; i < D_PER_LANE; ++i) {
-                const int d = lane + 32 * i;
-                if (d < head_dim) warp_acc[warp][g * head_dim + d] = acc[g][i];
+                for (int off = LANES / 2; off > 0; off >>= 1)
+                    s += __shfl_xor_sync(0xFFFFFFFFu, s, off);
+                if (c == 0) p_s[g][t_local] = live ? s : NEG_INF;
             }
         }
     }
     __syncthreads();
-    for (int idx = threadIdx.x; idx < G * head_dim; idx += blockDim.x) {
-        const int g = idx / head_dim, d = idx % head_dim;
-        float m_all = NEG_INF;
-        for (int w = 0; w < ATTN_WARPS; ++w) m_all = fmaxf(m_all, warp_ml[w][g][0]);
-        float l_all = 0.0f, o = 0.0f;
-        for (int w = 0; w < ATTN_WARPS; ++w) {
-            // A warp that saw no token has l = 0 and m = -inf: it adds nothing (no inf - inf).
-            const float f = warp_ml[w][g][1] > 0.0f ? exp2f(warp_ml[w][g][0] - m_all) : 0.0f;
-            l_all += warp_ml[w][g][1] * f;
-            o += warp_acc[w][idx] * f;
-        }
-        const int head = kv_head * G + g;
-        if (n_splits == 1) {
-            out[(i64)seq * out_stride + head * head_dim + d] = o / l_all;
-        } else {
-            const i64 part = ((i64)seq * n_heads + head) * n_splits + split;
-            partial_out[part * head_dim + d] = o;
-            if (d == 0) {
-                partial_ml[2 * part] = m_all;
-                partial_ml[2 * part + 1] = l_all;
+
+    // Phase 2: softmax numerators over the split, one warp per query head.
+    {
+        const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+        for (int g = warp; g < G; g += N_WARPS) {
+            const float s0 = p_s[g][lane], s1 = p_s[g][lane + 32];
+            const float m = warp_max(fmaxf(s0, s1));
+            // A split past this sequence's context sees no token: m = -inf, p = 0, l = 0.
+            const float p0 = m == NEG_INF ? 0.0f : exp2f(s0 - m);
+            const float p1 = m == NEG_INF ? 0.0f : exp2f(s1 - m);
+            const float l = warp_sum(p0 + p1);
+            p_s[g][lane] = p0;
+            p_s[g][lane + 32] = p1;
+            if (lane == 0) {
+                ml_s[g][0] = m;
+                ml_s[g][1] = l;
             }
         }
+    }
+    __syncthreads();
+
+    // Phase 3: P·V. acc[g][j] over this thread's tokens in order, then over row groups in order.
+    float acc[MAX_G][8];
+#pragma unroll
+    for (int g = 0; g < MAX_G; ++g)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[g][j] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < TOK_PER_GROUP; ++i) {
+        float v[8];
+        vr[i].to_float(v);
+        const int t_local = gi + ROW_GROUPS * i;
+#pragma unroll
+        for (int g = 0; g < MAX_G; ++g) {
+            if (g < G) {
+                const float p = p_s[g][t_local];
+#pragma unroll
+                for (int j = 0; j < 8; ++j) acc[g][j] = fmaf(p, v[j], acc[g][j]);
+            }
+        }
+    }
+    for (int g0 = 0; g0 < G; g0 += GC) {
+#pragma unroll
+        for (int g = 0; g < MAX_G; ++g) {
+            if (g >= g0 && g < g0 + GC && g < G) {
+                float* dst = &red_s[gi][(g - g0) * DP + 8 * c];
+                reinterpret_cast<float4*>(dst)[0] = make_float4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
+                reinterpret_cast<float4*>(dst)[1] = make_float4(acc[g][4], acc[g][5], acc[g][6], acc[g][7]);
+            }
+        }
+        __syncthreads();
+        for (int idx = threadIdx.x; idx < GC * DP; idx += THREADS) {
+            const int g = g0 + idx / DP, d = idx % DP;
+            if (g < G && d < head_dim) {
+                float o = 0.0f;
+#pragma unroll
+                for (int r = 0; r < ROW_GROUPS; ++r) o += red_s[r][idx];
+                const int head = kv_head * G + g;
+                if (n_splits == 1) {
+                    out[(i64)seq * out_stride + head * head_dim + d] = o / ml_s[g][1];
+                } else {
+                    const i64 part = ((i64)seq * n_heads + head) * n_splits + split;
+                    partial_out[part * head_dim + d] = o;
+                    if (d == 0) {
+                        partial_ml[2 * part] = ml_s[g][0];
+                        partial_ml[2 * part + 1] = ml_s[g][1];
+                    }
+                }
+            }
+        }
+        __syncthreads();  // red_s is rewritten by the next pass
     }
 }
 
@@ -153,17 +272,22 @@ extern "C" __global__ void attention_reduce(float* out, int out_stride, const fl
     }
 }
 
-#define ATTENTION_DECODE(NAME, CACHE_T)                                                            \
-    extern "C" __global__ void __launch_bounds__(32 * ATTN_WARPS) attention_decode_##NAME(        \
-        float* out, int out_stride, const float* q, int q_stride, const CACHE_T* k_cache,         \
-        const CACHE_T* v_cache, const int* block_tables, int block_table_stride,                  \
-        const i64* context_lens, int n_heads, int n_kv_heads, int head_dim, int block_size,       \
-        float scale, int partition_tokens, float* partial_out, float* partial_ml) {               \
-        attention_decode_impl<CACHE_T>(out, out_stride, q, q_stride, k_cache, v_cache,            \
-                                       block_tables, block_table_stride, context_lens, n_heads,   \
-                                       n_kv_heads, head_dim, block_size, scale, partition_tokens, \
-                                       partial_out, partial_ml);                                  \
+#define ATTENTION_DECODE(NAME, CACHE_T, LANES)                                                     \
+    extern "C" __global__ void __launch_bounds__(ROW_GROUPS * LANES)                               \
+        attention_decode_##NAME##_l##LANES(                                                         \
+            float* out, int out_stride, const float* q, int q_stride, const CACHE_T* k_cache,       \
+            const CACHE_T* v_cache, const int* block_tables, int block_table_stride,                \
+            const i64* context_lens, int n_heads, int n_kv_heads, int head_dim, int block_size,     \
+            float scale, float* partial_out, float* partial_ml) {                                   \
+        attention_decode_impl<CACHE_T, LANES>(out, out_stride, q, q_stride, k_cache, v_cache,       \
+                                              block_tables, block_table_stride, context_lens,       \
+                                              n_heads, n_kv_heads, head_dim, block_size, scale,     \
+                                              partial_out, partial_ml);                             \
     }
 
-ATTENTION_DECODE(f32, float)
-ATTENTION_DECODE(f16, u16)
+ATTENTION_DECODE(f32, float, 8)
+ATTENTION_DECODE(f32, float, 16)
+ATTENTION_DECODE(f32, float, 32)
+ATTENTION_DECODE(f16, u16, 8)
+ATTENTION_DECODE(f16, u16, 16)
+ATTENTION_DECODE(f16, u16, 32)

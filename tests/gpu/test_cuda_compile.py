@@ -11,7 +11,7 @@ import pytest
 
 from gpu.cuda import nvrtc
 from gpu.cuda.activation import THREADS, silu_mul_launch_config
-from gpu.cuda.attention import PARTITION_TOKENS, attention_launch_config
+from gpu.cuda.attention import PARTITION_TOKENS, attention_launch_config, row_lanes
 from gpu.cuda.embedding import dequant_rows_launch_config
 from gpu.cuda.errors import CudaError
 from gpu.cuda.kernels import KERNEL_OPTIONS, kernel_files
@@ -172,6 +172,22 @@ def test_attention_config_splits_by_fixed_partitions(max_context, splits):
     assert (launch.reduce is None) == (splits == 1)
     if launch.reduce is not None:
         assert launch.reduce.grid == (32, 3, 1)
+
+
+@pytest.mark.parametrize(("head_dim", "lanes"), [(1, 8), (64, 8), (65, 16), (80, 16), (128, 16),
+                                             (136, 32), (256, 32)])  # fmt: skip
+def test_attention_row_lanes_and_threads(head_dim, lanes):
+    assert row_lanes(head_dim) == lanes
+    launch = attention_launch_config(1, 32, 8, 600, head_dim)
+    assert launch.decode.block == (8 * lanes, 1, 1)
+    assert launch.decode.grid == (8, 1, 10)
+
+
+def test_attention_refuses_head_dim_out_of_range():
+    with pytest.raises(CudaError):
+        row_lanes(257)
+    with pytest.raises(CudaError):
+        row_lanes(0)
 
 
 def test_attention_config_refuses_bad_groups():

@@ -14,8 +14,8 @@ def add_model_options(parser: argparse.ArgumentParser, *, engine: bool = True) -
                         help=f"a .gguf path or a model name (default: {DEFAULT_MODEL})")
     parser.add_argument("--models-dir", help="directory of NAME.gguf files (or $ORCD_MODELS_DIR)")
     if engine:
-        parser.add_argument("--backend", default="auto", choices=["auto", "torch"],
-                            help="auto (default: the best available) or torch")
+        parser.add_argument("--backend", default="auto", choices=["auto", "torch", "cuda"],
+                            help="auto (default: the best available), torch or cuda")
         parser.add_argument("--dtype", default="float32", choices=list(DTYPES),
                             help="torch backend weights: float32 (reference, default), "
                                  "bfloat16 (about 2x faster decode on CPU) or int8 "

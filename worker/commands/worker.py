@@ -27,8 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="redis://, rediss:// or unix:// URL, with user:password@ for ACLs "
                         f"(default: $REDIS_URL or {DEFAULT_REDIS_URL})")
     parser.add_argument("--prefix", default="orcd", help="Redis key prefix (default: orcd)")
-    parser.add_argument("--backend", default="auto", choices=["auto", "torch"],
-                        help="auto (default) or torch")
+    parser.add_argument("--backend", default="auto", choices=["auto", "torch", "cuda"],
+                        help="auto (default), torch or cuda")
     parser.add_argument("--id", dest="worker_id", help="worker id (default: host-pid-random)")
     parser.add_argument("--max-jobs", type=int, default=16,
                         help="jobs running at once (default 16)")
