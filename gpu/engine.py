@@ -41,6 +41,10 @@ _STOP_TOKEN_KEYS = (
     "tokenizer.ggml.eom_token_id",
 )
 DEFAULT_CPU_KV_BYTES = 1 << 30
+# On a GPU the pool takes this share of the memory free after the weights, minus a reserve
+# for activations, the prefill scratch and CUDA graphs; `kv_blocks` (--kv-blocks) overrides.
+GPU_KV_FRACTION = 0.9
+GPU_RESERVE_BYTES = 2 << 30
 
 
 def stop_token_ids_of(gguf: GGUFFile) -> frozenset[int]:
@@ -75,6 +79,23 @@ def make_backend(
     raise RequestError(f"unknown backend {kind!r}; available: auto, torch, cuda")
 
 
+def default_kv_blocks(backend: Backend, block_size: int) -> int:
+    """KV pool size when none is given: 1 GiB on the CPU; on a GPU, what is free after the
+    weights were loaded, less a reserve for activations, scratch and CUDA graphs."""
+    per_block = backend.kv_bytes_per_block(block_size)
+    if backend.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(backend.device)
+        budget = int(free * GPU_KV_FRACTION) - GPU_RESERVE_BYTES
+    else:
+        budget = DEFAULT_CPU_KV_BYTES
+    if budget < per_block:
+        raise RequestError(
+            f"no memory left for a KV cache on {backend.device}: {budget} bytes free after the "
+            f"weights, one block needs {per_block}"
+        )
+    return budget // per_block
+
+
 class Engine:
     """Continuous-batching engine over one model; see the module docstring for the loop.
 
@@ -103,8 +124,7 @@ class Engine:
         self.config = self.backend.config
         self.eos_token_ids = stop_token_ids_of(gguf)
         if kv_blocks is None:
-            per_block = self.backend.kv_bytes_per_block(block_size)
-            kv_blocks = max(1, DEFAULT_CPU_KV_BYTES // per_block)
+            kv_blocks = default_kv_blocks(self.backend, block_size)
         self.backend.allocate_kv(kv_blocks, block_size)
         self.kv = KVCache(
             kv_blocks, block_size, max_sessions=max_sessions, session_ttl_s=session_ttl_s
@@ -241,7 +261,11 @@ class Engine:
         device = self.backend.device
 
         def tensor(values, dtype=torch.int64):
-            return torch.tensor(values, dtype=dtype, device=device)
+            host = torch.tensor(values, dtype=dtype)
+            if device.type != "cuda":
+                return host
+            # Pinned + non_blocking: the copy queues on the stream instead of stalling the host.
+            return host.pin_memory().to(device, non_blocking=True)
 
         return ForwardBatch(
             token_ids=tensor(token_ids),

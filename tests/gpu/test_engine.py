@@ -235,3 +235,23 @@ def test_logprobs_reported(backend):
     for lp in lps:
         assert len(lp.top) == 3 and lp.top[0][0] == lp.token_id
         assert lp.logprob <= 0 and torch.isfinite(torch.tensor(lp.logprob))
+
+
+def test_default_kv_pool_from_free_gpu_memory(monkeypatch, backend):
+    """On a GPU the pool is sized from the memory free after the weights, less a reserve."""
+    from gpu import engine as engine_module
+
+    per_block = backend.kv_bytes_per_block(16)
+    fake = type("FakeCudaBackend", (), {
+        "device": torch.device("cuda", 0),
+        "kv_bytes_per_block": lambda self, block_size: per_block,
+    })()
+    free = 10 << 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free, 80 << 30))
+    blocks = engine_module.default_kv_blocks(fake, 16)
+    assert blocks == (int(free * engine_module.GPU_KV_FRACTION)
+                      - engine_module.GPU_RESERVE_BYTES) // per_block
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (1 << 30, 80 << 30))
+    with pytest.raises(RequestError, match="no memory left for a KV cache"):
+        engine_module.default_kv_blocks(fake, 16)
+    assert engine_module.default_kv_blocks(backend, 16) == (1 << 30) // per_block
