@@ -1,8 +1,8 @@
 """Quantised matrix x vector(s) (gpu/kernels/matvec.cu): y[b] = W x[b] (+ bias) (+ residual).
 
 Weights stay in the GGUF block layout exactly as stored (a copy of the file's bytes, no
-repacking): one CTA per output row reads the row's blocks, several threads per block so that
-loads are contiguous; the legacy 18/22/34-byte blocks are read with 2-byte loads, the K-quants
+repacking): one CTA per ROWS_PER_CTA output rows reads the rows' blocks, several threads per
+block so that loads are contiguous, each x value loaded once for all of the CTA's rows; the legacy 18/22/34-byte blocks are read with 2-byte loads, the K-quants
 and F16/BF16 rows with 8- and 16-byte loads. Up to 8
 sequences share each read of the weights; the kernel is instantiated for 1, 2, 4 and 8 and the
 smallest that fits is launched.
@@ -34,20 +34,30 @@ MATVEC_TYPES: dict[GGMLQuantizationType, tuple[str, int]] = {
     _T.Q5_K: ("q5_k", 256),
     _T.Q6_K: ("q6_k", 256),
 }
-MATVEC_WARPS = 4  # matvec.cu: one CTA of this many warps per output row
+MATVEC_WARPS = 4  # matvec.cu: one CTA of this many warps per ROWS_PER_CTA output rows
 BATCH_VARIANTS = (1, 2, 4, 8)  # the MAXB instantiations
+ROWS_VARIANTS = (2, 4)  # the ROWS instantiations
+# Rows per CTA by batch variant: the faster of 2 and 4 in a sweep on the H100 (2026-11-25, 8B
+# shapes); 4 unless a type's own table says otherwise.
+ROWS_PER_CTA: dict[int, int] = {1: 4, 2: 4, 4: 4, 8: 4}
+ROWS_PER_CTA_BY_STEM: dict[str, dict[int, int]] = {
+    "q4_0": {1: 4, 2: 2, 4: 4, 8: 4},
+    "q5_0": {1: 2, 2: 2, 4: 2, 8: 4},
+    "q8_0": {1: 2, 2: 2, 4: 4, 8: 4},
+}
 MAX_SEQS = BATCH_VARIANTS[-1]
 _ARG_KINDS = ("ptr", "i32", "ptr", "i64", "ptr", "i32", "i32", "i32", "i32", "ptr", "ptr", "i32")
 
 
-def matvec_launch_config(n_rows: int, n_seqs: int) -> tuple[LaunchConfig, int]:
-    """(config, batch variant): one CTA of MATVEC_WARPS warps per row."""
+def matvec_launch_config(n_rows: int, n_seqs: int, stem: str = "") -> tuple[LaunchConfig, int, int]:
+    """(config, batch variant, rows per CTA): one CTA of MATVEC_WARPS warps per few rows."""
     if n_rows < 1:
         raise CudaError(f"matvec: {n_rows} output rows")
     if not 1 <= n_seqs <= MAX_SEQS:
         raise CudaError(f"matvec: {n_seqs} sequences; one launch takes 1 to {MAX_SEQS}")
     variant = next(b for b in BATCH_VARIANTS if b >= n_seqs)
-    return LaunchConfig((n_rows, 1, 1), (32 * MATVEC_WARPS, 1, 1)), variant
+    rows = ROWS_PER_CTA_BY_STEM.get(stem, ROWS_PER_CTA)[variant]
+    return LaunchConfig((-(-n_rows // rows), 1, 1), (32 * MATVEC_WARPS, 1, 1)), variant, rows
 
 
 class MatVec:
@@ -64,7 +74,7 @@ class MatVec:
             )
         self.ggml_type, self.n_rows, self.n_cols = qtype, n_rows, n_cols
         self.row_bytes = row_nbytes(qtype, n_cols)
-        self._sites: dict[int, LaunchSite] = {}
+        self._sites: dict[tuple[int, int], LaunchSite] = {}
 
     def __call__(
         self,
@@ -76,7 +86,7 @@ class MatVec:
     ) -> torch.Tensor:
         """y[b, :n_rows] = weight @ x[b, :n_cols] (+ bias) (+ residual[b]); residual may be y."""
         n_seqs = x.shape[0]
-        config, variant = matvec_launch_config(self.n_rows, n_seqs)
+        config, variant, rows = matvec_launch_config(self.n_rows, n_seqs, self.stem)
         if x.shape[1] < self.n_cols or y.shape[0] != n_seqs or y.shape[1] < self.n_rows:
             raise CudaError(
                 f"matvec: x {tuple(x.shape)} / y {tuple(y.shape)} do not fit "
@@ -93,10 +103,10 @@ class MatVec:
             raise CudaError(f"matvec: residual {tuple(residual.shape)} does not match y")
         if bias is not None and bias.numel() != self.n_rows:
             raise CudaError(f"matvec: bias has {bias.numel()} values for {self.n_rows} rows")
-        site = self._sites.get(variant)
+        site = self._sites.get((variant, rows))
         if site is None:
-            name = f"matvec_{self.stem}_b{variant}"
-            site = self._sites[variant] = launch_site("matvec.cu", name, _ARG_KINDS)
+            name = f"matvec_{self.stem}_b{variant}_r{rows}"
+            site = self._sites[variant, rows] = launch_site("matvec.cu", name, _ARG_KINDS)
         site.launch(
             config,
             pointer(y, "matvec y", torch.float32),

@@ -2,8 +2,9 @@
 // for up to MAXB sequences per read of the weights. W stays in the GGUF block layout as stored
 // (see quant_blocks.cuh); x, y, bias and residual are float32 and the sums are float32.
 //
-// One CTA of MATVEC_WARPS warps per output row (the 4096-row projections of an 8B model are too
-// few rows to fill an H100 with one warp each). A block is split over LANES threads (4 for the
+// One CTA of MATVEC_WARPS warps per ROWS (2 or 4) output rows: the 4096-row projections of an 8B
+// model are too few rows to fill an H100 with one warp each, and one row per CTA left CTAs too
+// short (Q4_0 at 4096 columns: one load round per CTA) and re-read x per row. A block is split over LANES threads (4 for the
 // 32-element legacy blocks, 16 for the 256-element K-quant super-blocks, 1 for an 8-element
 // F16/BF16 unit), each owning a fixed slice, so the CTA's threads step over consecutive blocks
 // together: their weight loads are one contiguous run and their x loads
@@ -13,9 +14,12 @@
 //
 // Measured (H100, 2026-11-25, batch 1, GB/s of weights + activations read; copy 2436 GB/s
 // read + write, F16 reads at ~2750): 14336x4096 Q4_0 490 -> 1290, Q4_K 480 -> 932, Q8_0 850 ->
-// 1929; 4096x14336 Q4_0 706 (first fix, a warp per row) -> 1279. Batch 8 is compute/L1-bound
-// (Q4_0 14336x4096: 133 us vs 26 us at batch 1): every sequence re-reads its x from L1 as
-// float32; int8 x with dp4a, or several rows per warp sharing x, is the next step there.
+// 1929; 4096x14336 Q4_0 706 (first fix, a warp per row) -> 1279. Several rows per CTA, x read
+// once for them: 14336x4096 Q4_0 1277 -> 1513, Q4_1 1487 -> 1870, Q4_K 941 -> 1200, Q6_K 1345 ->
+// 1624, Q8_0 1909 -> 2123; batch 8 Q4_0 138 -> 70 us (still ~3x batch 1: the fp32 FMAs per
+// sequence and the dequant are the cost now; int8 x with dp4a is the next step). Q4_0/Q5_0/Q8_0
+// blocks (18/22/34 bytes) stay 2-byte loads: repacking into separate scale and quant arrays at
+// load would allow 16-byte loads, not tried yet.
 //
 // Quant values become floats without I2F (quarter rate on sm_90, which capped the kernel below
 // the bandwidth): a byte q is placed under the exponent of 2^23 with one byte_perm, and
@@ -27,7 +31,6 @@
 #include "quant_blocks.cuh"
 
 #define MATVEC_WARPS 4
-#define UNROLL 4
 #define MAGIC 8388608.0f  // 2^23
 
 __device__ __forceinline__ float4 ld_x4(const float* p) { return __ldg((const float4*)p); }
@@ -51,24 +54,31 @@ __device__ __forceinline__ u32 spread4(u32 h, int j) {
 
 template <int T> struct Unit;
 
+// Every unit: load(blk, sub) -> Raw (the lane's bytes of one block), decode(Raw, sub) -> Dq (its
+// weights as floats plus scales), and dot<ROWS>(dq[ROWS], sub, xb, out[ROWS]): the block's
+// contribution to ROWS rows for one sequence, x read once for all of them (x re-reads from L1 were
+// what bound batch 8). Each row's arithmetic is the same whatever ROWS is.
+
 // F16 / BF16: one 16-byte load of 8 elements per lane.
 template <bool BF16> struct HalfUnit {
     static constexpr int LANES = 1, ELEMS = 8, BYTES = 16;
     typedef uint4 Raw;
+    struct Dq { float w[8]; };
     static __device__ __forceinline__ Raw load(const u8* blk, int) { return *(const uint4*)blk; }
-    template <int MAXB>
-    static __device__ __forceinline__ void dot(const Raw& raw, int, const float* x, int xs, int nb, float* acc) {
+    static __device__ __forceinline__ void decode(const Raw& raw, int, Dq& q) {
         const u32 words[4] = {raw.x, raw.y, raw.z, raw.w};
-        float w[8];
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const u16 lo = (u16)(words[i] & 0xFFFF), hi = (u16)(words[i] >> 16);
-            w[2 * i] = BF16 ? bf16_to_f32(lo) : f16_to_f32(lo);
-            w[2 * i + 1] = BF16 ? bf16_to_f32(hi) : f16_to_f32(hi);
+            q.w[2 * i] = BF16 ? bf16_to_f32(lo) : f16_to_f32(lo);
+            q.w[2 * i + 1] = BF16 ? bf16_to_f32(hi) : f16_to_f32(hi);
         }
+    }
+    template <int ROWS>
+    static __device__ __forceinline__ void dot(const Dq* q, int, const float* xb, float* out) {
+        const float4 x0 = ld_x4(xb), x1 = ld_x4(xb + 4);
 #pragma unroll
-        for (int b = 0; b < MAXB; ++b)
-            if (b < nb) acc[b] += dot4(w, ld_x4(x + b * xs)) + dot4(w + 4, ld_x4(x + b * xs + 4));
+        for (int r = 0; r < ROWS; ++r) out[r] = dot4(q[r].w, x0) + dot4(q[r].w + 4, x1);
     }
 };
 template <> struct Unit<GGML_F16> : HalfUnit<false> {};
@@ -82,6 +92,7 @@ template <int T, int BYTES_, int QS, bool HAS_MIN, bool Q5>
 struct Legacy4 {
     static constexpr int LANES = 4, ELEMS = 32, BYTES = BYTES_;
     typedef LegacyRaw Raw;
+    struct Dq { float lo[4], hi[4], d, m; };
     static __device__ __forceinline__ Raw load(const u8* blk, int j) {
         Raw r;
         if (HAS_MIN) {  // 4-byte aligned blocks: d, m as one word
@@ -95,27 +106,27 @@ struct Legacy4 {
         }
         return r;
     }
-    template <int MAXB>
-    static __device__ __forceinline__ void dot(const Raw& r, int j, const float* x, int xs, int nb, float* acc) {
+    static __device__ __forceinline__ void decode(const Raw& r, int j, Dq& q) {
         u32 lo_bits = r.qs & 0x0F0F0F0Fu, hi_bits = (r.qs >> 4) & 0x0F0F0F0Fu;
         if (Q5) {
             lo_bits |= spread4(r.extra, j);
             hi_bits |= spread4(r.extra, j + 4);
         }
         const float offset = HAS_MIN ? 0.0f : (Q5 ? 16.0f : 8.0f);
-        float lo[4], hi[4];
-        bytes4(lo_bits, offset, lo);
-        bytes4(hi_bits, offset, hi);
-        const float d = f16_to_f32(r.d & 0xFFFF);
-        const float m = HAS_MIN ? f16_to_f32(r.d >> 16) : 0.0f;
+        bytes4(lo_bits, offset, q.lo);
+        bytes4(hi_bits, offset, q.hi);
+        q.d = f16_to_f32(r.d & 0xFFFF);
+        q.m = HAS_MIN ? f16_to_f32(r.d >> 16) : 0.0f;
+    }
+    template <int ROWS>
+    static __device__ __forceinline__ void dot(const Dq* q, int j, const float* xb, float* out) {
+        const float4 xl = ld_x4(xb + 4 * j), xh = ld_x4(xb + 16 + 4 * j);
+        const float xsum = HAS_MIN ? sum4(xl) + sum4(xh) : 0.0f;
 #pragma unroll
-        for (int b = 0; b < MAXB; ++b) {
-            if (b < nb) {
-                const float4 xl = ld_x4(x + b * xs + 4 * j), xh = ld_x4(x + b * xs + 16 + 4 * j);
-                float v = d * (dot4(lo, xl) + dot4(hi, xh));
-                if (HAS_MIN) v += m * (sum4(xl) + sum4(xh));
-                acc[b] += v;
-            }
+        for (int r = 0; r < ROWS; ++r) {
+            float v = q[r].d * (dot4(q[r].lo, xl) + dot4(q[r].hi, xh));
+            if (HAS_MIN) v += q[r].m * xsum;
+            out[r] = v;
         }
     }
 };
@@ -127,6 +138,7 @@ template <> struct Unit<GGML_Q5_1> : Legacy4<GGML_Q5_1, 24, 8, true, true> {};
 template <> struct Unit<GGML_Q8_0> {
     static constexpr int LANES = 4, ELEMS = 32, BYTES = 34;
     struct Raw { u32 d; u32 q0; u32 q1; };
+    struct Dq { float q[8], d; };
     static __device__ __forceinline__ Raw load(const u8* blk, int j) {
         Raw r;
         r.d = ld_u16(blk);
@@ -134,16 +146,16 @@ template <> struct Unit<GGML_Q8_0> {
         r.q1 = ld_u32_a2(blk + 6 + 8 * j);
         return r;
     }
-    template <int MAXB>
-    static __device__ __forceinline__ void dot(const Raw& r, int j, const float* x, int xs, int nb, float* acc) {
-        float q[8];  // int8 as (byte ^ 0x80) - 128
-        bytes4(r.q0 ^ 0x80808080u, 128.0f, q);
-        bytes4(r.q1 ^ 0x80808080u, 128.0f, q + 4);
-        const float d = f16_to_f32(r.d);
+    static __device__ __forceinline__ void decode(const Raw& r, int, Dq& q) {
+        bytes4(r.q0 ^ 0x80808080u, 128.0f, q.q);  // int8 as (byte ^ 0x80) - 128
+        bytes4(r.q1 ^ 0x80808080u, 128.0f, q.q + 4);
+        q.d = f16_to_f32(r.d);
+    }
+    template <int ROWS>
+    static __device__ __forceinline__ void dot(const Dq* q, int j, const float* xb, float* out) {
+        const float4 x0 = ld_x4(xb + 8 * j), x1 = ld_x4(xb + 8 * j + 4);
 #pragma unroll
-        for (int b = 0; b < MAXB; ++b)
-            if (b < nb)
-                acc[b] += d * (dot4(q, ld_x4(x + b * xs + 8 * j)) + dot4(q + 4, ld_x4(x + b * xs + 8 * j + 4)));
+        for (int r = 0; r < ROWS; ++r) out[r] = q[r].d * (dot4(q[r].q, x0) + dot4(q[r].q + 4, x1));
     }
 };
 
@@ -152,6 +164,7 @@ template <> struct Unit<GGML_Q8_0> {
 template <bool Q5> struct K4Unit {
     static constexpr int LANES = 16, ELEMS = QK_K, BYTES = Q5 ? 176 : 144;
     struct Raw { u32 dm; u32 sc[3]; uint2 qs; uint2 qh; };
+    struct Dq { float lo[8], hi[8], s0, m0, s1, m1; };
     static __device__ __forceinline__ Raw load(const u8* blk, int t) {
         const int c = t >> 2, l0 = 8 * (t & 3);
         Raw r;
@@ -162,9 +175,8 @@ template <bool Q5> struct K4Unit {
         r.qh = Q5 ? *(const uint2*)(blk + 16 + l0) : make_uint2(0, 0);
         return r;
     }
-    template <int MAXB>
-    static __device__ __forceinline__ void dot(const Raw& r, int t, const float* x, int xs, int nb, float* acc) {
-        const int c = t >> 2, l0 = 8 * (t & 3);
+    static __device__ __forceinline__ void decode(const Raw& r, int t, Dq& q) {
+        const int c = t >> 2;
         u8 scales[12];
 #pragma unroll
         for (int i = 0; i < 3; ++i) {
@@ -176,7 +188,6 @@ template <bool Q5> struct K4Unit {
         k4_scale_min(scales, 2 * c + 1, &sc1, &mn1);
         const float d = f16_to_f32(r.dm & 0xFFFF), dmin = f16_to_f32(r.dm >> 16);
         const u32 qs[2] = {r.qs.x, r.qs.y}, qh[2] = {r.qh.x, r.qh.y};
-        float lo[8], hi[8];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             u32 l = qs[h] & 0x0F0F0F0Fu, u = (qs[h] >> 4) & 0x0F0F0F0Fu;
@@ -184,20 +195,21 @@ template <bool Q5> struct K4Unit {
                 l |= ((qh[h] >> (2 * c)) & 0x01010101u) << 4;
                 u |= ((qh[h] >> (2 * c + 1)) & 0x01010101u) << 4;
             }
-            bytes4(l, 0.0f, lo + 4 * h);
-            bytes4(u, 0.0f, hi + 4 * h);
+            bytes4(l, 0.0f, q.lo + 4 * h);
+            bytes4(u, 0.0f, q.hi + 4 * h);
         }
-        const float s0 = d * (float)sc0, m0 = dmin * (float)mn0;
-        const float s1 = d * (float)sc1, m1 = dmin * (float)mn1;
+        q.s0 = d * (float)sc0; q.m0 = dmin * (float)mn0;
+        q.s1 = d * (float)sc1; q.m1 = dmin * (float)mn1;
+    }
+    template <int ROWS>
+    static __device__ __forceinline__ void dot(const Dq* q, int t, const float* xb, float* out) {
+        const float* xc = xb + 64 * (t >> 2) + 8 * (t & 3);
+        const float4 a0 = ld_x4(xc), a1 = ld_x4(xc + 4), b0 = ld_x4(xc + 32), b1 = ld_x4(xc + 36);
+        const float asum = sum4(a0) + sum4(a1), bsum = sum4(b0) + sum4(b1);
 #pragma unroll
-        for (int b = 0; b < MAXB; ++b) {
-            if (b < nb) {
-                const float* xb = x + b * xs + 64 * c + l0;
-                const float4 a0 = ld_x4(xb), a1 = ld_x4(xb + 4), b0 = ld_x4(xb + 32), b1 = ld_x4(xb + 36);
-                acc[b] += (s0 * (dot4(lo, a0) + dot4(lo + 4, a1)) - m0 * (sum4(a0) + sum4(a1))) +
-                          (s1 * (dot4(hi, b0) + dot4(hi + 4, b1)) - m1 * (sum4(b0) + sum4(b1)));
-            }
-        }
+        for (int r = 0; r < ROWS; ++r)
+            out[r] = (q[r].s0 * (dot4(q[r].lo, a0) + dot4(q[r].lo + 4, a1)) - q[r].m0 * asum) +
+                     (q[r].s1 * (dot4(q[r].hi, b0) + dot4(q[r].hi + 4, b1)) - q[r].m1 * bsum);
     }
 };
 template <> struct Unit<GGML_Q4_K> : K4Unit<false> {};
@@ -210,6 +222,7 @@ template <> struct Unit<GGML_Q5_K> : K4Unit<true> {};
 template <> struct Unit<GGML_Q6_K> {
     static constexpr int LANES = 16, ELEMS = QK_K, BYTES = 210;
     struct Raw { u32 qa, qb, qh; u32 sc; u32 d; };
+    struct Dq { float q[4][4], scale[4]; };
     static __device__ __forceinline__ Raw load(const u8* blk, int t) {
         const int h = t >> 3, l0 = 4 * (t & 7);
         Raw r;
@@ -222,92 +235,126 @@ template <> struct Unit<GGML_Q6_K> {
         r.d = ld_u16(blk + 208);
         return r;
     }
-    template <int MAXB>
-    static __device__ __forceinline__ void dot(const Raw& r, int t, const float* x, int xs, int nb, float* acc) {
-        const int h = t >> 3, l0 = 4 * (t & 7);
-        float q[4][4];
-        bytes4((r.qa & 0x0F0F0F0Fu) | ((r.qh << 4) & 0x30303030u), 32.0f, q[0]);
-        bytes4((r.qb & 0x0F0F0F0Fu) | ((r.qh << 2) & 0x30303030u), 32.0f, q[1]);
-        bytes4(((r.qa >> 4) & 0x0F0F0F0Fu) | (r.qh & 0x30303030u), 32.0f, q[2]);
-        bytes4(((r.qb >> 4) & 0x0F0F0F0Fu) | ((r.qh >> 2) & 0x30303030u), 32.0f, q[3]);
+    static __device__ __forceinline__ void decode(const Raw& r, int, Dq& q) {
+        bytes4((r.qa & 0x0F0F0F0Fu) | ((r.qh << 4) & 0x30303030u), 32.0f, q.q[0]);
+        bytes4((r.qb & 0x0F0F0F0Fu) | ((r.qh << 2) & 0x30303030u), 32.0f, q.q[1]);
+        bytes4(((r.qa >> 4) & 0x0F0F0F0Fu) | (r.qh & 0x30303030u), 32.0f, q.q[2]);
+        bytes4(((r.qb >> 4) & 0x0F0F0F0Fu) | ((r.qh >> 2) & 0x30303030u), 32.0f, q.q[3]);
         const float d = f16_to_f32(r.d);
-        float scale[4];
 #pragma unroll
-        for (int s = 0; s < 4; ++s) scale[s] = d * (float)(i8)((r.sc >> (8 * s)) & 0xFF);
+        for (int s = 0; s < 4; ++s) q.scale[s] = d * (float)(i8)((r.sc >> (8 * s)) & 0xFF);
+    }
+    template <int ROWS>
+    static __device__ __forceinline__ void dot(const Dq* q, int t, const float* xb, float* out) {
+        const float* xc = xb + 128 * (t >> 3) + 4 * (t & 7);
+        float4 xs[4];
 #pragma unroll
-        for (int b = 0; b < MAXB; ++b) {
-            if (b < nb) {
-                const float* xb = x + b * xs + 128 * h + l0;
-                float v = 0.0f;
+        for (int s = 0; s < 4; ++s) xs[s] = ld_x4(xc + 32 * s);
 #pragma unroll
-                for (int s = 0; s < 4; ++s) v += scale[s] * dot4(q[s], ld_x4(xb + 32 * s));
-                acc[b] += v;
-            }
+        for (int r = 0; r < ROWS; ++r) {
+            float v = 0.0f;
+#pragma unroll
+            for (int s = 0; s < 4; ++s) v += q[r].scale[s] * dot4(q[r].q[s], xs[s]);
+            out[r] = v;
         }
     }
 };
 
-template <int T, int MAXB>
+// ROWS consecutive rows per CTA: each thread owns the same block slices of every row, so x is read
+// once per ROWS rows, and the CTA keeps UNROLL * ROWS loads in flight per thread.
+template <int ROWS> struct RowsUnroll { static constexpr int value = ROWS >= 4 ? 2 : 4; };
+
+template <int T, int MAXB, int ROWS>
 __device__ __forceinline__ void matvec_impl(
     float* y, int y_stride, const u8* __restrict__ weight, i64 row_bytes, const float* __restrict__ x,
     int x_stride, int n_seqs, int n_rows, int n_cols, const float* __restrict__ bias,
     const float* residual, int residual_stride) {
     typedef Unit<T> U;
+    constexpr int UNROLL = RowsUnroll<ROWS>::value;
     constexpr int PER_STEP = 32 * MATVEC_WARPS / U::LANES;  // blocks the CTA covers per step
-    __shared__ float partial[MATVEC_WARPS][MAXB];
+    __shared__ float partial[MATVEC_WARPS][ROWS][MAXB];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int row = blockIdx.x;
-    const u8* w = weight + (i64)row * row_bytes;
+    const int row0 = blockIdx.x * ROWS;
+    const u8* w[ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) w[r] = weight + (i64)min(row0 + r, n_rows - 1) * row_bytes;  // tail rows re-read the last
     const int n_blocks = n_cols / U::ELEMS;
     const int sub = threadIdx.x % U::LANES;
-    float acc[MAXB];
+    float acc[ROWS][MAXB];
 #pragma unroll
-    for (int b = 0; b < MAXB; ++b) acc[b] = 0.0f;
+    for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+        for (int b = 0; b < MAXB; ++b) acc[r][b] = 0.0f;
     for (int first = threadIdx.x / U::LANES; first < n_blocks; first += UNROLL * PER_STEP) {
-        typename U::Raw raw[UNROLL];
+        typename U::Raw raw[UNROLL][ROWS];
 #pragma unroll
         for (int k = 0; k < UNROLL; ++k) {
             const int blk = first + k * PER_STEP;
-            if (blk < n_blocks) raw[k] = U::load(w + (i64)blk * U::BYTES, sub);
+            if (blk < n_blocks) {
+#pragma unroll
+                for (int r = 0; r < ROWS; ++r) raw[k][r] = U::load(w[r] + (i64)blk * U::BYTES, sub);
+            }
         }
 #pragma unroll
         for (int k = 0; k < UNROLL; ++k) {
             const int blk = first + k * PER_STEP;
-            if (blk < n_blocks) U::template dot<MAXB>(raw[k], sub, x + (i64)blk * U::ELEMS, x_stride, n_seqs, acc);
+            if (blk < n_blocks) {
+                typename U::Dq dq[ROWS];
+#pragma unroll
+                for (int r = 0; r < ROWS; ++r) U::decode(raw[k][r], sub, dq[r]);
+#pragma unroll
+                for (int b = 0; b < MAXB; ++b) {
+                    if (b < n_seqs) {
+                        float out[ROWS];
+                        U::template dot<ROWS>(dq, sub, x + (i64)b * x_stride + (i64)blk * U::ELEMS, out);
+#pragma unroll
+                        for (int r = 0; r < ROWS; ++r) acc[r][b] += out[r];
+                    }
+                }
+            }
         }
     }
 #pragma unroll
-    for (int b = 0; b < MAXB; ++b) {
+    for (int r = 0; r < ROWS; ++r) {
 #pragma unroll
-        for (int offset = 16; offset > 0; offset >>= 1) acc[b] += __shfl_xor_sync(0xFFFFFFFFu, acc[b], offset);
+        for (int b = 0; b < MAXB; ++b) {
+#pragma unroll
+            for (int offset = 16; offset > 0; offset >>= 1)
+                acc[r][b] += __shfl_xor_sync(0xFFFFFFFFu, acc[r][b], offset);
+        }
     }
     if (lane == 0) {
 #pragma unroll
-        for (int b = 0; b < MAXB; ++b) partial[warp][b] = acc[b];
+        for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+            for (int b = 0; b < MAXB; ++b) partial[warp][r][b] = acc[r][b];
     }
     __syncthreads();
-    if (threadIdx.x < n_seqs && threadIdx.x < MAXB) {  // warps added in index order
-        const int b = threadIdx.x;
-        float v = 0.0f;
+    if (threadIdx.x < ROWS * MAXB) {  // warps added in index order
+        const int r = threadIdx.x / MAXB, b = threadIdx.x % MAXB, row = row0 + r;
+        if (b < n_seqs && row < n_rows) {
+            float v = 0.0f;
 #pragma unroll
-        for (int k = 0; k < MATVEC_WARPS; ++k) v += partial[k][b];
-        if (bias) v += bias[row];
-        if (residual) v += residual[(i64)b * residual_stride + row];
-        y[(i64)b * y_stride + row] = v;
+            for (int k = 0; k < MATVEC_WARPS; ++k) v += partial[k][r][b];
+            if (bias) v += bias[row];
+            if (residual) v += residual[(i64)b * residual_stride + row];
+            y[(i64)b * y_stride + row] = v;
+        }
     }
 }
 
-#define MATVEC_KERNEL(NAME, T, B)                                                                   \
-    extern "C" __global__ void __launch_bounds__(32 * MATVEC_WARPS) matvec_##NAME##_b##B(          \
+#define MATVEC_KERNEL(NAME, T, B, R)                                                                \
+    extern "C" __global__ void __launch_bounds__(32 * MATVEC_WARPS) matvec_##NAME##_b##B##_r##R(   \
         float* y, int y_stride, const u8* weight, i64 row_bytes, const float* x, int x_stride,     \
         int n_seqs, int n_rows, int n_cols, const float* bias, const float* residual,              \
         int residual_stride) {                                                                      \
-        matvec_impl<T, B>(y, y_stride, weight, row_bytes, x, x_stride, n_seqs, n_rows, n_cols,     \
-                          bias, residual, residual_stride);                                         \
+        matvec_impl<T, B, R>(y, y_stride, weight, row_bytes, x, x_stride, n_seqs, n_rows, n_cols,  \
+                             bias, residual, residual_stride);                                      \
     }
 
+#define MATVEC_BATCH(NAME, T, B) MATVEC_KERNEL(NAME, T, B, 2) MATVEC_KERNEL(NAME, T, B, 4)
 #define MATVEC_TYPE(NAME, T) \
-    MATVEC_KERNEL(NAME, T, 1) MATVEC_KERNEL(NAME, T, 2) MATVEC_KERNEL(NAME, T, 4) MATVEC_KERNEL(NAME, T, 8)
+    MATVEC_BATCH(NAME, T, 1) MATVEC_BATCH(NAME, T, 2) MATVEC_BATCH(NAME, T, 4) MATVEC_BATCH(NAME, T, 8)
 
 MATVEC_TYPE(f16, GGML_F16)
 MATVEC_TYPE(bf16, GGML_BF16)

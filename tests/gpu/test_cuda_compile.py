@@ -16,7 +16,14 @@ from gpu.cuda.embedding import dequant_rows_launch_config
 from gpu.cuda.errors import CudaError
 from gpu.cuda.kernels import KERNEL_OPTIONS, kernel_files
 from gpu.cuda.launch import LaunchConfig
-from gpu.cuda.matvec import MATVEC_TYPES, MATVEC_WARPS, matvec_launch_config
+from gpu.cuda.matvec import (
+    MATVEC_TYPES,
+    MATVEC_WARPS,
+    ROWS_PER_CTA,
+    ROWS_PER_CTA_BY_STEM,
+    ROWS_VARIANTS,
+    matvec_launch_config,
+)
 from gpu.cuda.norm import rms_norm_launch_config
 from gpu.cuda.rope_kv import rope_kv_launch_config
 
@@ -118,13 +125,16 @@ def test_parse_arch(arch, expected):
 
 
 @pytest.mark.parametrize(
-    ("n_rows", "n_seqs", "ctas", "variant"),
-    [(1, 1, 1, 1), (4, 2, 4, 2), (5, 3, 5, 4), (4097, 5, 4097, 8), (14336, 8, 14336, 8)],
+    ("n_rows", "n_seqs", "variant"),
+    [(1, 1, 1), (4, 2, 2), (5, 3, 4), (4097, 5, 8), (14336, 8, 8), (4095, 1, 1)],
 )
-def test_matvec_config_one_cta_per_row(n_rows, n_seqs, ctas, variant):
-    config, chosen = matvec_launch_config(n_rows, n_seqs)
-    assert config.grid == (ctas, 1, 1) and config.block == (32 * MATVEC_WARPS, 1, 1)
-    assert chosen == variant
+def test_matvec_config_covers_every_row_once(n_rows, n_seqs, variant):
+    config, chosen, rows = matvec_launch_config(n_rows, n_seqs)
+    assert chosen == variant and rows == ROWS_PER_CTA[variant] and rows in ROWS_VARIANTS
+    for stem, table in ROWS_PER_CTA_BY_STEM.items():
+        assert matvec_launch_config(n_rows, n_seqs, stem)[2] == table[variant] in ROWS_VARIANTS
+    assert config.grid == (-(-n_rows // rows), 1, 1) and config.block == (32 * MATVEC_WARPS, 1, 1)
+    assert (config.grid[0] - 1) * rows < n_rows <= config.grid[0] * rows
 
 
 @pytest.mark.parametrize("n_seqs", [0, 9])
