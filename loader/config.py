@@ -125,6 +125,13 @@ def read_config(file: GGUFFile) -> ModelConfig:
     )
     if not 0 < config.rms_eps < 1:
         raise GGUFError(f"{file.path}: layer_norm_rms_epsilon {config.rms_eps} is outside (0, 1)")
+    # A crafted block_count must not make us build millions of expected names: the last
+    # block's norm must exist before anything else is checked.
+    last_block = f"blk.{config.n_layers - 1}.attn_norm.weight"
+    if last_block not in file.tensors:
+        raise GGUFError(
+            f"{file.path}: block_count is {config.n_layers} but tensor {last_block!r} is missing"
+        )
     shapes = expected_tensor_shapes(config)
     _check_tensors(file, shapes)
     return replace(config, tensor_shapes=shapes)

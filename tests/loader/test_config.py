@@ -131,6 +131,8 @@ def test_unsupported_architecture_lists_supported(tmp_path):
         ({"overrides": {"blk.0.ffn_up.weight": (FFN + 32, HIDDEN)}}, "ffn_up.weight' has dims"),
         ({"extra_meta": {"llama.attention.head_count_kv": 3}}, "not a multiple of head_count_kv"),
         ({"extra_meta": {"llama.block_count": 0}}, "block_count' is 0"),
+        ({"extra_meta": {"llama.block_count": 1 << 20}},
+         "block_count is 1048576 but tensor 'blk.1048575.attn_norm.weight' is missing"),
         ({"extra_meta": {"llama.rope.freq_base": "big"}}, "rope.freq_base' has type STRING"),
         ({"extra_meta": {"llama.rope.scaling.type": "longrope"}}, "rope.scaling.type 'longrope'"),
         ({"extra_meta": {"llama.vocab_size": 7}}, "vocab_size 7 differs"),
