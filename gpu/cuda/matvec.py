@@ -1,8 +1,10 @@
 """Quantised matrix x vector(s) (gpu/kernels/matvec.cu): y[b] = W x[b] (+ bias) (+ residual).
 
-Weights stay in the GGUF block layout exactly as stored (a copy of the file's bytes, no
-repacking): one CTA per ROWS_PER_CTA output rows reads the rows' blocks, several threads per
-block so that loads are contiguous, each x value loaded once for all of the CTA's rows; the legacy 18/22/34-byte blocks are read with 2-byte loads, the K-quants
+Weights stay in the GGUF block layout as stored, except Q4_0 and Q8_0: their 18/34-byte blocks
+leave the quants 2-byte aligned, so `pack_rows` repacks them once at load into per-row quants then
+scales (layout in quant_blocks.cuh), read with aligned 4-/8-byte loads. One CTA per ROWS_PER_CTA
+output rows reads the rows' blocks, several threads per block so that loads are contiguous, each
+x value loaded once for all of the CTA's rows; Q5_0 blocks are read with 2-byte loads, the K-quants
 and F16/BF16 rows with 8- and 16-byte loads. Up to 8
 sequences share each read of the weights; the kernel is instantiated for 1, 2, 4 and 8 and the
 smallest that fits is launched.
@@ -46,7 +48,71 @@ ROWS_PER_CTA_BY_STEM: dict[str, dict[int, int]] = {
     "q8_0": {1: 2, 2: 2, 4: 4, 8: 4},
 }
 MAX_SEQS = BATCH_VARIANTS[-1]
+# Types matvec.cu reads repacked (quant_blocks.cuh Packed<T>): quant bytes per 32-element block.
+PACKED_QUANT_BYTES: dict[GGMLQuantizationType, int] = {_T.Q4_0: 16, _T.Q8_0: 32}
+PACKED_ROW_ALIGN = 16  # packed rows are padded to this, so every row's quants start 16-aligned
+_SCALE_BYTES = 2  # one fp16 d per block
 _ARG_KINDS = ("ptr", "i32", "ptr", "i64", "ptr", "i32", "i32", "i32", "i32", "ptr", "ptr", "i32")
+
+
+def packed_row_bytes(ggml_type: GGMLQuantizationType | int, n_cols: int) -> int:
+    """Bytes of one row in the layout matvec reads: padded for packed types, else the GGUF size."""
+    qtype = GGMLQuantizationType(ggml_type)
+    if qtype not in PACKED_QUANT_BYTES:
+        return row_nbytes(qtype, n_cols)
+    n_blocks = row_nbytes(qtype, n_cols) // (PACKED_QUANT_BYTES[qtype] + _SCALE_BYTES)
+    unpadded = n_blocks * (PACKED_QUANT_BYTES[qtype] + _SCALE_BYTES)
+    return -(-unpadded // PACKED_ROW_ALIGN) * PACKED_ROW_ALIGN
+
+
+def _packed_shape(
+    qtype: GGMLQuantizationType, n_cols: int, nbytes: int, what: str
+) -> tuple[int, int, int, int]:
+    """(rows, blocks per row, quant words per block, padding words per row) of `nbytes` bytes.
+
+    pack_rows/unpack_rows move 2-byte words (every field is a whole number of them): half the
+    elements of a byte-wise copy, for the per-call unpack of the dequantise path."""
+    quant_bytes = PACKED_QUANT_BYTES[qtype]
+    row_bytes, stride = row_nbytes(qtype, n_cols), packed_row_bytes(qtype, n_cols)
+    per_row = row_bytes if what == "pack_rows" else stride
+    if nbytes % per_row:
+        raise CudaError(f"{what} {qtype.name}: {nbytes} bytes is not whole rows")
+    n_blocks = row_bytes // (quant_bytes + _SCALE_BYTES)
+    return nbytes // per_row, n_blocks, quant_bytes // 2, (stride - row_bytes) // 2
+
+
+def pack_rows(
+    raw: torch.Tensor, ggml_type: GGMLQuantizationType | int, n_cols: int
+) -> torch.Tensor:
+    """GGUF rows (uint8, whole rows) -> the layout matvec reads; `raw` itself if not a packed type.
+
+    Per row: every block's quant bytes in block order, then every block's fp16 scale, then zero
+    padding to PACKED_ROW_ALIGN. Runs on the tensor's device (CPU or GPU)."""
+    qtype = GGMLQuantizationType(ggml_type)
+    if qtype not in PACKED_QUANT_BYTES:
+        return raw
+    n_rows, n_blocks, quant_words, pad = _packed_shape(qtype, n_cols, raw.numel(), "pack_rows")
+    blocks = raw.contiguous().view(torch.int16).reshape(n_rows, n_blocks, 1 + quant_words)
+    parts = [
+        blocks[:, :, 1:].reshape(n_rows, n_blocks * quant_words),
+        blocks[:, :, 0],
+        blocks.new_zeros(n_rows, pad),
+    ]
+    return torch.cat(parts, dim=1).view(torch.uint8).reshape(-1)
+
+
+def unpack_rows(
+    packed: torch.Tensor, ggml_type: GGMLQuantizationType | int, n_cols: int
+) -> torch.Tensor:
+    """The inverse of pack_rows: the GGUF bytes of the same rows (for the dequantise paths)."""
+    qtype = GGMLQuantizationType(ggml_type)
+    if qtype not in PACKED_QUANT_BYTES:
+        return packed
+    n_rows, n_blocks, quant_words, _ = _packed_shape(qtype, n_cols, packed.numel(), "unpack_rows")
+    rows = packed.contiguous().view(torch.int16).reshape(n_rows, -1)
+    quants = rows[:, : n_blocks * quant_words].reshape(n_rows, n_blocks, quant_words)
+    scales = rows[:, n_blocks * quant_words : n_blocks * (quant_words + 1)].unsqueeze(2)
+    return torch.cat([scales, quants], dim=2).view(torch.uint8).reshape(-1)
 
 
 def matvec_launch_config(n_rows: int, n_seqs: int, stem: str = "") -> tuple[LaunchConfig, int, int]:
@@ -73,8 +139,12 @@ class MatVec:
                 f"matvec {qtype.name}: {n_cols} columns is not a multiple of {multiple}"
             )
         self.ggml_type, self.n_rows, self.n_cols = qtype, n_rows, n_cols
-        self.row_bytes = row_nbytes(qtype, n_cols)
+        self.row_bytes = packed_row_bytes(qtype, n_cols)  # of `weight` as __call__ takes it
         self._sites: dict[tuple[int, int], LaunchSite] = {}
+
+    def pack(self, raw: torch.Tensor) -> torch.Tensor:
+        """This weight's GGUF bytes in the layout __call__ reads (pack_rows)."""
+        return pack_rows(raw, self.ggml_type, self.n_cols)
 
     def __call__(
         self,
@@ -84,7 +154,10 @@ class MatVec:
         bias: torch.Tensor | None = None,
         residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """y[b, :n_rows] = weight @ x[b, :n_cols] (+ bias) (+ residual[b]); residual may be y."""
+        """y[b, :n_rows] = weight @ x[b, :n_cols] (+ bias) (+ residual[b]); residual may be y.
+
+        `weight` is in the matvec layout: `self.pack(gguf_bytes)` (the GGUF bytes themselves for
+        types that are not repacked)."""
         n_seqs = x.shape[0]
         config, variant, rows = matvec_launch_config(self.n_rows, n_seqs, self.stem)
         if x.shape[1] < self.n_cols or y.shape[0] != n_seqs or y.shape[1] < self.n_rows:
@@ -95,7 +168,7 @@ class MatVec:
         if weight.numel() != self.n_rows * self.row_bytes:
             raise CudaError(
                 f"matvec: weight has {weight.numel()} bytes, {self.n_rows} rows of "
-                f"{self.ggml_type.name} need {self.n_rows * self.row_bytes}"
+                f"{self.ggml_type.name} (matvec layout) need {self.n_rows * self.row_bytes}"
             )
         if residual is not None and (
             residual.shape[0] != n_seqs or residual.shape[1] < self.n_rows

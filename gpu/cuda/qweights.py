@@ -1,9 +1,15 @@
 """A model's weights on the GPU, still quantised: the GGUF blocks uploaded as uint8 tensors.
 
-Matrices keep the file's exact bytes (no repacking: matvec.cu reads the blocks in place, several
-threads per block). Q/K/V and gate/up are fused by concatenating their raw rows when the parts
-share a type (rows of one type are whole blocks, so a concatenation is a valid matrix);
-otherwise they stay separate parts, each written to its column range of the fused output.
+Matrices keep the file's bytes, with one exception: Q4_0 and Q8_0 matrices are repacked at
+upload (matvec.pack_rows) into per-row "all quants, then all fp16 scales, padded to 16 bytes",
+because their 18/34-byte blocks leave the quants only 2-byte aligned and matvec.cu then needs
+2-byte loads (Q4_0 at 63% of copy bandwidth); repacked, each lane's quants are one aligned load.
+Only bytes move, so the values and the kernel's arithmetic are unchanged (tests/gpu/
+test_cuda_repack.py checks the round trip). The token-embedding table keeps the GGUF layout (it
+is only gathered, by embedding.cu); a tied output matrix gets its own repacked copy.
+Q/K/V and gate/up are fused by concatenating their rows when the parts share a type (a packed
+row is self-contained, so a concatenation is a valid matrix in either layout); otherwise they
+stay separate parts, each written to its column range of the fused output.
 A type with no matvec kernel (F32, Q2_K, Q3_K) is dequantised at load and stored as F16.
 Norm weights, biases and RoPE factors are float32.
 """
@@ -19,7 +25,7 @@ from gguf import GGMLQuantizationType
 
 from gpu.cuda.embedding import DequantRows
 from gpu.cuda.errors import CudaError
-from gpu.cuda.matvec import MATVEC_TYPES, MAX_SEQS, MatVec
+from gpu.cuda.matvec import MATVEC_TYPES, MAX_SEQS, MatVec, unpack_rows
 from loader.config import ModelConfig
 from loader.gguf_file import GGUFFile
 from loader.quants import dequantize
@@ -30,22 +36,37 @@ ProgressCallback = Callable[[int, int], None]
 
 @dataclass(slots=True)
 class QuantMatrix:
-    """One [n_rows, n_cols] matrix as raw GGUF rows on the GPU, with its matvec op."""
+    """One [n_rows, n_cols] matrix as quantised rows on the GPU, with its matvec op.
 
-    raw: torch.Tensor  # uint8 [n_rows * row_bytes]
+    `raw` is in the matvec layout (MatVec.pack) when `packed`, else the GGUF bytes as stored
+    (the embedding table: DequantRows gathers GGUF rows)."""
+
+    raw: torch.Tensor  # uint8 [n_rows * row_bytes of its layout]
     ggml_type: GGMLQuantizationType
     n_rows: int
     n_cols: int
     matvec: MatVec
+    packed: bool = True
 
     @property
     def nbytes(self) -> int:
         return self.raw.numel()
 
+    def gguf_bytes(self) -> torch.Tensor:
+        """The rows in the GGUF layout (a repacked copy back when `packed`)."""
+        return unpack_rows(self.raw, self.ggml_type, self.n_cols) if self.packed else self.raw
+
+    def as_packed(self) -> QuantMatrix:
+        """This matrix in the matvec layout: itself, or a repacked copy."""
+        if self.packed:
+            return self
+        raw = self.matvec.pack(self.raw)
+        return QuantMatrix(raw, self.ggml_type, self.n_rows, self.n_cols, self.matvec)
+
     def dense(self) -> torch.Tensor:
         """The matrix dequantised to an fp16 scratch (the interim prefill GEMM path)."""
         out = torch.empty(self.n_rows, self.n_cols, dtype=torch.float32, device=self.raw.device)
-        DequantRows(self.ggml_type, self.n_cols).rows(out, self.raw)
+        DequantRows(self.ggml_type, self.n_cols).rows(out, self.gguf_bytes())
         return out.half()
 
 
@@ -91,7 +112,7 @@ class QuantLayer:
 class QuantModel:
     token_embd: QuantMatrix
     output_norm: torch.Tensor
-    output: FusedLinear  # shares token_embd's bytes when tied
+    output: FusedLinear  # when tied: token_embd's bytes, or a repacked copy (Q4_0/Q8_0)
     layers: list[QuantLayer]
     rope_freq_factors: torch.Tensor | None
 
@@ -120,7 +141,8 @@ class _Uploader:
         info = self.file.tensor(name)
         return dequantize(self._bytes(name), info.ggml_type, info.shape).float().reshape(-1)
 
-    def matrix(self, name: str) -> QuantMatrix:
+    def matrix(self, name: str, pack: bool = True) -> QuantMatrix:
+        """A matrix on the GPU, in the matvec layout unless `pack` is False (GGUF layout)."""
         info = self.file.tensor(name)
         if len(info.shape) != 2:
             raise CudaError(f"{name}: expected a matrix, got shape {info.shape}")
@@ -129,11 +151,16 @@ class _Uploader:
         if qtype not in MATVEC_TYPES:
             values = dequantize(raw, qtype, info.shape)
             qtype, raw = _T.F16, values.half().view(torch.uint8).reshape(-1)
-        return QuantMatrix(raw, qtype, n_rows, n_cols, MatVec(qtype, n_rows, n_cols))
+        matvec = MatVec(qtype, n_rows, n_cols)
+        if pack:
+            raw = matvec.pack(raw)
+        return QuantMatrix(raw, qtype, n_rows, n_cols, matvec, packed=pack)
 
 
 def fuse(matrices: list[QuantMatrix], bias: torch.Tensor | None = None) -> FusedLinear:
     """One matrix when all parts share a type (raw rows concatenated), else parts side by side."""
+    if not all(m.packed for m in matrices):
+        raise CudaError("fuse: every part must be in the matvec layout (QuantMatrix.as_packed)")
     n_out = sum(m.n_rows for m in matrices)
     first = matrices[0]
     if len(matrices) > 1 and all(m.ggml_type == first.ggml_type for m in matrices):
@@ -178,9 +205,9 @@ def load_quant_weights(
                 down=fuse([up.matrix(f"{blk}.ffn_down.weight")]),
             )
         )
-    token_embd = up.matrix("token_embd.weight")
+    token_embd = up.matrix("token_embd.weight", pack=False)  # gathered by embedding.cu
     factors = config.rope.freq_factors_tensor
-    output = token_embd if config.tied_embeddings else up.matrix("output.weight")
+    output = token_embd.as_packed() if config.tied_embeddings else up.matrix("output.weight")
     return QuantModel(
         token_embd=token_embd,
         output_norm=up.vector("output_norm.weight"),

@@ -5,6 +5,19 @@
 // 2-byte alignment is guaranteed and those types are read with 2-byte loads; Q4_1/Q5_1 allow
 // 4-byte loads; Q4_K/Q5_K (144/176 bytes) and F16/BF16 rows allow 16-byte loads.
 //
+// One exception, made at load (gpu/cuda/matvec.py pack_rows): matvec weights of Q4_0 and Q8_0 are
+// repacked per row into a separated layout, so that their quants can be read with aligned loads:
+//
+//   row = [quants of block 0 | quants of block 1 | ... ] [d of block 0 | d of block 1 | ...] [pad]
+//          16 (Q4_0) or 32 (Q8_0) bytes per block           2 bytes (fp16) per block    to 16 bytes
+//
+// Each block's bytes are unchanged, only moved; rows are padded to a multiple of 16 bytes (no pad
+// when the row has a multiple of 8 blocks, i.e. 256 columns) so every row's quants start 16-byte
+// aligned and a packed row is still a valid row to concatenate (fused QKV / gate-up). In the GGUF
+// layout an 18- or 34-byte block leaves its quants only 2-byte aligned (2-byte loads: Q4_0 at
+// 63% of copy bandwidth). The embedding table (only gathered, by embedding.cu) keeps the GGUF
+// layout, as does dequant_group below.
+//
 // NVRTC quirk: the NVRTC wheel ships no headers (not even <cstdint> or <cuda_fp16.h>), so this
 // file is self-contained: fixed-width integer names and the fp16/bf16 conversions are our own.
 #pragma once
@@ -82,6 +95,12 @@ template <> struct QTraits<GGML_Q8_0> { static constexpr int ELEMS = 32, BYTES =
 template <> struct QTraits<GGML_Q4_K> { static constexpr int ELEMS = QK_K, BYTES = 144; };
 template <> struct QTraits<GGML_Q5_K> { static constexpr int ELEMS = QK_K, BYTES = 176; };
 template <> struct QTraits<GGML_Q6_K> { static constexpr int ELEMS = QK_K, BYTES = 210; };
+
+// Matvec layout of a type: QBYTES = quant bytes per block in the separated layout above, 0 for
+// types read in place.
+template <int T> struct Packed { static constexpr int QBYTES = 0; };
+template <> struct Packed<GGML_Q4_0> { static constexpr int QBYTES = 16; };
+template <> struct Packed<GGML_Q8_0> { static constexpr int QBYTES = 32; };
 
 // Q4_K/Q5_K: 6-bit scale and min of 32-element sub-block j from the 12 packed bytes
 // (ggml's get_scale_min_k4). j < 4: low 6 bits of bytes j and j + 4; j >= 4: low/high nibble

@@ -73,7 +73,22 @@ def test_matvec_matches_dequantised_matmul(qtype, n_rows, n_cols, n_seqs):
     weight = random_weight(qtype, n_rows, n_cols, rng)
     x = torch.randn(n_seqs, n_cols, device="cuda")
     y = nan_tensor(n_seqs, n_rows)
-    MatVec(qtype, n_rows, n_cols)(y, x, weight)
+    op = MatVec(qtype, n_rows, n_cols)
+    op(y, x, op.pack(weight))
+    ref = x.double() @ dequantize(weight, qtype, (n_rows, n_cols)).double().T
+    assert rel_error(y, ref) <= FP32_TOL
+
+
+@pytest.mark.parametrize("n_cols", [32, 96, 160])
+@pytest.mark.parametrize("qtype", [_T.Q4_0, _T.Q8_0], ids=lambda t: t.name)
+def test_matvec_packed_rows_with_padding(qtype, n_cols):
+    """Repacked types on rows that are not a multiple of 16 bytes (padded in the matvec layout)."""
+    n_rows, n_seqs = 45, 3
+    weight = random_weight(qtype, n_rows, n_cols, _rng("padded", qtype, n_cols))
+    x = torch.randn(n_seqs, n_cols, device="cuda")
+    y = nan_tensor(n_seqs, n_rows)
+    op = MatVec(qtype, n_rows, n_cols)
+    op(y, x, op.pack(weight))
     ref = x.double() @ dequantize(weight, qtype, (n_rows, n_cols)).double().T
     assert rel_error(y, ref) <= FP32_TOL
 
@@ -88,7 +103,8 @@ def test_matvec_bias_residual_and_strided_rows(qtype):
     ref = x.double() @ dequantize(weight, qtype, (n_rows, n_cols)).double().T
     ref = ref + bias.double() + residual.double()
     y = residual.clone()
-    MatVec(qtype, n_rows, n_cols)(y, x, weight, bias=bias, residual=y)  # in place: y += W x + b
+    op = MatVec(qtype, n_rows, n_cols)
+    op(y, x, op.pack(weight), bias=bias, residual=y)  # in place: y += W x + b
     assert rel_error(y, ref) <= FP32_TOL
 
 
@@ -97,8 +113,8 @@ def test_matvec_bias_residual_and_strided_rows(qtype):
 def test_matvec_is_batch_invariant(qtype):
     """Sequence 0's result is bit-identical whatever the other sequences are, at any batch."""
     n_rows, n_cols = 203, 1024
-    weight = random_weight(qtype, n_rows, n_cols, _rng("invariance", qtype))
     op = MatVec(qtype, n_rows, n_cols)
+    weight = op.pack(random_weight(qtype, n_rows, n_cols, _rng("invariance", qtype)))
     first = torch.randn(1, n_cols, device="cuda")
     results = []
     for n_seqs in (1, 2, 3, 5, 8, 8):
