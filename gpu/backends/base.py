@@ -6,12 +6,38 @@ the math. The torch backend is the reference; the CUDA backend must match it.
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
 from gpu.batch import ForwardBatch
-from loader.config import ModelConfig
+from gpu.rope import check_rope_supported
+from loader.config import ModelConfig, read_config
+from loader.gguf_file import GGUFFile, open_gguf
+
+
+@contextmanager
+def model_source(
+    gguf_file_or_path: GGUFFile | str | os.PathLike,
+) -> Iterator[tuple[GGUFFile, ModelConfig]]:
+    """The parsed file and its checked config, for a backend to load weights from.
+
+    RoPE variants we do not compute are refused here, before minutes of loading. A file
+    opened here is closed on exit (backends keep copies of the weights); a caller's own
+    GGUFFile stays open.
+    """
+    opened_here = not isinstance(gguf_file_or_path, GGUFFile)
+    file = open_gguf(gguf_file_or_path) if opened_here else gguf_file_or_path
+    try:
+        config = read_config(file)
+        check_rope_supported(config.rope, config.name)
+        yield file, config
+    finally:
+        if opened_here:
+            file.close()
 
 
 class Backend(ABC):

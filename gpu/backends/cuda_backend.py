@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from gpu.backends.base import Backend
+from gpu.backends.base import Backend, model_source
 from gpu.backends.torch_backend import KVNotAllocatedError
 from gpu.batch import ForwardBatch
 from gpu.cuda.activation import SiluMul
@@ -32,9 +32,8 @@ from gpu.cuda.embedding import DequantRows
 from gpu.cuda.norm import RMSNorm
 from gpu.cuda.qweights import ProgressCallback, load_quant_weights
 from gpu.cuda.rope_kv import RopeKVWrite
-from gpu.rope import Rotary, check_rope_supported
-from loader.config import read_config
-from loader.gguf_file import GGUFFile, open_gguf
+from gpu.rope import Rotary
+from loader.gguf_file import GGUFFile
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 KV_DTYPE = torch.float16
@@ -69,19 +68,12 @@ class CudaBackend(Backend):
         use_graphs: bool = True,
     ) -> None:
         ensure_context()
-        opened_here = not isinstance(gguf_file_or_path, GGUFFile)
-        file = open_gguf(gguf_file_or_path) if opened_here else gguf_file_or_path
-        try:
-            self.config = read_config(file)
-            check_rope_supported(self.config.rope, self.config.name)
+        with model_source(gguf_file_or_path) as (file, self.config):
             self.device = torch.device(device)
             if self.device.index is None:
                 self.device = torch.device("cuda", torch.cuda.current_device())
             with torch.inference_mode():
                 self.weights = load_quant_weights(file, self.config, self.device, progress)
-        finally:
-            if opened_here:
-                file.close()
         c = self.config
         rotary = Rotary(c.rope, self.weights.rope_freq_factors, self.device)
         self.inv_freq = rotary.inv_freq.float().contiguous()

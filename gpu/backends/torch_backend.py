@@ -16,14 +16,13 @@ import os
 import torch
 import torch.nn.functional as F
 
-from gpu.backends.base import Backend
+from gpu.backends.base import Backend, model_source
 from gpu.batch import ForwardBatch
 from gpu.int8_linear import linear
-from gpu.rope import Rotary, check_rope_supported
+from gpu.rope import Rotary
 from gpu.weights import ProgressCallback, load_weights
-from loader.config import read_config
 from loader.errors import OrcdError
-from loader.gguf_file import GGUFFile, open_gguf
+from loader.gguf_file import GGUFFile
 
 
 class KVNotAllocatedError(OrcdError):
@@ -50,19 +49,12 @@ class TorchBackend(Backend):
         dtype: torch.dtype = torch.float32,
         progress: ProgressCallback | None = None,
     ) -> None:
-        opened_here = not isinstance(gguf_file_or_path, GGUFFile)
-        file = open_gguf(gguf_file_or_path) if opened_here else gguf_file_or_path
-        try:
-            self.config = read_config(file)
-            check_rope_supported(self.config.rope, self.config.name)  # before minutes of loading
+        with model_source(gguf_file_or_path) as (file, self.config):
             self.device = torch.device(device)
             # Activations and the KV cache: the weights' dtype, bfloat16 for int8 weights.
             self.dtype = torch.bfloat16 if dtype == torch.int8 else dtype
             with torch.inference_mode():
                 self.weights = load_weights(file, self.config, self.device, dtype, progress)
-        finally:
-            if opened_here:
-                file.close()  # the weights are copies; a caller's own file stays open
         self.rotary = Rotary(self.config.rope, self.weights.rope_freq_factors, self.device)
         self.kv_cache: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.block_size = 0

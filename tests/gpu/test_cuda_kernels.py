@@ -69,7 +69,11 @@ MATVEC_SHAPES = [(1, 256, 1), (37, 512, 3), (129, 1024, 8), (300, 2816, 5), (100
 @pytest.mark.parametrize(("n_rows", "n_cols", "n_seqs"), MATVEC_SHAPES)
 @pytest.mark.parametrize("qtype", list(MATVEC_TYPES), ids=lambda t: t.name)
 def test_matvec_matches_dequantised_matmul(qtype, n_rows, n_cols, n_seqs):
-    rng = _rng("matvec", qtype, n_rows)
+    _check_matvec(qtype, n_rows, n_cols, n_seqs, _rng("matvec", qtype, n_rows))
+
+
+def _check_matvec(qtype, n_rows, n_cols, n_seqs, rng):
+    """Our matvec on random blocks equals a float64 matmul of the reference dequantisation."""
     weight = random_weight(qtype, n_rows, n_cols, rng)
     x = torch.randn(n_seqs, n_cols, device="cuda")
     y = nan_tensor(n_seqs, n_rows)
@@ -83,14 +87,7 @@ def test_matvec_matches_dequantised_matmul(qtype, n_rows, n_cols, n_seqs):
 @pytest.mark.parametrize("qtype", [_T.Q4_0, _T.Q8_0], ids=lambda t: t.name)
 def test_matvec_packed_rows_with_padding(qtype, n_cols):
     """Repacked types on rows that are not a multiple of 16 bytes (padded in the matvec layout)."""
-    n_rows, n_seqs = 45, 3
-    weight = random_weight(qtype, n_rows, n_cols, _rng("padded", qtype, n_cols))
-    x = torch.randn(n_seqs, n_cols, device="cuda")
-    y = nan_tensor(n_seqs, n_rows)
-    op = MatVec(qtype, n_rows, n_cols)
-    op(y, x, op.pack(weight))
-    ref = x.double() @ dequantize(weight, qtype, (n_rows, n_cols)).double().T
-    assert rel_error(y, ref) <= FP32_TOL
+    _check_matvec(qtype, 45, n_cols, 3, _rng("padded", qtype, n_cols))
 
 
 @pytest.mark.parametrize("qtype", [_T.Q4_0, _T.Q4_K, _T.F16], ids=lambda t: t.name)
