@@ -1,10 +1,11 @@
 """GPU prefill and batch-1 decode speed of the CUDA backend on synthetic models (run on the device).
 
 For each `shape:quant`, write the synthetic GGUF (loader/synth, random weights: speed does not
-depend on the values) unless it exists, prefill a 512-token prompt, then decode 128 tokens at
-batch 1 (greedy argmax on the device, no host sync inside the loop; each step's index tensors
-are built on the host and copied up from pinned memory without blocking). `step_us_same_batch` replays one
-step's batch 50 times: the device time per step when the host keeps ahead. The floor is the bytes one
+depend on the values) unless it exists, prefill a 512-token prompt, then decode 128 tokens per
+sequence at each batch size (greedy argmax on the device; the ids come back to the host every
+step and the next step's batch is packed from host lists by the engine's BatchPacker, so the
+host time per step counts as it does in the engine). `step_us_same_batch` replays one step's
+batch 50 times: the device time per step when the host keeps ahead. The floor is the bytes one
 decode step must read (every matrix once, plus the KV read) over the device-to-device copy
 bandwidth measured in the same run.
 
@@ -27,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.results_io import git_commit  # noqa: E402
 from gpu.backends.cuda_backend import CudaBackend  # noqa: E402
-from gpu.batch import ForwardBatch  # noqa: E402
+from gpu.batch import BatchPacker, ForwardBatch  # noqa: E402
 from gpu.cuda import driver  # noqa: E402
 from gpu.cuda.kernel_timing import copy_bandwidth  # noqa: E402
 from loader.synth import SHAPES, parse_quant, write_synthetic_gguf  # noqa: E402
@@ -47,28 +48,17 @@ def synthetic_model(folder: Path, shape_name: str, quant_name: str) -> Path:
     return path
 
 
-def make_batch(tokens: torch.Tensor, start: int, tables: list[list[int]], logits_rows: list[int],
-               query_lens: list[int], device: torch.device) -> ForwardBatch:  # fmt: skip
-    """Sequences i = 0.. each with query_lens[i] new tokens at positions start.. (same start)."""
+def make_batch(packer: BatchPacker, tokens: list[int], start: int, tables: list[list[int]],
+               logits_rows: list[int], query_lens: list[int]) -> ForwardBatch:  # fmt: skip
+    """Sequences i = 0.. each with query_lens[i] new tokens at positions start.. (same start),
+    packed the way the engine packs its steps (one pinned staging buffer, one copy)."""
     positions, slots, context_lens = [], [], []
     for table, n in zip(tables, query_lens, strict=True):
         for pos in range(start, start + n):
             positions.append(pos)
             slots.append(table[pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE)
         context_lens.append(start + n)
-    query_start = [0]
-    for n in query_lens:
-        query_start.append(query_start[-1] + n)
-
-    def tensor(values, dtype=torch.int64):  # pinned staging: the copy does not block the host
-        return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
-
-    return ForwardBatch(
-        token_ids=tokens, positions=tensor(positions), slot_mapping=tensor(slots),
-        query_start=tensor(query_start), context_lens=tensor(context_lens),
-        block_tables=tensor(tables, torch.int32), logits_indices=tensor(logits_rows),
-        query_lens=query_lens, context_lens_host=context_lens,
-    )  # fmt: skip
+    return packer.pack(tokens, positions, slots, query_lens, context_lens, tables, logits_rows)
 
 
 def count_launches(backend: CudaBackend, batch: ForwardBatch) -> int:
@@ -102,37 +92,41 @@ def run_one(path: Path, shape: str, quant: str, batch_size: int, copy_bw: float)
     backend.allocate_kv(per_seq * (batch_size + 1), BLOCK_SIZE)
     tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(batch_size + 1)]
     gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, c.vocab_size, (PROMPT_TOKENS,), generator=gen).to(device)
+    prompt = torch.randint(0, c.vocab_size, (PROMPT_TOKENS,), generator=gen).tolist()
+    packer = BatchPacker(device)
     # Prefill: warm up on the spare sequence, then time one sequence's 512 tokens.
     for table in (tables[-1], tables[0]):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        logits = backend.forward(make_batch(prompt, 0, [table], [PROMPT_TOKENS - 1],
-                                            [PROMPT_TOKENS], device))  # fmt: skip
+        logits = backend.forward(make_batch(packer, prompt, 0, [table], [PROMPT_TOKENS - 1],
+                                            [PROMPT_TOKENS]))  # fmt: skip
         torch.cuda.synchronize()
         prefill_s = time.perf_counter() - t0
     for table in tables[1:batch_size]:  # the other sequences of the decode batch, same prompt
-        backend.forward(make_batch(prompt, 0, [table], [PROMPT_TOKENS - 1], [PROMPT_TOKENS],
-                                   device))  # fmt: skip
+        backend.forward(make_batch(packer, prompt, 0, [table], [PROMPT_TOKENS - 1],
+                                   [PROMPT_TOKENS]))  # fmt: skip
     rows = list(range(batch_size))
     seq_tables = tables[:batch_size]
-    tokens = logits.argmax(-1).repeat(batch_size)
-    first = make_batch(tokens, PROMPT_TOKENS, seq_tables, rows, [1] * batch_size, device)
+    tokens = logits.argmax(-1).tolist() * batch_size
+    first = make_batch(packer, tokens, PROMPT_TOKENS, seq_tables, rows, [1] * batch_size)
     nodes = count_launches(backend, first)
+    backend.forward(first)  # capture this context's graph before timing (it rewrites the same KV)
+    torch.cuda.synchronize()
     host_us, pos = [], PROMPT_TOKENS
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(DECODE_TOKENS):
         h0 = time.perf_counter()
-        batch = make_batch(tokens, pos, seq_tables, rows, [1] * batch_size, device)
+        batch = make_batch(packer, tokens, pos, seq_tables, rows, [1] * batch_size)
         logits = backend.forward(batch)
-        tokens = logits.argmax(-1)
+        next_ids = logits.argmax(-1)
         host_us.append((time.perf_counter() - h0) * 1e6)
+        tokens = next_ids.tolist()  # the ids come back every step, as in the engine
         pos += 1
     torch.cuda.synchronize()
     decode_s = time.perf_counter() - t0
     # The step alone (same batch replayed): device time when the host keeps ahead of it.
-    batch = make_batch(tokens, pos - 1, seq_tables, rows, [1] * batch_size, device)
+    batch = make_batch(packer, tokens, pos - 1, seq_tables, rows, [1] * batch_size)
     start_event, end_event = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     forward_host = []
     start_event.record()

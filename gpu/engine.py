@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 
 from gpu.backends.base import Backend
-from gpu.batch import ForwardBatch
+from gpu.batch import BatchPacker, ForwardBatch
 from gpu.events import EngineEvent
 from gpu.kv_cache import KVCache, chain_key
 from gpu.request import Request, RequestError, StepOutput
-from gpu.sampler import Sampler, SamplingRow, make_generator
+from gpu.sampler import SamplingRow, make_generator
 from gpu.scheduler import Schedule, Scheduler
 from gpu.sequence import Sequence, SequenceStatus
 from loader.gguf_file import GGUFFile, open_gguf
@@ -134,7 +134,8 @@ class Engine:
         )
         # Longest sequence the engine can hold: the model's context, or the whole pool.
         self.max_model_len = min(self.config.context_length, kv_blocks * block_size)
-        self.sampler = Sampler(seed=seed)
+        self.sampler = self.backend.make_sampler(seed)
+        self._packer = BatchPacker(self.backend.device)
         self._sequences: dict[str, Sequence] = {}
         self._aborted: list[Sequence] = []
         self._arrivals = itertools.count()
@@ -240,7 +241,6 @@ class Engine:
         token_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        query_start = [0]
         context_lens: list[int] = []
         query_lens: list[int] = []
         logits_indices: list[int] = []
@@ -251,32 +251,13 @@ class Engine:
             positions.extend(range(start, start + n))
             table = seq.block_table
             slots.extend(table[p // size] * size + p % size for p in range(start, start + n))
-            query_start.append(query_start[-1] + n)
             context_lens.append(start + n)
             query_lens.append(n)
             if start + n == seq.num_tokens:
-                logits_indices.append(query_start[-1] - 1)
-        width = max(len(seq.block_table) for seq, _ in schedule.items)
-        tables = [seq.block_table + [-1] * (width - len(seq.block_table)) for seq, _ in schedule.items]
-        device = self.backend.device
-
-        def tensor(values, dtype=torch.int64):
-            host = torch.tensor(values, dtype=dtype)
-            if device.type != "cuda":
-                return host
-            # Pinned + non_blocking: the copy queues on the stream instead of stalling the host.
-            return host.pin_memory().to(device, non_blocking=True)
-
-        return ForwardBatch(
-            token_ids=tensor(token_ids),
-            positions=tensor(positions),
-            slot_mapping=tensor(slots),
-            query_start=tensor(query_start),
-            context_lens=tensor(context_lens),
-            block_tables=tensor(tables, torch.int32),
-            logits_indices=tensor(logits_indices),
-            query_lens=query_lens,
-            context_lens_host=context_lens,
+                logits_indices.append(len(token_ids) - 1)
+        tables = [seq.block_table for seq, _ in schedule.items]
+        return self._packer.pack(
+            token_ids, positions, slots, query_lens, context_lens, tables, logits_indices
         )
 
     def _register_full_blocks(self, seq: Sequence) -> None:

@@ -15,6 +15,7 @@ import torch
 
 from gpu.batch import ForwardBatch
 from gpu.rope import check_rope_supported
+from gpu.sampler import Sampler
 from loader.config import ModelConfig, read_config
 from loader.gguf_file import GGUFFile, open_gguf
 
@@ -57,4 +58,12 @@ class Backend(ABC):
 
     @abstractmethod
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """Run the model on a packed batch; returns float32 logits [len(logits_indices), vocab]."""
+        """Run the model on a packed batch; returns float32 logits [len(logits_indices), vocab].
+
+        The logits may be a view of the backend's own buffer (the CUDA graphs' output): valid
+        until the next forward call; clone them to keep them longer."""
+
+    def make_sampler(self, seed: int | None) -> Sampler:
+        """The sampler for this backend's logits (torch ops on their device unless overridden);
+        `seed` seeds the draws of rows without a seed of their own."""
+        return Sampler(seed)

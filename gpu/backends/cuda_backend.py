@@ -4,13 +4,14 @@ Decode steps (every sequence has one new token) run our kernels only: embedding 
 layer RMSNorm -> fused QKV matvec (+ qwen2 bias) -> RoPE + paged KV write -> paged decode
 attention -> O matvec with the residual add in its epilogue -> RMSNorm -> fused gate·up matvec
 -> SiLU·up -> down matvec with the residual add; then the final norm and the LM head matvec.
+(Folding the norms into the matvecs was tried and measured slower on the 8B shape: bench/NOTES.md.)
 They are captured as one CUDA graph per batch-size bucket (1, 2, 4, ... padded) and attention
 split count, and replayed; padding rows write no KV (slot -1) and their logits are dropped.
 
-Prefill chunks and mixed batches take the interim prefill path: each layer's weights are
-dequantised into an fp16 scratch for torch.matmul (cuBLAS) and attention is torch SDPA over
-the gathered KV blocks, as in the torch backend; norms, RoPE + KV write, SiLU, the final norm
-and the LM head still run our kernels. The KV pool is fp16; the residual stream, norms,
+Prefill chunks and mixed batches take the prefill path: each layer's weights are dequantised
+into an fp16 scratch for torch.matmul (cuBLAS), and attention is our causal flash-attention
+kernel over the paged KV (prefill_attention.cu: GQA, cached prefix, tensor cores); norms, RoPE
++ KV write, SiLU, the final norm and the LM head run our kernels too. The KV pool is fp16; the residual stream, norms,
 matvec sums and attention are float32; logits are float32.
 """
 
@@ -30,6 +31,7 @@ from gpu.cuda.attention import PARTITION_TOKENS, DecodeAttention
 from gpu.cuda.driver import ensure_context
 from gpu.cuda.embedding import DequantRows
 from gpu.cuda.norm import RMSNorm
+from gpu.cuda.prefill_attention import PrefillAttention, padded_head_dim
 from gpu.cuda.qweights import ProgressCallback, load_quant_weights
 from gpu.cuda.rope_kv import RopeKVWrite
 from gpu.rope import Rotary
@@ -43,6 +45,7 @@ KV_DTYPE = torch.float16
 class _StaticInputs:
     """Decode inputs at fixed addresses, sized for the largest bucket: what graphs read."""
 
+    token_rows: torch.Tensor  # [3, bucket]: token ids, positions, slots (the next three)
     token_ids: torch.Tensor
     positions: torch.Tensor
     slot_mapping: torch.Tensor
@@ -53,6 +56,18 @@ class _StaticInputs:
 
 def _bucket(n: int, buckets: tuple[int, ...]) -> int | None:
     return next((b for b in buckets if b >= n), None)
+
+
+def _consecutive_rows(*fields: torch.Tensor) -> torch.Tensor | None:
+    """The fields as the rows of one [k, n] view when they lie back to back in one storage."""
+    first, n = fields[0], fields[0].shape[0]
+    storage = first.untyped_storage().data_ptr()
+    for i, field in enumerate(fields):
+        if (field.shape != first.shape or field.dtype != first.dtype or not field.is_contiguous()
+                or field.untyped_storage().data_ptr() != storage
+                or field.storage_offset() != first.storage_offset() + i * n):
+            return None
+    return first.as_strided((len(fields), n), (n, 1))
 
 
 class CudaBackend(Backend):
@@ -69,6 +84,7 @@ class CudaBackend(Backend):
     ) -> None:
         ensure_context()
         with model_source(gguf_file_or_path) as (file, self.config):
+            padded_head_dim(self.config.head_dim, tensor_cores=True)  # before minutes of loading
             self.device = torch.device(device)
             if self.device.index is None:
                 self.device = torch.device("cuda", torch.cuda.current_device())
@@ -106,13 +122,19 @@ class CudaBackend(Backend):
         ]  # fmt: skip
         self.block_size = block_size
         self.attention = DecodeAttention(c.n_heads, c.n_kv_heads, c.head_dim, block_size, KV_DTYPE)
+        self.prefill_attention = PrefillAttention(
+            c.n_heads, c.n_kv_heads, c.head_dim, block_size, KV_DTYPE
+        )
         # Widest block table a sequence can need; graphs index tables of exactly this width.
         self._table_width = -(-min(c.context_length, num_blocks * block_size) // block_size)
         n, dev = BATCH_BUCKETS[-1], self.device
+        token_rows = torch.zeros(3, n, dtype=torch.int64, device=dev)
+        token_rows[2].fill_(-1)
         self._static = _StaticInputs(
-            token_ids=torch.zeros(n, dtype=torch.int64, device=dev),
-            positions=torch.zeros(n, dtype=torch.int64, device=dev),
-            slot_mapping=torch.full((n,), -1, dtype=torch.int64, device=dev),
+            token_rows=token_rows,
+            token_ids=token_rows[0],
+            positions=token_rows[1],
+            slot_mapping=token_rows[2],
             context_lens=torch.ones(n, dtype=torch.int64, device=dev),
             block_tables=torch.zeros(n, self._table_width, dtype=torch.int32, device=dev),
             logits=torch.zeros(n, c.vocab_size, dtype=torch.float32, device=dev),
@@ -171,9 +193,13 @@ class CudaBackend(Backend):
         bucket = _bucket(n, BATCH_BUCKETS)
         splits = 1 << (-(-max_context // PARTITION_TOKENS) - 1).bit_length()
         graph_context = min(splits * PARTITION_TOKENS, self._table_width * self.block_size)
-        s.token_ids[:n].copy_(batch.token_ids)
-        s.positions[:n].copy_(batch.positions)
-        s.slot_mapping[:n].copy_(batch.slot_mapping)
+        rows = _consecutive_rows(batch.token_ids, batch.positions, batch.slot_mapping)
+        if rows is not None:  # BatchPacker's layout: one copy for the three (host time counts)
+            s.token_rows[:, :n].copy_(rows)
+        else:
+            s.token_ids[:n].copy_(batch.token_ids)
+            s.positions[:n].copy_(batch.positions)
+            s.slot_mapping[:n].copy_(batch.slot_mapping)
         s.context_lens[:n].copy_(batch.context_lens)
         width = batch.block_tables.shape[1]
         s.block_tables[:n, :width].copy_(batch.block_tables)
@@ -186,6 +212,8 @@ class CudaBackend(Backend):
         if graph is None:
             graph = self._graphs[key] = self._capture(bucket, graph_context)
         graph.replay()
+        if batch.logits_indices.shape[0] == n:  # every row (indices are ascending and unique)
+            return s.logits[:n]
         return s.logits[:n][batch.logits_indices]
 
     def _capture(self, bucket: int, max_context: int) -> torch.cuda.CUDAGraph:
@@ -213,6 +241,7 @@ class CudaBackend(Backend):
         hidden = torch.empty(n, c.hidden_size, dtype=torch.float32, device=self.device)
         x = torch.empty_like(hidden)
         act = torch.empty(n, c.ffn_size, dtype=torch.float32, device=self.device)
+        attn = torch.empty(n, c.q_size, dtype=torch.float32, device=self.device)
         self.embed.lookup(hidden, w.token_embd.raw, batch.token_ids)
         for layer, (k_cache, v_cache) in zip(w.layers, self.kv_cache, strict=True):
             self.norm(x, hidden, layer.attn_norm)
@@ -220,44 +249,19 @@ class CudaBackend(Backend):
             if layer.qkv.bias is not None:
                 qkv += layer.qkv.bias
             self.rope_kv(qkv, batch.positions, batch.slot_mapping, self.inv_freq, k_cache, v_cache)
-            attn = self._sdpa(qkv[:, : c.q_size], k_cache, v_cache, batch)
+            self.prefill_attention(attn, qkv, k_cache, v_cache, batch.block_tables,
+                                   batch.query_start, batch.context_lens, batch.query_lens,
+                                   batch.context_lens_host)  # fmt: skip
             hidden += F.linear(attn.half(), layer.wo.dense()).float()
             self.norm(x, hidden, layer.ffn_norm)
             gate_up = F.linear(x.half(), layer.gate_up.dense()).float()
             self.silu(act, gate_up)
             hidden += F.linear(act.half(), layer.down.dense()).float()
         rows = hidden[batch.logits_indices].contiguous()
+        if rows.shape[0] == 0:  # a prompt chunk that is not the prompt's end: no logits wanted
+            return torch.empty(0, c.vocab_size, dtype=torch.float32, device=self.device)
         x = torch.empty_like(rows)
         self.norm(x, rows, w.output_norm)
         logits = torch.empty(rows.shape[0], c.vocab_size, dtype=torch.float32, device=self.device)
         w.output.matvec(logits, x)
         return logits
-
-    def _sdpa(
-        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch
-    ) -> torch.Tensor:
-        """Causal GQA attention of each sequence's new queries over its cached context
-        (the torch backend's method: queries at the bottom-right of the causal mask)."""
-        c = self.config
-        out = torch.empty_like(q)
-        start = 0
-        for i, (query_len, context_len) in enumerate(
-            zip(batch.query_lens, batch.context_lens_host, strict=True)
-        ):
-            blocks = batch.block_tables[i, : -(-context_len // self.block_size)].long()
-            keys = k_cache[blocks].flatten(0, 1)[:context_len].transpose(0, 1)[None].float()
-            values = v_cache[blocks].flatten(0, 1)[:context_len].transpose(0, 1)[None].float()
-            queries = q[start : start + query_len].view(query_len, c.n_heads, c.head_dim)
-            queries = queries.transpose(0, 1)[None]
-            mask = None
-            if 1 < query_len < context_len:
-                query_pos = torch.arange(context_len - query_len, context_len, device=q.device)
-                key_pos = torch.arange(context_len, device=q.device)
-                mask = key_pos[None, :] <= query_pos[:, None]
-            attn = F.scaled_dot_product_attention(
-                queries, keys, values, attn_mask=mask,
-                is_causal=query_len > 1 and query_len == context_len, enable_gqa=True,
-            )  # fmt: skip
-            out[start : start + query_len] = attn[0].transpose(0, 1).reshape(query_len, -1)
-            start += query_len
-        return out

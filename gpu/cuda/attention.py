@@ -17,7 +17,8 @@ from gpu.cuda.rope_kv import CACHE_DTYPES
 # decode batch-invariant. Small, so that a batch-1 step over a few hundred tokens still spreads
 # over enough CTAs (kv heads x splits).
 PARTITION_TOKENS = 64
-ROW_GROUPS = 8  # tokens in flight per CTA (ROW_GROUPS in attention.cu)
+ATTENTION_THREADS = 512  # threads per CTA for head_dim > 64 (RowGroups in attention.cu)
+MAX_ROW_GROUPS = 32
 REDUCE_THREADS = 128
 MAX_GROUP = 8  # MAX_G: query heads per kv head
 MAX_HEAD_DIM = 256
@@ -49,7 +50,8 @@ def attention_launch_config(
     if n_heads % n_kv_heads or n_heads // n_kv_heads > MAX_GROUP:
         raise CudaError(f"attention: {n_heads} heads over {n_kv_heads} kv heads (group <= 8)")
     n_splits = ceil_div(max_context, PARTITION_TOKENS)
-    threads = ROW_GROUPS * row_lanes(head_dim)
+    lanes = row_lanes(head_dim)
+    threads = min(MAX_ROW_GROUPS, ATTENTION_THREADS // lanes) * lanes
     decode = LaunchConfig((n_kv_heads, num_seqs, n_splits), (threads, 1, 1))
     reduce = LaunchConfig((n_heads, num_seqs, 1), (REDUCE_THREADS, 1, 1)) if n_splits > 1 else None
     return AttentionLaunch(decode, reduce, n_splits)

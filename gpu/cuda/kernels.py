@@ -16,6 +16,7 @@ KERNEL_OPTIONS: dict[str, tuple[str, ...]] = {
     "embedding.cu": (),
     "matvec.cu": (),
     "norm.cu": (),
+    "prefill_attention.cu": ("--use_fast_math",),
     "rope_kv.cu": (),
 }
 

@@ -17,13 +17,13 @@ _ARG_KINDS = ("ptr", "i32", "ptr", "ptr", "ptr", "ptr", "ptr", "i32", "i32", "i3
 
 
 def rope_kv_launch_config(
-    n_tokens: int, n_heads: int, n_kv_heads: int, rot_dim: int
+    n_tokens: int, n_heads: int, n_kv_heads: int, head_dim: int
 ) -> LaunchConfig:
-    """One CTA per token; a thread per rotated pair of its Q and K heads, up to 256."""
-    if n_tokens < 1:
-        raise CudaError(f"rope_kv: {n_tokens} tokens")
-    pairs = (n_heads + n_kv_heads) * (rot_dim // 2)
-    return LaunchConfig((n_tokens, 1, 1), (min(256, max(32, ceil_div(pairs, 32) * 32)), 1, 1))
+    """One CTA per (token, q/k/v head); a thread per rotated pair (half a head), whole warps."""
+    if n_tokens < 1 or head_dim < 2:
+        raise CudaError(f"rope_kv: {n_tokens} tokens of head_dim {head_dim}")
+    threads = min(128, max(32, ceil_div(head_dim // 2, 32) * 32))
+    return LaunchConfig((n_tokens, n_heads + 2 * n_kv_heads, 1), (threads, 1, 1))
 
 
 class RopeKVWrite:
@@ -64,7 +64,7 @@ class RopeKVWrite:
             if cache.shape[-2:] != (self.n_kv_heads, self.head_dim) or not cache.is_contiguous():
                 raise CudaError(f"rope_kv: {name} {tuple(cache.shape)} is not a contiguous pool")
         self._site.launch(
-            rope_kv_launch_config(n_tokens, self.n_heads, self.n_kv_heads, self.rot_dim),
+            rope_kv_launch_config(n_tokens, self.n_heads, self.n_kv_heads, self.head_dim),
             pointer(qkv, "rope_kv qkv", torch.float32),
             row_stride(qkv, "rope_kv qkv"),
             pointer(positions, "rope_kv positions", torch.int64, align=8),

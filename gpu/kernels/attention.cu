@@ -4,15 +4,19 @@
 // G = n_heads / n_kv_heads query heads that share the kv head (GQA), so each K/V element is read
 // once per CTA. Threads work on tokens in parallel, in three phases:
 //   1. Every thread issues its loads up front: LANES consecutive threads ("a row group") hold one
-//      token's K and V row, 8 elements (16 bytes of fp16) per lane; the CTA's 8 row groups take
-//      tokens gi, gi + 8, ... of the split (8 tokens each). Each lane dots its K slice with the 8
-//      matching elements of every query head (q pre-scaled by scale * log2(e), in shared memory),
-//      the row group sums over its lanes with xor shuffles, and the scores go to shared memory.
+//      token's K and V row, 8 elements (16 bytes of fp16) per lane; the CTA's RG row groups take
+//      tokens gi, gi + RG, ... of the split (64 / RG tokens each). Each lane dots its K slice with
+//      the 8 matching elements of every query head (q pre-scaled by scale * log2(e), in shared
+//      memory), the row group sums over its lanes with xor shuffles, the scores go to shared memory.
 //   2. Per query head, one warp takes the max over the split's 64 scores, p = exp2(s - max) and
 //      their sum (warp shuffles in a fixed pattern).
-//   3. P·V: each lane accumulates p * V over its 8 tokens for its 8 dims (registers from phase 1);
-//      the 8 row groups' sums are added in shared memory in row-group order.
-// LANES = head_dim / 8 rounded up to 8, 16 or 32 (a template: 64, 128 or 256 threads).
+//   3. P·V: each lane accumulates p * V over its tokens for its 8 dims (registers from phase 1);
+//      the row groups of a warp are added with xor shuffles, then the warps in shared memory in
+//      warp order.
+// LANES = head_dim / 8 rounded up to 8, 16 or 32 (a template); RG = 512 / LANES up to 32 row
+// groups, so a CTA has 256 or 512 threads and each thread 2 (head_dim <= 128) or 4 tokens. The
+// first version had 8 row groups of 8 tokens each: every warp issued ~2,900 dependent
+// instructions and a split took 9-13 us (ncu, H100, 2026-11-25) for 64 tokens of K and V.
 //
 // Split-K: a sequence's context is cut into fixed partitions, one per blockIdx.z. With one split
 // the CTA writes the normalised output; with several it writes its (m, l, acc) and
@@ -23,10 +27,11 @@
 #include "common.cuh"
 
 #define ATTN_PARTITION 64  // PARTITION_TOKENS in gpu/cuda/attention.py
-#define ROW_GROUPS 8       // row groups per CTA
-#define TOK_PER_GROUP (ATTN_PARTITION / ROW_GROUPS)
 #define MAX_G 8            // query heads per kv head
 #define RED_FLOATS 4096    // shared floats for the phase-3 sums (16 KiB)
+
+// Row groups per CTA for LANES lanes per row (ATTENTION_THREADS / LANES in gpu/cuda/attention.py).
+template <int LANES> struct RowGroups { static constexpr int value = 512 / LANES < 32 ? 512 / LANES : 32; };
 #define LOG2E 1.4426950408889634f
 #define NEG_INF (-__int_as_float(0x7f800000))  // no <cmath> under NVRTC: no INFINITY macro
 
@@ -91,13 +96,15 @@ __device__ __forceinline__ void attention_decode_impl(
     int n_heads, int n_kv_heads, int head_dim, int block_size, float scale, float* partial_out,
     float* partial_ml) {
     constexpr int DP = 8 * LANES;          // head_dim padded to the lanes' 8-element slices
+    constexpr int ROW_GROUPS = RowGroups<LANES>::value;
+    constexpr int TOK_PER_GROUP = ATTN_PARTITION / ROW_GROUPS;
     constexpr int THREADS = ROW_GROUPS * LANES;
     constexpr int N_WARPS = THREADS / 32;
-    constexpr int GC = RED_FLOATS / (ROW_GROUPS * DP);  // query heads per phase-3 pass
+    constexpr int GC = RED_FLOATS / (N_WARPS * DP);  // query heads per phase-3 pass
     __shared__ __align__(16) float q_s[MAX_G * DP];
     __shared__ float p_s[MAX_G][ATTN_PARTITION];
     __shared__ float ml_s[MAX_G][2];
-    __shared__ __align__(16) float red_s[ROW_GROUPS][GC * DP];
+    __shared__ __align__(16) float red_s[N_WARPS][GC * DP];
 
     const int kv_head = blockIdx.x, seq = blockIdx.y, split = blockIdx.z, n_splits = gridDim.z;
     const int gi = threadIdx.x / LANES, c = threadIdx.x % LANES;
@@ -218,11 +225,23 @@ __device__ __forceinline__ void attention_decode_impl(
             }
         }
     }
+    // The row groups of a warp (same c, lanes LANES apart) first, in a fixed xor pattern.
+#pragma unroll
+    for (int g = 0; g < MAX_G; ++g) {
+        if (g < G) {
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+#pragma unroll
+                for (int off = 16; off >= LANES; off >>= 1)
+                    acc[g][j] += __shfl_xor_sync(0xFFFFFFFFu, acc[g][j], off);
+        }
+    }
+    const int warp = threadIdx.x >> 5;
     for (int g0 = 0; g0 < G; g0 += GC) {
 #pragma unroll
         for (int g = 0; g < MAX_G; ++g) {
-            if (g >= g0 && g < g0 + GC && g < G) {
-                float* dst = &red_s[gi][(g - g0) * DP + 8 * c];
+            if ((threadIdx.x & 31) < LANES && g >= g0 && g < g0 + GC && g < G) {
+                float* dst = &red_s[warp][(g - g0) * DP + 8 * c];
                 reinterpret_cast<float4*>(dst)[0] = make_float4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
                 reinterpret_cast<float4*>(dst)[1] = make_float4(acc[g][4], acc[g][5], acc[g][6], acc[g][7]);
             }
@@ -233,7 +252,7 @@ __device__ __forceinline__ void attention_decode_impl(
             if (g < G && d < head_dim) {
                 float o = 0.0f;
 #pragma unroll
-                for (int r = 0; r < ROW_GROUPS; ++r) o += red_s[r][idx];
+                for (int w = 0; w < N_WARPS; ++w) o += red_s[w][idx];
                 const int head = kv_head * G + g;
                 if (n_splits == 1) {
                     out[(i64)seq * out_stride + head * head_dim + d] = o / ml_s[g][1];
@@ -273,7 +292,7 @@ extern "C" __global__ void attention_reduce(float* out, int out_stride, const fl
 }
 
 #define ATTENTION_DECODE(NAME, CACHE_T, LANES)                                                     \
-    extern "C" __global__ void __launch_bounds__(ROW_GROUPS * LANES)                               \
+    extern "C" __global__ void __launch_bounds__(RowGroups<LANES>::value * LANES)                  \
         attention_decode_##NAME##_l##LANES(                                                         \
             float* out, int out_stride, const float* q, int q_stride, const CACHE_T* k_cache,       \
             const CACHE_T* v_cache, const int* block_tables, int block_table_stride,                \

@@ -165,10 +165,13 @@ def test_dequant_rows_config(n_cols, threads):
 
 
 def test_rope_kv_config():
-    assert rope_kv_launch_config(9, 32, 8, 128).block == (256, 1, 1)
-    assert rope_kv_launch_config(9, 9, 3, 64).block == (256, 1, 1)
+    assert rope_kv_launch_config(9, 32, 8, 128).block == (64, 1, 1)
+    assert rope_kv_launch_config(9, 9, 3, 64).block == (32, 1, 1)
     assert rope_kv_launch_config(1, 1, 1, 2).block == (32, 1, 1)
-    assert rope_kv_launch_config(9, 32, 8, 128).grid == (9, 1, 1)
+    assert rope_kv_launch_config(1, 1, 1, 256).block == (128, 1, 1)
+    assert rope_kv_launch_config(9, 32, 8, 128).grid == (9, 48, 1)
+    with pytest.raises(CudaError):
+        rope_kv_launch_config(0, 32, 8, 128)
 
 
 @pytest.mark.parametrize(
@@ -184,12 +187,14 @@ def test_attention_config_splits_by_fixed_partitions(max_context, splits):
         assert launch.reduce.grid == (32, 3, 1)
 
 
-@pytest.mark.parametrize(("head_dim", "lanes"), [(1, 8), (64, 8), (65, 16), (80, 16), (128, 16),
-                                             (136, 32), (256, 32)])  # fmt: skip
-def test_attention_row_lanes_and_threads(head_dim, lanes):
+@pytest.mark.parametrize(("head_dim", "lanes", "threads"),
+                         [(1, 8, 256), (64, 8, 256), (65, 16, 512), (80, 16, 512), (128, 16, 512),
+                          (136, 32, 512), (256, 32, 512)])  # fmt: skip
+def test_attention_row_lanes_and_threads(head_dim, lanes, threads):
+    """Row groups of `lanes` threads, at most 32 of them and 512 threads (attention.cu)."""
     assert row_lanes(head_dim) == lanes
     launch = attention_launch_config(1, 32, 8, 600, head_dim)
-    assert launch.decode.block == (8 * lanes, 1, 1)
+    assert launch.decode.block == (threads, 1, 1)
     assert launch.decode.grid == (8, 1, 10)
 
 

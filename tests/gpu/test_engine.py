@@ -1,5 +1,6 @@
-"""The engine on the torch backend and the real SmolLM2 file: batching, chunking, caching,
-sessions, eviction and preemption never change the tokens; aborts give every block back.
+"""The engine on the real SmolLM2 file, on the torch backend and (marked gpu) on the CUDA
+backend: batching, chunking, caching, sessions, eviction and preemption never change the
+tokens; aborts give every block back.
 
 Where two runs of different batch shapes disagree, the test proves that step was a near-tie
 (top-2 logit gap under 1e-3 relative) by recomputing the logits at the first divergence.
@@ -21,11 +22,18 @@ GREEDY = SamplingParams(temperature=0.0)
 NEAR_TIE = 1e-3
 
 
-@pytest.fixture(scope="module")
-def backend(default_model_path):
-    from gpu.backends.torch_backend import TorchBackend
+@pytest.fixture(scope="module", params=["torch", pytest.param("cuda", marks=pytest.mark.gpu)])
+def backend(request, default_model_path):
+    """Every engine test runs on the torch reference and, on a GPU, on our CUDA kernels."""
+    if request.param == "torch":
+        from gpu.backends.torch_backend import TorchBackend
 
-    return TorchBackend(default_model_path)
+        return TorchBackend(default_model_path)
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from gpu.backends.cuda_backend import CudaBackend
+
+    return CudaBackend(default_model_path)
 
 
 def make_engine(backend, **kwargs) -> Engine:
@@ -254,4 +262,5 @@ def test_default_kv_pool_from_free_gpu_memory(monkeypatch, backend):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (1 << 30, 80 << 30))
     with pytest.raises(RequestError, match="no memory left for a KV cache"):
         engine_module.default_kv_blocks(fake, 16)
-    assert engine_module.default_kv_blocks(backend, 16) == (1 << 30) // per_block
+    if backend.device.type == "cpu":
+        assert engine_module.default_kv_blocks(backend, 16) == (1 << 30) // per_block

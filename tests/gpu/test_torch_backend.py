@@ -164,9 +164,9 @@ def test_decode_steps_match_transformers(pair):
 
 
 # Forwards of different batch shapes round differently (matmul blocking differs with the row
-# count), so "equal" below is float32 noise: measured up to 4e-5 on logits of magnitude ~30,
-# ten times under the transformers bar.
-SAME = 1e-4
+# count), so "equal" below is float32 noise: measured up to 1.02e-4 (2026-11-25, 2-core CPU) on
+# logits of magnitude ~30 (3e-6 relative), several times under the transformers bar.
+SAME = 3e-4
 
 
 def test_packed_batch_equals_each_alone(smollm2):
