@@ -9,8 +9,8 @@ batch 50 times: the device time per step when the host keeps ahead. The floor is
 decode step must read (every matrix once, plus the KV read) over the device-to-device copy
 bandwidth measured in the same run.
 
-    python bench/decode.py --models /tmp/orcd-bench --out bench/results \
-        smollm2-135m:Q4_1 smollm2-135m:F16 llama3-8b:Q4_0
+    python bench/decode.py --models-dir /tmp/orcd-bench --out bench/results \
+        smollm2-135m:Q4_1@1,8,32,64 smollm2-135m:F16 llama3-8b:Q4_0@1,8,32,64
 """
 
 from __future__ import annotations
@@ -82,14 +82,23 @@ def count_launches(backend: CudaBackend, batch: ForwardBatch) -> int:
     return count
 
 
-def run_one(path: Path, shape: str, quant: str, batch_size: int, copy_bw: float) -> dict:
-    device = torch.device("cuda")
-    start = time.perf_counter()
-    backend = CudaBackend(path)
-    load_s = time.perf_counter() - start
-    c = backend.config
+def prefill(backend: CudaBackend, packer: BatchPacker, prompt: list[int],
+            tables: list[list[int]]) -> torch.Tensor:  # fmt: skip
+    """The same prompt into each sequence's blocks, up to 8 sequences per forward call."""
+    for first in range(0, len(tables), 8):
+        group = tables[first : first + 8]
+        n = len(prompt)
+        batch = make_batch(packer, prompt * len(group), 0, group,
+                           [n * (i + 1) - 1 for i in range(len(group))], [n] * len(group))
+        logits = backend.forward(batch)
+    return logits
+
+
+def run_batch(backend: CudaBackend, shape: str, quant: str, batch_size: int, copy_bw: float,
+              load_s: float) -> dict:  # fmt: skip
+    """Prefill timing (one 512-token sequence), then batch_size sequences decode 128 tokens."""
+    device, c = backend.device, backend.config
     per_seq = -(-(PROMPT_TOKENS + DECODE_TOKENS + 1) // BLOCK_SIZE)
-    backend.allocate_kv(per_seq * (batch_size + 1), BLOCK_SIZE)
     tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(batch_size + 1)]
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, c.vocab_size, (PROMPT_TOKENS,), generator=gen).tolist()
@@ -98,13 +107,11 @@ def run_one(path: Path, shape: str, quant: str, batch_size: int, copy_bw: float)
     for table in (tables[-1], tables[0]):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        logits = backend.forward(make_batch(packer, prompt, 0, [table], [PROMPT_TOKENS - 1],
-                                            [PROMPT_TOKENS]))  # fmt: skip
+        logits = prefill(backend, packer, prompt, [table])
         torch.cuda.synchronize()
         prefill_s = time.perf_counter() - t0
-    for table in tables[1:batch_size]:  # the other sequences of the decode batch, same prompt
-        backend.forward(make_batch(packer, prompt, 0, [table], [PROMPT_TOKENS - 1],
-                                   [PROMPT_TOKENS]))  # fmt: skip
+    if batch_size > 1:  # the other sequences of the decode batch, same prompt
+        prefill(backend, packer, prompt, tables[1:batch_size])
     rows = list(range(batch_size))
     seq_tables = tables[:batch_size]
     tokens = logits.argmax(-1).tolist() * batch_size
@@ -155,19 +162,37 @@ def run_one(path: Path, shape: str, quant: str, batch_size: int, copy_bw: float)
         "graph_nodes_per_step": nodes,
         "graph_nodes_per_layer": round((nodes - 3) / c.n_layers, 2),
         "load_s": round(load_s, 1),
+        "llama_cpp_decode_tok_s": LLAMA_CPP.get((shape, quant, batch_size)),
+        "llama_cpp_prefill_tok_s": LLAMA_CPP_PREFILL.get((shape, quant)),
     }  # fmt: skip
-    del backend
-    torch.cuda.empty_cache()
     return row
 
 
 COMMIT = "unknown"
+# llama.cpp on the same H100 (../shared/ANCHORS.md, measured 2026-11-24): llama-bench tg128
+# (batch 1) and llama-batched-bench (8, 32, 64 sequences), and pp512. No llama.cpp runs here
+# (no network, no build on the device), so these are the anchors, quoted next to our numbers.
+LLAMA_CPP = {
+    ("smollm2-135m", "Q4_1", 1): 919, ("smollm2-135m", "F16", 1): 950,
+    ("llama3-8b", "Q4_0", 1): 317, ("llama3-8b", "Q4_K", 1): 265,
+    ("llama3-8b", "Q8_0", 1): 229, ("llama3-8b", "F16", 1): 167,
+    ("llama3-8b", "Q4_0", 8): 1221, ("llama3-8b", "Q4_0", 32): 3132,
+    ("llama3-8b", "Q4_0", 64): 4136, ("llama3-8b", "F16", 8): 905,
+    ("llama3-8b", "F16", 32): 2813, ("llama3-8b", "F16", 64): 4818,
+    ("smollm2-135m", "Q4_1", 8): 4478, ("smollm2-135m", "Q4_1", 32): 7163,
+    ("smollm2-135m", "Q4_1", 64): 9894,
+}  # fmt: skip
+LLAMA_CPP_PREFILL = {
+    ("smollm2-135m", "Q4_1"): 44000, ("llama3-8b", "Q4_0"): 11077,
+    ("llama3-8b", "Q4_K"): 9241, ("llama3-8b", "Q8_0"): 10520, ("llama3-8b", "F16"): 19820,
+}  # fmt: skip
 
 
 def main() -> None:
     global COMMIT
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("models", nargs="+", help="shape:quant, e.g. llama3-8b:Q4_0")
+    parser.add_argument("models", nargs="+",
+                        help="shape:quant[@batches], e.g. llama3-8b:Q4_0@1,8,32,64")  # fmt: skip
     parser.add_argument("--models-dir", type=Path, default=Path("/tmp/orcd-bench"))
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--batches", default="1", help="comma-separated batch sizes, e.g. 1,8")
@@ -177,21 +202,33 @@ def main() -> None:
     copy_bw = copy_bandwidth()
     print(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s (read + write)", flush=True)
     rows = []
-    for spec in args.models:
-        shape, quant = spec.split(":")
-        path = synthetic_model(args.models_dir, shape, quant)
-        for batch_size in (int(b) for b in args.batches.split(",")):
-            row = run_one(path, shape, quant, batch_size, copy_bw)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"gpu_decode-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}.json"
-    out.write_text(json.dumps(rows, indent=1) + "\n")
-    print(f"{'shape':14s} {'quant':5s} {'b':>3s} {'prefill':>9s} {'decode':>8s} {'floor':>8s} "
-          f"{'frac':>6s} {'step us':>8s} {'host us':>8s} {'nodes/layer':>11s}")  # fmt: skip
+    for spec in args.models:
+        spec, _, batches = spec.partition("@")
+        shape, quant = spec.split(":")
+        path = synthetic_model(args.models_dir, shape, quant)
+        batch_sizes = [int(b) for b in (batches or args.batches).split(",")]
+        start = time.perf_counter()
+        backend = CudaBackend(path)
+        load_s = time.perf_counter() - start
+        per_seq = -(-(PROMPT_TOKENS + DECODE_TOKENS + 1) // BLOCK_SIZE)
+        backend.allocate_kv(per_seq * (max(batch_sizes) + 1), BLOCK_SIZE)
+        for batch_size in batch_sizes:
+            row = run_batch(backend, shape, quant, batch_size, copy_bw, load_s)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            out.write_text(json.dumps(rows, indent=1) + "\n")  # kept if a later row fails
+        del backend
+        torch.cuda.empty_cache()
+    print(f"{'shape':14s} {'quant':5s} {'b':>3s} {'prefill':>9s} {'llama.cpp':>9s} "
+          f"{'decode':>8s} {'llama.cpp':>9s} {'floor':>8s} {'frac':>6s} {'step us':>8s} "
+          f"{'host us':>8s} {'nodes/layer':>11s}")  # fmt: skip
     for r in rows:
+        ref_pp, ref_tg = r["llama_cpp_prefill_tok_s"], r["llama_cpp_decode_tok_s"]
         print(f"{r['shape']:14s} {r['quant']:5s} {r['batch']:3d} {r['prefill_tok_s']:9.0f} "
-              f"{r['decode_tok_s']:8.1f} {r['floor_tok_s']:8.1f} {r['fraction_of_floor']:6.1%} "
+              f"{ref_pp or '-':>9} {r['decode_tok_s']:8.1f} {ref_tg or '-':>9} "
+              f"{r['floor_tok_s']:8.1f} {r['fraction_of_floor']:6.1%} "
               f"{r['step_us_same_batch']:8.1f} {r['forward_host_us']:8.1f} "
               f"{r['graph_nodes_per_layer']:11.2f}")  # fmt: skip
     print(f"wrote {out}")

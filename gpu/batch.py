@@ -9,6 +9,7 @@ before attention reads the sequence's whole context through its block table.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,15 +44,17 @@ class BatchPacker:
 
     Seven small tensors, each pinned and copied on its own, cost ~175 us of host time per step
     (and pinning fresh memory can wait for the GPU); here every field is written into one pinned
-    staging buffer (two, used in turn, each reused only once its last copy has run) and copied
-    up at once, and the fields are views of that one device tensor. On the CPU the views are of
-    the host buffer itself.
+    staging buffer and copied up at once into a device buffer whose field views are made once
+    per batch shape. Two (staging, device) pairs are used in turn: a staging buffer is rewritten
+    only once its last copy has run, and a device buffer is overwritten by a copy queued on the
+    stream after the kernels that read it. So a ForwardBatch stays valid for one more step: use
+    it before packing the next-but-one. On the CPU every batch gets fresh host tensors.
     """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self._staging: list[torch.Tensor] = []
-        self._copied: list[torch.cuda.Event | None] = [None, None]
+        self._on_gpu = device.type == "cuda"
+        self._slots = [_PackSlot(), _PackSlot()]
         self._turn = 0
 
     def pack(
@@ -65,58 +68,87 @@ class BatchPacker:
         logits_indices: list[int],
     ) -> ForwardBatch:
         """One step's batch; block table rows are padded with -1 to the widest."""
-        n_tokens, n_seqs = len(token_ids), len(query_lens)
-        width = max((len(t) for t in block_tables), default=0)
-        query_start = np.zeros(n_seqs + 1, dtype=np.int64)
-        np.cumsum(query_lens, out=query_start[1:])
-        sizes = (n_tokens, n_tokens, n_tokens, n_seqs + 1, n_seqs, len(logits_indices))
-        n64 = sum(sizes)
-        nbytes = 8 * n64 + 4 * n_seqs * width
-        host = self._buffer(nbytes)
-        words = host[: 8 * n64].numpy().view(np.int64)
-        offsets = np.cumsum((0, *sizes))
-        for values, start, end in zip(
-            (token_ids, positions, slot_mapping, query_start, context_lens, logits_indices),
-            offsets[:-1], offsets[1:], strict=True,
-        ):  # fmt: skip
-            words[start:end] = values
-        tables = host[8 * n64 : nbytes].numpy().view(np.int32).reshape(n_seqs, width)
+        n_seqs = len(query_lens)
+        width = max(map(len, block_tables), default=0)
+        shape = (len(token_ids), n_seqs, len(logits_indices), width)
+        self._turn ^= 1
+        slot = self._slots[self._turn]
+        views = slot.prepare(shape, self.device) if self._on_gpu else _PackSlot.fresh(shape)
+        words, tables, fields = views
+        words[:] = [*token_ids, *positions, *slot_mapping, 0, *itertools.accumulate(query_lens),
+                    *context_lens, *logits_indices]  # fmt: skip
         tables.fill(-1)
         for row, table in zip(tables, block_tables, strict=True):
             row[: len(table)] = table
-        packed = host[:nbytes]
-        if self.device.type == "cuda":
-            packed = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-            packed.copy_(host[:nbytes], non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            self._copied[self._turn] = event
-        fields = packed[: 8 * n64].view(torch.int64)
-        views = [fields[start:end] for start, end in zip(offsets[:-1], offsets[1:], strict=True)]
-        return ForwardBatch(
-            token_ids=views[0], positions=views[1], slot_mapping=views[2],
-            query_start=views[3], context_lens=views[4],
-            block_tables=packed[8 * n64 : nbytes].view(torch.int32).view(n_seqs, width),
-            logits_indices=views[5], query_lens=list(query_lens),
-            context_lens_host=list(context_lens),
-        )  # fmt: skip
+        if self._on_gpu:
+            slot.upload()
+        return ForwardBatch(*fields, query_lens=list(query_lens),
+                            context_lens_host=list(context_lens))  # fmt: skip
 
-    def _buffer(self, nbytes: int) -> torch.Tensor:
-        """The next staging buffer, at least `nbytes`, once no copy from it is pending (on the
-        CPU a fresh one: the batch's fields are views of it)."""
-        if self.device.type != "cuda":
-            return torch.empty(nbytes, dtype=torch.uint8)
-        self._turn ^= 1
-        pending = self._copied[self._turn]
-        if pending is not None:
-            pending.synchronize()
-        if len(self._staging) < 2:
-            self._staging = [self._new_buffer(4096), self._new_buffer(4096)]
-        if self._staging[self._turn].numel() < nbytes:
-            grown = max(nbytes, 2 * self._staging[self._turn].numel())
-            self._staging[self._turn] = self._new_buffer(grown)
-        return self._staging[self._turn]
+
+class _PackSlot:
+    """One pinned staging buffer, its device twin, and their views for the last batch shape."""
+
+    def __init__(self) -> None:
+        self.host: torch.Tensor | None = None
+        self.dev: torch.Tensor | None = None
+        self.copied = None  # torch.cuda.Event of the last upload
+        self.nbytes = 0
+        self._shape: tuple[int, ...] | None = None
+        self._views: tuple | None = None
 
     @staticmethod
-    def _new_buffer(nbytes: int) -> torch.Tensor:
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    def layout(shape: tuple[int, int, int, int]) -> tuple[int, int]:
+        """(int64 words, total bytes): tokens, positions, slots, query_start, context, logits
+        rows as int64, then the [seqs, width] int32 block tables."""
+        n_tokens, n_seqs, n_logits, width = shape
+        words = 3 * n_tokens + 2 * n_seqs + 1 + n_logits
+        return words, 8 * words + 4 * n_seqs * width
+
+    @staticmethod
+    def views(buffer: torch.Tensor, shape: tuple[int, int, int, int]) -> tuple:
+        """The ForwardBatch tensor fields (token_ids .. logits_indices) as views of `buffer`."""
+        n_tokens, n_seqs, n_logits, width = shape
+        n_words, nbytes = _PackSlot.layout(shape)
+        words = buffer[: 8 * n_words].view(torch.int64)
+        sizes = (n_tokens, n_tokens, n_tokens, n_seqs + 1, n_seqs, n_logits)
+        fields, start = [], 0
+        for size in sizes:
+            fields.append(words[start : start + size])
+            start += size
+        tables = buffer[8 * n_words : nbytes].view(torch.int32).view(n_seqs, width)
+        return (*fields[:5], tables, fields[5])
+
+    @staticmethod
+    def fresh(shape: tuple[int, int, int, int]) -> tuple:
+        n_words, nbytes = _PackSlot.layout(shape)
+        host = torch.empty(nbytes, dtype=torch.uint8)
+        return _PackSlot._numpy_views(host, shape) + (_PackSlot.views(host, shape),)
+
+    @staticmethod
+    def _numpy_views(host: torch.Tensor, shape: tuple[int, int, int, int]) -> tuple:
+        n_words, nbytes = _PackSlot.layout(shape)
+        array = host.numpy()
+        words = array[: 8 * n_words].view(np.int64)
+        tables = array[8 * n_words : nbytes].view(np.int32).reshape(shape[1], shape[3])
+        return words, tables
+
+    def prepare(self, shape: tuple[int, int, int, int], device: torch.device) -> tuple:
+        """(int64 numpy words, int32 numpy tables, device fields) for `shape`, once the last
+        upload from this slot's staging buffer has run."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        if shape != self._shape:
+            _, nbytes = self.layout(shape)
+            if nbytes > (0 if self.host is None else self.host.numel()):
+                capacity = max(nbytes, 2 * (0 if self.host is None else self.host.numel()), 4096)
+                self.host = torch.empty(capacity, dtype=torch.uint8, pin_memory=True)
+                self.dev = torch.empty(capacity, dtype=torch.uint8, device=device)
+                self.copied = torch.cuda.Event()
+            self.nbytes, self._shape = nbytes, shape
+            self._views = (*self._numpy_views(self.host, shape), self.views(self.dev, shape))
+        return self._views
+
+    def upload(self) -> None:
+        self.dev[: self.nbytes].copy_(self.host[: self.nbytes], non_blocking=True)
+        self.copied.record()
