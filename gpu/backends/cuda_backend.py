@@ -34,6 +34,7 @@ from gpu.cuda.norm import RMSNorm
 from gpu.cuda.prefill_attention import PrefillAttention, padded_head_dim
 from gpu.cuda.qweights import ProgressCallback, load_quant_weights
 from gpu.cuda.rope_kv import RopeKVWrite
+from gpu.cuda.sampling import CudaSampler
 from gpu.rope import Rotary
 from loader.gguf_file import GGUFFile
 
@@ -265,3 +266,10 @@ class CudaBackend(Backend):
         logits = torch.empty(rows.shape[0], c.vocab_size, dtype=torch.float32, device=self.device)
         w.output.matvec(logits, x)
         return logits
+
+    # ----- sampling -----------------------------------------------------------------------------
+
+    def make_sampler(self, seed: int | None) -> CudaSampler:
+        """Our sampling kernel (gpu/cuda/sampling.py): one CTA per row, one sync per step; seeded
+        rows need no torch generator."""
+        return CudaSampler(seed)

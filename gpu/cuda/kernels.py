@@ -18,6 +18,7 @@ KERNEL_OPTIONS: dict[str, tuple[str, ...]] = {
     "norm.cu": (),
     "prefill_attention.cu": ("--use_fast_math",),
     "rope_kv.cu": (),
+    "sampling.cu": (),
 }
 
 
