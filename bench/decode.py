@@ -48,6 +48,16 @@ def synthetic_model(folder: Path, shape_name: str, quant_name: str) -> Path:
     return path
 
 
+def sequence_tables(n_seqs: int, tokens: int) -> list[list[int]]:
+    """Block tables of n_seqs sequences of up to `tokens` tokens each, blocks laid end to end:
+    the pool these need is len(tables[0]) * n_seqs blocks."""
+    per_seq = -(-tokens // BLOCK_SIZE)
+    return [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(n_seqs)]
+
+
+SEQ_TOKENS = PROMPT_TOKENS + DECODE_TOKENS + 1  # what a benchmark sequence may hold
+
+
 def make_batch(packer: BatchPacker, tokens: list[int], start: int, tables: list[list[int]],
                logits_rows: list[int], query_lens: list[int]) -> ForwardBatch:  # fmt: skip
     """Sequences i = 0.. each with query_lens[i] new tokens at positions start.. (same start),
@@ -98,8 +108,7 @@ def run_batch(backend: CudaBackend, shape: str, quant: str, batch_size: int, cop
               load_s: float) -> dict:  # fmt: skip
     """Prefill timing (one 512-token sequence), then batch_size sequences decode 128 tokens."""
     device, c = backend.device, backend.config
-    per_seq = -(-(PROMPT_TOKENS + DECODE_TOKENS + 1) // BLOCK_SIZE)
-    tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(batch_size + 1)]
+    tables = sequence_tables(batch_size + 1, SEQ_TOKENS)  # the last: prefill warm-up only
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, c.vocab_size, (PROMPT_TOKENS,), generator=gen).tolist()
     packer = BatchPacker(device)
@@ -118,7 +127,6 @@ def run_batch(backend: CudaBackend, shape: str, quant: str, batch_size: int, cop
     first = make_batch(packer, tokens, PROMPT_TOKENS, seq_tables, rows, [1] * batch_size)
     nodes = count_launches(backend, first)
     backend.forward(first)  # capture this context's graph before timing (it rewrites the same KV)
-    torch.cuda.synchronize()
     host_us, pos = [], PROMPT_TOKENS
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -212,8 +220,8 @@ def main() -> None:
         start = time.perf_counter()
         backend = CudaBackend(path)
         load_s = time.perf_counter() - start
-        per_seq = -(-(PROMPT_TOKENS + DECODE_TOKENS + 1) // BLOCK_SIZE)
-        backend.allocate_kv(per_seq * (max(batch_sizes) + 1), BLOCK_SIZE)
+        tables = sequence_tables(max(batch_sizes) + 1, SEQ_TOKENS)
+        backend.allocate_kv(len(tables) * len(tables[0]), BLOCK_SIZE)
         for batch_size in batch_sizes:
             row = run_batch(backend, shape, quant, batch_size, copy_bw, load_s)
             rows.append(row)

@@ -19,7 +19,14 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.decode import BLOCK_SIZE, PROMPT_TOKENS, make_batch, synthetic_model  # noqa: E402
+from bench.decode import (  # noqa: E402
+    BLOCK_SIZE,
+    PROMPT_TOKENS,
+    make_batch,
+    prefill,
+    sequence_tables,
+    synthetic_model,
+)
 from gpu.backends.cuda_backend import CudaBackend  # noqa: E402
 from gpu.batch import BatchPacker  # noqa: E402
 
@@ -30,16 +37,12 @@ def profile_model(path: Path, label: str, batch_size: int) -> None:
     device = torch.device("cuda")
     backend = CudaBackend(path)
     c = backend.config
-    per_seq = -(-(PROMPT_TOKENS + STEPS + 2) // BLOCK_SIZE)
-    backend.allocate_kv(per_seq * batch_size, BLOCK_SIZE)
-    tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(batch_size)]
+    tables = sequence_tables(batch_size, PROMPT_TOKENS + STEPS + 2)
+    backend.allocate_kv(len(tables) * len(tables[0]), BLOCK_SIZE)
     prompt = torch.randint(0, c.vocab_size, (PROMPT_TOKENS,)).tolist()
     packer = BatchPacker(device)
-    for table in tables:
-        logits = backend.forward(
-            make_batch(packer, prompt, 0, [table], [PROMPT_TOKENS - 1], [PROMPT_TOKENS])
-        )
-    tokens = logits.argmax(-1).tolist() * batch_size
+    logits = prefill(backend, packer, prompt, tables)
+    tokens = logits[-1:].argmax(-1).tolist() * batch_size
     rows = list(range(batch_size))
     backend.use_graphs = False
     backend.forward(make_batch(packer, tokens, PROMPT_TOKENS, tables, rows, [1] * batch_size))
