@@ -10,18 +10,24 @@ Same contract, same routing and attempt handling as the sync client (`jobs.proto
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import redis.asyncio as aioredis
 
-from jobs.client import CANCEL_TTL_S, READ_BLOCK_MS, decode, route_for_session
-from jobs.errors import JobError, JobFailed, JobTimeout
+from jobs.client import (
+    CANCEL_TTL_S,
+    holder_control_stream,
+    outcome,
+    read_block_ms,
+    route_for_session,
+    validated_job,
+)
+from jobs.errors import JobError
 from jobs.events import Done
 from jobs.keys import CONTROL_FIELD, JOB_FIELD, Keys
-from jobs.protocol import EventFollower, JobEvent, build_job, encode_job
+from jobs.protocol import EventFollower, JobEvent, as_text, encode_job
 from jobs.schema import EndSession
 from loader.registry import DEFAULT_MODEL
 
@@ -61,11 +67,8 @@ class AsyncOrcdClient:
         job_id: str | None = None,
         **options: Any,
     ) -> str:
-        try:
-            job = build_job(model=model, prompt=prompt, messages=messages,
+        job = validated_job(model=model, prompt=prompt, messages=messages,
                             session_id=session_id, job_id=job_id, **options)
-        except ValueError as exc:
-            raise JobError(f"invalid job: {exc}") from None
         await self.redis.xadd(await self.stream_for(model, session_id),
                               {JOB_FIELD: encode_job(job)})
         return job.job_id
@@ -73,14 +76,14 @@ class AsyncOrcdClient:
     async def stream_for(self, model: str, session_id: str | None) -> str:
         if not session_id:
             return self.keys.jobs(model)
-        holder = decode(await self.redis.get(self.keys.session(session_id)))
+        holder = as_text(await self.redis.get(self.keys.session(session_id)))
         if holder is None:
             return self.keys.jobs(model)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.exists(self.keys.worker(holder))
             pipe.hget(self.keys.workers, holder)
             alive, info = await pipe.execute()
-        return route_for_session(self.keys, model, session_id, holder, bool(alive), decode(info))
+        return route_for_session(self.keys, model, session_id, holder, bool(alive), as_text(info))
 
     async def events(self, job_id: str, *, timeout: float | None = None
                      ) -> AsyncIterator[JobEvent]:
@@ -88,12 +91,7 @@ class AsyncOrcdClient:
         last_id = "0"
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            block = READ_BLOCK_MS
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise JobTimeout(f"job {job_id}: no answer within {timeout} s")
-                block = max(1, min(block, int(left * 1000)))
+            block = read_block_ms(job_id, deadline, timeout)
             reply = await self.redis.xread({key: last_id}, block=block, count=512)
             for _, entries in reply or ():
                 for entry_id, fields in entries:
@@ -113,10 +111,9 @@ class AsyncOrcdClient:
 
     async def wait(self, job_id: str, *, timeout: float | None = None) -> Done:
         async for event in self.stream(job_id, timeout=timeout):
-            if event.kind == "done":
-                return Done.model_validate(event.data)
-            if event.kind == "error":
-                raise JobFailed(job_id, event.data.get("code", "?"), event.data.get("message", ""))
+            done = outcome(job_id, event)
+            if done is not None:
+                return done
         raise JobError(f"job {job_id}: output stream ended without done")  # pragma: no cover
 
     async def generate(self, prompt: str | None = None, *, timeout: float | None = None,
@@ -128,7 +125,7 @@ class AsyncOrcdClient:
 
     async def end_session(self, session_id: str) -> bool:
         control = EndSession(v=1, op="end_session", session_id=session_id)
-        holder = decode(await self.redis.get(self.keys.session(session_id)))
+        holder = as_text(await self.redis.get(self.keys.session(session_id)))
         if holder is None:
             return False
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -136,9 +133,8 @@ class AsyncOrcdClient:
             pipe.hget(self.keys.workers, holder)
             alive, info = await pipe.execute()
         await self.redis.delete(self.keys.session(session_id))
-        if not alive or info is None:
+        stream = holder_control_stream(self.keys, holder, bool(alive), as_text(info))
+        if stream is None:
             return False
-        model = json.loads(info)["model"]
-        await self.redis.xadd(self.keys.routed(model, holder),
-                              {CONTROL_FIELD: control.model_dump_json()})
+        await self.redis.xadd(stream, {CONTROL_FIELD: control.model_dump_json()})
         return True

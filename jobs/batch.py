@@ -30,7 +30,7 @@ from rq.job import Job
 from jobs.client import CANCEL_TTL_S, OrcdClient
 from jobs.events import INVALID_JOB, INVALID_JSON, INVALID_REQUEST, PAYLOAD_TOO_LARGE, UNKNOWN_MODEL
 from jobs.keys import JOB_FIELD
-from jobs.protocol import JobEvent, build_job, encode_job
+from jobs.protocol import JobEvent, as_text, build_job, encode_job
 from jobs.schema import GenerationJob, describe_validation_error
 from loader.registry import DEFAULT_MODEL
 
@@ -231,7 +231,7 @@ class BatchRunner:
                                         block=block, count=16)
         ended, retry = False, []
         for raw_key, entries in reply or ():
-            item = by_stream[raw_key.decode() if isinstance(raw_key, bytes) else raw_key]
+            item = by_stream[as_text(raw_key)]
             for entry_id, fields in entries:
                 event = JobEvent.from_entry(entry_id, fields)
                 item.last_id = event.id

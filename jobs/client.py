@@ -23,16 +23,12 @@ import redis
 from jobs.errors import JobError, JobFailed, JobTimeout
 from jobs.events import Done
 from jobs.keys import CONTROL_FIELD, JOB_FIELD, Keys
-from jobs.protocol import EventFollower, JobEvent, build_job, encode_job
-from jobs.schema import EndSession
+from jobs.protocol import EventFollower, JobEvent, as_text, build_job, encode_job
+from jobs.schema import EndSession, GenerationJob
 from loader.registry import DEFAULT_MODEL
 
 CANCEL_TTL_S = 3600
 READ_BLOCK_MS = 500
-
-
-def decode(value: bytes | str | None) -> str | None:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def route_for_session(
@@ -45,6 +41,44 @@ def route_for_session(
         if json.loads(holder_info).get("model") == model:
             return keys.routed(model, holder)
     return keys.jobs(model)
+
+
+# What the sync and async clients share: everything but the Redis calls.
+
+
+def validated_job(**fields: Any) -> GenerationJob:
+    """build_job, with a refusal as JobError (pydantic's ValidationError is a ValueError)."""
+    try:
+        return build_job(**fields)
+    except ValueError as exc:
+        raise JobError(f"invalid job: {exc}") from None
+
+
+def read_block_ms(job_id: str, deadline: float | None, timeout: float | None) -> int:
+    """How long the next XREAD may block: READ_BLOCK_MS, less near the deadline; JobTimeout
+    once it has passed."""
+    if deadline is None:
+        return READ_BLOCK_MS
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise JobTimeout(f"job {job_id}: no answer within {timeout} s")
+    return max(1, min(READ_BLOCK_MS, int(left * 1000)))
+
+
+def outcome(job_id: str, event: JobEvent) -> Done | None:
+    """The `done` payload of a final event, JobFailed for an `error`; None for the others."""
+    if event.kind == "done":
+        return Done.model_validate(event.data)
+    if event.kind == "error":
+        raise JobFailed(job_id, event.data.get("code", "?"), event.data.get("message", ""))
+    return None
+
+
+def holder_control_stream(keys: Keys, holder: str, alive: bool, info: str | None) -> str | None:
+    """Where an end_session control for a session's holder goes; None when it is gone."""
+    if not alive or info is None:
+        return None
+    return keys.routed(json.loads(info)["model"], holder)
 
 
 class OrcdClient:
@@ -86,11 +120,8 @@ class OrcdClient:
     ) -> str:
         """Validate and enqueue a job; returns its id. `options`: the job's other fields
         (`stream_interval`, `metadata`, `sampling`...) and sampling fields (`max_tokens`...)."""
-        try:
-            job = build_job(model=model, prompt=prompt, messages=messages,
+        job = validated_job(model=model, prompt=prompt, messages=messages,
                             session_id=session_id, job_id=job_id, **options)
-        except ValueError as exc:  # pydantic's ValidationError is a ValueError
-            raise JobError(f"invalid job: {exc}") from None
         stream = self.stream_for(model, session_id)
         self.redis.xadd(stream, {JOB_FIELD: encode_job(job)})
         return job.job_id
@@ -99,14 +130,14 @@ class OrcdClient:
         """Where a job of this model and session goes now (see `route_for_session`)."""
         if not session_id:
             return self.keys.jobs(model)
-        holder = decode(self.redis.get(self.keys.session(session_id)))
+        holder = as_text(self.redis.get(self.keys.session(session_id)))
         if holder is None:
             return self.keys.jobs(model)
         pipe = self.redis.pipeline(transaction=False)
         pipe.exists(self.keys.worker(holder))
         pipe.hget(self.keys.workers, holder)
         alive, info = pipe.execute()
-        return route_for_session(self.keys, model, session_id, holder, bool(alive), decode(info))
+        return route_for_session(self.keys, model, session_id, holder, bool(alive), as_text(info))
 
     def events(self, job_id: str, *, timeout: float | None = None) -> Iterator[JobEvent]:
         """Every raw event of the job from id 0, until `done` or `error`; all attempts."""
@@ -114,12 +145,7 @@ class OrcdClient:
         last_id = "0"
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            block = READ_BLOCK_MS
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise JobTimeout(f"job {job_id}: no answer within {timeout} s")
-                block = max(1, min(block, int(left * 1000)))
+            block = read_block_ms(job_id, deadline, timeout)
             # XREAD with BLOCK returns None (not []) when the block times out.
             reply = self.redis.xread({key: last_id}, block=block, count=512)
             for _, entries in reply or ():
@@ -142,10 +168,9 @@ class OrcdClient:
     def wait(self, job_id: str, *, timeout: float | None = None) -> Done:
         """The job's `done` payload; raises `JobFailed` on an `error` event."""
         for event in self.stream(job_id, timeout=timeout):
-            if event.kind == "done":
-                return Done.model_validate(event.data)
-            if event.kind == "error":
-                raise JobFailed(job_id, event.data.get("code", "?"), event.data.get("message", ""))
+            done = outcome(job_id, event)
+            if done is not None:
+                return done
         raise JobError(f"job {job_id}: output stream ended without done")  # pragma: no cover
 
     def generate(
@@ -164,7 +189,7 @@ class OrcdClient:
         """Free a session's KV on the worker holding it; False if no live worker holds it.
         The next job of the session goes to the shared stream and is computed afresh."""
         control = EndSession(v=1, op="end_session", session_id=session_id)
-        holder = decode(self.redis.get(self.keys.session(session_id)))
+        holder = as_text(self.redis.get(self.keys.session(session_id)))
         if holder is None:
             return False
         pipe = self.redis.pipeline(transaction=False)
@@ -172,10 +197,10 @@ class OrcdClient:
         pipe.hget(self.keys.workers, holder)
         alive, info = pipe.execute()
         self.redis.delete(self.keys.session(session_id))
-        if not alive or info is None:
+        stream = holder_control_stream(self.keys, holder, bool(alive), as_text(info))
+        if stream is None:
             return False
-        model = json.loads(info)["model"]
-        self.redis.xadd(self.keys.routed(model, holder), {CONTROL_FIELD: control.model_dump_json()})
+        self.redis.xadd(stream, {CONTROL_FIELD: control.model_dump_json()})
         return True
 
     def workers(self) -> dict[str, dict]:
@@ -183,7 +208,7 @@ class OrcdClient:
         entries = self.redis.hgetall(self.keys.workers)
         if not entries:
             return {}
-        ids = [decode(k) for k in entries]
+        ids = [as_text(k) for k in entries]
         pipe = self.redis.pipeline(transaction=False)
         for worker_id in ids:
             pipe.exists(self.keys.worker(worker_id))

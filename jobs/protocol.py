@@ -57,7 +57,8 @@ def build_job(
     return GenerationJob.model_validate_json(json.dumps(payload))
 
 
-def _text(value: bytes | str) -> str:
+def as_text(value: bytes | str | None) -> str | None:
+    """A Redis reply value as str (redis-py gives bytes unless decode_responses is on)."""
     return value.decode() if isinstance(value, bytes) else value
 
 
@@ -77,10 +78,10 @@ class JobEvent:
 
     @classmethod
     def from_entry(cls, entry_id: bytes | str, fields: dict) -> JobEvent:
-        fields = {_text(k): v for k, v in fields.items()}
-        kind = _text(fields.get(EVENT_FIELD, b"?"))
+        fields = {as_text(k): v for k, v in fields.items()}
+        kind = as_text(fields.get(EVENT_FIELD, b"?"))
         data = json.loads(fields.get(DATA_FIELD) or "{}")
-        return cls(_text(entry_id), kind, data, int(data.get("attempt", 0) or 0))
+        return cls(as_text(entry_id), kind, data, int(data.get("attempt", 0) or 0))
 
 
 @dataclass(slots=True)
