@@ -246,6 +246,7 @@ def test_rope_kv_write(n_heads, n_kv_heads, head_dim, rot_dim, neox, cache_dtype
 # --- decode attention ---------------------------------------------------------------------------
 
 from gpu.cuda.attention import DecodeAttention  # noqa: E402
+from tests.gpu.paged_attention import attention_reference, paged_cache  # noqa: E402
 
 ATTENTION_CASES = [  # n_heads, n_kv_heads, head_dim, block_size, context lengths
     (32, 8, 128, 16, [1, 17, 300, 2000]),
@@ -256,55 +257,25 @@ ATTENTION_CASES = [  # n_heads, n_kv_heads, head_dim, block_size, context length
 ]
 
 
-def _attention_ref(q, k_cache, v_cache, block_tables, context_lens, n_heads, n_kv_heads):
-    block_size, head_dim = k_cache.shape[1], k_cache.shape[3]
-    outs = []
-    for i, context in enumerate(context_lens):
-        blocks = block_tables[i, : -(-context // block_size)].long()
-        keys = k_cache[blocks].flatten(0, 1)[:context].double()  # [ctx, kv, d]
-        values = v_cache[blocks].flatten(0, 1)[:context].double()
-        group = n_heads // n_kv_heads
-        keys = keys.repeat_interleave(group, dim=1).transpose(0, 1)  # [heads, ctx, d]
-        values = values.repeat_interleave(group, dim=1).transpose(0, 1)
-        query = q[i, : n_heads * head_dim].view(n_heads, 1, head_dim).double()
-        scores = query @ keys.transpose(1, 2) / head_dim**0.5
-        outs.append((scores.softmax(-1) @ values).reshape(-1))
-    return torch.stack(outs)
-
-
-def _paged_cache(n_kv_heads, head_dim, block_size, context_lens, cache_dtype):
-    """Random K/V in shuffled blocks; each sequence's table padded with -1 like the engine's."""
-    blocks_needed = [-(-c // block_size) for c in context_lens]
-    num_blocks = sum(blocks_needed) + 3
-    shape = (num_blocks, block_size, n_kv_heads, head_dim)
-    k_cache = torch.randn(shape, device="cuda").to(cache_dtype)
-    v_cache = torch.randn(shape, device="cuda").to(cache_dtype)
-    order = torch.randperm(num_blocks).tolist()
-    tables = torch.full((len(context_lens), max(blocks_needed) + 2), -1, dtype=torch.int32)
-    for i, n in enumerate(blocks_needed):
-        tables[i, :n] = torch.tensor([order.pop() for _ in range(n)], dtype=torch.int32)
-    return k_cache, v_cache, tables.cuda()
-
-
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
 @pytest.mark.parametrize(("n_heads", "n_kv_heads", "head_dim", "block_size", "contexts"),
                          ATTENTION_CASES)  # fmt: skip
 def test_decode_attention(n_heads, n_kv_heads, head_dim, block_size, contexts, cache_dtype):
-    k_cache, v_cache, tables = _paged_cache(n_kv_heads, head_dim, block_size, contexts, cache_dtype)
+    k_cache, v_cache, tables = paged_cache(n_kv_heads, head_dim, block_size, contexts, cache_dtype)
     n_seqs = len(contexts)
     q = torch.randn(n_seqs, (n_heads + 2 * n_kv_heads) * head_dim, device="cuda")  # fused qkv rows
     context_lens = torch.tensor(contexts, dtype=torch.int64, device="cuda")
     out = nan_tensor(n_seqs, n_heads * head_dim)
     op = DecodeAttention(n_heads, n_kv_heads, head_dim, block_size, cache_dtype)
     op(out, q, k_cache, v_cache, tables, context_lens, max(contexts))
-    ref = _attention_ref(q, k_cache, v_cache, tables, contexts, n_heads, n_kv_heads)
+    ref = attention_reference(q, k_cache, v_cache, tables, [1] * n_seqs, contexts, n_heads)
     assert rel_error(out, ref) <= FP32_TOL  # the cache values are the inputs: exact either dtype
 
 
 def test_decode_attention_is_batch_invariant():
     n_heads, n_kv_heads, head_dim, block_size = 32, 8, 128, 16
     contexts = [200, 2000, 17, 900]
-    k_cache, v_cache, tables = _paged_cache(
+    k_cache, v_cache, tables = paged_cache(
         n_kv_heads, head_dim, block_size, contexts, torch.float16
     )
     q = torch.randn(4, n_heads * head_dim, device="cuda")

@@ -20,6 +20,7 @@ from gpu.cuda.prefill_attention import (
     padded_head_dim,
     prefill_attention_launch_config,
 )
+from tests.gpu.paged_attention import attention_reference, paged_cache
 
 TENSOR_CORE_TOL = 1e-2  # q and p rounded to fp16 for the mma
 FP32_TOL = 1e-3
@@ -98,40 +99,11 @@ def test_refuses_tensor_cores_on_an_fp32_cache():
 # --- kernels (device) ---------------------------------------------------------------------------
 
 
-def prefill_reference(q, k_cache, v_cache, block_tables, query_lens, context_lens, n_heads):
-    """float64 causal attention of each sequence's queries over its gathered cache."""
-    block_size, n_kv_heads, head_dim = k_cache.shape[1:]
-    group = n_heads // n_kv_heads
-    outs, start = [], 0
-    for i, (query_len, context) in enumerate(zip(query_lens, context_lens, strict=True)):
-        blocks = block_tables[i, : -(-context // block_size)].long()
-        keys = k_cache[blocks].flatten(0, 1)[:context].double().repeat_interleave(group, dim=1)
-        values = v_cache[blocks].flatten(0, 1)[:context].double().repeat_interleave(group, dim=1)
-        queries = q[start : start + query_len, : n_heads * head_dim].double()
-        queries = queries.view(query_len, n_heads, head_dim).transpose(0, 1)  # [heads, n, d]
-        scores = queries @ keys.permute(1, 2, 0) / head_dim**0.5  # [heads, n, context]
-        query_pos = torch.arange(context - query_len, context, device=q.device)
-        masked = torch.arange(context, device=q.device)[None, :] > query_pos[:, None]
-        probs = scores.masked_fill(masked, float("-inf")).softmax(-1)
-        outs.append((probs @ values.transpose(0, 1)).transpose(0, 1).reshape(query_len, -1))
-        start += query_len
-    return torch.cat(outs)
-
-
 def paged_inputs(n_heads, n_kv_heads, head_dim, block_size, query_lens, context_lens, dtype):
     """Random K/V in shuffled blocks (tables padded with -1, a column slice of a wider tensor:
     row stride != width) and q as the head of fused qkv rows."""
-    blocks_needed = [-(-c // block_size) for c in context_lens]
-    num_blocks = sum(blocks_needed) + 3
-    shape = (num_blocks, block_size, n_kv_heads, head_dim)
-    k_cache = torch.randn(shape, device="cuda").to(dtype)
-    v_cache = torch.randn(shape, device="cuda").to(dtype)
-    order = torch.randperm(num_blocks).tolist()
-    width = max(blocks_needed) + 2
-    tables = torch.full((len(context_lens), width + 3), -1, dtype=torch.int32)
-    for i, n in enumerate(blocks_needed):
-        tables[i, :n] = torch.tensor([order.pop() for _ in range(n)], dtype=torch.int32)
-    tables = tables.cuda()[:, :width]
+    k_cache, v_cache, tables = paged_cache(n_kv_heads, head_dim, block_size, context_lens, dtype,
+                                           extra_columns=3)  # fmt: skip
     num_tokens = sum(query_lens)
     qkv = 2 * torch.randn(num_tokens, (n_heads + 2 * n_kv_heads) * head_dim, device="cuda")
     starts = torch.tensor([0, *query_lens], device="cuda").cumsum(0)
@@ -172,7 +144,7 @@ def test_prefill_attention_matches_reference(case, math):
     out = torch.full((q.shape[0], n_heads * head_dim), float("nan"), device="cuda")
     op = PrefillAttention(n_heads, n_kv_heads, head_dim, block_size, cache_dtype, tensor_cores)
     op(out, q, k_cache, v_cache, tables, starts, lens, query_lens, context_lens)
-    ref = prefill_reference(q, k_cache, v_cache, tables, query_lens, context_lens, n_heads)
+    ref = attention_reference(q, k_cache, v_cache, tables, query_lens, context_lens, n_heads)
     assert max_rel_error(out, ref) <= tol
 
 
