@@ -10,9 +10,9 @@ split count, and replayed; padding rows write no KV (slot -1) and their logits a
 
 Prefill chunks and mixed batches take the prefill path: each layer's weights are dequantised
 into an fp16 scratch for torch.matmul (cuBLAS), and attention is our causal flash-attention
-kernel over the paged KV (prefill_attention.cu: GQA, cached prefix, tensor cores); norms, RoPE
-+ KV write, SiLU, the final norm and the LM head run our kernels too. The KV pool is fp16; the residual stream, norms,
-matvec sums and attention are float32; logits are float32.
+kernel over the paged KV (prefill_attention.cu: GQA, cached prefix, tensor cores); norms,
+RoPE + KV write, SiLU, the final norm and the LM head run our kernels too. The KV pool is
+fp16; the residual stream, norms, matvec sums and attention are float32; logits are float32.
 """
 
 from __future__ import annotations
@@ -233,7 +233,7 @@ class CudaBackend(Backend):
             self._decode(*args)
         return graph
 
-    # ----- the interim prefill path -------------------------------------------------------------
+    # ----- the prefill path (dequantise + cuBLAS) -------------------------------------------------------------
 
     def _prefill(self, batch: ForwardBatch) -> torch.Tensor:
         """Any batch with a prompt chunk: dequantise-to-fp16 + cuBLAS, SDPA over gathered KV."""

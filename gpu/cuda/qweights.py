@@ -64,7 +64,7 @@ class QuantMatrix:
         return QuantMatrix(raw, self.ggml_type, self.n_rows, self.n_cols, self.matvec)
 
     def dense(self) -> torch.Tensor:
-        """The matrix dequantised to an fp16 scratch (the interim prefill GEMM path)."""
+        """The matrix dequantised to an fp16 scratch (the prefill GEMM path)."""
         out = torch.empty(self.n_rows, self.n_cols, dtype=torch.float32, device=self.raw.device)
         DequantRows(self.ggml_type, self.n_cols).rows(out, self.gguf_bytes())
         return out.half()

@@ -2,7 +2,7 @@
 device: `pytest -m gpu tests/gpu/test_cuda_backend.py -s` prints the max relative errors).
 
 Synthetic 2-layer models of every matvec type and of each architecture; prompt chunks take the
-interim prefill path (fp16 GEMM), single tokens the kernel path (float32 sums, fp16 KV). Decode
+prefill path (fp16 GEMM), single tokens the kernel path (float32 sums, fp16 KV). Decode
 must be batch-invariant and graphs must replay exactly what eager launches compute.
 """
 
@@ -22,7 +22,7 @@ _T = GGMLQuantizationType
 
 BLOCK_SIZE = 16
 BLOCKS_PER_SEQ = 8
-PREFILL_TOL = 2e-2  # fp16 weights and activations in the interim GEMM path, fp16 KV
+PREFILL_TOL = 2e-2  # fp16 weights and activations in the prefill GEMM path, fp16 KV
 DECODE_TOL = 1e-2  # float32 matvec, fp16 KV written by the prefill
 
 
