@@ -233,7 +233,7 @@ class CudaBackend(Backend):
             self._decode(*args)
         return graph
 
-    # ----- the prefill path (dequantise + cuBLAS) -------------------------------------------------------------
+    # ----- the prefill path (dequantise + cuBLAS) ---------------------------------------------
 
     def _prefill(self, batch: ForwardBatch) -> torch.Tensor:
         """Any batch with a prompt chunk: dequantise-to-fp16 + cuBLAS, SDPA over gathered KV."""
