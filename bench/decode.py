@@ -5,7 +5,8 @@ depend on the values) unless it exists, prefill a 512-token prompt, then decode 
 sequence at each batch size (greedy argmax on the device; the ids come back to the host every
 step and the next step's batch is packed from host lists by the engine's BatchPacker, so the
 host time per step counts as it does in the engine). `step_us_same_batch` replays one step's
-batch 50 times: the device time per step when the host keeps ahead. The floor is the bytes one
+batch 50 times: the device time per step when the host keeps ahead; `step_us_plain_launches`
+is the same without programmatic dependent launch (driver.programmatic_launches). The floor is the bytes one
 decode step must read (every matrix once, plus the KV read) over the device-to-device copy
 bandwidth measured in the same run.
 
@@ -104,6 +105,31 @@ def prefill(backend: CudaBackend, packer: BatchPacker, prompt: list[int],
     return logits
 
 
+def replay_step_us(backend: CudaBackend, batch, steps: int = 50) -> float:
+    """Device µs per decode step, the same batch replayed back to back (host kept ahead)."""
+    backend.forward(batch)  # captures the graph if this mode has none yet
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        backend.forward(batch)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1000 / steps
+
+
+def step_without_programmatic_launches(backend: CudaBackend, batch) -> float | None:
+    """The same step with plain stream-ordered launches (None where programmatic launch is off
+    already): what driver.programmatic_launches gains, measured in the same run."""
+    if not backend.programmatic:
+        return None
+    graphs = dict(backend._graphs)
+    backend.programmatic, backend._graphs = False, {}
+    try:
+        return round(replay_step_us(backend, batch), 1)
+    finally:
+        backend.programmatic, backend._graphs = True, graphs
+
+
 def run_batch(backend: CudaBackend, shape: str, quant: str, batch_size: int, copy_bw: float,
               load_s: float) -> dict:  # fmt: skip
     """Prefill timing (one 512-token sequence), then batch_size sequences decode 128 tokens."""
@@ -152,6 +178,7 @@ def run_batch(backend: CudaBackend, shape: str, quant: str, batch_size: int, cop
     end_event.record()
     end_event.synchronize()
     step_us = start_event.elapsed_time(end_event) * 1000 / 50
+    plain_step_us = step_without_programmatic_launches(backend, batch)
     kv_token_bytes = 2 * c.n_kv_heads * c.head_dim * 2 * c.n_layers
     mean_context = PROMPT_TOKENS + DECODE_TOKENS / 2
     step_bytes = backend.weights.matrix_bytes() + batch_size * mean_context * kv_token_bytes
@@ -167,6 +194,7 @@ def run_batch(backend: CudaBackend, shape: str, quant: str, batch_size: int, cop
         "loop_us_per_step": round(statistics.median(host_us), 1),
         "forward_host_us": round(statistics.median(forward_host), 1),
         "step_us_same_batch": round(step_us, 1),
+        "step_us_plain_launches": plain_step_us,
         "graph_nodes_per_step": nodes,
         "graph_nodes_per_layer": round((nodes - 3) / c.n_layers, 2),
         "load_s": round(load_s, 1),
@@ -231,13 +259,14 @@ def main() -> None:
         torch.cuda.empty_cache()
     print(f"{'shape':14s} {'quant':5s} {'b':>3s} {'prefill':>9s} {'llama.cpp':>9s} "
           f"{'decode':>8s} {'llama.cpp':>9s} {'floor':>8s} {'frac':>6s} {'step us':>8s} "
-          f"{'host us':>8s} {'nodes/layer':>11s}")  # fmt: skip
+          f"{'plain us':>8s} {'host us':>8s} {'nodes/layer':>11s}")  # fmt: skip
     for r in rows:
         ref_pp, ref_tg = r["llama_cpp_prefill_tok_s"], r["llama_cpp_decode_tok_s"]
         print(f"{r['shape']:14s} {r['quant']:5s} {r['batch']:3d} {r['prefill_tok_s']:9.0f} "
               f"{ref_pp or '-':>9} {r['decode_tok_s']:8.1f} {ref_tg or '-':>9} "
               f"{r['floor_tok_s']:8.1f} {r['fraction_of_floor']:6.1%} "
-              f"{r['step_us_same_batch']:8.1f} {r['forward_host_us']:8.1f} "
+              f"{r['step_us_same_batch']:8.1f} {r['step_us_plain_launches'] or '-':>8} "
+              f"{r['forward_host_us']:8.1f} "
               f"{r['graph_nodes_per_layer']:11.2f}")  # fmt: skip
     print(f"wrote {out}")
 

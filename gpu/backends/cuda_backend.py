@@ -28,7 +28,7 @@ from gpu.backends.torch_backend import KVNotAllocatedError
 from gpu.batch import ForwardBatch
 from gpu.cuda.activation import SiluMul
 from gpu.cuda.attention import PARTITION_TOKENS, DecodeAttention
-from gpu.cuda.driver import ensure_context
+from gpu.cuda.driver import ensure_context, programmatic_launches
 from gpu.cuda.embedding import DequantRows
 from gpu.cuda.norm import RMSNorm
 from gpu.cuda.prefill_attention import PrefillAttention, padded_head_dim
@@ -82,6 +82,7 @@ class CudaBackend(Backend):
         device: torch.device | str = "cuda",
         progress: ProgressCallback | None = None,
         use_graphs: bool = True,
+        programmatic: bool = True,
     ) -> None:
         ensure_context()
         with model_source(gguf_file_or_path) as (file, self.config):
@@ -101,6 +102,9 @@ class CudaBackend(Backend):
             c.n_heads, c.n_kv_heads, c.head_dim, c.rope.dim, c.rope.neox, KV_DTYPE
         )
         self.use_graphs = use_graphs
+        # Decode kernels launch programmatically on Hopper (driver.programmatic_launches): each
+        # one's prologue overlaps the previous one's tail. False: plain stream order (A/B runs).
+        self.programmatic = programmatic
         self.kv_cache: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.block_size = 0
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
@@ -174,19 +178,20 @@ class CudaBackend(Backend):
         hidden, x = buffer(c.hidden_size), buffer(c.hidden_size)
         qkv, attn = buffer(c.q_size + 2 * c.kv_size), buffer(c.q_size)
         gate_up, act = buffer(2 * c.ffn_size), buffer(c.ffn_size)
-        self.embed.lookup(hidden, w.token_embd.raw, token_ids)
-        for layer, (k_cache, v_cache) in zip(w.layers, self.kv_cache, strict=True):
-            self.norm(x, hidden, layer.attn_norm)
-            layer.qkv.matvec(qkv, x)
-            self.rope_kv(qkv, positions, slot_mapping, self.inv_freq, k_cache, v_cache)
-            self.attention(attn, qkv, k_cache, v_cache, block_tables, context_lens, max_context)
-            layer.wo.matvec(hidden, attn, residual=True)
-            self.norm(x, hidden, layer.ffn_norm)
-            layer.gate_up.matvec(gate_up, x)
-            self.silu(act, gate_up)
-            layer.down.matvec(hidden, act, residual=True)
-        self.norm(x, hidden, w.output_norm)
-        w.output.matvec(logits, x)
+        self.embed.lookup(hidden, w.token_embd.raw, token_ids)  # after torch's input copies
+        with programmatic_launches(self.programmatic):
+            for layer, (k_cache, v_cache) in zip(w.layers, self.kv_cache, strict=True):
+                self.norm(x, hidden, layer.attn_norm)
+                layer.qkv.matvec(qkv, x)
+                self.rope_kv(qkv, positions, slot_mapping, self.inv_freq, k_cache, v_cache)
+                self.attention(attn, qkv, k_cache, v_cache, block_tables, context_lens, max_context)
+                layer.wo.matvec(hidden, attn, residual=True)
+                self.norm(x, hidden, layer.ffn_norm)
+                layer.gate_up.matvec(gate_up, x)
+                self.silu(act, gate_up)
+                layer.down.matvec(hidden, act, residual=True)
+            self.norm(x, hidden, w.output_norm)
+            w.output.matvec(logits, x)
 
     def _decode_graphed(self, batch: ForwardBatch, max_context: int) -> torch.Tensor:
         """Copy the inputs into the static buffers, pad to the bucket, replay (capture once)."""

@@ -9,9 +9,11 @@ a site may be reused at once, inside CUDA-graph capture too.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import functools
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -115,10 +117,49 @@ def current_stream() -> object:
     return stream
 
 
-class LaunchSite:
-    """One call site of one kernel: argument cells and their pointer array, built once."""
+@functools.cache
+def _supports_programmatic(index: int) -> bool:
+    """Programmatic dependent launch needs compute capability 9.0 (Hopper) or later."""
+    return torch.cuda.get_device_capability(index)[0] >= 9
 
-    def __init__(self, function: object, arg_kinds: Sequence[str], name: str) -> None:
+
+@contextlib.contextmanager
+def programmatic_launches(enabled: bool = True) -> Iterator[None]:
+    """Launch sites whose kernels wait on their grid dependency (gpu/kernels/grid_dependency.cuh)
+    launch with PROGRAMMATIC_STREAM_SERIALIZATION inside this block, on devices that have it: a
+    kernel may then start while the one before it finishes, and its prologue (weight prefetch,
+    launch latency) hides under that kernel's tail. Torch's stream capture turns these into
+    programmatic graph edges. Scoped to this thread; the decode step uses it."""
+    before = getattr(_state, "programmatic", False)
+    _state.programmatic = enabled and _supports_programmatic(torch.cuda.current_device())
+    try:
+        yield
+    finally:
+        _state.programmatic = before
+
+
+def _programmatic_config() -> object:
+    """A CUlaunchConfig carrying the programmatic-serialization attribute (grid set per launch)."""
+    driver = _driver()
+    attribute = driver.CUlaunchAttribute()
+    attribute.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+    attribute.value.programmaticStreamSerializationAllowed = 1
+    config = driver.CUlaunchConfig()
+    config.attrs = [attribute]
+    config.numAttrs = 1
+    return config
+
+
+class LaunchSite:
+    """One call site of one kernel: argument cells and their pointer array, built once.
+
+    `programmatic`: the kernel waits on its grid dependency before touching anything an earlier
+    kernel wrote (grid_dependency.cuh), so it may be launched early inside programmatic_launches().
+    """
+
+    def __init__(
+        self, function: object, arg_kinds: Sequence[str], name: str, programmatic: bool = False
+    ) -> None:
         try:
             self._cells = [_CELL_TYPES[kind]() for kind in arg_kinds]
         except KeyError as exc:
@@ -129,6 +170,8 @@ class LaunchSite:
         self._params = ctypes.addressof(self._pointers)
         self._function = function
         self.name = name
+        self.programmatic = programmatic
+        self._config_ex: object | None = None
 
     def launch(self, config: LaunchConfig, *args: int | float) -> None:
         """Launch on torch's current stream; pointers are passed as ints (0 for null)."""
@@ -138,6 +181,19 @@ class LaunchSite:
             cell.value = value
         gx, gy, gz = config.grid
         bx, by, bz = config.block
+        if self.programmatic and getattr(_state, "programmatic", False):
+            ex = self._config_ex
+            if ex is None:
+                ex = self._config_ex = _programmatic_config()
+            ex.gridDimX, ex.gridDimY, ex.gridDimZ = gx, gy, gz
+            ex.blockDimX, ex.blockDimY, ex.blockDimZ = bx, by, bz
+            ex.sharedMemBytes = config.shared_mem
+            ex.hStream = current_stream()
+            check_driver(
+                _driver().cuLaunchKernelEx(ex, self._function, self._params, 0),
+                f"cuLaunchKernelEx({self.name})",
+            )
+            return
         check_driver(
             _driver().cuLaunchKernel(
                 self._function, gx, gy, gz, bx, by, bz, config.shared_mem, current_stream(),

@@ -21,6 +21,12 @@ KERNEL_OPTIONS: dict[str, tuple[str, ...]] = {
     "sampling.cu": (),
 }
 
+# Files whose every kernel calls grid_dependency_sync()/wait before its first dependent access
+# (grid_dependency.cuh): their launch sites may launch programmatically (driver.LaunchSite).
+PROGRAMMATIC_FILES = frozenset(
+    {"activation.cu", "attention.cu", "embedding.cu", "matvec.cu", "norm.cu", "rope_kv.cu"}
+)
+
 
 def kernel_files() -> list[str]:
     """Every .cu under gpu/kernels (each must have an entry in KERNEL_OPTIONS)."""
@@ -35,4 +41,5 @@ def module(filename: str) -> Module:
 
 def launch_site(filename: str, kernel_name: str, arg_kinds: tuple[str, ...]) -> LaunchSite:
     """A fresh launch site for `kernel_name` of `filename` (each call site keeps its own)."""
-    return LaunchSite(module(filename).function(kernel_name), arg_kinds, kernel_name)
+    return LaunchSite(module(filename).function(kernel_name), arg_kinds, kernel_name,
+                      programmatic=filename in PROGRAMMATIC_FILES)  # fmt: skip

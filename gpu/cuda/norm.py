@@ -9,23 +9,48 @@ from gpu.cuda.kernels import launch_site
 from gpu.cuda.launch import LaunchConfig, ceil_div, pointer, row_stride
 
 _ARG_KINDS = ("ptr", "i32", "ptr", "i32", "ptr", "i32", "ptr", "i32", "f32")
+NORM_VEC = 4  # norm.cu: float4s per thread at most in rms_norm_f32_vec
+VEC_MAX_HIDDEN = 4 * NORM_VEC * 1024
 
 
-def rms_norm_launch_config(n_rows: int, hidden: int) -> LaunchConfig:
-    """One CTA per row; one thread per element up to 1024 (whole warps), looping beyond."""
+def rms_norm_launch_config(n_rows: int, hidden: int, vector: bool = False) -> LaunchConfig:
+    """One CTA per row. Scalar kernel: a thread per element up to 1024 (whole warps), looping
+    beyond. Vector kernel: whole warps holding up to NORM_VEC float4s each (4096 wide: 256
+    threads of 4)."""
     if n_rows < 1 or hidden < 1:
         raise CudaError(f"rms_norm: {n_rows} rows of {hidden}")
-    threads = min(1024, ceil_div(hidden, 32) * 32)
+    if not vector:
+        return LaunchConfig((n_rows, 1, 1), (min(1024, ceil_div(hidden, 32) * 32), 1, 1))
+    if hidden % 4 or hidden > VEC_MAX_HIDDEN:
+        raise CudaError(f"rms_norm: the vector kernel takes hidden % 4 == 0 and <= "
+                        f"{VEC_MAX_HIDDEN}, not {hidden}")  # fmt: skip
+    threads = ceil_div(ceil_div(hidden // 4, NORM_VEC), 32) * 32
     return LaunchConfig((n_rows, 1, 1), (threads, 1, 1))
+
+
+def _vector_ok(hidden: int, *tensors: torch.Tensor | None) -> bool:
+    """Whether rms_norm_f32_vec can read these rows: float4-aligned starts and strides."""
+    if hidden % 4 or hidden > VEC_MAX_HIDDEN:
+        return False
+    for t in tensors:
+        if t is None:
+            continue
+        if t.data_ptr() % 16 or (t.dim() == 2 and t.shape[0] > 1 and t.stride(0) % 4):
+            return False
+    return True
 
 
 class RMSNorm:
     """out = h * rsqrt(mean(h^2) + eps) * weight with h = x, or h = x + residual written back
-    into residual (the residual stream's add fused in)."""
+    into residual (the residual stream's add fused in). The vector kernel runs wherever the rows
+    are float4-aligned (every buffer the backends make), the scalar one otherwise."""
 
     def __init__(self, hidden: int, eps: float) -> None:
         self.hidden, self.eps = hidden, eps
-        self._site = launch_site("norm.cu", "rms_norm_f32", _ARG_KINDS)
+        self._sites = {
+            False: launch_site("norm.cu", "rms_norm_f32", _ARG_KINDS),
+            True: launch_site("norm.cu", "rms_norm_f32_vec", _ARG_KINDS),
+        }
 
     def __call__(
         self,
@@ -39,8 +64,11 @@ class RMSNorm:
             raise CudaError(f"rms_norm: out {tuple(out.shape)} / x {tuple(x.shape)} mismatch")
         if weight.numel() != self.hidden:
             raise CudaError(f"rms_norm: weight has {weight.numel()} values for {self.hidden}")
-        self._site.launch(
-            rms_norm_launch_config(n_rows, self.hidden),
+        if residual is not None and (residual.shape[0] != n_rows or residual.shape[1] < self.hidden):
+            raise CudaError(f"rms_norm: residual {tuple(residual.shape)} does not match x")
+        vector = _vector_ok(self.hidden, out, x, weight, residual)
+        self._sites[vector].launch(
+            rms_norm_launch_config(n_rows, self.hidden, vector),
             pointer(out, "rms_norm out", torch.float32),
             row_stride(out, "rms_norm out"),
             pointer(x, "rms_norm x", torch.float32),

@@ -5,6 +5,7 @@
 extern "C" __global__ void silu_mul_f32(float* __restrict__ out, int out_stride,
                                         const float* __restrict__ gate_up, int gate_up_stride,
                                         int ffn) {
+    grid_dependency_sync();
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= ffn) return;
     const i64 t = blockIdx.y;

@@ -109,6 +109,7 @@ __device__ __forceinline__ void attention_decode_impl(
     const int kv_head = blockIdx.x, seq = blockIdx.y, split = blockIdx.z, n_splits = gridDim.z;
     const int gi = threadIdx.x / LANES, c = threadIdx.x % LANES;
     const int G = n_heads / n_kv_heads;
+    grid_dependency_sync();
     const int context = (int)context_lens[seq];
     const int start = split * ATTN_PARTITION;
     const int end = min(context, start + ATTN_PARTITION);
@@ -274,6 +275,7 @@ __device__ __forceinline__ void attention_decode_impl(
 extern "C" __global__ void attention_reduce(float* out, int out_stride, const float* partial_out,
                                             const float* partial_ml, int n_heads, int head_dim,
                                             int n_splits) {
+    grid_dependency_sync();
     const int head = blockIdx.x, seq = blockIdx.y;
     const i64 first = ((i64)seq * n_heads + head) * n_splits;
     float m_all = NEG_INF;

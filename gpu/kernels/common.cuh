@@ -2,6 +2,7 @@
 // results are deterministic run to run) and the KV-cache element conversions.
 #pragma once
 #include "quant_blocks.cuh"
+#include "grid_dependency.cuh"
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

@@ -3,11 +3,13 @@
 // first_row .. first_row + gridDim.x - 1 (scratch for the prefill GEMM path).
 // One CTA per output row; each thread decodes 32-element groups exactly as loader/quants.py.
 #include "quant_blocks.cuh"
+#include "grid_dependency.cuh"
 
 template <int T>
 __device__ __forceinline__ void dequant_rows_impl(float* out, int out_stride, const u8* table,
                                                   i64 row_bytes, const i64* row_ids,
                                                   i64 first_row, int n_cols) {
+    grid_dependency_sync();
     const i64 row = row_ids ? row_ids[blockIdx.x] : first_row + blockIdx.x;
     const u8* src = table + row * row_bytes;
     float* dst = out + (i64)blockIdx.x * out_stride;

@@ -34,6 +34,7 @@
 // butterfly, the warps are added in index order, and nothing depends on how many sequences share the launch, so a sequence's result
 // is bit-identical whatever the other sequences in the batch are.
 #include "quant_blocks.cuh"
+#include "grid_dependency.cuh"
 
 #define MATVEC_WARPS 4
 #define MAGIC 8388608.0f  // 2^23
@@ -300,6 +301,10 @@ __device__ __forceinline__ void matvec_impl(
     const u8* w[ROWS];
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) w[r] = weight + (i64)min(row0 + r, n_rows - 1) * row_bytes;  // tail rows re-read the last
+    // Weights are constant: this CTA's rows start coming into L2 while the previous kernel ends.
+    if (threadIdx.x < ROWS && row0 + (int)threadIdx.x < n_rows)
+        prefetch_l2(weight + (i64)(row0 + threadIdx.x) * row_bytes, row_bytes);
+    grid_dependency_sync();
     const int n_blocks = n_cols / U::ELEMS;
     const int sub = threadIdx.x % U::LANES;
     float acc[ROWS][MAXB];

@@ -1,13 +1,67 @@
 // RMSNorm of float32 rows, optionally fused with the residual add that precedes it:
 //   h = x (+ residual);  residual = h (when fused);  out = h * rsqrt(mean(h^2) + eps) * weight
 // One CTA per row; the sum of squares is reduced in a fixed order (deterministic).
+//
+// rms_norm_f32_vec (hidden a multiple of 4, rows 16-byte aligned, hidden <= 4 * NORM_VEC * 1024):
+// each thread holds up to NORM_VEC float4s of h in registers, so h is read once, and loads its
+// gains before the grid-dependency wait (they are constant: the load overlaps the previous
+// kernel's tail). rms_norm_f32 is the scalar fallback for any other shape. The first kernel, the
+// scalar one on every shape, took 4.2 us per call on a 4096-wide row (H100, 2026-11-25): one CTA
+// looping scalar loads and reading h twice. The vector kernel's time is in bench/NOTES.md.
 #include "common.cuh"
+
+#define NORM_VEC 4  // float4s per thread at most (gpu/cuda/norm.py NORM_VEC)
+
+extern "C" __global__ void __launch_bounds__(1024) rms_norm_f32_vec(
+    float* __restrict__ out, int out_stride, const float* __restrict__ x, int x_stride,
+    float* __restrict__ residual, int residual_stride, const float* __restrict__ weight, int hidden,
+    float eps) {
+    __shared__ float scratch[32];
+    const int n4 = hidden >> 2;
+    const float4* g4 = reinterpret_cast<const float4*>(weight);
+    float4 g[NORM_VEC], h[NORM_VEC];
+#pragma unroll
+    for (int k = 0; k < NORM_VEC; ++k) {
+        const int i = threadIdx.x + k * blockDim.x;
+        if (i < n4) g[k] = __ldg(g4 + i);
+    }
+    grid_dependency_sync();
+    const i64 row = blockIdx.x;
+    const float4* x4 = reinterpret_cast<const float4*>(x + row * x_stride);
+    float4* r4 = residual ? reinterpret_cast<float4*>(residual + row * residual_stride) : nullptr;
+    float sum_sq = 0.0f;
+#pragma unroll
+    for (int k = 0; k < NORM_VEC; ++k) {
+        const int i = threadIdx.x + k * blockDim.x;
+        if (i < n4) {
+            float4 v = x4[i];
+            if (r4) {
+                const float4 r = r4[i];
+                v = make_float4(v.x + r.x, v.y + r.y, v.z + r.z, v.w + r.w);
+                r4[i] = v;
+            }
+            h[k] = v;
+            sum_sq += (v.x * v.x + v.y * v.y) + (v.z * v.z + v.w * v.w);
+        }
+    }
+    const float total = block_sum(sum_sq, scratch);
+    const float inv_rms = rsqrtf(total / (float)hidden + eps);
+    float4* o4 = reinterpret_cast<float4*>(out + row * out_stride);
+#pragma unroll
+    for (int k = 0; k < NORM_VEC; ++k) {
+        const int i = threadIdx.x + k * blockDim.x;
+        if (i < n4)
+            o4[i] = make_float4(h[k].x * inv_rms * g[k].x, h[k].y * inv_rms * g[k].y,
+                                h[k].z * inv_rms * g[k].z, h[k].w * inv_rms * g[k].w);
+    }
+}
 
 extern "C" __global__ void __launch_bounds__(1024) rms_norm_f32(
     float* __restrict__ out, int out_stride, const float* __restrict__ x, int x_stride,
     float* __restrict__ residual, int residual_stride, const float* __restrict__ weight, int hidden,
     float eps) {
     __shared__ float scratch[32];
+    grid_dependency_sync();
     const i64 row = blockIdx.x;
     const float* xr = x + row * x_stride;
     float* rr = residual ? residual + row * residual_stride : nullptr;

@@ -17,6 +17,7 @@ __device__ __forceinline__ void rope_kv_impl(float* qkv, int qkv_stride, const i
                                              const i64* slot_mapping, const float* inv_freq,
                                              CacheT* k_cache, CacheT* v_cache, int n_heads,
                                              int n_kv_heads, int head_dim, int rot_dim) {
+    grid_dependency_sync();
     const i64 t = blockIdx.x;
     const int head = blockIdx.y;  // 0..n_heads + 2 * n_kv_heads - 1
     float* h = qkv + t * qkv_stride + (i64)head * head_dim;

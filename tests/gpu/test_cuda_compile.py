@@ -14,7 +14,7 @@ from gpu.cuda.activation import THREADS, silu_mul_launch_config
 from gpu.cuda.attention import PARTITION_TOKENS, attention_launch_config, row_lanes
 from gpu.cuda.embedding import dequant_rows_launch_config
 from gpu.cuda.errors import CudaError
-from gpu.cuda.kernels import KERNEL_OPTIONS, kernel_files
+from gpu.cuda.kernels import KERNEL_OPTIONS, PROGRAMMATIC_FILES, kernel_files
 from gpu.cuda.launch import LaunchConfig
 from gpu.cuda.matvec import (
     MATVEC_TYPES,
@@ -24,7 +24,7 @@ from gpu.cuda.matvec import (
     ROWS_VARIANTS,
     matvec_launch_config,
 )
-from gpu.cuda.norm import rms_norm_launch_config
+from gpu.cuda.norm import NORM_VEC, rms_norm_launch_config
 from gpu.cuda.rope_kv import rope_kv_launch_config
 
 ARCHS = ("sm_80", "sm_89", "sm_90")
@@ -83,7 +83,7 @@ def test_cache_key_covers_every_input():
 
 def test_headers_are_collected_transitively():
     headers = nvrtc.included_headers('#include "common.cuh"\n')
-    assert set(headers) == {"common.cuh", "quant_blocks.cuh"}
+    assert set(headers) == {"common.cuh", "quant_blocks.cuh", "grid_dependency.cuh"}
 
 
 def test_missing_header_is_named():
@@ -151,6 +151,22 @@ def test_matvec_types_cover_the_issue():
 @pytest.mark.parametrize(("hidden", "threads"), [(1, 32), (33, 64), (576, 576), (4096, 1024)])
 def test_rms_norm_config(hidden, threads):
     assert rms_norm_launch_config(7, hidden) == LaunchConfig((7, 1, 1), (threads, 1, 1))
+
+
+@pytest.mark.parametrize(
+    ("hidden", "threads"), [(4, 32), (576, 64), (3072, 192), (4096, 256), (16384, 1024)]
+)
+def test_rms_norm_vector_config(hidden, threads):
+    """Whole warps, each thread at most NORM_VEC float4s: every float4 of the row is covered."""
+    config = rms_norm_launch_config(7, hidden, vector=True)
+    assert config == LaunchConfig((7, 1, 1), (threads, 1, 1))
+    assert threads * NORM_VEC * 4 >= hidden
+
+
+@pytest.mark.parametrize("hidden", [6, 16388])
+def test_rms_norm_vector_config_refuses(hidden):
+    with pytest.raises(CudaError):
+        rms_norm_launch_config(1, hidden, vector=True)
 
 
 @pytest.mark.parametrize(("ffn", "x_blocks"), [(1, 1), (256, 1), (257, 2), (14336, 56)])
@@ -227,3 +243,20 @@ def test_compiling_leaves_shared_bytes_objects_alone(kernel_cache):
         nvrtc.compile_source("this is not C++", "broken_again.cu", {}, "sm_90", ())
     nvrtc.compile_file("norm.cu", "sm_80", KERNEL_OPTIONS["norm.cu"])
     assert b" "[0] == 32 and bytes([32]).decode() == " "
+
+
+@pytest.mark.parametrize("filename", sorted(PROGRAMMATIC_FILES))
+def test_programmatic_kernels_wait_on_their_grid_dependency(filename):
+    """A kernel launched programmatically that never waits would read its inputs while the
+    kernel before it still writes them: every entry of these files must hold the wait (PTX for
+    Hopper, where the instruction exists)."""
+    source = (nvrtc.KERNEL_DIR / filename).read_text()
+    headers = nvrtc.included_headers(source)
+    options = (*nvrtc.BASE_OPTIONS, *KERNEL_OPTIONS[filename], "--gpu-architecture=compute_90")
+    ptx = nvrtc._compile(source, filename, headers, options, "ptx").decode(errors="replace")
+    entries = ptx.split(".entry ")[1:]
+    assert entries, f"no kernels in {filename}"
+    for entry in entries:
+        name = entry.split("(", 1)[0]
+        assert "griddepcontrol.wait" in entry, f"{filename}: {name} never waits"
+        assert "griddepcontrol.launch_dependents" in entry, f"{filename}: {name} never triggers"

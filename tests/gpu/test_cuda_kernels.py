@@ -155,7 +155,9 @@ def _rms_ref(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    ("n_rows", "hidden"), [(1, 64), (5, 576), (3, 1000), (33, 4096), (2, 5120)]
+    ("n_rows", "hidden"),
+    # vector kernel: 64 .. 16384; scalar: 1002 (not float4s), 16388 (over the vector kernel's 16384)
+    [(1, 64), (5, 576), (3, 1000), (33, 4096), (2, 5120), (3, 16384), (3, 1002), (2, 16388)],
 )
 def test_rms_norm(n_rows, hidden):
     eps = 1e-5
@@ -167,8 +169,19 @@ def test_rms_norm(n_rows, hidden):
     assert rel_error(out, F.rms_norm(x, (hidden,), weight, eps)) <= FP32_TOL
 
 
-def test_rms_norm_fused_residual():
-    n_rows, hidden, eps = 7, 576, 1e-6
+def test_rms_norm_misaligned_rows_take_the_scalar_kernel():
+    n_rows, hidden, eps = 4, 576, 1e-5
+    wide = torch.randn(n_rows, hidden + 1, device="cuda")
+    x = wide[:, 1:]  # rows start 4 bytes past a float4 boundary
+    weight = torch.randn(hidden, device="cuda")
+    out = nan_tensor(n_rows, hidden)
+    RMSNorm(hidden, eps)(out, x, weight)
+    assert rel_error(out, _rms_ref(x, weight, eps)) <= FP32_TOL
+
+
+@pytest.mark.parametrize("hidden", [576, 4096, 1002])
+def test_rms_norm_fused_residual(hidden):
+    n_rows, eps = 7, 1e-6
     x = torch.randn(n_rows, hidden, device="cuda")
     residual = torch.randn(n_rows, hidden, device="cuda")
     expected_h = residual.double() + x.double()
