@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from gpu.cuda.driver import StreamEvent, memcpy_async
+
 
 @dataclass(slots=True)
 class ForwardBatch:
@@ -92,8 +94,9 @@ class _PackSlot:
     def __init__(self) -> None:
         self.host: torch.Tensor | None = None
         self.dev: torch.Tensor | None = None
-        self.copied = None  # torch.cuda.Event of the last upload
+        self.copied: StreamEvent | None = None  # recorded after the last upload
         self.nbytes = 0
+        self._host_ptr = self._dev_ptr = 0
         self._shape: tuple[int, ...] | None = None
         self._views: tuple | None = None
 
@@ -144,11 +147,13 @@ class _PackSlot:
                 capacity = max(nbytes, 2 * (0 if self.host is None else self.host.numel()), 4096)
                 self.host = torch.empty(capacity, dtype=torch.uint8, pin_memory=True)
                 self.dev = torch.empty(capacity, dtype=torch.uint8, device=device)
-                self.copied = torch.cuda.Event()
+                self._host_ptr, self._dev_ptr = self.host.data_ptr(), self.dev.data_ptr()
+                self.copied = StreamEvent()
             self.nbytes, self._shape = nbytes, shape
             self._views = (*self._numpy_views(self.host, shape), self.views(self.dev, shape))
         return self._views
 
     def upload(self) -> None:
-        self.dev[: self.nbytes].copy_(self.host[: self.nbytes], non_blocking=True)
+        """One driver copy and event (torch's copy_ and Event cost ~4x the host time)."""
+        memcpy_async(self._dev_ptr, self._host_ptr, self.nbytes)
         self.copied.record()

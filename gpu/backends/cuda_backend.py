@@ -18,7 +18,6 @@ fp16; the residual stream, norms, matvec sums and attention are float32; logits 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +27,7 @@ from gpu.backends.torch_backend import KVNotAllocatedError
 from gpu.batch import ForwardBatch
 from gpu.cuda.activation import SiluMul
 from gpu.cuda.attention import PARTITION_TOKENS, DecodeAttention
+from gpu.cuda.decode_inputs import DecodeInputStager
 from gpu.cuda.driver import ensure_context, programmatic_launches
 from gpu.cuda.embedding import DequantRows
 from gpu.cuda.norm import RMSNorm
@@ -42,33 +42,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 KV_DTYPE = torch.float16
 
 
-@dataclass(slots=True)
-class _StaticInputs:
-    """Decode inputs at fixed addresses, sized for the largest bucket: what graphs read."""
-
-    token_rows: torch.Tensor  # [3, bucket]: token ids, positions, slots (the next three)
-    token_ids: torch.Tensor
-    positions: torch.Tensor
-    slot_mapping: torch.Tensor
-    context_lens: torch.Tensor
-    block_tables: torch.Tensor
-    logits: torch.Tensor
-
-
 def _bucket(n: int, buckets: tuple[int, ...]) -> int | None:
     return next((b for b in buckets if b >= n), None)
-
-
-def _consecutive_rows(*fields: torch.Tensor) -> torch.Tensor | None:
-    """The fields as the rows of one [k, n] view when they lie back to back in one storage."""
-    first, n = fields[0], fields[0].shape[0]
-    storage = first.untyped_storage().data_ptr()
-    for i, field in enumerate(fields):
-        if (field.shape != first.shape or field.dtype != first.dtype or not field.is_contiguous()
-                or field.untyped_storage().data_ptr() != storage
-                or field.storage_offset() != first.storage_offset() + i * n):
-            return None
-    return first.as_strided((len(fields), n), (n, 1))
 
 
 class CudaBackend(Backend):
@@ -109,7 +84,8 @@ class CudaBackend(Backend):
         self.block_size = 0
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._pool = None
-        self._static: _StaticInputs | None = None
+        self._inputs: DecodeInputStager | None = None  # the graphs' static inputs
+        self._logits: torch.Tensor | None = None  # the graphs' static output
 
     # ----- KV pool ------------------------------------------------------------------------------
 
@@ -132,18 +108,9 @@ class CudaBackend(Backend):
         )
         # Widest block table a sequence can need; graphs index tables of exactly this width.
         self._table_width = -(-min(c.context_length, num_blocks * block_size) // block_size)
-        n, dev = BATCH_BUCKETS[-1], self.device
-        token_rows = torch.zeros(3, n, dtype=torch.int64, device=dev)
-        token_rows[2].fill_(-1)
-        self._static = _StaticInputs(
-            token_rows=token_rows,
-            token_ids=token_rows[0],
-            positions=token_rows[1],
-            slot_mapping=token_rows[2],
-            context_lens=torch.ones(n, dtype=torch.int64, device=dev),
-            block_tables=torch.zeros(n, self._table_width, dtype=torch.int32, device=dev),
-            logits=torch.zeros(n, c.vocab_size, dtype=torch.float32, device=dev),
-        )
+        n = BATCH_BUCKETS[-1]
+        self._inputs = DecodeInputStager(n, self._table_width, self.device)
+        self._logits = torch.zeros(n, c.vocab_size, dtype=torch.float32, device=self.device)
         self._graphs.clear()
 
     # ----- forward ------------------------------------------------------------------------------
@@ -194,39 +161,28 @@ class CudaBackend(Backend):
             w.output.matvec(logits, x)
 
     def _decode_graphed(self, batch: ForwardBatch, max_context: int) -> torch.Tensor:
-        """Copy the inputs into the static buffers, pad to the bucket, replay (capture once)."""
-        n, s = batch.num_seqs, self._static
+        """Stage the inputs into the static buffers (one launch, padding rows included), replay
+        the bucket's graph (captured on first use). Host time here is idle GPU time: the engine
+        waits for each step's ids (bench/host_step.py)."""
+        n = batch.num_seqs
         bucket = _bucket(n, BATCH_BUCKETS)
         splits = 1 << (-(-max_context // PARTITION_TOKENS) - 1).bit_length()
-        graph_context = min(splits * PARTITION_TOKENS, self._table_width * self.block_size)
-        rows = _consecutive_rows(batch.token_ids, batch.positions, batch.slot_mapping)
-        if rows is not None:  # BatchPacker's layout: one copy for the three (host time counts)
-            s.token_rows[:, :n].copy_(rows)
-        else:
-            s.token_ids[:n].copy_(batch.token_ids)
-            s.positions[:n].copy_(batch.positions)
-            s.slot_mapping[:n].copy_(batch.slot_mapping)
-        s.context_lens[:n].copy_(batch.context_lens)
-        width = batch.block_tables.shape[1]
-        s.block_tables[:n, :width].copy_(batch.block_tables)
-        if bucket > n:  # padding rows: no KV write, one token of context in block 0
-            s.slot_mapping[n:bucket].fill_(-1)
-            s.context_lens[n:bucket].fill_(1)
-            s.block_tables[n:bucket, 0].fill_(0)
+        self._inputs.stage(bucket, batch.token_ids, batch.positions, batch.slot_mapping,
+                           batch.context_lens, batch.block_tables)  # fmt: skip
         key = (bucket, splits)
         graph = self._graphs.get(key)
         if graph is None:
+            graph_context = min(splits * PARTITION_TOKENS, self._table_width * self.block_size)
             graph = self._graphs[key] = self._capture(bucket, graph_context)
         graph.replay()
         if batch.logits_indices.shape[0] == n:  # every row (indices are ascending and unique)
-            return s.logits[:n]
-        return s.logits[:n][batch.logits_indices]
+            return self._logits[:n]
+        return self._logits[:n][batch.logits_indices]
 
     def _capture(self, bucket: int, max_context: int) -> torch.cuda.CUDAGraph:
-        s = self._static
-        args = (s.logits[:bucket], s.token_ids[:bucket], s.positions[:bucket],
-                s.slot_mapping[:bucket], s.context_lens[:bucket], s.block_tables[:bucket],
-                max_context)  # fmt: skip
+        rows, tables = self._inputs.rows, self._inputs.tables
+        args = (self._logits[:bucket], rows[0, :bucket], rows[1, :bucket], rows[2, :bucket],
+                rows[3, :bucket], tables[:bucket], max_context)  # fmt: skip
         # Warm up outside the capture (modules load, sites build); it computes this very step,
         # so running it twice writes the same KV values.
         self._decode(*args)

@@ -13,6 +13,7 @@ from gpu.cuda.nvrtc import KERNEL_DIR, compile_file
 KERNEL_OPTIONS: dict[str, tuple[str, ...]] = {
     "activation.cu": ("--use_fast_math",),
     "attention.cu": ("--use_fast_math",),
+    "decode_inputs.cu": (),
     "embedding.cu": (),
     "matvec.cu": (),
     "norm.cu": (),

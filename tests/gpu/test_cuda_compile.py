@@ -12,6 +12,7 @@ import pytest
 from gpu.cuda import nvrtc
 from gpu.cuda.activation import THREADS, silu_mul_launch_config
 from gpu.cuda.attention import PARTITION_TOKENS, attention_launch_config, row_lanes
+from gpu.cuda.decode_inputs import stage_launch_config
 from gpu.cuda.embedding import dequant_rows_launch_config
 from gpu.cuda.errors import CudaError
 from gpu.cuda.kernels import KERNEL_OPTIONS, PROGRAMMATIC_FILES, kernel_files
@@ -260,3 +261,10 @@ def test_programmatic_kernels_wait_on_their_grid_dependency(filename):
         name = entry.split("(", 1)[0]
         assert "griddepcontrol.wait" in entry, f"{filename}: {name} never waits"
         assert "griddepcontrol.launch_dependents" in entry, f"{filename}: {name} never triggers"
+
+
+def test_stage_decode_inputs_config():
+    assert stage_launch_config(3, 4).grid == (4, 1, 1)
+    for n_seqs, bucket in ((0, 4), (5, 4)):
+        with pytest.raises(CudaError):
+            stage_launch_config(n_seqs, bucket)

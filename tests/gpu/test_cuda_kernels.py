@@ -300,3 +300,39 @@ def test_decode_attention_is_batch_invariant():
         alone = nan_tensor(1, n_heads * head_dim)
         op(alone, q[i : i + 1], k_cache, v_cache, tables[i : i + 1], lens[i : i + 1], contexts[i])
         assert torch.equal(alone[0], full[i])
+
+
+# --- decode input staging -----------------------------------------------------------------------
+
+from gpu.cuda.decode_inputs import DecodeInputStager  # noqa: E402
+from gpu.cuda.errors import CudaError  # noqa: E402
+
+
+def test_stage_decode_inputs_copies_rows_and_pads_the_bucket():
+    device = torch.device("cuda")
+    stager = DecodeInputStager(cap=8, table_width=6, device=device)
+    stager.rows.fill_(99)
+    stager.tables.fill_(99)
+    ids = torch.tensor([5, 6, 7], device=device)
+    positions = torch.tensor([40, 3, 17], device=device)
+    slots = torch.tensor([104, 33, 17], device=device)
+    context = torch.tensor([41, 4, 18], device=device)
+    tables = torch.tensor([[6, 2, 1, 0], [2, -1, -1, -1], [1, 3, -1, -1]], dtype=torch.int32,
+                          device=device)  # fmt: skip
+    stager.stage(4, ids, positions, slots, context, tables)
+    rows = stager.rows.cpu()
+    assert rows[:, :3].tolist() == [[5, 6, 7], [40, 3, 17], [104, 33, 17], [41, 4, 18]]
+    assert rows[:, 3].tolist() == [0, 0, -1, 1]  # padding row: no KV write, one token
+    assert (rows[:, 4:] == 99).all()  # past the bucket: untouched
+    got = stager.tables.cpu()
+    assert torch.equal(got[:3, :4], tables.cpu())
+    assert got[3, 0] == 0  # padding row reads block 0
+    assert (got[:3, 4:] == 99).all() and (got[4:] == 99).all()
+
+
+def test_stage_decode_inputs_refuses_wider_tables():
+    device = torch.device("cuda")
+    stager = DecodeInputStager(cap=4, table_width=2, device=device)
+    one = torch.zeros(1, dtype=torch.int64, device=device)
+    with pytest.raises(CudaError, match="table columns"):
+        stager.stage(1, one, one, one, one, torch.zeros(1, 3, dtype=torch.int32, device=device))
