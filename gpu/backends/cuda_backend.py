@@ -3,7 +3,7 @@
 Decode steps (every sequence has one new token) run our kernels only: embedding lookup, then per
 layer RMSNorm -> fused QKV matvec (+ qwen2 bias) -> RoPE + paged KV write -> paged decode
 attention -> O matvec with the residual add in its epilogue -> RMSNorm -> fused gate·up matvec
--> SiLU·up -> down matvec with the residual add; then the final norm and the LM head matvec.
+with SiLU·up in its epilogue -> down matvec with the residual add; then the final norm and the LM head matvec.
 (Folding the norms into the matvecs was tried and measured slower on the 8B shape: bench/NOTES.md.)
 They are captured as one CUDA graph per batch-size bucket (1, 2, 4, ... padded) and attention
 split count, and replayed; padding rows write no KV (slot -1) and their logits are dropped.
@@ -144,7 +144,9 @@ class CudaBackend(Backend):
 
         hidden, x = buffer(c.hidden_size), buffer(c.hidden_size)
         qkv, attn = buffer(c.q_size + 2 * c.kv_size), buffer(c.q_size)
-        gate_up, act = buffer(2 * c.ffn_size), buffer(c.ffn_size)
+        act = buffer(c.ffn_size)
+        fused_silu = all(layer.gate_up.interleaved for layer in w.layers)
+        gate_up = None if fused_silu else buffer(2 * c.ffn_size)
         self.embed.lookup(hidden, w.token_embd.raw, token_ids)  # after torch's input copies
         with programmatic_launches(self.programmatic):
             for layer, (k_cache, v_cache) in zip(w.layers, self.kv_cache, strict=True):
@@ -154,8 +156,11 @@ class CudaBackend(Backend):
                 self.attention(attn, qkv, k_cache, v_cache, block_tables, context_lens, max_context)
                 layer.wo.matvec(hidden, attn, residual=True)
                 self.norm(x, hidden, layer.ffn_norm)
-                layer.gate_up.matvec(gate_up, x)
-                self.silu(act, gate_up)
+                if layer.gate_up.interleaved:  # SiLU in the matvec's epilogue
+                    layer.gate_up.swiglu(act, x)
+                else:
+                    layer.gate_up.matvec(gate_up, x)
+                    self.silu(act, gate_up)
                 layer.down.matvec(hidden, act, residual=True)
             self.norm(x, hidden, w.output_norm)
             w.output.matvec(logits, x)
@@ -217,7 +222,7 @@ class CudaBackend(Backend):
             hidden += F.linear(attn.half(), layer.wo.dense()).float()
             self.norm(x, hidden, layer.ffn_norm)
             gate_up = F.linear(x.half(), layer.gate_up.dense()).float()
-            self.silu(act, gate_up)
+            self.silu(act, gate_up, interleaved=layer.gate_up.interleaved)
             hidden += F.linear(act.half(), layer.down.dense()).float()
         rows = hidden[batch.logits_indices].contiguous()
         if rows.shape[0] == 0:  # a prompt chunk that is not the prompt's end: no logits wanted

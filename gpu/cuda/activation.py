@@ -20,20 +20,29 @@ def silu_mul_launch_config(n_tokens: int, ffn: int) -> LaunchConfig:
 
 
 class SiluMul:
+    """out = silu(gate) * up from a gate.up row: gate columns then up columns, or with
+    `interleaved` (a gate.up matrix loaded for the matvec's SwiGLU epilogue) gate at 2i, up at
+    2i + 1."""
+
     def __init__(self, ffn: int) -> None:
         self.ffn = ffn
-        self._site = launch_site("activation.cu", "silu_mul_f32", _ARG_KINDS)
+        self._sites = {
+            False: launch_site("activation.cu", "silu_mul_f32", _ARG_KINDS),
+            True: launch_site("activation.cu", "silu_mul_interleaved_f32", _ARG_KINDS),
+        }
 
-    def __call__(self, out: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, out: torch.Tensor, gate_up: torch.Tensor, interleaved: bool = False
+    ) -> torch.Tensor:
         n_tokens = gate_up.shape[0]
         if gate_up.shape[1] < 2 * self.ffn or out.shape[0] != n_tokens or out.shape[1] < self.ffn:
             raise CudaError(f"silu_mul: out {tuple(out.shape)} / gate_up {tuple(gate_up.shape)}")
-        self._site.launch(
+        self._sites[interleaved].launch(
             silu_mul_launch_config(n_tokens, self.ffn),
             pointer(out, "silu_mul out", torch.float32),
             row_stride(out, "silu_mul out"),
-            pointer(gate_up, "silu_mul gate_up", torch.float32),
-            row_stride(gate_up, "silu_mul gate_up"),
+            pointer(gate_up, "silu_mul gate_up", torch.float32, align=8 if interleaved else 4),
+            row_stride(gate_up, "silu_mul gate_up", multiple=2 if interleaved else 1),
             self.ffn,
         )
         return out

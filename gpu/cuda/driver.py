@@ -108,9 +108,17 @@ class Module:
 _streams: dict[int, object] = {}
 
 
+# torch's raw current-stream handle without building a torch.cuda.Stream object (what triton
+# uses): torch.cuda.current_stream() costs several µs of host time per launch on the device's host.
+_raw_current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
 def current_stream() -> object:
     """torch's current stream as a driver CUstream (the wrappers are cached per handle)."""
-    handle = torch.cuda.current_stream().cuda_stream
+    if _raw_current_stream is not None:
+        handle = _raw_current_stream(torch.cuda.current_device())
+    else:
+        handle = torch.cuda.current_stream().cuda_stream
     stream = _streams.get(handle)
     if stream is None:
         stream = _streams[handle] = _driver().CUstream(handle)

@@ -52,7 +52,8 @@ MAX_SEQS = BATCH_VARIANTS[-1]
 PACKED_QUANT_BYTES: dict[GGMLQuantizationType, int] = {_T.Q4_0: 16, _T.Q8_0: 32}
 PACKED_ROW_ALIGN = 16  # packed rows are padded to this, so every row's quants start 16-aligned
 _SCALE_BYTES = 2  # one fp16 d per block
-_ARG_KINDS = ("ptr", "i32", "ptr", "i64", "ptr", "i32", "i32", "i32", "i32", "ptr", "ptr", "i32")
+_ARG_KINDS = ("ptr", "i32", "ptr", "i64", "ptr", "i32", "i32", "i32", "i32", "ptr", "ptr", "i32",
+              "i32")
 
 
 def packed_row_bytes(ggml_type: GGMLQuantizationType | int, n_cols: int) -> int:
@@ -153,14 +154,19 @@ class MatVec:
         weight: torch.Tensor,
         bias: torch.Tensor | None = None,
         residual: torch.Tensor | None = None,
+        swiglu: bool = False,
     ) -> torch.Tensor:
         """y[b, :n_rows] = weight @ x[b, :n_cols] (+ bias) (+ residual[b]); residual may be y.
 
         `weight` is in the matvec layout: `self.pack(gguf_bytes)` (the GGUF bytes themselves for
-        types that are not repacked)."""
+        types that are not repacked). `swiglu`: the rows are interleaved (gate, up) pairs and
+        y[b, :n_rows // 2] = silu(gate) * up is written instead (no bias or residual)."""
         n_seqs = x.shape[0]
         config, variant, rows = matvec_launch_config(self.n_rows, n_seqs, self.stem)
-        if x.shape[1] < self.n_cols or y.shape[0] != n_seqs or y.shape[1] < self.n_rows:
+        n_out = self.n_rows // 2 if swiglu else self.n_rows
+        if swiglu and (self.n_rows % 2 or bias is not None or residual is not None):
+            raise CudaError(f"matvec swiglu: {self.n_rows} rows (must be even), no bias/residual")
+        if x.shape[1] < self.n_cols or y.shape[0] != n_seqs or y.shape[1] < n_out:
             raise CudaError(
                 f"matvec: x {tuple(x.shape)} / y {tuple(y.shape)} do not fit "
                 f"{self.n_rows}x{self.n_cols} for {n_seqs} sequences"
@@ -194,5 +200,6 @@ class MatVec:
             pointer(bias, "matvec bias", torch.float32, optional=True),
             pointer(residual, "matvec residual", torch.float32, optional=True),
             0 if residual is None else row_stride(residual, "matvec residual"),
+            int(swiglu),
         )
         return y

@@ -7,9 +7,12 @@ because their 18/34-byte blocks leave the quants only 2-byte aligned and matvec.
 Only bytes move, so the values and the kernel's arithmetic are unchanged (tests/gpu/
 test_cuda_repack.py checks the round trip). The token-embedding table keeps the GGUF layout (it
 is only gathered, by embedding.cu); a tied output matrix gets its own repacked copy.
-Q/K/V and gate/up are fused by concatenating their rows when the parts share a type (a packed
-row is self-contained, so a concatenation is a valid matrix in either layout); otherwise they
-stay separate parts, each written to its column range of the fused output.
+Q/K/V are fused by concatenating their rows when the parts share a type (a packed row is
+self-contained, so a concatenation is a valid matrix in either layout); otherwise they stay
+separate parts, each written to its column range of the fused output. Gate/up of one type are
+fused with their rows interleaved (gate 0, up 0, gate 1, ...): the matvec's SwiGLU epilogue then
+writes silu(gate) * up itself (FusedLinear.swiglu); of two types they stay parts, and the SiLU
+kernel runs after them.
 A type with no matvec kernel (F32, Q2_K, Q3_K) is dequantised at load and stored as F16.
 Norm weights, biases and RoPE factors are float32.
 """
@@ -77,6 +80,7 @@ class FusedLinear:
     parts: list[tuple[QuantMatrix, int]]
     bias: torch.Tensor | None  # float32 [n_out]
     n_out: int
+    interleaved: bool = False  # one matrix of (gate, up) row pairs: fuse_swiglu
 
     @property
     def nbytes(self) -> int:
@@ -91,8 +95,19 @@ class FusedLinear:
                 bias = None if self.bias is None else self.bias[col : col + matrix.n_rows]
                 matrix.matvec(out, x[rows], matrix.raw, bias=bias, residual=out if residual else None)
 
+    def swiglu(self, out: torch.Tensor, x: torch.Tensor) -> None:
+        """out[:, :n_out // 2] = silu(gate x) * (up x) through the matvec's epilogue (interleaved
+        gate.up only), MAX_SEQS rows per launch."""
+        if not self.interleaved:
+            raise CudaError("swiglu: this gate.up is not interleaved (parts of two types)")
+        matrix = self.parts[0][0]
+        for start in range(0, x.shape[0], MAX_SEQS):
+            rows = slice(start, start + MAX_SEQS)
+            matrix.matvec(out[rows], x[rows], matrix.raw, swiglu=True)
+
     def dense(self) -> torch.Tensor:
-        """[n_out, n_in] fp16 (prefill path)."""
+        """[n_out, n_in] fp16 (prefill path); rows in this linear's order (interleaved ones
+        stay interleaved)."""
         if len(self.parts) == 1:
             return self.parts[0][0].dense()
         return torch.cat([m.dense() for m, _ in self.parts])
@@ -175,6 +190,31 @@ def fuse(matrices: list[QuantMatrix], bias: torch.Tensor | None = None) -> Fused
     return FusedLinear(parts, bias, n_out)
 
 
+def fuse_swiglu(gate: QuantMatrix, up: QuantMatrix) -> FusedLinear:
+    """Gate and up of one type as one matrix of interleaved (gate i, up i) rows, for the matvec's
+    SwiGLU epilogue; of two types, parts side by side (gate columns, then up)."""
+    if gate.ggml_type != up.ggml_type or gate.n_rows != up.n_rows or gate.n_cols != up.n_cols:
+        return fuse([gate, up])
+    if not (gate.packed and up.packed):
+        raise CudaError("fuse_swiglu: both parts must be in the matvec layout")
+    pairs = torch.stack([gate.raw.view(gate.n_rows, -1), up.raw.view(up.n_rows, -1)], dim=1)
+    n_out = 2 * gate.n_rows
+    fused = QuantMatrix(pairs.reshape(-1), gate.ggml_type, n_out, gate.n_cols,
+                        MatVec(gate.ggml_type, n_out, gate.n_cols))  # fmt: skip
+    return FusedLinear([(fused, 0)], None, n_out, interleaved=True)
+
+
+def split_rows(matrix: QuantMatrix, n_first: int) -> tuple[QuantMatrix, QuantMatrix]:
+    """A packed matrix's first n_first rows and the rest, as two matrices (views of its bytes)."""
+    rows = matrix.raw.view(matrix.n_rows, -1)
+    parts = []
+    for chunk in (rows[:n_first], rows[n_first:]):
+        n = chunk.shape[0]
+        parts.append(QuantMatrix(chunk.reshape(-1), matrix.ggml_type, n, matrix.n_cols,
+                                 MatVec(matrix.ggml_type, n, matrix.n_cols)))  # fmt: skip
+    return parts[0], parts[1]
+
+
 def load_quant_weights(
     file: GGUFFile, config: ModelConfig, device: torch.device,
     progress: ProgressCallback | None = None,
@@ -191,17 +231,17 @@ def load_quant_weights(
             bias = None
             if config.qkv_bias:
                 bias = torch.cat([up.vector(f"{blk}.attn_{p}.bias") for p in "qkv"])
-        if config.fused_gate_up:
-            gate_up_parts = [up.matrix(f"{blk}.ffn_up.weight")]  # gate rows, then up (weights.py)
+        if config.fused_gate_up:  # gate rows, then up (weights.py)
+            gate, up_rows = split_rows(up.matrix(f"{blk}.ffn_up.weight"), config.ffn_size)
         else:
-            gate_up_parts = [up.matrix(f"{blk}.ffn_gate.weight"), up.matrix(f"{blk}.ffn_up.weight")]
+            gate, up_rows = up.matrix(f"{blk}.ffn_gate.weight"), up.matrix(f"{blk}.ffn_up.weight")
         layers.append(
             QuantLayer(
                 attn_norm=up.vector(f"{blk}.attn_norm.weight"),
                 qkv=fuse(qkv_parts, bias),
                 wo=fuse([up.matrix(f"{blk}.attn_output.weight")]),
                 ffn_norm=up.vector(f"{blk}.ffn_norm.weight"),
-                gate_up=fuse(gate_up_parts),
+                gate_up=fuse_swiglu(gate, up_rows),
                 down=fuse([up.matrix(f"{blk}.ffn_down.weight")]),
             )
         )

@@ -30,6 +30,11 @@
 // the bandwidth): a byte q is placed under the exponent of 2^23 with one byte_perm, and
 // (2^23 + q) - (2^23 + offset) is exact.
 //
+// SwiGLU epilogue (swiglu != 0): the gate.up matrix is loaded with its gate and up rows
+// interleaved (gpu/cuda/qweights.py fuse_swiglu), so a CTA's even ROWS hold whole (gate, up) pairs
+// and it writes silu(gate) * up for each: the separate SiLU kernel, its launch (a graph node) and
+// the [n, 2 * ffn] round trip through memory go away.
+//
 // Determinism: each thread adds its slices in block order, each warp reduces with a fixed xor
 // butterfly, the warps are added in index order, and nothing depends on how many sequences share the launch, so a sequence's result
 // is bit-identical whatever the other sequences in the batch are.
@@ -291,7 +296,7 @@ template <int T, int MAXB, int ROWS>
 __device__ __forceinline__ void matvec_impl(
     float* y, int y_stride, const u8* __restrict__ weight, i64 row_bytes, const float* __restrict__ x,
     int x_stride, int n_seqs, int n_rows, int n_cols, const float* __restrict__ bias,
-    const float* residual, int residual_stride) {
+    const float* residual, int residual_stride, int swiglu) {
     typedef Unit<T> U;
     constexpr int UNROLL = RowsUnroll<ROWS>::value;
     constexpr int PER_STEP = 32 * MATVEC_WARPS / U::LANES;  // blocks the CTA covers per step
@@ -364,6 +369,21 @@ __device__ __forceinline__ void matvec_impl(
             for (int b = 0; b < MAXB; ++b) partial[warp][r][b] = acc[r][b];
     }
     __syncthreads();
+    if (swiglu) {  // rows interleaved gate, up: y[b, row / 2] = silu(gate) * up
+        if (threadIdx.x < ROWS / 2 * MAXB) {
+            const int pair = threadIdx.x / MAXB, b = threadIdx.x % MAXB, row = row0 + 2 * pair;
+            if (b < n_seqs && row + 1 < n_rows) {
+                float gate = 0.0f, up = 0.0f;
+#pragma unroll
+                for (int k = 0; k < MATVEC_WARPS; ++k) {
+                    gate += partial[k][2 * pair][b];
+                    up += partial[k][2 * pair + 1][b];
+                }
+                y[(i64)b * y_stride + row / 2] = gate / (1.0f + expf(-gate)) * up;
+            }
+        }
+        return;
+    }
     if (threadIdx.x < ROWS * MAXB) {  // warps added in index order
         const int r = threadIdx.x / MAXB, b = threadIdx.x % MAXB, row = row0 + r;
         if (b < n_seqs && row < n_rows) {
@@ -381,9 +401,9 @@ __device__ __forceinline__ void matvec_impl(
     extern "C" __global__ void __launch_bounds__(32 * MATVEC_WARPS) matvec_##NAME##_b##B##_r##R(   \
         float* y, int y_stride, const u8* weight, i64 row_bytes, const float* x, int x_stride,     \
         int n_seqs, int n_rows, int n_cols, const float* bias, const float* residual,              \
-        int residual_stride) {                                                                      \
+        int residual_stride, int swiglu) {                                                          \
         matvec_impl<T, B, R>(y, y_stride, weight, row_bytes, x, x_stride, n_seqs, n_rows, n_cols,  \
-                             bias, residual, residual_stride);                                      \
+                             bias, residual, residual_stride, swiglu);                              \
     }
 
 #define MATVEC_BATCH(NAME, T, B) MATVEC_KERNEL(NAME, T, B, 2) MATVEC_KERNEL(NAME, T, B, 4)

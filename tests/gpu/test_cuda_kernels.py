@@ -336,3 +336,34 @@ def test_stage_decode_inputs_refuses_wider_tables():
     one = torch.zeros(1, dtype=torch.int64, device=device)
     with pytest.raises(CudaError, match="table columns"):
         stager.stage(1, one, one, one, one, torch.zeros(1, 3, dtype=torch.int32, device=device))
+
+
+@pytest.mark.parametrize("n_seqs", [1, 3, 8, 11])
+@pytest.mark.parametrize("qtype", [_T.Q4_0, _T.Q8_0, _T.Q4_K, _T.Q5_0, _T.F16], ids=lambda t: t.name)
+def test_matvec_swiglu_epilogue(qtype, n_seqs):
+    """Interleaved (gate, up) rows: the epilogue writes silu(W_g x) * (W_u x), every element
+    (NaN-poisoned output; 77 pairs leave a ragged last CTA)."""
+    from gpu.cuda.qweights import QuantMatrix, fuse_swiglu
+
+    ffn, n_cols = 77, 512
+    rng = _rng("swiglu", qtype, n_seqs)
+    parts = []
+    for _ in range(2):
+        raw = random_weight(qtype, ffn, n_cols, rng)
+        op = MatVec(qtype, ffn, n_cols)
+        parts.append((raw, QuantMatrix(op.pack(raw), qtype, ffn, n_cols, op)))
+    fused = fuse_swiglu(parts[0][1], parts[1][1])
+    x = torch.randn(n_seqs, n_cols, device="cuda")
+    out = nan_tensor(n_seqs, ffn)
+    fused.swiglu(out, x)
+    gate, up = (x.double() @ dequantize(raw, qtype, (ffn, n_cols)).double().T for raw, _ in parts)
+    assert rel_error(out, F.silu(gate) * up) <= FP32_TOL
+
+
+def test_silu_mul_interleaved_matches_split_layout():
+    n_tokens, ffn = 5, 300
+    gate, up = torch.randn(n_tokens, ffn, device="cuda"), torch.randn(n_tokens, ffn, device="cuda")
+    interleaved = torch.stack([gate, up], dim=2).reshape(n_tokens, 2 * ffn)
+    out = nan_tensor(n_tokens, ffn)
+    SiluMul(ffn)(out, interleaved, interleaved=True)
+    assert rel_error(out, F.silu(gate.double()) * up.double()) <= FP32_TOL

@@ -88,3 +88,43 @@ def test_pack_rejects_partial_rows():
         pack_rows(torch.zeros(18 * 3 + 1, dtype=torch.uint8), _T.Q4_0, 32)
     with pytest.raises(CudaError, match="not whole rows"):
         unpack_rows(torch.zeros(40, dtype=torch.uint8), _T.Q4_0, 64)
+
+
+# --- gate/up interleaved for the matvec's SwiGLU epilogue (gpu/cuda/qweights.py) -----------------
+
+from gpu.cuda.qweights import QuantMatrix, fuse_swiglu, split_rows  # noqa: E402
+
+
+def _matrix(qtype: _T, n_rows: int, n_cols: int, seed: int) -> QuantMatrix:
+    op = MatVec(qtype, n_rows, n_cols)
+    return QuantMatrix(op.pack(gguf_rows(qtype, n_rows, n_cols, seed)), qtype, n_rows, n_cols, op)
+
+
+@pytest.mark.parametrize("qtype", [_T.Q4_0, _T.Q4_K, _T.Q5_0], ids=lambda t: t.name)
+def test_fuse_swiglu_interleaves_gate_and_up_rows(qtype):
+    n_rows, n_cols = 5, 256
+    gate, up = _matrix(qtype, n_rows, n_cols, 1), _matrix(qtype, n_rows, n_cols, 2)
+    fused = fuse_swiglu(gate, up)
+    assert fused.interleaved and fused.n_out == 2 * n_rows and len(fused.parts) == 1
+    matrix, _ = fused.parts[0]
+    rows = matrix.raw.view(2 * n_rows, -1)
+    assert torch.equal(rows[0::2], gate.raw.view(n_rows, -1))
+    assert torch.equal(rows[1::2], up.raw.view(n_rows, -1))
+    assert matrix.n_rows == 2 * n_rows and matrix.raw.numel() == 2 * n_rows * matrix.matvec.row_bytes
+
+
+def test_fuse_swiglu_of_two_types_keeps_parts():
+    gate, up = _matrix(_T.Q4_K, 3, 256, 1), _matrix(_T.Q6_K, 3, 256, 2)
+    fused = fuse_swiglu(gate, up)
+    assert not fused.interleaved
+    assert [(m.ggml_type, col) for m, col in fused.parts] == [(_T.Q4_K, 0), (_T.Q6_K, 3)]
+    with pytest.raises(CudaError, match="not interleaved"):
+        fused.swiglu(torch.empty(1, 3), torch.empty(1, 256))
+
+
+def test_split_rows_gives_both_halves():
+    whole = _matrix(_T.Q8_0, 6, 96, 3)  # Phi-3's fused gate.up: gate rows, then up
+    first, rest = split_rows(whole, 4)
+    rows = whole.raw.view(6, -1)
+    assert (first.n_rows, rest.n_rows) == (4, 2)
+    assert torch.equal(first.raw.view(4, -1), rows[:4]) and torch.equal(rest.raw.view(2, -1), rows[4:])
