@@ -68,14 +68,19 @@ def _weights(qtype: _T, n_rows: int, n_cols: int) -> list[torch.Tensor]:
     return [one.clone() for _ in range(copies)]
 
 
-def time_matvec(qtype: _T, n_rows: int, n_cols: int, n_seqs: int, copy_bw: float) -> dict:
+def time_matvec(qtype: _T, n_rows: int, n_cols: int, n_seqs: int, copy_bw: float,
+                stem: str | None = None) -> dict:  # fmt: skip
+    """One matvec's time; `stem` forces a kernel (an A/B of layouts: the bytes read are the
+    same, so the time is valid though the values are not)."""
     weights = _weights(qtype, n_rows, n_cols)
     op = MatVec(qtype, n_rows, n_cols)
+    if stem is not None:
+        op.stem = stem
     x = torch.randn(n_seqs, n_cols, device="cuda")
     y = torch.empty(n_seqs, n_rows, device="cuda")
     us = _median_us(lambda i: op(y, x, weights[i % len(weights)]), per_graph=len(weights))
     nbytes = weights[0].numel() + 4 * (x.numel() + y.numel())
-    return {"kernel": "matvec", "quant": qtype.name, "shape": f"{n_rows}x{n_cols}",
+    return {"kernel": f"matvec_{op.stem}", "quant": qtype.name, "shape": f"{n_rows}x{n_cols}",
             "batch": n_seqs, "us": round(us, 2), "GB_s": round(nbytes / us / 1e3, 1),
             "fraction_of_copy": round(nbytes / (us * 1e-6) / copy_bw, 3)}  # fmt: skip
 
@@ -127,6 +132,9 @@ def main() -> None:
         for n_rows, n_cols in ((4096, 4096), (14336, 4096), (4096, 14336)):
             rows.append(time_matvec(qtype, n_rows, n_cols, 1, copy_bw))
         rows.append(time_matvec(qtype, 14336, 4096, 8, copy_bw))
+    for n_rows, n_cols in ((4096, 4096), (14336, 4096), (4096, 14336)):  # 4-byte lanes, before
+        rows.append(time_matvec(_T.Q4_0, n_rows, n_cols, 1, copy_bw, stem="q4_0"))
+    rows.append(time_matvec(_T.Q4_0, 14336, 4096, 8, copy_bw, stem="q4_0"))
     rows.extend(time_others(copy_bw))
     device = torch.cuda.get_device_name()
     date = datetime.date.today().isoformat()

@@ -44,6 +44,7 @@ ROWS_VARIANTS = (2, 4)  # the ROWS instantiations
 ROWS_PER_CTA: dict[int, int] = {1: 4, 2: 4, 4: 4, 8: 4}
 ROWS_PER_CTA_BY_STEM: dict[str, dict[int, int]] = {
     "q4_0": {1: 4, 2: 2, 4: 4, 8: 4},
+    "q4_0x4": {1: 4, 2: 2, 4: 4, 8: 4},
     "q5_0": {1: 2, 2: 2, 4: 2, 8: 4},
     "q8_0": {1: 2, 2: 2, 4: 4, 8: 4},
 }
@@ -51,9 +52,27 @@ MAX_SEQS = BATCH_VARIANTS[-1]
 # Types matvec.cu reads repacked (quant_blocks.cuh Packed<T>): quant bytes per 32-element block.
 PACKED_QUANT_BYTES: dict[GGMLQuantizationType, int] = {_T.Q4_0: 16, _T.Q8_0: 32}
 PACKED_ROW_ALIGN = 16  # packed rows are padded to this, so every row's quants start 16-aligned
+# Q4_0 rows of a multiple of GROUP_COLS columns also interleave their quants in groups of 4 blocks:
+# lane j's 4-byte slices of the 4 blocks lie together (one 16-byte load; matvec.cu q4_0x4).
+GROUP_BLOCKS = 4
+GROUP_COLS = 32 * GROUP_BLOCKS
 _SCALE_BYTES = 2  # one fp16 d per block
 _ARG_KINDS = ("ptr", "i32", "ptr", "i64", "ptr", "i32", "i32", "i32", "i32", "ptr", "ptr", "i32",
               "i32")
+
+
+def grouped(ggml_type: GGMLQuantizationType | int, n_cols: int) -> bool:
+    """Whether pack_rows also interleaves this matrix's quants in groups of 4 blocks."""
+    return GGMLQuantizationType(ggml_type) == _T.Q4_0 and n_cols % GROUP_COLS == 0
+
+
+def _group_order(quants: torch.Tensor, n_rows: int, to_grouped: bool) -> torch.Tensor:
+    """[n_rows, n_blocks * 8] int16 quant words: block-major <-> lane-major within each group of
+    4 blocks (a lane's slice is 2 words of each block)."""
+    g = quants.reshape(n_rows, -1, GROUP_BLOCKS, 4, 2)  # (row, group, block, lane, word)
+    if not to_grouped:
+        g = quants.reshape(n_rows, -1, 4, GROUP_BLOCKS, 2)  # (row, group, lane, block, word)
+    return g.transpose(2, 3).reshape(n_rows, -1)
 
 
 def packed_row_bytes(ggml_type: GGMLQuantizationType | int, n_cols: int) -> int:
@@ -87,15 +106,19 @@ def pack_rows(
 ) -> torch.Tensor:
     """GGUF rows (uint8, whole rows) -> the layout matvec reads; `raw` itself if not a packed type.
 
-    Per row: every block's quant bytes in block order, then every block's fp16 scale, then zero
+    Per row: every block's quant bytes in block order (Q4_0 rows of a multiple of 128 columns:
+    in groups of 4 blocks, lane-major, see `grouped`), then every block's fp16 scale, then zero
     padding to PACKED_ROW_ALIGN. Runs on the tensor's device (CPU or GPU)."""
     qtype = GGMLQuantizationType(ggml_type)
     if qtype not in PACKED_QUANT_BYTES:
         return raw
     n_rows, n_blocks, quant_words, pad = _packed_shape(qtype, n_cols, raw.numel(), "pack_rows")
     blocks = raw.contiguous().view(torch.int16).reshape(n_rows, n_blocks, 1 + quant_words)
+    quants = blocks[:, :, 1:].reshape(n_rows, n_blocks * quant_words)
+    if grouped(qtype, n_cols):
+        quants = _group_order(quants, n_rows, to_grouped=True)
     parts = [
-        blocks[:, :, 1:].reshape(n_rows, n_blocks * quant_words),
+        quants,
         blocks[:, :, 0],
         blocks.new_zeros(n_rows, pad),
     ]
@@ -111,7 +134,10 @@ def unpack_rows(
         return packed
     n_rows, n_blocks, quant_words, _ = _packed_shape(qtype, n_cols, packed.numel(), "unpack_rows")
     rows = packed.contiguous().view(torch.int16).reshape(n_rows, -1)
-    quants = rows[:, : n_blocks * quant_words].reshape(n_rows, n_blocks, quant_words)
+    quants = rows[:, : n_blocks * quant_words]
+    if grouped(qtype, n_cols):
+        quants = _group_order(quants, n_rows, to_grouped=False)
+    quants = quants.reshape(n_rows, n_blocks, quant_words)
     scales = rows[:, n_blocks * quant_words : n_blocks * (quant_words + 1)].unsqueeze(2)
     return torch.cat([scales, quants], dim=2).view(torch.uint8).reshape(-1)
 
@@ -139,6 +165,8 @@ class MatVec:
             raise CudaError(
                 f"matvec {qtype.name}: {n_cols} columns is not a multiple of {multiple}"
             )
+        if grouped(qtype, n_cols):
+            self.stem = "q4_0x4"  # the 4-block group layout of pack_rows
         self.ggml_type, self.n_rows, self.n_cols = qtype, n_rows, n_cols
         self.row_bytes = packed_row_bytes(qtype, n_cols)  # of `weight` as __call__ takes it
         self._sites: dict[tuple[int, int], LaunchSite] = {}

@@ -292,6 +292,60 @@ template <> struct Unit<GGML_Q6_K> {
 // once per ROWS rows, and the CTA keeps UNROLL * ROWS loads in flight per thread.
 template <int ROWS> struct RowsUnroll { static constexpr int value = ROWS >= 4 ? 2 : 4; };
 
+// The CTA's sums: each warp reduced with a fixed xor butterfly, the warps added in index order,
+// then the epilogue (bias, residual, or SwiGLU of interleaved gate/up rows) and the store.
+template <int MAXB, int ROWS>
+__device__ __forceinline__ void matvec_finish(float (&acc)[ROWS][MAXB], float* y, int y_stride,
+                                              int row0, int n_seqs, int n_rows,
+                                              const float* __restrict__ bias,
+                                              const float* residual, int residual_stride,
+                                              int swiglu) {
+    __shared__ float partial[MATVEC_WARPS][ROWS][MAXB];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+#pragma unroll
+        for (int b = 0; b < MAXB; ++b) {
+#pragma unroll
+            for (int offset = 16; offset > 0; offset >>= 1)
+                acc[r][b] += __shfl_xor_sync(0xFFFFFFFFu, acc[r][b], offset);
+        }
+    }
+    if (lane == 0) {
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+            for (int b = 0; b < MAXB; ++b) partial[warp][r][b] = acc[r][b];
+    }
+    __syncthreads();
+    if (swiglu) {  // rows interleaved gate, up: y[b, row / 2] = silu(gate) * up
+        if (threadIdx.x < ROWS / 2 * MAXB) {
+            const int pair = threadIdx.x / MAXB, b = threadIdx.x % MAXB, row = row0 + 2 * pair;
+            if (b < n_seqs && row + 1 < n_rows) {
+                float gate = 0.0f, up = 0.0f;
+#pragma unroll
+                for (int k = 0; k < MATVEC_WARPS; ++k) {
+                    gate += partial[k][2 * pair][b];
+                    up += partial[k][2 * pair + 1][b];
+                }
+                y[(i64)b * y_stride + row / 2] = gate / (1.0f + expf(-gate)) * up;
+            }
+        }
+        return;
+    }
+    if (threadIdx.x < ROWS * MAXB) {  // warps added in index order
+        const int r = threadIdx.x / MAXB, b = threadIdx.x % MAXB, row = row0 + r;
+        if (b < n_seqs && row < n_rows) {
+            float v = 0.0f;
+#pragma unroll
+            for (int k = 0; k < MATVEC_WARPS; ++k) v += partial[k][r][b];
+            if (bias) v += bias[row];
+            if (residual) v += residual[(i64)b * residual_stride + row];
+            y[(i64)b * y_stride + row] = v;
+        }
+    }
+}
+
 template <int T, int MAXB, int ROWS>
 __device__ __forceinline__ void matvec_impl(
     float* y, int y_stride, const u8* __restrict__ weight, i64 row_bytes, const float* __restrict__ x,
@@ -300,8 +354,6 @@ __device__ __forceinline__ void matvec_impl(
     typedef Unit<T> U;
     constexpr int UNROLL = RowsUnroll<ROWS>::value;
     constexpr int PER_STEP = 32 * MATVEC_WARPS / U::LANES;  // blocks the CTA covers per step
-    __shared__ float partial[MATVEC_WARPS][ROWS][MAXB];
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int row0 = blockIdx.x * ROWS;
     const u8* w[ROWS];
 #pragma unroll
@@ -353,49 +405,105 @@ __device__ __forceinline__ void matvec_impl(
             }
         }
     }
+    matvec_finish<MAXB, ROWS>(acc, y, y_stride, row0, n_seqs, n_rows, bias, residual,
+                              residual_stride, swiglu);
+}
+
+// Q4_0 repacked in groups of 4 blocks (gpu/cuda/matvec.py pack_rows, rows of a multiple of 128
+// columns): within a group's 64 quant bytes, lane j's 4-byte slices of the 4 blocks lie together,
+// so a lane fetches its share of 4 blocks with one 16-byte load (and their 4 scales, 8 contiguous
+// bytes, with one 8-byte load); a warp's load is one contiguous 512-byte run. The 4-byte-per-lane
+// version issued 4x the load instructions and read 4096-column rows at 50% of copy bandwidth
+// (bench/NOTES.md). Lane j owns the same elements of each block as the Legacy4 unit (4j..4j+3
+// and 16 + 4j..); a thread adds its blocks in order, so results are batch-invariant as before.
+__device__ __forceinline__ float q4_0_group_dot(uint4 qs, uint2 dd, const float4* xl,
+                                                const float4* xh) {
+    const u32 words[4] = {qs.x, qs.y, qs.z, qs.w};
+    float v = 0.0f;
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
-#pragma unroll
-        for (int b = 0; b < MAXB; ++b) {
-#pragma unroll
-            for (int offset = 16; offset > 0; offset >>= 1)
-                acc[r][b] += __shfl_xor_sync(0xFFFFFFFFu, acc[r][b], offset);
-        }
+    for (int blk = 0; blk < 4; ++blk) {
+        float lo[4], hi[4];
+        bytes4(words[blk] & 0x0F0F0F0Fu, 8.0f, lo);
+        bytes4((words[blk] >> 4) & 0x0F0F0F0Fu, 8.0f, hi);
+        const u32 dw = blk < 2 ? dd.x : dd.y;
+        const float d = f16_to_f32((dw >> (16 * (blk & 1))) & 0xFFFF);
+        v += d * (dot4(lo, xl[blk]) + dot4(hi, xh[blk]));
     }
-    if (lane == 0) {
+    return v;
+}
+
+template <int MAXB, int ROWS>
+__device__ __forceinline__ void matvec_q4_0x4_impl(
+    float* y, int y_stride, const u8* __restrict__ weight, i64 row_bytes, const float* __restrict__ x,
+    int x_stride, int n_seqs, int n_rows, int n_cols, const float* __restrict__ bias,
+    const float* residual, int residual_stride, int swiglu) {
+    constexpr int UNROLL = RowsUnroll<ROWS>::value;
+    constexpr int PER_STEP = 32 * MATVEC_WARPS / 4;  // groups the CTA covers per step
+    const int row0 = blockIdx.x * ROWS;
+    const u8* w[ROWS];
 #pragma unroll
-        for (int r = 0; r < ROWS; ++r)
+    for (int r = 0; r < ROWS; ++r) w[r] = weight + (i64)min(row0 + r, n_rows - 1) * row_bytes;
+    if (threadIdx.x < ROWS && row0 + (int)threadIdx.x < n_rows)
+        prefetch_l2(weight + (i64)(row0 + threadIdx.x) * row_bytes, row_bytes);
+    grid_dependency_sync();
+    const int n_groups = n_cols / 128, j = threadIdx.x & 3;
+    float acc[ROWS][MAXB];
 #pragma unroll
-            for (int b = 0; b < MAXB; ++b) partial[warp][r][b] = acc[r][b];
-    }
-    __syncthreads();
-    if (swiglu) {  // rows interleaved gate, up: y[b, row / 2] = silu(gate) * up
-        if (threadIdx.x < ROWS / 2 * MAXB) {
-            const int pair = threadIdx.x / MAXB, b = threadIdx.x % MAXB, row = row0 + 2 * pair;
-            if (b < n_seqs && row + 1 < n_rows) {
-                float gate = 0.0f, up = 0.0f;
+    for (int r = 0; r < ROWS; ++r)
 #pragma unroll
-                for (int k = 0; k < MATVEC_WARPS; ++k) {
-                    gate += partial[k][2 * pair][b];
-                    up += partial[k][2 * pair + 1][b];
+        for (int b = 0; b < MAXB; ++b) acc[r][b] = 0.0f;
+    for (int first = threadIdx.x / 4; first < n_groups; first += UNROLL * PER_STEP) {
+        uint4 qs[UNROLL][ROWS];
+        uint2 dd[UNROLL][ROWS];
+#pragma unroll
+        for (int k = 0; k < UNROLL; ++k) {
+            const int g = first + k * PER_STEP;
+            if (g < n_groups) {
+#pragma unroll
+                for (int r = 0; r < ROWS; ++r) {
+                    qs[k][r] = *reinterpret_cast<const uint4*>(w[r] + (i64)g * 64 + 16 * j);
+                    dd[k][r] = *reinterpret_cast<const uint2*>(w[r] + (i64)n_groups * 64 + 8 * g);
                 }
-                y[(i64)b * y_stride + row / 2] = gate / (1.0f + expf(-gate)) * up;
             }
         }
-        return;
-    }
-    if (threadIdx.x < ROWS * MAXB) {  // warps added in index order
-        const int r = threadIdx.x / MAXB, b = threadIdx.x % MAXB, row = row0 + r;
-        if (b < n_seqs && row < n_rows) {
-            float v = 0.0f;
 #pragma unroll
-            for (int k = 0; k < MATVEC_WARPS; ++k) v += partial[k][r][b];
-            if (bias) v += bias[row];
-            if (residual) v += residual[(i64)b * residual_stride + row];
-            y[(i64)b * y_stride + row] = v;
+        for (int k = 0; k < UNROLL; ++k) {
+            const int g = first + k * PER_STEP;
+            if (g < n_groups) {
+#pragma unroll
+                for (int b = 0; b < MAXB; ++b) {
+                    if (b < n_seqs) {
+                        const float* xb = x + (i64)b * x_stride + (i64)g * 128 + 4 * j;
+                        float4 xl[4], xh[4];
+#pragma unroll
+                        for (int blk = 0; blk < 4; ++blk) {
+                            xl[blk] = ld_x4(xb + 32 * blk);
+                            xh[blk] = ld_x4(xb + 32 * blk + 16);
+                        }
+#pragma unroll
+                        for (int r = 0; r < ROWS; ++r) acc[r][b] += q4_0_group_dot(qs[k][r], dd[k][r], xl, xh);
+                    }
+                }
+            }
         }
     }
+    matvec_finish<MAXB, ROWS>(acc, y, y_stride, row0, n_seqs, n_rows, bias, residual,
+                              residual_stride, swiglu);
 }
+
+#define MATVEC_Q4_0X4_KERNEL(B, R)                                                                  \
+    extern "C" __global__ void __launch_bounds__(32 * MATVEC_WARPS) matvec_q4_0x4_b##B##_r##R(     \
+        float* y, int y_stride, const u8* weight, i64 row_bytes, const float* x, int x_stride,     \
+        int n_seqs, int n_rows, int n_cols, const float* bias, const float* residual,              \
+        int residual_stride, int swiglu) {                                                          \
+        matvec_q4_0x4_impl<B, R>(y, y_stride, weight, row_bytes, x, x_stride, n_seqs, n_rows,      \
+                                 n_cols, bias, residual, residual_stride, swiglu);                  \
+    }
+#define MATVEC_Q4_0X4_BATCH(B) MATVEC_Q4_0X4_KERNEL(B, 2) MATVEC_Q4_0X4_KERNEL(B, 4)
+MATVEC_Q4_0X4_BATCH(1)
+MATVEC_Q4_0X4_BATCH(2)
+MATVEC_Q4_0X4_BATCH(4)
+MATVEC_Q4_0X4_BATCH(8)
 
 #define MATVEC_KERNEL(NAME, T, B, R)                                                                \
     extern "C" __global__ void __launch_bounds__(32 * MATVEC_WARPS) matvec_##NAME##_b##B##_r##R(   \

@@ -14,6 +14,7 @@ from gpu.cuda.matvec import (
     PACKED_QUANT_BYTES,
     PACKED_ROW_ALIGN,
     MatVec,
+    grouped,
     pack_rows,
     packed_row_bytes,
     unpack_rows,
@@ -45,7 +46,9 @@ def test_pack_round_trip_is_exact(qtype, n_cols):
 @pytest.mark.parametrize("n_cols", [96, 512])
 @pytest.mark.parametrize("qtype", PACKED, ids=lambda t: t.name)
 def test_packed_layout_is_quants_then_scales(qtype, n_cols):
-    """Against a byte-by-byte construction: row r = quants of each block, scales, zero pad."""
+    """Against a byte-by-byte construction: row r = quants of each block, scales, zero pad;
+    Q4_0 at 512 columns (a multiple of 128) has its quants in 4-block groups, lane-major: slice j
+    (bytes 4j..4j+3) of block b at 64 * (b // 4) + 16 * j + 4 * (b % 4)."""
     n_rows, quant_bytes = 5, PACKED_QUANT_BYTES[qtype]
     block_bytes, n_blocks = quant_bytes + 2, n_cols // 32
     raw = gguf_rows(qtype, n_rows, n_cols, seed=1).numpy()
@@ -56,7 +59,11 @@ def test_packed_layout_is_quants_then_scales(qtype, n_cols):
     for r in range(n_rows):
         for b in range(n_blocks):
             block = raw[(r * n_blocks + b) * block_bytes :][:block_bytes]
-            assert bytes(packed[r, b * quant_bytes :][:quant_bytes]) == bytes(block[2:])
+            for j in range(quant_bytes // 4):
+                at = b * quant_bytes + 4 * j
+                if grouped(qtype, n_cols):
+                    at = 64 * (b // 4) + 16 * j + 4 * (b % 4)
+                assert bytes(packed[r, at : at + 4]) == bytes(block[2 + 4 * j : 6 + 4 * j])
             scale_at = n_blocks * quant_bytes + 2 * b
             assert bytes(packed[r, scale_at : scale_at + 2]) == bytes(block[:2])
         assert not packed[r, n_blocks * block_bytes :].any()
