@@ -416,19 +416,35 @@ __device__ __forceinline__ void matvec_impl(
 // version issued 4x the load instructions and read 4096-column rows at 50% of copy bandwidth
 // (bench/NOTES.md). Lane j owns the same elements of each block as the Legacy4 unit (4j..4j+3
 // and 16 + 4j..); a thread adds its blocks in order, so results are batch-invariant as before.
-__device__ __forceinline__ float q4_0_group_dot(uint4 qs, uint2 dd, const float4* xl,
-                                                const float4* xh) {
+struct Q4_0Group { float lo[4][4], hi[4][4], d[4]; };  // one lane's share of 4 blocks, decoded
+
+__device__ __forceinline__ void q4_0_group_decode(uint4 qs, uint2 dd, Q4_0Group& q) {
     const u32 words[4] = {qs.x, qs.y, qs.z, qs.w};
-    float v = 0.0f;
 #pragma unroll
     for (int blk = 0; blk < 4; ++blk) {
-        float lo[4], hi[4];
-        bytes4(words[blk] & 0x0F0F0F0Fu, 8.0f, lo);
-        bytes4((words[blk] >> 4) & 0x0F0F0F0Fu, 8.0f, hi);
+        bytes4(words[blk] & 0x0F0F0F0Fu, 8.0f, q.lo[blk]);
+        bytes4((words[blk] >> 4) & 0x0F0F0F0Fu, 8.0f, q.hi[blk]);
         const u32 dw = blk < 2 ? dd.x : dd.y;
-        const float d = f16_to_f32((dw >> (16 * (blk & 1))) & 0xFFFF);
-        v += d * (dot4(lo, xl[blk]) + dot4(hi, xh[blk]));
+        q.d[blk] = f16_to_f32((dw >> (16 * (blk & 1))) & 0xFFFF);
     }
+}
+
+// The group's contribution for one sequence: blocks in order, the same expression whatever the
+// batch variant, so a sequence's sum does not depend on the others.
+struct Q4_0GroupX { float4 lo[4], hi[4]; };  // the x values matching a lane's group share
+
+__device__ __forceinline__ void q4_0_group_x(const float* xb, Q4_0GroupX& x) {
+#pragma unroll
+    for (int blk = 0; blk < 4; ++blk) {
+        x.lo[blk] = ld_x4(xb + 32 * blk);
+        x.hi[blk] = ld_x4(xb + 32 * blk + 16);
+    }
+}
+
+__device__ __forceinline__ float q4_0_group_dot(const Q4_0Group& q, const Q4_0GroupX& x) {
+    float v = 0.0f;
+#pragma unroll
+    for (int blk = 0; blk < 4; ++blk) v += q.d[blk] * (dot4(q.lo[blk], x.lo[blk]) + dot4(q.hi[blk], x.hi[blk]));
     return v;
 }
 
@@ -470,18 +486,32 @@ __device__ __forceinline__ void matvec_q4_0x4_impl(
         for (int k = 0; k < UNROLL; ++k) {
             const int g = first + k * PER_STEP;
             if (g < n_groups) {
+                // A row at a time: its decoded group (36 registers) serves every sequence. One
+                // sequence: its x (32 registers) is loaded once for all rows; more: x comes again
+                // from L1 per row (all ROWS decoded at once would spill).
+                const float* xg = x + (i64)g * 128 + 4 * j;
+                if constexpr (MAXB == 1) {
+                    Q4_0GroupX xv;
+                    q4_0_group_x(xg, xv);
 #pragma unroll
-                for (int b = 0; b < MAXB; ++b) {
-                    if (b < n_seqs) {
-                        const float* xb = x + (i64)b * x_stride + (i64)g * 128 + 4 * j;
-                        float4 xl[4], xh[4];
+                    for (int r = 0; r < ROWS; ++r) {
+                        Q4_0Group q;
+                        q4_0_group_decode(qs[k][r], dd[k][r], q);
+                        acc[r][0] += q4_0_group_dot(q, xv);
+                    }
+                } else {
 #pragma unroll
-                        for (int blk = 0; blk < 4; ++blk) {
-                            xl[blk] = ld_x4(xb + 32 * blk);
-                            xh[blk] = ld_x4(xb + 32 * blk + 16);
+                    for (int r = 0; r < ROWS; ++r) {
+                        Q4_0Group q;
+                        q4_0_group_decode(qs[k][r], dd[k][r], q);
+#pragma unroll
+                        for (int b = 0; b < MAXB; ++b) {
+                            if (b < n_seqs) {
+                                Q4_0GroupX xv;
+                                q4_0_group_x(xg + (i64)b * x_stride, xv);
+                                acc[r][b] += q4_0_group_dot(q, xv);
+                            }
                         }
-#pragma unroll
-                        for (int r = 0; r < ROWS; ++r) acc[r][b] += q4_0_group_dot(qs[k][r], dd[k][r], xl, xh);
                     }
                 }
             }
