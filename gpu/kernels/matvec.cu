@@ -416,36 +416,13 @@ __device__ __forceinline__ void matvec_impl(
 // version issued 4x the load instructions and read 4096-column rows at 50% of copy bandwidth
 // (bench/NOTES.md). Lane j owns the same elements of each block as the Legacy4 unit (4j..4j+3
 // and 16 + 4j..); a thread adds its blocks in order, so results are batch-invariant as before.
-struct Q4_0Group { float lo[4][4], hi[4][4], d[4]; };  // one lane's share of 4 blocks, decoded
-
-__device__ __forceinline__ void q4_0_group_decode(uint4 qs, uint2 dd, Q4_0Group& q) {
-    const u32 words[4] = {qs.x, qs.y, qs.z, qs.w};
-#pragma unroll
-    for (int blk = 0; blk < 4; ++blk) {
-        bytes4(words[blk] & 0x0F0F0F0Fu, 8.0f, q.lo[blk]);
-        bytes4((words[blk] >> 4) & 0x0F0F0F0Fu, 8.0f, q.hi[blk]);
-        const u32 dw = blk < 2 ? dd.x : dd.y;
-        q.d[blk] = f16_to_f32((dw >> (16 * (blk & 1))) & 0xFFFF);
-    }
-}
-
-// The group's contribution for one sequence: blocks in order, the same expression whatever the
-// batch variant, so a sequence's sum does not depend on the others.
-struct Q4_0GroupX { float4 lo[4], hi[4]; };  // the x values matching a lane's group share
-
-__device__ __forceinline__ void q4_0_group_x(const float* xb, Q4_0GroupX& x) {
-#pragma unroll
-    for (int blk = 0; blk < 4; ++blk) {
-        x.lo[blk] = ld_x4(xb + 32 * blk);
-        x.hi[blk] = ld_x4(xb + 32 * blk + 16);
-    }
-}
-
-__device__ __forceinline__ float q4_0_group_dot(const Q4_0Group& q, const Q4_0GroupX& x) {
-    float v = 0.0f;
-#pragma unroll
-    for (int blk = 0; blk < 4; ++blk) v += q.d[blk] * (dot4(q.lo[blk], x.lo[blk]) + dot4(q.hi[blk], x.hi[blk]));
-    return v;
+// Block blk (0..3) of a lane's group share: its 8 quants as floats minus 8, and its scale.
+__device__ __forceinline__ void q4_0_group_block(uint4 qs, uint2 dd, int blk, float* lo, float* hi,
+                                                 float* d) {
+    const u32 word = blk == 0 ? qs.x : blk == 1 ? qs.y : blk == 2 ? qs.z : qs.w;
+    bytes4(word & 0x0F0F0F0Fu, 8.0f, lo);
+    bytes4((word >> 4) & 0x0F0F0F0Fu, 8.0f, hi);
+    *d = f16_to_f32(((blk < 2 ? dd.x : dd.y) >> (16 * (blk & 1))) & 0xFFFF);
 }
 
 template <int MAXB, int ROWS>
@@ -486,31 +463,21 @@ __device__ __forceinline__ void matvec_q4_0x4_impl(
         for (int k = 0; k < UNROLL; ++k) {
             const int g = first + k * PER_STEP;
             if (g < n_groups) {
-                // A row at a time: its decoded group (36 registers) serves every sequence. One
-                // sequence: its x (32 registers) is loaded once for all rows; more: x comes again
-                // from L1 per row (all ROWS decoded at once would spill).
+                // A block at a time, as the Legacy4 unit: its ROWS decoded slices serve every
+                // sequence, and x is read once per block and sequence for all the rows.
                 const float* xg = x + (i64)g * 128 + 4 * j;
-                if constexpr (MAXB == 1) {
-                    Q4_0GroupX xv;
-                    q4_0_group_x(xg, xv);
 #pragma unroll
-                    for (int r = 0; r < ROWS; ++r) {
-                        Q4_0Group q;
-                        q4_0_group_decode(qs[k][r], dd[k][r], q);
-                        acc[r][0] += q4_0_group_dot(q, xv);
-                    }
-                } else {
+                for (int blk = 0; blk < 4; ++blk) {
+                    float lo[ROWS][4], hi[ROWS][4], d[ROWS];
 #pragma unroll
-                    for (int r = 0; r < ROWS; ++r) {
-                        Q4_0Group q;
-                        q4_0_group_decode(qs[k][r], dd[k][r], q);
+                    for (int r = 0; r < ROWS; ++r) q4_0_group_block(qs[k][r], dd[k][r], blk, lo[r], hi[r], &d[r]);
 #pragma unroll
-                        for (int b = 0; b < MAXB; ++b) {
-                            if (b < n_seqs) {
-                                Q4_0GroupX xv;
-                                q4_0_group_x(xg + (i64)b * x_stride, xv);
-                                acc[r][b] += q4_0_group_dot(q, xv);
-                            }
+                    for (int b = 0; b < MAXB; ++b) {
+                        if (b < n_seqs) {
+                            const float* xb = xg + (i64)b * x_stride + 32 * blk;
+                            const float4 xl = ld_x4(xb), xh = ld_x4(xb + 16);
+#pragma unroll
+                            for (int r = 0; r < ROWS; ++r) acc[r][b] += d[r] * (dot4(lo[r], xl) + dot4(hi[r], xh));
                         }
                     }
                 }
