@@ -463,23 +463,52 @@ __device__ __forceinline__ void matvec_q4_0x4_impl(
         for (int k = 0; k < UNROLL; ++k) {
             const int g = first + k * PER_STEP;
             if (g < n_groups) {
-                // A block at a time, as the Legacy4 unit: its ROWS decoded slices serve every
-                // sequence, and x is read once per block and sequence for all the rows.
+                // Each (row, sequence) adds its group as one sum over the 4 blocks in order, then
+                // into acc: the same arithmetic in both loop orders below (batch invariance).
                 const float* xg = x + (i64)g * 128 + 4 * j;
+                if constexpr (MAXB == 1) {  // x once per group; a row's 4 blocks decoded in turn
+                    float4 xl[4], xh[4];
 #pragma unroll
-                for (int blk = 0; blk < 4; ++blk) {
-                    float lo[ROWS][4], hi[ROWS][4], d[ROWS];
+                    for (int blk = 0; blk < 4; ++blk) {
+                        xl[blk] = ld_x4(xg + 32 * blk);
+                        xh[blk] = ld_x4(xg + 32 * blk + 16);
+                    }
 #pragma unroll
-                    for (int r = 0; r < ROWS; ++r) q4_0_group_block(qs[k][r], dd[k][r], blk, lo[r], hi[r], &d[r]);
+                    for (int r = 0; r < ROWS; ++r) {
+                        float v = 0.0f;
 #pragma unroll
-                    for (int b = 0; b < MAXB; ++b) {
-                        if (b < n_seqs) {
-                            const float* xb = xg + (i64)b * x_stride + 32 * blk;
-                            const float4 xl = ld_x4(xb), xh = ld_x4(xb + 16);
+                        for (int blk = 0; blk < 4; ++blk) {
+                            float lo[4], hi[4], d;
+                            q4_0_group_block(qs[k][r], dd[k][r], blk, lo, hi, &d);
+                            v += d * (dot4(lo, xl[blk]) + dot4(hi, xh[blk]));
+                        }
+                        acc[r][0] += v;
+                    }
+                } else {  // a block at a time: its ROWS decoded slices serve every sequence
+                    float v[ROWS][MAXB];
 #pragma unroll
-                            for (int r = 0; r < ROWS; ++r) acc[r][b] += d[r] * (dot4(lo[r], xl) + dot4(hi[r], xh));
+                    for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+                        for (int b = 0; b < MAXB; ++b) v[r][b] = 0.0f;
+#pragma unroll
+                    for (int blk = 0; blk < 4; ++blk) {
+                        float lo[ROWS][4], hi[ROWS][4], d[ROWS];
+#pragma unroll
+                        for (int r = 0; r < ROWS; ++r) q4_0_group_block(qs[k][r], dd[k][r], blk, lo[r], hi[r], &d[r]);
+#pragma unroll
+                        for (int b = 0; b < MAXB; ++b) {
+                            if (b < n_seqs) {
+                                const float* xb = xg + (i64)b * x_stride + 32 * blk;
+                                const float4 xl = ld_x4(xb), xh = ld_x4(xb + 16);
+#pragma unroll
+                                for (int r = 0; r < ROWS; ++r) v[r][b] += d[r] * (dot4(lo[r], xl) + dot4(hi[r], xh));
+                            }
                         }
                     }
+#pragma unroll
+                    for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+                        for (int b = 0; b < MAXB; ++b) acc[r][b] += v[r][b];
                 }
             }
         }
