@@ -1,5 +1,6 @@
 """Decode attention over the paged KV cache (gpu/kernels/attention.cu): one query token per
-sequence, GQA-aware, split over the context in fixed partitions with an ordered reduce."""
+sequence, GQA-aware, split over the context in fixed partitions; the last CTA of a (sequence, kv
+head) to finish combines the splits in order (a ticket counter per pair, reset by that CTA)."""
 
 from __future__ import annotations
 
@@ -19,12 +20,10 @@ from gpu.cuda.rope_kv import CACHE_DTYPES
 PARTITION_TOKENS = 64
 ATTENTION_THREADS = 512  # threads per CTA for head_dim > 64 (RowGroups in attention.cu)
 MAX_ROW_GROUPS = 32
-REDUCE_THREADS = 128
 MAX_GROUP = 8  # MAX_G: query heads per kv head
 MAX_HEAD_DIM = 256
 _DECODE_ARGS = ("ptr", "i32", "ptr", "i32", "ptr", "ptr", "ptr", "i32", "ptr",
-                "i32", "i32", "i32", "i32", "f32", "ptr", "ptr")  # fmt: skip
-_REDUCE_ARGS = ("ptr", "i32", "ptr", "ptr", "i32", "i32", "i32")
+                "i32", "i32", "i32", "i32", "f32", "ptr", "ptr", "ptr")  # fmt: skip
 
 
 def row_lanes(head_dim: int) -> int:
@@ -37,14 +36,13 @@ def row_lanes(head_dim: int) -> int:
 @dataclass(frozen=True, slots=True)
 class AttentionLaunch:
     decode: LaunchConfig
-    reduce: LaunchConfig | None  # None when every context fits one partition
-    n_splits: int
+    n_splits: int  # 1: every context fits one partition, no partials and no combine
 
 
 def attention_launch_config(
     num_seqs: int, n_heads: int, n_kv_heads: int, max_context: int, head_dim: int = 128
 ) -> AttentionLaunch:
-    """grid (kv heads, sequences, splits) for the decode kernel, (heads, sequences) to reduce."""
+    """grid (kv heads, sequences, splits) for the decode kernel."""
     if num_seqs < 1 or max_context < 1:
         raise CudaError(f"attention: {num_seqs} sequences, max context {max_context}")
     if n_heads % n_kv_heads or n_heads // n_kv_heads > MAX_GROUP:
@@ -53,8 +51,7 @@ def attention_launch_config(
     lanes = row_lanes(head_dim)
     threads = min(MAX_ROW_GROUPS, ATTENTION_THREADS // lanes) * lanes
     decode = LaunchConfig((n_kv_heads, num_seqs, n_splits), (threads, 1, 1))
-    reduce = LaunchConfig((n_heads, num_seqs, 1), (REDUCE_THREADS, 1, 1)) if n_splits > 1 else None
-    return AttentionLaunch(decode, reduce, n_splits)
+    return AttentionLaunch(decode, n_splits)
 
 
 class DecodeAttention:
@@ -72,7 +69,17 @@ class DecodeAttention:
         self.scale = head_dim**-0.5
         name = f"attention_decode_{CACHE_DTYPES[cache_dtype]}_l{lanes}"
         self._decode = launch_site("attention.cu", name, _DECODE_ARGS)
-        self._reduce = launch_site("attention.cu", "attention_reduce", _REDUCE_ARGS)
+        # One ticket counter per (sequence, kv head), zero between launches: the kernel's last
+        # CTA resets its own. Grown outside graph capture (the eager warm-up of a bucket runs
+        # first), so a captured graph keeps the address it saw.
+        self._counters: torch.Tensor | None = None
+
+    def _ticket_counters(self, num_seqs: int, device: torch.device) -> torch.Tensor:
+        needed = num_seqs * self.n_kv_heads
+        if self._counters is None or self._counters.numel() < needed:
+            self._counters = torch.zeros(max(needed, 128 * self.n_kv_heads), dtype=torch.int32,
+                                         device=device)  # fmt: skip
+        return self._counters
 
     def __call__(
         self, out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -95,17 +102,16 @@ class DecodeAttention:
             expected = (self.block_size, self.n_kv_heads, self.head_dim)
             if tuple(cache.shape[1:]) != expected or not cache.is_contiguous():
                 raise CudaError(f"attention: {name} {tuple(cache.shape)}, expected [N, {expected}]")
-        partial_out = partial_ml = None
+        partial_out = partial_ml = counters = None
         if launch.n_splits > 1:
+            counters = self._ticket_counters(num_seqs, q.device)
             parts = num_seqs * self.n_heads * launch.n_splits
             partial_out = torch.empty(parts * self.head_dim, dtype=torch.float32, device=q.device)
             partial_ml = torch.empty(parts * 2, dtype=torch.float32, device=q.device)
-        out_ptr = pointer(out, "attention out", torch.float32)
-        out_stride = row_stride(out, "attention out")
         self._decode.launch(
             launch.decode,
-            out_ptr,
-            out_stride,
+            pointer(out, "attention out", torch.float32),
+            row_stride(out, "attention out"),
             pointer(q, "attention q", torch.float32),
             row_stride(q, "attention q"),
             pointer(k_cache, "attention k_cache", self.cache_dtype, align=2),
@@ -120,16 +126,6 @@ class DecodeAttention:
             self.scale,
             pointer(partial_out, "attention partial_out", torch.float32, optional=True),
             pointer(partial_ml, "attention partial_ml", torch.float32, optional=True),
+            pointer(counters, "attention counters", torch.int32, optional=True),
         )
-        if launch.reduce is not None:
-            self._reduce.launch(
-                launch.reduce,
-                out_ptr,
-                out_stride,
-                partial_out.data_ptr(),
-                partial_ml.data_ptr(),
-                self.n_heads,
-                self.head_dim,
-                launch.n_splits,
-            )
         return out
