@@ -2,12 +2,14 @@
 
 Weights stay in the GGUF block layout as stored, except Q4_0 and Q8_0: their 18/34-byte blocks
 leave the quants 2-byte aligned, so `pack_rows` repacks them once at load into per-row quants then
-scales (layout in quant_blocks.cuh), read with aligned 4-/8-byte loads. One CTA per ROWS_PER_CTA
-output rows reads the rows' blocks, several threads per block so that loads are contiguous, each
-x value loaded once for all of the CTA's rows; Q5_0 blocks are read with 2-byte loads, the K-quants
-and F16/BF16 rows with 8- and 16-byte loads. Up to 8
-sequences share each read of the weights; the kernel is instantiated for 1, 2, 4 and 8 and the
-smallest that fits is launched.
+scales (layout in quant_blocks.cuh), read with aligned 4-/8-byte loads; Q4_0 rows of a multiple
+of 128 columns also put each lane's slices of 4 blocks together (`grouped`: one 16-byte load,
+the q4_0x4 kernels). One CTA per ROWS_PER_CTA output rows reads the rows' blocks, several
+threads per block so that loads are contiguous, each x value loaded once for all of the CTA's
+rows; Q5_0 blocks are read with 2-byte loads, the K-quants and F16/BF16 rows with 8- and 16-byte
+loads. Up to 8 sequences share each read of the weights; the kernel is instantiated for 1, 2, 4
+and 8 and the smallest that fits is launched. `swiglu` makes the epilogue write silu(gate) * up
+of interleaved gate/up rows.
 """
 
 from __future__ import annotations

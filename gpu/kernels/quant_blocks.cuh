@@ -11,6 +11,9 @@
 //   row = [quants of block 0 | quants of block 1 | ... ] [d of block 0 | d of block 1 | ...] [pad]
 //          16 (Q4_0) or 32 (Q8_0) bytes per block           2 bytes (fp16) per block    to 16 bytes
 //
+// Q4_0 rows of a multiple of 128 columns go one step further: within each group of 4 blocks (64
+// quant bytes) the bytes are lane-major, lane j's 4-byte slices of blocks 0..3 together at
+// 16j, so a lane reads its share of 4 blocks with one 16-byte load (matvec.cu q4_0x4).
 // Each block's bytes are unchanged, only moved; rows are padded to a multiple of 16 bytes (no pad
 // when the row has a multiple of 8 blocks, i.e. 256 columns) so every row's quants start 16-byte
 // aligned and a packed row is still a valid row to concatenate (fused QKV / gate-up). In the GGUF
