@@ -105,16 +105,20 @@ def prefill(backend: CudaBackend, packer: BatchPacker, prompt: list[int],
     return logits
 
 
-def replay_step_us(backend: CudaBackend, batch, steps: int = 50) -> float:
-    """Device µs per decode step, the same batch replayed back to back (host kept ahead)."""
+def replay_step_us(backend: CudaBackend, batch, steps: int = 50) -> tuple[float, float]:
+    """(device µs per decode step, median host µs per forward call), the same batch replayed
+    back to back: the device time when the host keeps ahead of it."""
     backend.forward(batch)  # captures the graph if this mode has none yet
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    host_us = []
     start.record()
     for _ in range(steps):
+        h0 = time.perf_counter()
         backend.forward(batch)
+        host_us.append((time.perf_counter() - h0) * 1e6)
     end.record()
     end.synchronize()
-    return start.elapsed_time(end) * 1000 / steps
+    return start.elapsed_time(end) * 1000 / steps, statistics.median(host_us)
 
 
 def step_without_programmatic_launches(backend: CudaBackend, batch) -> float | None:
@@ -125,7 +129,7 @@ def step_without_programmatic_launches(backend: CudaBackend, batch) -> float | N
     graphs = dict(backend._graphs)
     backend.programmatic, backend._graphs = False, {}
     try:
-        return round(replay_step_us(backend, batch), 1)
+        return round(replay_step_us(backend, batch)[0], 1)
     finally:
         backend.programmatic, backend._graphs = True, graphs
 
@@ -166,18 +170,8 @@ def run_batch(backend: CudaBackend, shape: str, quant: str, batch_size: int, cop
         pos += 1
     torch.cuda.synchronize()
     decode_s = time.perf_counter() - t0
-    # The step alone (same batch replayed): device time when the host keeps ahead of it.
     batch = make_batch(packer, tokens, pos - 1, seq_tables, rows, [1] * batch_size)
-    start_event, end_event = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    forward_host = []
-    start_event.record()
-    for _ in range(50):
-        h0 = time.perf_counter()
-        backend.forward(batch)
-        forward_host.append((time.perf_counter() - h0) * 1e6)
-    end_event.record()
-    end_event.synchronize()
-    step_us = start_event.elapsed_time(end_event) * 1000 / 50
+    step_us, forward_host_us = replay_step_us(backend, batch)
     plain_step_us = step_without_programmatic_launches(backend, batch)
     kv_token_bytes = 2 * c.n_kv_heads * c.head_dim * 2 * c.n_layers
     mean_context = PROMPT_TOKENS + DECODE_TOKENS / 2
@@ -192,7 +186,7 @@ def run_batch(backend: CudaBackend, shape: str, quant: str, batch_size: int, cop
         "fraction_of_floor": round(decode_tok_s / floor, 3),
         "step_bytes": int(step_bytes), "copy_GB_s": round(copy_bw / 1e9, 1),
         "loop_us_per_step": round(statistics.median(host_us), 1),
-        "forward_host_us": round(statistics.median(forward_host), 1),
+        "forward_host_us": round(forward_host_us, 1),
         "step_us_same_batch": round(step_us, 1),
         "step_us_plain_launches": plain_step_us,
         "graph_nodes_per_step": nodes,

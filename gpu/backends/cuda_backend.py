@@ -3,7 +3,8 @@
 Decode steps (every sequence has one new token) run our kernels only: embedding lookup, then per
 layer RMSNorm -> fused QKV matvec (+ qwen2 bias) -> RoPE + paged KV write -> paged decode
 attention -> O matvec with the residual add in its epilogue -> RMSNorm -> fused gate·up matvec
-with SiLU·up in its epilogue -> down matvec with the residual add; then the final norm and the LM head matvec.
+with SiLU·up in its epilogue -> down matvec with the residual add; then the final norm and the
+LM head matvec.
 (Folding the norms into the matvecs was tried and measured slower on the 8B shape: bench/NOTES.md.)
 They are captured as one CUDA graph per batch-size bucket (1, 2, 4, ... padded) and attention
 split count, and replayed; padding rows write no KV (slot -1) and their logits are dropped.
@@ -77,6 +78,8 @@ class CudaBackend(Backend):
             c.n_heads, c.n_kv_heads, c.head_dim, c.rope.dim, c.rope.neox, KV_DTYPE
         )
         self.use_graphs = use_graphs
+        # Gate and up of two types stay parts: those layers need the [n, 2 ffn] buffer and SiLU.
+        self._fused_silu = all(layer.gate_up.interleaved for layer in self.weights.layers)
         # Decode kernels launch programmatically on Hopper (driver.programmatic_launches): each
         # one's prologue overlaps the previous one's tail. False: plain stream order (A/B runs).
         self.programmatic = programmatic
@@ -145,8 +148,7 @@ class CudaBackend(Backend):
         hidden, x = buffer(c.hidden_size), buffer(c.hidden_size)
         qkv, attn = buffer(c.q_size + 2 * c.kv_size), buffer(c.q_size)
         act = buffer(c.ffn_size)
-        fused_silu = all(layer.gate_up.interleaved for layer in w.layers)
-        gate_up = None if fused_silu else buffer(2 * c.ffn_size)
+        gate_up = None if self._fused_silu else buffer(2 * c.ffn_size)
         self.embed.lookup(hidden, w.token_embd.raw, token_ids)  # after torch's input copies
         with programmatic_launches(self.programmatic):
             for layer, (k_cache, v_cache) in zip(w.layers, self.kv_cache, strict=True):
