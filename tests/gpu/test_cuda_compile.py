@@ -265,3 +265,11 @@ def test_stage_decode_inputs_config():
     for n_seqs, bucket in ((0, 4), (5, 4)):
         with pytest.raises(CudaError):
             stage_launch_config(n_seqs, bucket)
+
+
+def test_matvec_long_rows_take_two_rows_per_cta_at_batch_1():
+    assert matvec_launch_config(4096, 1, "q4_0x4", 14336)[2] == 2
+    assert matvec_launch_config(4096, 1, "q4_0x4", 4096)[2] == 4
+    assert matvec_launch_config(4096, 2, "q4_0x4", 14336)[2] == ROWS_PER_CTA_BY_STEM["q4_0x4"][2]
+    config, _, rows = matvec_launch_config(4097, 1, "q4_0x4", 14336)
+    assert config.grid == (-(-4097 // rows), 1, 1)
