@@ -45,7 +45,6 @@ ROWS_VARIANTS = (2, 4)  # the ROWS instantiations
 # shapes); 4 unless a type's own table says otherwise.
 ROWS_PER_CTA: dict[int, int] = {1: 4, 2: 4, 4: 4, 8: 4}
 ROWS_PER_CTA_BY_STEM: dict[str, dict[int, int]] = {
-    "f16": {1: 2, 2: 4, 4: 4, 8: 4},  # batch 1, 8B shapes: r2 faster on all five, 4096x14336 by 16%
     "q4_0": {1: 4, 2: 2, 4: 4, 8: 4},
     "q4_0x4": {1: 4, 2: 2, 4: 4, 8: 4},
     "q5_0": {1: 2, 2: 2, 4: 2, 8: 4},

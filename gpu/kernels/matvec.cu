@@ -346,6 +346,33 @@ __device__ __forceinline__ void matvec_finish(float (&acc)[ROWS][MAXB], float* y
     }
 }
 
+// L2 prefetch before the grid wait (programmatic launch): a CTA asks for the first bytes of its
+// rows, the CTAs together for about MATVEC_PREFETCH_BUDGET bytes, each at least
+// MATVEC_PREFETCH_MIN. Whole rows were asked for at first: on the 8B F16 down projection
+// (1024-2048 resident CTAs x 57-114 KB) that is more than the 50 MB L2, the prefetched lines were
+// evicted before their loads came, and the weights were read twice. Capped at 16 KB per CTA the
+// 8B F16 step went 6127 -> 5749 us (bench/NOTES.md, H100, 2026-11-25). Small matrices (the
+// attention output projection, 33 MB at F16) may come in whole while the kernel before runs.
+#ifndef MATVEC_PREFETCH_MIN
+#define MATVEC_PREFETCH_MIN 16384
+#endif
+#ifndef MATVEC_PREFETCH_BUDGET
+#define MATVEC_PREFETCH_BUDGET (24 << 20)
+#endif
+
+// Row pointers (tail rows re-read the last row), the L2 prefetch, then the grid wait.
+template <int ROWS>
+__device__ __forceinline__ void matvec_prologue(const u8* (&w)[ROWS], const u8* weight, i64 row_bytes,
+                                                int row0, int n_rows) {
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) w[r] = weight + (i64)min(row0 + r, n_rows - 1) * row_bytes;
+    if (threadIdx.x < ROWS && row0 + (int)threadIdx.x < n_rows) {
+        const i64 per_cta = max((i64)MATVEC_PREFETCH_MIN, (i64)MATVEC_PREFETCH_BUDGET / (i64)gridDim.x);
+        prefetch_l2(weight + (i64)(row0 + threadIdx.x) * row_bytes, min(row_bytes, per_cta / ROWS));
+    }
+    grid_dependency_sync();
+}
+
 template <int T, int MAXB, int ROWS>
 __device__ __forceinline__ void matvec_impl(
     float* y, int y_stride, const u8* __restrict__ weight, i64 row_bytes, const float* __restrict__ x,
@@ -356,12 +383,7 @@ __device__ __forceinline__ void matvec_impl(
     constexpr int PER_STEP = 32 * MATVEC_WARPS / U::LANES;  // blocks the CTA covers per step
     const int row0 = blockIdx.x * ROWS;
     const u8* w[ROWS];
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) w[r] = weight + (i64)min(row0 + r, n_rows - 1) * row_bytes;  // tail rows re-read the last
-    // Weights are constant: this CTA's rows start coming into L2 while the previous kernel ends.
-    if (threadIdx.x < ROWS && row0 + (int)threadIdx.x < n_rows)
-        prefetch_l2(weight + (i64)(row0 + threadIdx.x) * row_bytes, row_bytes);
-    grid_dependency_sync();
+    matvec_prologue<ROWS>(w, weight, row_bytes, row0, n_rows);
     const int n_blocks = n_cols / U::ELEMS;
     const int sub = threadIdx.x % U::LANES;
     float acc[ROWS][MAXB];
@@ -434,11 +456,7 @@ __device__ __forceinline__ void matvec_q4_0x4_impl(
     constexpr int PER_STEP = 32 * MATVEC_WARPS / 4;  // groups the CTA covers per step
     const int row0 = blockIdx.x * ROWS;
     const u8* w[ROWS];
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) w[r] = weight + (i64)min(row0 + r, n_rows - 1) * row_bytes;
-    if (threadIdx.x < ROWS && row0 + (int)threadIdx.x < n_rows)
-        prefetch_l2(weight + (i64)(row0 + threadIdx.x) * row_bytes, row_bytes);
-    grid_dependency_sync();
+    matvec_prologue<ROWS>(w, weight, row_bytes, row0, n_rows);
     const int n_groups = n_cols / 128, j = threadIdx.x & 3;
     float acc[ROWS][MAXB];
 #pragma unroll
