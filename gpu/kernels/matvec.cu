@@ -346,19 +346,14 @@ __device__ __forceinline__ void matvec_finish(float (&acc)[ROWS][MAXB], float* y
     }
 }
 
-// L2 prefetch before the grid wait (programmatic launch): a CTA asks for the first bytes of its
-// rows, the CTAs together for about MATVEC_PREFETCH_BUDGET bytes, each at least
-// MATVEC_PREFETCH_MIN. Whole rows were asked for at first: on the 8B F16 down projection
-// (1024-2048 resident CTAs x 57-114 KB) that is more than the 50 MB L2, the prefetched lines were
-// evicted before their loads came, and the weights were read twice. Capped at 16 KB per CTA the
-// 8B F16 step went 6127 -> 5749 us (bench/NOTES.md, H100, 2026-11-25). Small matrices (the
-// attention output projection, 33 MB at F16) may come in whole while the kernel before runs.
-#ifndef MATVEC_PREFETCH_MIN
-#define MATVEC_PREFETCH_MIN 16384
-#endif
-#ifndef MATVEC_PREFETCH_BUDGET
-#define MATVEC_PREFETCH_BUDGET (24 << 20)
-#endif
+// L2 prefetch before the grid wait (programmatic launch): a CTA asks for the first
+// MATVEC_PREFETCH_BYTES of its rows, split evenly over them. Whole rows were asked for at first:
+// on the 8B F16 down projection (1024-2048 resident CTAs x 57-114 KB) that is more than the 50 MB
+// L2, the prefetched lines were evicted before their loads came and the weights were read twice.
+// bench/decode.py, 8B F16 batch 1, device step (H100, 2026-11-25, bench/NOTES.md): whole rows
+// 6127 us, 16 KB per CTA 5747-5749, a grid-wide budget that lets small matrices come in whole
+// (24 / 32 / 48 MB) 5778 / 5818 / 5874; at 2 rows per CTA: none 5844, 8 KB 5781, 16 KB 5869.
+#define MATVEC_PREFETCH_BYTES 16384
 
 // Row pointers (tail rows re-read the last row), the L2 prefetch, then the grid wait.
 template <int ROWS>
@@ -367,8 +362,7 @@ __device__ __forceinline__ void matvec_prologue(const u8* (&w)[ROWS], const u8* 
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) w[r] = weight + (i64)min(row0 + r, n_rows - 1) * row_bytes;
     if (threadIdx.x < ROWS && row0 + (int)threadIdx.x < n_rows) {
-        const i64 per_cta = max((i64)MATVEC_PREFETCH_MIN, (i64)MATVEC_PREFETCH_BUDGET / (i64)gridDim.x);
-        prefetch_l2(weight + (i64)(row0 + threadIdx.x) * row_bytes, min(row_bytes, per_cta / ROWS));
+        prefetch_l2(weight + (i64)(row0 + threadIdx.x) * row_bytes, min(row_bytes, (i64)(MATVEC_PREFETCH_BYTES / ROWS)));
     }
     grid_dependency_sync();
 }
