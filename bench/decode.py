@@ -188,6 +188,9 @@ def run_batch(backend: CudaBackend, shape: str, quant: str, batch_size: int, cop
         "loop_us_per_step": round(statistics.median(host_us), 1),
         "forward_host_us": round(forward_host_us, 1),
         "step_us_same_batch": round(step_us, 1),
+        # Per step of the decode loop, the time that is not device time: host work on the
+        # critical path (pack, launch, id read-back) while the GPU idles (bench/NOTES.md).
+        "gap_us_per_step": round(decode_s * 1e6 / DECODE_TOKENS - step_us, 1),
         "step_us_plain_launches": plain_step_us,
         "graph_nodes_per_step": nodes,
         "graph_nodes_per_layer": round((nodes - 3) / c.n_layers, 2),
@@ -253,13 +256,14 @@ def main() -> None:
         torch.cuda.empty_cache()
     print(f"{'shape':14s} {'quant':5s} {'b':>3s} {'prefill':>9s} {'llama.cpp':>9s} "
           f"{'decode':>8s} {'llama.cpp':>9s} {'floor':>8s} {'frac':>6s} {'step us':>8s} "
-          f"{'plain us':>8s} {'host us':>8s} {'nodes/layer':>11s}")  # fmt: skip
+          f"{'plain us':>8s} {'gap us':>7s} {'host us':>8s} {'nodes/layer':>11s}")  # fmt: skip
     for r in rows:
         ref_pp, ref_tg = r["llama_cpp_prefill_tok_s"], r["llama_cpp_decode_tok_s"]
         print(f"{r['shape']:14s} {r['quant']:5s} {r['batch']:3d} {r['prefill_tok_s']:9.0f} "
               f"{ref_pp or '-':>9} {r['decode_tok_s']:8.1f} {ref_tg or '-':>9} "
               f"{r['floor_tok_s']:8.1f} {r['fraction_of_floor']:6.1%} "
               f"{r['step_us_same_batch']:8.1f} {r['step_us_plain_launches'] or '-':>8} "
+              f"{r['gap_us_per_step']:7.0f} "
               f"{r['forward_host_us']:8.1f} "
               f"{r['graph_nodes_per_layer']:11.2f}")  # fmt: skip
     print(f"wrote {out}")

@@ -52,7 +52,9 @@ ROWS_PER_CTA_BY_STEM: dict[str, dict[int, int]] = {
 }
 # Long rows at batch 1 (n_cols >= LONG_ROW_COLS): 2 rows per CTA, twice the CTAs, each with
 # fewer serial iterations. q4_0x4 4096x14336: 20.1 us at r2, 25.3 at r4; but r4 stays faster on
-# 4096-column rows (LM head 130 vs 165 us) (H100, 2026-11-25, gpu/cuda/kernel_timing).
+# 4096-column rows (LM head 130 vs 165 us) (H100, 2026-11-25, gpu/cuda/kernel_timing); the 8B
+# Q4_0 decode step went 2931 -> 2786-2804 us (bench/decode.py). F16 at r2 on every shape was
+# faster alone (kernel_timing) but not in the step (6047 vs 6127 us, same run): not taken.
 LONG_ROW_COLS = 8192
 LONG_ROW_ROWS: dict[str, int] = {"q4_0x4": 2}
 MAX_SEQS = BATCH_VARIANTS[-1]

@@ -362,7 +362,8 @@ __device__ __forceinline__ void matvec_prologue(const u8* (&w)[ROWS], const u8* 
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) w[r] = weight + (i64)min(row0 + r, n_rows - 1) * row_bytes;
     if (threadIdx.x < ROWS && row0 + (int)threadIdx.x < n_rows) {
-        prefetch_l2(weight + (i64)(row0 + threadIdx.x) * row_bytes, min(row_bytes, (i64)(MATVEC_PREFETCH_BYTES / ROWS)));
+        const i64 bytes = min(row_bytes, (i64)(MATVEC_PREFETCH_BYTES / ROWS));
+        prefetch_l2(weight + (i64)(row0 + threadIdx.x) * row_bytes, bytes);
     }
     grid_dependency_sync();
 }
