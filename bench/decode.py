@@ -33,6 +33,7 @@ from gpu.batch import BatchPacker, ForwardBatch  # noqa: E402
 from gpu.cuda import driver  # noqa: E402
 from gpu.cuda.kernel_timing import copy_bandwidth  # noqa: E402
 from loader.synth import SHAPES, parse_quant, write_synthetic_gguf  # noqa: E402
+from worker.loaded_model import freeze_startup_objects  # noqa: E402
 
 BLOCK_SIZE = 16
 PROMPT_TOKENS = 512
@@ -245,6 +246,7 @@ def main() -> None:
         start = time.perf_counter()
         backend = CudaBackend(path)
         load_s = time.perf_counter() - start
+        freeze_startup_objects()  # as `orcd worker` does after loading
         tables = sequence_tables(max(batch_sizes) + 1, SEQ_TOKENS)
         backend.allocate_kv(len(tables) * len(tables[0]), BLOCK_SIZE)
         for batch_size in batch_sizes:

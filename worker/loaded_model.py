@@ -4,6 +4,7 @@ progress bar when loading takes more than a second, log the load time.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import time
@@ -74,3 +75,17 @@ def load_model(
         kv_blocks=stats["kv_blocks_total"],
     )
     return LoadedModel(name, path, engine, tokenizer, seconds)
+
+
+def freeze_startup_objects() -> int:
+    """Take what exists after start-up (modules, the model, the tokenizer: they live as long as
+    the process) out of the cyclic collector's scans; returns how many objects that is.
+
+    With SmolLM2 loaded a full collection walks ~200k objects and takes ~90 ms (this CPU,
+    2026-11-25); after the freeze ~0. Python runs one whenever enough objects survive, which in
+    a decode loop is a pause of the whole engine: on the GPU host time between steps is idle
+    GPU. Garbage is collected first so that no dead cycle is frozen for good."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
+

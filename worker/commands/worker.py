@@ -9,7 +9,7 @@ import uuid
 
 from loader.registry import DEFAULT_MODEL
 from worker.daemon import Worker, WorkerConfig
-from worker.loaded_model import load_model
+from worker.loaded_model import freeze_startup_objects, load_model
 from worker.log import configure_logging
 from worker.metrics import WorkerMetrics
 
@@ -65,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model, models_dir=args.models_dir, backend=args.backend,
                        kv_blocks=args.kv_blocks, session_ttl_s=args.session_ttl,
                        max_num_seqs=max(args.max_jobs, 1))
+    freeze_startup_objects()  # the model stays for the process's life: out of the GC's scans
     config = WorkerConfig(
         worker_id=args.worker_id or default_worker_id(),
         redis_url=args.redis,
