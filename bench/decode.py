@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import statistics
 import sys
 import time
@@ -32,6 +33,7 @@ from gpu.backends.cuda_backend import CudaBackend  # noqa: E402
 from gpu.batch import BatchPacker, ForwardBatch  # noqa: E402
 from gpu.cuda import driver  # noqa: E402
 from gpu.cuda.kernel_timing import copy_bandwidth  # noqa: E402
+from gpu.cuda.kernels import TUNING_ENV  # noqa: E402
 from loader.synth import SHAPES, parse_quant, write_synthetic_gguf  # noqa: E402
 from worker.loaded_model import freeze_startup_objects  # noqa: E402
 
@@ -194,6 +196,7 @@ def run_batch(backend: CudaBackend, shape: str, quant: str, batch_size: int, cop
         "gap_us_per_step": round(decode_s * 1e6 / DECODE_TOKENS - step_us, 1),
         "step_us_plain_launches": plain_step_us,
         "graph_nodes_per_step": nodes,
+        "kernel_defines": os.environ.get(TUNING_ENV, ""),  # compile-time overrides, if any
         "graph_nodes_per_layer": round((nodes - 3) / c.n_layers, 2),
         "load_s": round(load_s, 1),
         "llama_cpp_decode_tok_s": LLAMA_CPP.get((shape, quant, batch_size)),

@@ -353,7 +353,9 @@ __device__ __forceinline__ void matvec_finish(float (&acc)[ROWS][MAXB], float* y
 // bench/decode.py, 8B F16 batch 1, device step (H100, 2026-11-25, bench/NOTES.md): whole rows
 // 6127 us, 16 KB per CTA 5747-5749, a grid-wide budget that lets small matrices come in whole
 // (24 / 32 / 48 MB) 5778 / 5818 / 5874; at 2 rows per CTA: none 5844, 8 KB 5781, 16 KB 5869.
+#ifndef MATVEC_PREFETCH_BYTES  // tunable: gpu/cuda/kernels.py TUNABLES
 #define MATVEC_PREFETCH_BYTES 16384
+#endif
 
 // Row pointers (tail rows re-read the last row), the L2 prefetch, then the grid wait.
 template <int ROWS>

@@ -15,7 +15,13 @@ from gpu.cuda.attention import PARTITION_TOKENS, attention_launch_config, row_la
 from gpu.cuda.decode_inputs import stage_launch_config
 from gpu.cuda.embedding import dequant_rows_launch_config
 from gpu.cuda.errors import CudaError
-from gpu.cuda.kernels import KERNEL_OPTIONS, PROGRAMMATIC_FILES, kernel_files
+from gpu.cuda.kernels import (
+    KERNEL_OPTIONS,
+    PROGRAMMATIC_FILES,
+    TUNABLES,
+    kernel_files,
+    tuning_options,
+)
 from gpu.cuda.launch import LaunchConfig
 from gpu.cuda.matvec import (
     MATVEC_TYPES,
@@ -273,3 +279,26 @@ def test_matvec_long_rows_take_two_rows_per_cta_at_batch_1():
     assert matvec_launch_config(4096, 2, "q4_0x4", 14336)[2] == ROWS_PER_CTA_BY_STEM["q4_0x4"][2]
     config, _, rows = matvec_launch_config(4097, 1, "q4_0x4", 14336)
     assert config.grid == (-(-4097 // rows), 1, 1)
+
+
+def test_tuning_defines_override_only_declared_guarded_constants(kernel_cache):
+    spec = "matvec.cu:MATVEC_PREFETCH_BYTES=8192"
+    assert tuning_options("matvec.cu", spec) == ("-DMATVEC_PREFETCH_BYTES=8192",)
+    assert tuning_options("norm.cu", spec) == ()
+    assert tuning_options("matvec.cu", "") == ()
+    for bad in ("matvec.cu:MATVEC_WARPS=8", "norm.cu:MATVEC_PREFETCH_BYTES=1",
+                "matvec.cu:MATVEC_PREFETCH_BYTES=8k", "MATVEC_PREFETCH_BYTES=1"):  # fmt: skip
+        with pytest.raises(CudaError, match="ORCD_KERNEL_DEFINES"):
+            tuning_options("matvec.cu", bad)
+    for filename, names in TUNABLES.items():
+        source = (nvrtc.KERNEL_DIR / filename).read_text()
+        for name in names:  # guarded, so that the -D replaces the default instead of clashing
+            assert f"#ifndef {name}" in source, f"{filename}: {name} is not #ifndef-guarded"
+    # The override reaches the code: the PTX changes with the value.
+    options = (*nvrtc.BASE_OPTIONS, *KERNEL_OPTIONS["matvec.cu"], "--gpu-architecture=compute_90")
+    source = (nvrtc.KERNEL_DIR / "matvec.cu").read_text()
+    headers = nvrtc.included_headers(source)
+    default = nvrtc._compile(source, "matvec.cu", headers, options, "ptx")
+    tuned = nvrtc._compile(source, "matvec.cu", headers,
+                           (*options, *tuning_options("matvec.cu", spec)), "ptx")  # fmt: skip
+    assert tuned != default
