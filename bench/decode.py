@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import json
 import os
 import statistics
@@ -257,7 +258,9 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
             out.write_text(json.dumps(rows, indent=1) + "\n")  # kept if a later row fails
+        gc.unfreeze()  # the next model's turn: this one's cycles must be collectable again
         del backend
+        gc.collect()
         torch.cuda.empty_cache()
     print(f"{'shape':14s} {'quant':5s} {'b':>3s} {'prefill':>9s} {'llama.cpp':>9s} "
           f"{'decode':>8s} {'llama.cpp':>9s} {'floor':>8s} {'frac':>6s} {'step us':>8s} "
