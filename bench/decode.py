@@ -1,14 +1,17 @@
 """GPU prefill and batch-1 decode speed of the CUDA backend on synthetic models (run on the device).
 
 For each `shape:quant`, write the synthetic GGUF (loader/synth, random weights: speed does not
-depend on the values) unless it exists, prefill a 512-token prompt, then decode 128 tokens per
-sequence at each batch size (greedy argmax on the device; the ids come back to the host every
-step and the next step's batch is packed from host lists by the engine's BatchPacker, so the
-host time per step counts as it does in the engine). `step_us_same_batch` replays one step's
-batch 50 times: the device time per step when the host keeps ahead; `step_us_plain_launches`
-is the same without programmatic dependent launch (driver.programmatic_launches). The floor is the bytes one
-decode step must read (every matrix once, plus the KV read) over the device-to-device copy
-bandwidth measured in the same run.
+depend on the values) unless it exists, time the prefill of a 512-token prompt, then decode at
+each batch size through the engine itself (gpu/engine.py: scheduler, packer, our sampling
+kernel, token ids back to the host every step, stop checks): `batch` greedy requests with
+distinct 512-token prompts, timed from the step where each has WARM_TOKENS tokens to the end,
+128 tokens each. `decode_overlap` says whether the engine launched each step ahead of reading
+the previous one (gpu/engine.py docstring; --no-overlap measures the engine without it).
+`step_us_same_batch` replays one step's batch 50 times: the device time per step when the host
+keeps ahead; `step_us_plain_launches` is the same without programmatic dependent launch
+(driver.programmatic_launches); `gap_us_per_step` = engine time per step - that device step.
+The floor is the bytes one decode step must read (every matrix once, plus the KV read) over
+the device-to-device copy bandwidth measured in the same run.
 
     python bench/decode.py --models-dir /tmp/orcd-bench --out bench/results \
         smollm2-135m:Q4_1@1,8,32,64 smollm2-135m:F16 llama3-8b:Q4_0@1,8,32,64
@@ -35,12 +38,15 @@ from gpu.batch import BatchPacker, ForwardBatch  # noqa: E402
 from gpu.cuda import driver  # noqa: E402
 from gpu.cuda.kernel_timing import copy_bandwidth  # noqa: E402
 from gpu.cuda.kernels import TUNING_ENV  # noqa: E402
+from gpu.engine import Engine  # noqa: E402
+from gpu.request import Request, SamplingParams  # noqa: E402
 from loader.synth import SHAPES, parse_quant, write_synthetic_gguf  # noqa: E402
 from worker.loaded_model import freeze_startup_objects  # noqa: E402
 
 BLOCK_SIZE = 16
 PROMPT_TOKENS = 512
 DECODE_TOKENS = 128
+WARM_TOKENS = 3  # tokens per sequence before the timed window: graphs captured, buffers grown
 
 
 def synthetic_model(folder: Path, shape_name: str, quant_name: str) -> Path:
@@ -60,7 +66,7 @@ def sequence_tables(n_seqs: int, tokens: int) -> list[list[int]]:
     return [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(n_seqs)]
 
 
-SEQ_TOKENS = PROMPT_TOKENS + DECODE_TOKENS + 1  # what a benchmark sequence may hold
+SEQ_TOKENS = PROMPT_TOKENS + WARM_TOKENS + DECODE_TOKENS  # what a benchmark sequence may hold
 
 
 def make_batch(packer: BatchPacker, tokens: list[int], start: int, tables: list[list[int]],
@@ -138,11 +144,34 @@ def step_without_programmatic_launches(backend: CudaBackend, batch) -> float | N
         backend.programmatic, backend._graphs = True, graphs
 
 
-def run_batch(backend: CudaBackend, shape: str, quant: str, batch_size: int, copy_bw: float,
-              load_s: float) -> dict:  # fmt: skip
-    """Prefill timing (one 512-token sequence), then batch_size sequences decode 128 tokens."""
+def engine_decode(engine: Engine, vocab_size: int, batch_size: int) -> tuple[float, int, int]:
+    """`batch_size` greedy requests with distinct random prompts through the engine; returns
+    (seconds, tokens, steps) of the window from the step after which every request has
+    WARM_TOKENS tokens to the last step, when each has DECODE_TOKENS more."""
+    gen = torch.Generator().manual_seed(batch_size)
+    for i in range(batch_size):
+        prompt = torch.randint(0, vocab_size, (PROMPT_TOKENS,), generator=gen).tolist()
+        engine.add(Request(f"b{i}", prompt, SamplingParams(temperature=0.0),
+                           max_tokens=WARM_TOKENS + DECODE_TOKENS, ignore_eos=True))  # fmt: skip
+    counts = dict.fromkeys((f"b{i}" for i in range(batch_size)), 0)
+    while min(counts.values()) < WARM_TOKENS:
+        for out in engine.step():
+            counts[out.request_id] += len(out.new_token_ids)
+    tokens = steps = 0  # no synchronize: with overlap a step is in flight, as in the window
+    t0 = time.perf_counter()
+    while engine.has_work():
+        tokens += sum(len(out.new_token_ids) for out in engine.step())
+        steps += 1
+    return time.perf_counter() - t0, tokens, steps
+
+
+def run_batch(backend: CudaBackend, path: Path, shape: str, quant: str, batch_size: int,
+              copy_bw: float, load_s: float, overlap: bool) -> dict:  # fmt: skip
+    """Prefill timing (one 512-token sequence), then batch_size sequences decode 128 tokens
+    through the engine, then the device time of one decode step of that batch."""
     device, c = backend.device, backend.config
     tables = sequence_tables(batch_size + 1, SEQ_TOKENS)  # the last: prefill warm-up only
+    backend.allocate_kv(len(tables) * len(tables[0]), BLOCK_SIZE)
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, c.vocab_size, (PROMPT_TOKENS,), generator=gen).tolist()
     packer = BatchPacker(device)
@@ -153,35 +182,33 @@ def run_batch(backend: CudaBackend, shape: str, quant: str, batch_size: int, cop
         logits = prefill(backend, packer, prompt, [table])
         torch.cuda.synchronize()
         prefill_s = time.perf_counter() - t0
-    if batch_size > 1:  # the other sequences of the decode batch, same prompt
-        prefill(backend, packer, prompt, tables[1:batch_size])
+    # Decode through the engine (it allocates its own pool: one sequence's blocks more than
+    # the batch needs). Every prompt is admitted in the first step, so the requests decode in
+    # lockstep and the window is batch_size sequences throughout.
+    engine = Engine(path, backend=backend, kv_blocks=len(tables) * len(tables[0]),
+                    block_size=BLOCK_SIZE, max_num_seqs=batch_size,
+                    max_batch_tokens=batch_size * PROMPT_TOKENS, overlap=overlap)  # fmt: skip
+    decode_s, decode_tokens, decode_steps = engine_decode(engine, c.vocab_size, batch_size)
+    if decode_tokens != DECODE_TOKENS * batch_size:
+        raise RuntimeError(f"the engine's window held {decode_tokens} tokens, not "
+                           f"{DECODE_TOKENS} per sequence: the requests did not run in lockstep")  # fmt: skip
+    overlapped = engine.overlapped_steps
+    del engine
+    # The device time of one decode step of this batch, replayed over the KV the engine left
+    # (its values do not change the time).
     rows = list(range(batch_size))
     seq_tables = tables[:batch_size]
     tokens = logits.argmax(-1).tolist() * batch_size
-    first = make_batch(packer, tokens, PROMPT_TOKENS, seq_tables, rows, [1] * batch_size)
-    nodes = count_launches(backend, first)
-    backend.forward(first)  # capture this context's graph before timing (it rewrites the same KV)
-    host_us, pos = [], PROMPT_TOKENS
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(DECODE_TOKENS):
-        h0 = time.perf_counter()
-        batch = make_batch(packer, tokens, pos, seq_tables, rows, [1] * batch_size)
-        logits = backend.forward(batch)
-        next_ids = logits.argmax(-1)
-        host_us.append((time.perf_counter() - h0) * 1e6)
-        tokens = next_ids.tolist()  # the ids come back every step, as in the engine
-        pos += 1
-    torch.cuda.synchronize()
-    decode_s = time.perf_counter() - t0
-    batch = make_batch(packer, tokens, pos - 1, seq_tables, rows, [1] * batch_size)
+    pos = PROMPT_TOKENS + DECODE_TOKENS // 2
+    batch = make_batch(packer, tokens, pos, seq_tables, rows, [1] * batch_size)
+    nodes = count_launches(backend, batch)
     step_us, forward_host_us = replay_step_us(backend, batch)
     plain_step_us = step_without_programmatic_launches(backend, batch)
     kv_token_bytes = 2 * c.n_kv_heads * c.head_dim * 2 * c.n_layers
     mean_context = PROMPT_TOKENS + DECODE_TOKENS / 2
     step_bytes = backend.weights.matrix_bytes() + batch_size * mean_context * kv_token_bytes
     floor = copy_bw / step_bytes * batch_size
-    decode_tok_s = DECODE_TOKENS * batch_size / decode_s
+    decode_tok_s = decode_tokens / decode_s
     row = {
         "device": torch.cuda.get_device_name(), "date": dt.date.today().isoformat(),
         "commit": COMMIT, "shape": shape, "quant": quant, "batch": batch_size,
@@ -189,12 +216,14 @@ def run_batch(backend: CudaBackend, shape: str, quant: str, batch_size: int, cop
         "decode_tok_s": round(decode_tok_s, 1), "floor_tok_s": round(floor, 1),
         "fraction_of_floor": round(decode_tok_s / floor, 3),
         "step_bytes": int(step_bytes), "copy_GB_s": round(copy_bw / 1e9, 1),
-        "loop_us_per_step": round(statistics.median(host_us), 1),
+        "decode_path": "engine", "decode_overlap": overlap,
+        "engine_steps": decode_steps, "overlapped_steps": overlapped,
+        "engine_us_per_step": round(decode_s * 1e6 / decode_steps, 1),
         "forward_host_us": round(forward_host_us, 1),
         "step_us_same_batch": round(step_us, 1),
-        # Per step of the decode loop, the time that is not device time: host work on the
-        # critical path (pack, launch, id read-back) while the GPU idles (bench/NOTES.md).
-        "gap_us_per_step": round(decode_s * 1e6 / DECODE_TOKENS - step_us, 1),
+        # Per engine step, the time that is not the forward's device time: sampling, copies
+        # and any host work the device waited for (bench/NOTES.md).
+        "gap_us_per_step": round(decode_s * 1e6 / decode_steps - step_us, 1),
         "step_us_plain_launches": plain_step_us,
         "graph_nodes_per_step": nodes,
         "kernel_defines": os.environ.get(TUNING_ENV, ""),  # compile-time overrides, if any
@@ -235,6 +264,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--batches", default="1", help="comma-separated batch sizes, e.g. 1,8")
     parser.add_argument("--commit", default=None, help="commit id when .git is not at hand")
+    parser.add_argument("--no-overlap", action="store_true",
+                        help="decode with the engine's overlap off (gpu/engine.py)")  # fmt: skip
     args = parser.parse_args()
     COMMIT = args.commit or git_commit()
     copy_bw = copy_bandwidth()
@@ -251,10 +282,9 @@ def main() -> None:
         backend = CudaBackend(path)
         load_s = time.perf_counter() - start
         freeze_startup_objects()  # as `orcd worker` does after loading
-        tables = sequence_tables(max(batch_sizes) + 1, SEQ_TOKENS)
-        backend.allocate_kv(len(tables) * len(tables[0]), BLOCK_SIZE)
         for batch_size in batch_sizes:
-            row = run_batch(backend, shape, quant, batch_size, copy_bw, load_s)
+            row = run_batch(backend, path, shape, quant, batch_size, copy_bw, load_s,
+                            overlap=not args.no_overlap)  # fmt: skip
             rows.append(row)
             print(json.dumps(row), flush=True)
             out.write_text(json.dumps(rows, indent=1) + "\n")  # kept if a later row fails
@@ -264,7 +294,7 @@ def main() -> None:
         torch.cuda.empty_cache()
     print(f"{'shape':14s} {'quant':5s} {'b':>3s} {'prefill':>9s} {'llama.cpp':>9s} "
           f"{'decode':>8s} {'llama.cpp':>9s} {'floor':>8s} {'frac':>6s} {'step us':>8s} "
-          f"{'plain us':>8s} {'gap us':>7s} {'host us':>8s} {'nodes/layer':>11s}")  # fmt: skip
+          f"{'plain us':>8s} {'gap us':>7s} {'host us':>8s} {'nodes/layer':>11s} {'overlap':>7s}")  # fmt: skip
     for r in rows:
         ref_pp, ref_tg = r["llama_cpp_prefill_tok_s"], r["llama_cpp_decode_tok_s"]
         print(f"{r['shape']:14s} {r['quant']:5s} {r['batch']:3d} {r['prefill_tok_s']:9.0f} "
@@ -273,7 +303,8 @@ def main() -> None:
               f"{r['step_us_same_batch']:8.1f} {r['step_us_plain_launches'] or '-':>8} "
               f"{r['gap_us_per_step']:7.0f} "
               f"{r['forward_host_us']:8.1f} "
-              f"{r['graph_nodes_per_layer']:11.2f}")  # fmt: skip
+              f"{r['graph_nodes_per_layer']:11.2f} "
+              f"{r['overlapped_steps']:3d}/{r['engine_steps']:<3d}")  # fmt: skip
     print(f"wrote {out}")
 
 

@@ -11,6 +11,16 @@ One `step()` = schedule (decodes, prefill chunks, admissions within the token bu
 KV pool) -> one forward call over the packed batch -> sample on the backend's device -> only
 token ids (and requested logprobs) come back. Aborts and finishes free KV at once; a request
 with a `session_id` leaves its full blocks pinned for the session's next turn.
+
+Overlap (on by default): when every running sequence decodes and nothing waits, a step first
+launches the *next* decode step, fed by this step's token ids still on the device, and only
+then reads this step's ids. The device never idles while the host reads ids, checks stops,
+streams and packs: at batch 1 that idle time was 150-470 µs per token on the H100's host, up
+to 8% of an 8B step (bench/NOTES.md). The next step is exactly what the scheduler would pick
+(same sequences, order, positions and blocks); a sequence that stops on this step's token has
+its next-step row dropped unread (its KV write lands in blocks it frees). Rows with penalties
+need every output id on the host, and waiting requests need the scheduler: those steps run
+without overlap, so results never depend on it (greedy and seeded rows: same tokens).
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,7 +38,7 @@ from gpu.batch import BatchPacker, ForwardBatch
 from gpu.events import EngineEvent
 from gpu.kv_cache import KVCache, chain_key
 from gpu.request import Request, RequestError, StepOutput
-from gpu.sampler import SamplingRow, make_generator
+from gpu.sampler import PendingTokens, SamplingRow, make_generator
 from gpu.scheduler import Schedule, Scheduler
 from gpu.sequence import Sequence, SequenceStatus
 from loader.gguf_file import GGUFFile, open_gguf
@@ -45,6 +56,15 @@ DEFAULT_CPU_KV_BYTES = 1 << 30
 # for activations, the prefill scratch and CUDA graphs; `kv_blocks` (--kv-blocks) overrides.
 GPU_KV_FRACTION = 0.9
 GPU_RESERVE_BYTES = 2 << 30
+
+
+@dataclass(slots=True)
+class _Launched:
+    """A forward pass and its sampling, launched and not read yet."""
+
+    items: list[tuple[Sequence, int]]  # (sequence, new tokens) in batch order
+    sampled: list[Sequence]  # the sequences whose token this step chooses, in `tokens` order
+    tokens: PendingTokens
 
 
 def stop_token_ids_of(gguf: GGUFFile) -> frozenset[int]:
@@ -116,6 +136,7 @@ class Engine:
         seed: int | None = None,
         progress: Callable | None = None,
         dtype: str = "float32",
+        overlap: bool = True,
     ) -> None:
         gguf = model if isinstance(model, GGUFFile) else open_gguf(_model_path(model))
         self.backend = backend if isinstance(backend, Backend) else make_backend(
@@ -139,6 +160,9 @@ class Engine:
         self._sequences: dict[str, Sequence] = {}
         self._aborted: list[Sequence] = []
         self._arrivals = itertools.count()
+        self.overlap = overlap  # launch the next decode step before reading this one's ids
+        self._in_flight: _Launched | None = None  # launched by the last step(), read by the next
+        self.overlapped_steps = 0  # steps launched ahead of the previous step's read
 
     # ----- requests ---------------------------------------------------------------------------
 
@@ -185,7 +209,7 @@ class Engine:
         return True
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or bool(self._aborted)
+        return self.scheduler.has_work() or bool(self._aborted) or self._in_flight is not None
 
     # ----- sessions and stats -----------------------------------------------------------------
 
@@ -212,30 +236,117 @@ class Engine:
     # ----- the step ---------------------------------------------------------------------------
 
     def step(self) -> list[StepOutput]:
-        """Run one forward pass over what the scheduler picks; outputs of requests that moved."""
+        """Run one forward pass over what the scheduler picks; outputs of requests that moved.
+
+        With overlap, the pass whose outputs this returns may have been launched by the previous
+        call, and this call may leave the next one launched (module docstring)."""
         outputs = [self._final_output(seq) for seq in self._aborted]
         for seq in self._aborted:
             self._sequences.pop(seq.request_id, None)
         self._aborted = []
         self.kv.expire_sessions()
-        schedule = self.scheduler.schedule()
-        if not schedule:
-            if self.scheduler.waiting and not self.scheduler.running:
-                # Nothing runs and the head of the queue cannot be admitted even then: the
-                # pool cannot hold it. End it rather than wait forever.
-                seq = self.scheduler.waiting[0]
-                self.scheduler.finish(seq, "length")
-                outputs.append(self._final_output(seq))
-            return outputs
-        logits = self.backend.forward(self._build_batch(schedule))
-        sampled_seqs = [seq for seq, n in schedule.items if seq.num_computed + n == seq.num_tokens]
-        for seq, n in schedule.items:
-            seq.num_computed += n
-            self._register_full_blocks(seq)
-        tokens = self.sampler(logits, [self._sampling_row(seq) for seq in sampled_seqs])
-        for seq, token in zip(sampled_seqs, tokens, strict=True):
-            outputs.append(self._append_token(seq, token.token_id, token.logprobs))
+        launched, self._in_flight = self._in_flight, None
+        if launched is None:
+            schedule = self.scheduler.schedule()
+            if not schedule:
+                if self.scheduler.waiting and not self.scheduler.running:
+                    # Nothing runs and the head of the queue cannot be admitted even then: the
+                    # pool cannot hold it. End it rather than wait forever.
+                    seq = self.scheduler.waiting[0]
+                    self.scheduler.finish(seq, "length")
+                    outputs.append(self._final_output(seq))
+                return outputs
+            sampled = [seq for seq, n in schedule.items if seq.num_computed + n == seq.num_tokens]
+            rows = [self._sampling_row(seq) for seq in sampled]
+            launched = self._launch(schedule.items, sampled, rows, self._build_batch(schedule))
+        if self.overlap:
+            self._in_flight = self._launch_next(launched)
+        outputs.extend(self._read(launched))
         return outputs
+
+    def _launch(
+        self, items: list[tuple[Sequence, int]], sampled: list[Sequence],
+        rows: list[SamplingRow], batch: ForwardBatch,
+    ) -> _Launched:  # fmt: skip
+        """The forward pass and the sampling of its `sampled` sequences, nothing read back."""
+        logits = self.backend.forward(batch)
+        return _Launched(items, sampled, self.sampler.launch(logits, rows))
+
+    def _read(self, launched: _Launched) -> list[StepOutput]:
+        """Wait for a launched step's tokens; count its KV, append its tokens, check stops.
+        Rows of sequences that finished meanwhile (a stop on the previous step, an abort) are
+        dropped: their KV went to blocks they have freed."""
+        tokens = launched.tokens.result()
+        for seq, n in launched.items:
+            if seq.status == SequenceStatus.RUNNING:
+                seq.num_computed += n
+                self._register_full_blocks(seq)
+        outputs = []
+        for seq, token in zip(launched.sampled, tokens, strict=True):
+            if seq.status == SequenceStatus.RUNNING:
+                outputs.append(self._append_token(seq, token.token_id, token.logprobs))
+        return outputs
+
+    def _launch_next(self, launched: _Launched) -> _Launched | None:
+        """Launch the decode step that follows `launched` before its tokens are read, fed by its
+        token ids on the device; None where that step would not be what the scheduler picks
+        (a partial prefill chunk, a waiting request, no room for a block) or needs ids the host
+        has not read (penalties). Its sequences are those of `launched` still running, less
+        those that stop on length with the pending token."""
+        running = self.scheduler.running
+        if self.scheduler.waiting or not launched.sampled:
+            return None
+        if len(launched.sampled) != len(launched.items):
+            return None  # a prefill chunk that samples nothing: its next chunk is no decode
+        index = {id(seq): i for i, seq in enumerate(launched.sampled)}
+        if any(id(seq) not in index for seq in running):
+            return None  # a running sequence outside this step (token budget)
+        size = self.kv.block_size
+        rows: list[int] = []
+        for seq in running:
+            request = seq.request
+            if _needs_output_ids(request.sampling):
+                return None
+            # After the pending token: num_tokens + 1 tokens, that token at index num_tokens.
+            if (seq.num_output_tokens + 1 >= request.max_tokens
+                    or seq.num_tokens + 1 >= self.max_model_len):  # fmt: skip
+                continue  # it stops on length with the pending token
+            need = seq.num_tokens // size + 1 - len(seq.block_table)
+            if need > 0:
+                blocks = self.kv.allocate(need)
+                if blocks is None:
+                    return None  # the scheduler would preempt: let it
+                seq.block_table.extend(blocks)
+            rows.append(index[id(seq)])
+        if not rows or len(rows) > self.scheduler.max_batch_tokens:
+            return None
+        seqs = [launched.sampled[i] for i in rows]
+        ids = launched.tokens.ids
+        if rows != list(range(ids.shape[0])):
+            ids = ids[torch.tensor(rows, device=ids.device)]
+        batch = self._pack_decode(seqs)
+        batch.token_ids = ids  # the pending tokens, still on the device
+        # Only the length of output_token_ids is read here (no penalties): a seeded row's draw
+        # is keyed by its count of output tokens, the pending one included.
+        sampling = [
+            SamplingRow(seq.request.sampling, (), range(seq.num_output_tokens + 1), seq.generator)
+            for seq in seqs
+        ]
+        self.overlapped_steps += 1
+        return self._launch([(seq, 1) for seq in seqs], seqs, sampling, batch)
+
+    def _pack_decode(self, seqs: list[Sequence]) -> ForwardBatch:
+        """One decode token per sequence, the pending one (index num_tokens); its id is a
+        placeholder here, for the caller to replace with the device tensor."""
+        size = self.kv.block_size
+        positions = [seq.num_tokens for seq in seqs]
+        slots = [seq.block_table[p // size] * size + p % size
+                 for seq, p in zip(seqs, positions, strict=True)]  # fmt: skip
+        n = len(seqs)
+        return self._packer.pack(
+            [0] * n, positions, slots, [1] * n, [p + 1 for p in positions],
+            [seq.block_table for seq in seqs], list(range(n)),
+        )  # fmt: skip
 
     def _build_batch(self, schedule: Schedule) -> ForwardBatch:
         token_ids: list[int] = []
@@ -272,8 +383,13 @@ class Engine:
             self.kv.register(seq.block_table[i], key, tokens)
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
+        """Parameters and the ids that penalties read. Without penalties only the count of output
+        ids is read (a seeded row's draw key): a range stands in, no list is copied per step."""
+        params = seq.request.sampling
+        if not _needs_output_ids(params):
+            return SamplingRow(params, (), range(seq.num_output_tokens), seq.generator)
         return SamplingRow(
-            params=seq.request.sampling,
+            params=params,
             prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
             output_token_ids=seq.output_token_ids,
             generator=seq.generator,
@@ -309,6 +425,12 @@ class Engine:
             num_cached_tokens=seq.num_cached_tokens,
             finish_reason=seq.finish_reason,
         )
+
+
+def _needs_output_ids(params) -> bool:
+    """Penalties read every id so far on the host: such a row cannot sample ahead of a read."""
+    return (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
+            or params.frequency_penalty != 0.0)  # fmt: skip
 
 
 def _model_path(model: str | os.PathLike) -> Path:

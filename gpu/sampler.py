@@ -19,8 +19,8 @@ chosen ids and the requested logprobs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -58,6 +58,28 @@ class SampledToken:
     logprobs: TokenLogprobs | None = None
 
 
+class PendingTokens:
+    """One sampling call's tokens, chosen on the device and not read yet.
+
+    `ids` ([B] int64 on the logits' device) can feed the next forward pass before the host has
+    seen them; `result()` waits for the device and reads them (and any requested logprobs),
+    once. The engine launches step t+1 from step t's `ids`, then reads step t's result.
+    """
+
+    __slots__ = ("ids", "_read", "_result")
+
+    def __init__(self, ids: torch.Tensor, read: Callable[[], list[SampledToken]]) -> None:
+        self.ids = ids
+        self._read = read
+        self._result: list[SampledToken] | None = None
+
+    def result(self) -> list[SampledToken]:
+        if self._result is None:
+            self._result = self._read()
+            self._read = None
+        return self._result
+
+
 def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
     """A generator on `device` seeded with `seed` (any Python int; folded into 64 bits)."""
     generator = torch.Generator(device=_resolve(torch.device(device)))
@@ -77,6 +99,10 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[SampledToken]:
         """Pick one token per row of `logits` [B, V] (float32); row i is sampled with rows[i]."""
+        return self.launch(logits, rows).result()
+
+    def launch(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> PendingTokens:
+        """Choose the tokens (and their logprobs) on the device without reading them back."""
         _check_batch(logits, rows)
         logits = apply_penalties(logits.float(), rows)
         token_ids = torch.empty(len(rows), dtype=torch.long, device=logits.device)
@@ -88,12 +114,18 @@ class Sampler:
         if sampled:
             index = torch.tensor(sampled, device=logits.device)
             token_ids[index] = self._sample(logits[index], [rows[i] for i in sampled])
-        chosen = token_ids.tolist()
-        logprobs = _logprobs(logits, token_ids, chosen, rows)
-        return [
-            SampledToken(token_id, row_logprobs)
-            for token_id, row_logprobs in zip(chosen, logprobs, strict=True)
-        ]
+        wanted = _logprob_tensors(logits, token_ids, rows)
+        params = [row.params for row in rows]
+
+        def read() -> list[SampledToken]:
+            chosen = token_ids.tolist()
+            logprobs = _read_logprobs(wanted, chosen, params)
+            return [
+                SampledToken(token_id, row_logprobs)
+                for token_id, row_logprobs in zip(chosen, logprobs, strict=True)
+            ]
+
+        return PendingTokens(token_ids, read)
 
     def _sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         """Temperature, filters, then the exponential race; returns [S] token ids on device."""
@@ -245,28 +277,48 @@ def _ranked_keep(
     return keep.scatter_(1, ids, keep_ranked)
 
 
-def _logprobs(
-    logits: torch.Tensor,
-    token_ids: torch.Tensor,
-    chosen_ids: Sequence[int],
-    rows: Sequence[SamplingRow],
-) -> list[TokenLogprobs | None]:
+@dataclass(slots=True)
+class _LogprobTensors:
+    """Device tensors of the rows that asked for logprobs, computed before the logits change."""
+
+    rows: list[int]  # indices of those rows in the batch
+    chosen: torch.Tensor  # [W] the chosen token's logprob
+    top_values: torch.Tensor | None = None  # [W, max_top]
+    top_ids: torch.Tensor | None = None
+    counts: list[int] = field(default_factory=list)  # top-n each row asked for
+
+
+def _logprob_tensors(
+    logits: torch.Tensor, token_ids: torch.Tensor, rows: Sequence[SamplingRow]
+) -> _LogprobTensors | None:
     """The chosen token's logprob and the top-n, from the penalised logits (module docstring)."""
-    result: list[TokenLogprobs | None] = [None] * len(rows)
     wanted = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
     if not wanted:
-        return result
+        return None
     index = torch.tensor(wanted, device=logits.device)
     logprobs = torch.log_softmax(logits[index], dim=-1)
-    chosen = logprobs.gather(1, token_ids[index].unsqueeze(1)).squeeze(1).tolist()
-    max_top = min(max(rows[i].params.logprobs or 0 for i in wanted), logits.shape[1])
-    top_values: list[list[float]] = [[] for _ in wanted]
-    top_ids: list[list[int]] = [[] for _ in wanted]
+    chosen = logprobs.gather(1, token_ids[index].unsqueeze(1)).squeeze(1)
+    counts = [rows[i].params.logprobs or 0 for i in wanted]
+    result = _LogprobTensors(wanted, chosen, counts=counts)
+    max_top = min(max(counts), logits.shape[1])
     if max_top > 0:
-        values, ids = logprobs.topk(max_top, dim=-1)
-        top_values, top_ids = values.tolist(), ids.tolist()
-    for n, i in enumerate(wanted):
-        count = rows[i].params.logprobs or 0
+        result.top_values, result.top_ids = logprobs.topk(max_top, dim=-1)
+    return result
+
+
+def _read_logprobs(
+    wanted: _LogprobTensors | None, chosen_ids: Sequence[int], params: Sequence[SamplingParams]
+) -> list[TokenLogprobs | None]:
+    """TokenLogprobs per row (None where a row asked for none), read from the device tensors."""
+    result: list[TokenLogprobs | None] = [None] * len(params)
+    if wanted is None:
+        return result
+    chosen = wanted.chosen.tolist()
+    top_values: list[list[float]] = [[] for _ in wanted.rows]
+    top_ids: list[list[int]] = [[] for _ in wanted.rows]
+    if wanted.top_values is not None:
+        top_values, top_ids = wanted.top_values.tolist(), wanted.top_ids.tolist()
+    for n, (i, count) in enumerate(zip(wanted.rows, wanted.counts, strict=True)):
         result[i] = TokenLogprobs(
             token_id=chosen_ids[i],
             logprob=chosen[n],

@@ -17,11 +17,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from gpu.cuda.driver import StreamEvent
 from gpu.cuda.errors import CudaError
 from gpu.cuda.kernels import launch_site
 from gpu.cuda.launch import LaunchConfig, pointer, row_stride
-from gpu.request import TokenLogprobs
-from gpu.sampler import SampledToken, SamplingRow
+from gpu.request import SamplingParams, TokenLogprobs
+from gpu.sampler import PendingTokens, SampledToken, SamplingRow
 
 THREADS = 1024  # THREADS in sampling.cu: one CTA per row
 MAX_VOCAB = 1 << 22  # the kernel's index digits (2 x 11 bits)
@@ -87,34 +88,45 @@ class CudaSampler:
         self._seed = secrets.randbits(64) if seed is None else seed & _MASK64
         self._calls = 0
         self._site = None
-        self._buffers: dict[torch.device, _Buffers] = {}
+        # Two buffer sets per device, used in turn: the engine launches call t+1 before it reads
+        # call t, so call t's pinned records and outputs must survive one more launch.
+        self._buffers: dict[tuple[torch.device, int], _Buffers] = {}
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[SampledToken]:
         """Pick one token per row of `logits` [B, V] (float32, CUDA); row i is sampled with rows[i]."""
+        return self.launch(logits, rows).result()
+
+    def launch(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> PendingTokens:
+        """Launch the kernel and the copy back; the tokens are read by `result()`. Read a call's
+        result before the call after next: that one reuses its buffers (it raises otherwise)."""
         return self._run(logits, rows, None)
 
     def kept_mask(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         """Debug: [B, V] uint8, 1 where a sampled row's filters keep the token, 0 where they drop
         it; greedy rows stay 2 (unwritten). Draws as a call does (the counter advances)."""
         mask = torch.full(logits.shape, 2, dtype=torch.uint8, device=logits.device)
-        self._run(logits, rows, mask)
+        self._run(logits, rows, mask).result()
         return mask
 
     def _run(
         self, logits: torch.Tensor, rows: Sequence[SamplingRow], kept: torch.Tensor | None
-    ) -> list[SampledToken]:
+    ) -> PendingTokens:
         _check_batch(logits, rows)
         num_rows, vocab_size = logits.shape
+        device = logits.device
         if num_rows == 0:
-            return []
+            return PendingTokens(torch.empty(0, dtype=torch.int64, device=device), list)
         config = sampling_launch_config(num_rows, vocab_size)
         records, needs_scratch = self._pack(rows, vocab_size)
         self._calls += 1
-        device = logits.device
-        buffers = self._buffers.get(device)
+        key = (device, self._calls & 1)
+        buffers = self._buffers.get(key)
+        if buffers is not None:
+            buffers.copied.synchronize()  # the call before last: its records went up, outputs came back
         if buffers is None or not buffers.fits(records.size, num_rows):
-            buffers = self._buffers[device] = _Buffers(device, records.size, num_rows)
-        # Refilling the pinned buffer is safe: the previous call's copy ended before its sync.
+            buffers = self._buffers[key] = _Buffers(device, records.size, num_rows)
+        buffers.generation += 1
+        generation = buffers.generation
         buffers.host_records_np[: records.size] = records
         buffers.device_records[: records.size].copy_(
             buffers.host_records[: records.size], non_blocking=True
@@ -136,9 +148,18 @@ class CudaSampler:
             buffers.device_out.data_ptr(),
             0 if kept is None else pointer(kept, "sampling kept mask", torch.uint8, align=1),
         )
+        ids = buffers.device_out[:num_rows, 0].to(torch.int64)  # the next step's inputs
         buffers.host_out[:num_rows].copy_(buffers.device_out[:num_rows], non_blocking=True)
-        torch.cuda.current_stream(device).synchronize()
-        return _unpack(buffers.host_out_np[:num_rows], rows, vocab_size)
+        buffers.copied.record()
+        params = [row.params for row in rows]
+
+        def read() -> list[SampledToken]:
+            if buffers.generation != generation:
+                raise CudaError("sampling: a result read after the call after next reused its buffers")
+            buffers.copied.synchronize()
+            return _unpack(buffers.host_out_np[:num_rows], params, vocab_size)
+
+        return PendingTokens(ids, read)
 
     def _pack(self, rows: Sequence[SamplingRow], vocab_size: int) -> tuple[np.ndarray, bool]:
         """Row records then every row's penalty token ids, as one int32 array (words built as
@@ -202,19 +223,21 @@ class _Buffers:
         self.host_out = torch.empty(rows, OUT_WORDS, dtype=torch.int32, pin_memory=True)
         self.host_out_np = self.host_out.numpy()
         self.device_out = torch.empty(rows, OUT_WORDS, dtype=torch.int32, device=device)
+        self.copied = StreamEvent()  # recorded after the outputs' copy to the host
+        self.generation = 0  # calls that used these buffers
 
     def fits(self, record_words: int, num_rows: int) -> bool:
         return self.host_records.numel() >= record_words and self.host_out.shape[0] >= num_rows
 
 
-def _unpack(out: np.ndarray, rows: Sequence[SamplingRow], vocab_size: int) -> list[SampledToken]:
+def _unpack(out: np.ndarray, params: Sequence[SamplingParams], vocab_size: int) -> list[SampledToken]:
     floats = out.view(np.float32)
     tokens = out[:, 0].tolist()
     result = []
-    for i, (token_id, row) in enumerate(zip(tokens, rows, strict=True)):
+    for i, (token_id, p) in enumerate(zip(tokens, params, strict=True)):
         logprobs = None
-        if row.params.logprobs is not None:
-            count = min(row.params.logprobs, vocab_size)
+        if p.logprobs is not None:
+            count = min(p.logprobs, vocab_size)
             top_ids = out[i, 3 : 3 + 2 * count : 2].tolist()
             top_values = floats[i, 4 : 4 + 2 * count : 2].tolist()
             logprobs = TokenLogprobs(

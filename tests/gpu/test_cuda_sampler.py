@@ -502,3 +502,39 @@ def test_engine_generates_on_real_smollm2(default_model_path):
         if not gguf.tensors:
             pytest.skip(f"{default_model_path} holds only a vocabulary")
     _check_engine(default_model_path, CudaBackend(default_model_path))
+
+
+@on_gpu
+def test_launched_calls_read_later_keep_their_own_tokens():
+    """The engine launches call t+1 before it reads call t: each call's ids on the device and
+    its result read afterwards are its own, and a result read after the call after next (its
+    buffers reused) is refused rather than returned wrong."""
+    sampler = CudaSampler(seed=0)
+    params = SamplingParams(temperature=0.0, logprobs=2)
+    calls = [random_logits(3, 5000, 3.0, seed=s) for s in range(3)]
+    rows = [SamplingRow(params)] * 3
+    first, second = sampler.launch(calls[0], rows), sampler.launch(calls[1], rows)
+    for pending, logits in ((second, calls[1]), (first, calls[0])):
+        want = logits.argmax(dim=-1)
+        assert torch.equal(pending.ids, want) and pending.ids.dtype == torch.int64
+        got = pending.result()
+        assert [t.token_id for t in got] == want.tolist()
+        assert [t.logprobs.top[0][0] for t in got] == want.tolist()
+    third, fourth = sampler.launch(calls[2], rows), sampler.launch(calls[0], rows)
+    assert [t.token_id for t in fourth.result()] == calls[0].argmax(dim=-1).tolist()
+    fifth = sampler.launch(calls[1], rows)
+    with pytest.raises(CudaError, match="reused its buffers"):
+        third.result()
+    assert [t.token_id for t in fifth.result()] == calls[1].argmax(dim=-1).tolist()
+
+
+def test_torch_sampler_launch_ids_are_the_result():
+    """The torch sampler's launch: ids stay a tensor (the next step's input), read later."""
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(5))
+    rows = [SamplingRow(SamplingParams(temperature=0.0, logprobs=1))] * 4
+    pending = Sampler(seed=0).launch(logits, rows)
+    assert pending.ids.dtype == torch.int64 and pending.ids.tolist() == logits.argmax(-1).tolist()
+    tokens = pending.result()
+    assert [t.token_id for t in tokens] == logits.argmax(-1).tolist()
+    assert all(t.logprobs.top[0][0] == t.token_id for t in tokens)
+    assert pending.result() is tokens  # read once
