@@ -148,7 +148,9 @@ class CudaSampler:
             buffers.device_out.data_ptr(),
             0 if kept is None else pointer(kept, "sampling kept mask", torch.uint8, align=1),
         )
-        ids = buffers.device_out[:num_rows, 0].to(torch.int64)  # the next step's inputs
+        # The next step's inputs, dense: a one-row column keeps its stride of OUT_WORDS under
+        # a plain .to(), and the decode stager refuses it.
+        ids = buffers.device_out[:num_rows, 0].to(torch.int64, memory_format=torch.contiguous_format)
         buffers.host_out[:num_rows].copy_(buffers.device_out[:num_rows], non_blocking=True)
         buffers.copied.record()
         params = [row.params for row in rows]

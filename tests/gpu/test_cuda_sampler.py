@@ -526,6 +526,8 @@ def test_launched_calls_read_later_keep_their_own_tokens():
     with pytest.raises(CudaError, match="reused its buffers"):
         third.result()
     assert [t.token_id for t in fifth.result()] == calls[1].argmax(dim=-1).tolist()
+    one = sampler.launch(calls[2][:1], rows[:1])  # a single row's id, as batch-1 decode feeds it
+    assert one.ids.stride() == (1,) and one.ids.tolist() == [calls[2][0].argmax().item()]
 
 
 def test_torch_sampler_launch_ids_are_the_result():
