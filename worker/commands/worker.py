@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="jobs running at once (default 16)")
     parser.add_argument("--kv-blocks", type=int, help="KV pool size in blocks (default: sized "
                         "from memory)")
+    parser.add_argument("--no-overlap", dest="overlap", action="store_false",
+                        help="read each decode step's tokens before launching the next "
+                        "(default: launch it first; the engine's overlap, for A/B runs)")
     parser.add_argument("--grace", type=float, default=30.0,
                         help="seconds given to running jobs on SIGTERM (default 30)")
     parser.add_argument("--reclaim-idle", type=float, default=30.0,
@@ -64,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         metrics.serve(args.metrics_port, args.metrics_host)
     model = load_model(args.model, models_dir=args.models_dir, backend=args.backend,
                        kv_blocks=args.kv_blocks, session_ttl_s=args.session_ttl,
-                       max_num_seqs=max(args.max_jobs, 1))
+                       max_num_seqs=max(args.max_jobs, 1), overlap=args.overlap)
     freeze_startup_objects()  # the model stays for the process's life: out of the GC's scans
     config = WorkerConfig(
         worker_id=args.worker_id or default_worker_id(),
