@@ -58,19 +58,14 @@ ROWS_PER_CTA_BY_STEM: dict[str, dict[int, int]] = {
 LONG_ROW_COLS = 8192
 LONG_ROW_ROWS: dict[str, int] = {"q4_0x4": 2}
 MAX_SEQS = BATCH_VARIANTS[-1]
-# Types matvec.cu reads repacked (quant_blocks.cuh Packed<T>): quant bytes per block, and the
-# bytes of the header that leads each GGUF block (Q4_0/Q8_0: the fp16 d; Q4_K: d, dmin and the
-# 12 bytes of 6-bit scales and mins). Q4_K's 144-byte blocks keep every field 16-aligned, but a
-# lane then issued four header loads and one 8-byte quant load per super-block, and a warp's
-# quant loads were two 128-byte runs off the 32-byte sectors; repacked, the header is one 16-byte
-# load (the same address for the block's 16 lanes) and the quants are one contiguous run.
-PACKED_QUANT_BYTES: dict[GGMLQuantizationType, int] = {_T.Q4_0: 16, _T.Q8_0: 32, _T.Q4_K: 128}
-PACKED_HEADER_BYTES: dict[GGMLQuantizationType, int] = {_T.Q4_0: 2, _T.Q8_0: 2, _T.Q4_K: 16}
+# Types matvec.cu reads repacked (quant_blocks.cuh Packed<T>): quant bytes per 32-element block.
+PACKED_QUANT_BYTES: dict[GGMLQuantizationType, int] = {_T.Q4_0: 16, _T.Q8_0: 32}
 PACKED_ROW_ALIGN = 16  # packed rows are padded to this, so every row's quants start 16-aligned
 # Q4_0 rows of a multiple of GROUP_COLS columns also interleave their quants in groups of 4 blocks:
 # lane j's 4-byte slices of the 4 blocks lie together (one 16-byte load; matvec.cu q4_0x4).
 GROUP_BLOCKS = 4
 GROUP_COLS = 32 * GROUP_BLOCKS
+_SCALE_BYTES = 2  # one fp16 d per block
 _ARG_KINDS = ("ptr", "i32", "ptr", "i64", "ptr", "i32", "i32", "i32", "i32", "ptr", "ptr", "i32",
               "i32")
 
@@ -94,28 +89,25 @@ def packed_row_bytes(ggml_type: GGMLQuantizationType | int, n_cols: int) -> int:
     qtype = GGMLQuantizationType(ggml_type)
     if qtype not in PACKED_QUANT_BYTES:
         return row_nbytes(qtype, n_cols)
-    block_bytes = PACKED_QUANT_BYTES[qtype] + PACKED_HEADER_BYTES[qtype]
-    n_blocks = row_nbytes(qtype, n_cols) // block_bytes
-    unpadded = n_blocks * block_bytes
+    n_blocks = row_nbytes(qtype, n_cols) // (PACKED_QUANT_BYTES[qtype] + _SCALE_BYTES)
+    unpadded = n_blocks * (PACKED_QUANT_BYTES[qtype] + _SCALE_BYTES)
     return -(-unpadded // PACKED_ROW_ALIGN) * PACKED_ROW_ALIGN
 
 
 def _packed_shape(
     qtype: GGMLQuantizationType, n_cols: int, nbytes: int, what: str
-) -> tuple[int, int, int, int, int]:
-    """(rows, blocks per row, header words and quant words per block, padding words per row)
-    of `nbytes` bytes.
+) -> tuple[int, int, int, int]:
+    """(rows, blocks per row, quant words per block, padding words per row) of `nbytes` bytes.
 
     pack_rows/unpack_rows move 2-byte words (every field is a whole number of them): half the
     elements of a byte-wise copy, for the per-call unpack of the dequantise path."""
-    quant_bytes, header_bytes = PACKED_QUANT_BYTES[qtype], PACKED_HEADER_BYTES[qtype]
+    quant_bytes = PACKED_QUANT_BYTES[qtype]
     row_bytes, stride = row_nbytes(qtype, n_cols), packed_row_bytes(qtype, n_cols)
     per_row = row_bytes if what == "pack_rows" else stride
     if nbytes % per_row:
         raise CudaError(f"{what} {qtype.name}: {nbytes} bytes is not whole rows")
-    n_blocks = row_bytes // (quant_bytes + header_bytes)
-    return (nbytes // per_row, n_blocks, header_bytes // 2, quant_bytes // 2,
-            (stride - row_bytes) // 2)  # fmt: skip
+    n_blocks = row_bytes // (quant_bytes + _SCALE_BYTES)
+    return nbytes // per_row, n_blocks, quant_bytes // 2, (stride - row_bytes) // 2
 
 
 def pack_rows(
@@ -124,22 +116,19 @@ def pack_rows(
     """GGUF rows (uint8, whole rows) -> the layout matvec reads; `raw` itself if not a packed type.
 
     Per row: every block's quant bytes in block order (Q4_0 rows of a multiple of 128 columns:
-    in groups of 4 blocks, lane-major, see `grouped`), then every block's header (its fp16
-    scale; Q4_K: d, dmin, scales), then zero padding to PACKED_ROW_ALIGN. Runs on the tensor's
-    device (CPU or GPU)."""
+    in groups of 4 blocks, lane-major, see `grouped`), then every block's fp16 scale, then zero
+    padding to PACKED_ROW_ALIGN. Runs on the tensor's device (CPU or GPU)."""
     qtype = GGMLQuantizationType(ggml_type)
     if qtype not in PACKED_QUANT_BYTES:
         return raw
-    n_rows, n_blocks, head, quant_words, pad = _packed_shape(
-        qtype, n_cols, raw.numel(), "pack_rows"
-    )
-    blocks = raw.contiguous().view(torch.int16).reshape(n_rows, n_blocks, head + quant_words)
-    quants = blocks[:, :, head:].reshape(n_rows, n_blocks * quant_words)
+    n_rows, n_blocks, quant_words, pad = _packed_shape(qtype, n_cols, raw.numel(), "pack_rows")
+    blocks = raw.contiguous().view(torch.int16).reshape(n_rows, n_blocks, 1 + quant_words)
+    quants = blocks[:, :, 1:].reshape(n_rows, n_blocks * quant_words)
     if grouped(qtype, n_cols):
         quants = _group_order(quants, n_rows, to_grouped=True)
     parts = [
         quants,
-        blocks[:, :, :head].reshape(n_rows, n_blocks * head),
+        blocks[:, :, 0],
         blocks.new_zeros(n_rows, pad),
     ]
     return torch.cat(parts, dim=1).view(torch.uint8).reshape(-1)
@@ -152,17 +141,14 @@ def unpack_rows(
     qtype = GGMLQuantizationType(ggml_type)
     if qtype not in PACKED_QUANT_BYTES:
         return packed
-    n_rows, n_blocks, head, quant_words, _ = _packed_shape(
-        qtype, n_cols, packed.numel(), "unpack_rows"
-    )
+    n_rows, n_blocks, quant_words, _ = _packed_shape(qtype, n_cols, packed.numel(), "unpack_rows")
     rows = packed.contiguous().view(torch.int16).reshape(n_rows, -1)
     quants = rows[:, : n_blocks * quant_words]
     if grouped(qtype, n_cols):
         quants = _group_order(quants, n_rows, to_grouped=False)
     quants = quants.reshape(n_rows, n_blocks, quant_words)
-    headers = rows[:, n_blocks * quant_words : n_blocks * (quant_words + head)]
-    headers = headers.reshape(n_rows, n_blocks, head)
-    return torch.cat([headers, quants], dim=2).view(torch.uint8).reshape(-1)
+    scales = rows[:, n_blocks * quant_words : n_blocks * (quant_words + 1)].unsqueeze(2)
+    return torch.cat([scales, quants], dim=2).view(torch.uint8).reshape(-1)
 
 
 def matvec_launch_config(

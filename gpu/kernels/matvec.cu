@@ -203,18 +203,6 @@ template <bool Q5> struct K4Unit {
         r.qh = Q5 ? *(const uint2*)(blk + 16 + l0) : make_uint2(0, 0);
         return r;
     }
-    // Repacked Q4_K (Packed<T>): qs = the super-block's 128 quant bytes, h = its 16-byte header
-    // (d, dmin, scales), both 16-aligned: one 16-byte load serves the block's 16 lanes.
-    static __device__ __forceinline__ Raw load_packed(const u8* qs, const u8* h, int t) {
-        static_assert(!Q5, "Q5_K is read in place");
-        const uint4 head = *(const uint4*)h;
-        Raw r;
-        r.dm = head.x;
-        r.sc[0] = head.y; r.sc[1] = head.z; r.sc[2] = head.w;
-        r.qs = *(const uint2*)(qs + 32 * (t >> 2) + 8 * (t & 3));
-        r.qh = make_uint2(0, 0);
-        return r;
-    }
     static __device__ __forceinline__ void decode(const Raw& r, int t, Dq& q) {
         const int c = t >> 2;
         u8 scales[12];
@@ -410,9 +398,7 @@ __device__ __forceinline__ void matvec_impl(
                 for (int r = 0; r < ROWS; ++r) {
                     if constexpr (Packed<T>::QBYTES > 0) {
                         constexpr int QB = Packed<T>::QBYTES;
-                        constexpr int HB = Packed<T>::HBYTES;
-                        raw[k][r] = U::load_packed(w[r] + (i64)blk * QB,
-                                                   w[r] + (i64)n_blocks * QB + (i64)HB * blk, sub);
+                        raw[k][r] = U::load_packed(w[r] + (i64)blk * QB, w[r] + (i64)n_blocks * QB + 2 * blk, sub);
                     } else {
                         raw[k][r] = U::load(w[r] + (i64)blk * U::BYTES, sub);
                     }

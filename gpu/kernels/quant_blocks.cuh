@@ -99,13 +99,11 @@ template <> struct QTraits<GGML_Q4_K> { static constexpr int ELEMS = QK_K, BYTES
 template <> struct QTraits<GGML_Q5_K> { static constexpr int ELEMS = QK_K, BYTES = 176; };
 template <> struct QTraits<GGML_Q6_K> { static constexpr int ELEMS = QK_K, BYTES = 210; };
 
-// Matvec layout of a type (gpu/cuda/matvec.py pack_rows): per row, every block's QBYTES quant
-// bytes, then every block's HBYTES header bytes (the fields that lead the GGUF block); QBYTES = 0
-// for types read in place.
-template <int T> struct Packed { static constexpr int QBYTES = 0, HBYTES = 0; };
-template <> struct Packed<GGML_Q4_0> { static constexpr int QBYTES = 16, HBYTES = 2; };
-template <> struct Packed<GGML_Q8_0> { static constexpr int QBYTES = 32, HBYTES = 2; };
-template <> struct Packed<GGML_Q4_K> { static constexpr int QBYTES = 128, HBYTES = 16; };
+// Matvec layout of a type: QBYTES = quant bytes per block in the separated layout above, 0 for
+// types read in place.
+template <int T> struct Packed { static constexpr int QBYTES = 0; };
+template <> struct Packed<GGML_Q4_0> { static constexpr int QBYTES = 16; };
+template <> struct Packed<GGML_Q8_0> { static constexpr int QBYTES = 32; };
 
 // Q4_K/Q5_K: 6-bit scale and min of 32-element sub-block j from the 12 packed bytes
 // (ggml's get_scale_min_k4). j < 4: low 6 bits of bytes j and j + 4; j >= 4: low/high nibble
