@@ -1,5 +1,6 @@
 """Rows of a quantised matrix as float32 (gpu/kernels/embedding.cu): the token-embedding lookup
-and a plain dequantise of consecutive rows (scratch for a dequantise-then-GEMM path)."""
+and a plain dequantise of consecutive rows, as float32 or fp16 (the scratch of the
+dequantise-then-GEMM prefill path)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ DEQUANT_TYPES: dict[GGMLQuantizationType, tuple[str, int]] = {
     _T.Q6_K: ("q6_k", 256),
 }
 _ARG_KINDS = ("ptr", "i32", "ptr", "i64", "ptr", "i64", "i32")
+_HALF_ARG_KINDS = ("ptr", "i32", "ptr", "i64", "i64", "i32")
 
 
 def dequant_rows_launch_config(n_rows: int, n_cols: int) -> LaunchConfig:
@@ -48,28 +50,53 @@ class DequantRows:
             raise CudaError(
                 f"dequant_rows {qtype.name}: {n_cols} columns not a multiple of {multiple}"
             )
-        self.ggml_type, self.n_cols = qtype, n_cols
+        self.ggml_type, self.n_cols, self._stem = qtype, n_cols, stem
         self.row_bytes = row_nbytes(qtype, n_cols)
         self._site = launch_site("embedding.cu", f"dequant_rows_{stem}", _ARG_KINDS)
+        self._half_site = None
 
     def lookup(self, out: torch.Tensor, table: torch.Tensor, row_ids: torch.Tensor) -> torch.Tensor:
         """out[i] = row row_ids[i] of table (int64 ids, e.g. token ids)."""
         return self._launch(out, table, row_ids, 0, row_ids.shape[0])
 
     def rows(self, out: torch.Tensor, table: torch.Tensor, first_row: int = 0) -> torch.Tensor:
-        """out[i] = row first_row + i of table, for every row of out."""
-        return self._launch(out, table, None, first_row, out.shape[0])
+        """out[i] = row first_row + i of table, for every row of out (float32, or float16:
+        the float32 values rounded as torch's .half() rounds them)."""
+        if out.dtype != torch.float16:
+            return self._launch(out, table, None, first_row, out.shape[0])
+        n_rows = out.shape[0]
+        self._check(out, table, None, first_row, n_rows)
+        if self._half_site is None:
+            self._half_site = launch_site(
+                "embedding.cu", f"dequant_rows_half_{self._stem}", _HALF_ARG_KINDS
+            )
+        self._half_site.launch(
+            dequant_rows_launch_config(n_rows, self.n_cols),
+            pointer(out, "dequant_rows out", torch.float16, align=16),
+            row_stride(out, "dequant_rows out", multiple=8),
+            pointer(table.view(-1), "dequant_rows table", torch.uint8, align=16),
+            self.row_bytes,
+            first_row,
+            self.n_cols,
+        )
+        return out
 
-    def _launch(
+    def _check(
         self, out: torch.Tensor, table: torch.Tensor, row_ids: torch.Tensor | None,
         first_row: int, n_rows: int,
-    ) -> torch.Tensor:  # fmt: skip
+    ) -> None:  # fmt: skip
         if out.shape[0] != n_rows or out.shape[1] < self.n_cols:
             raise CudaError(f"dequant_rows: out {tuple(out.shape)} for {n_rows} rows")
         if table.numel() % self.row_bytes:
             raise CudaError(f"dequant_rows: table of {table.numel()} bytes is not whole rows")
         if row_ids is None and first_row + n_rows > table.numel() // self.row_bytes:
             raise CudaError(f"dequant_rows: rows {first_row}..{first_row + n_rows} out of range")
+
+    def _launch(
+        self, out: torch.Tensor, table: torch.Tensor, row_ids: torch.Tensor | None,
+        first_row: int, n_rows: int,
+    ) -> torch.Tensor:  # fmt: skip
+        self._check(out, table, row_ids, first_row, n_rows)
         self._site.launch(
             dequant_rows_launch_config(n_rows, self.n_cols),
             pointer(out, "dequant_rows out", torch.float32, align=16),

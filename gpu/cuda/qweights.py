@@ -67,10 +67,14 @@ class QuantMatrix:
         return QuantMatrix(raw, self.ggml_type, self.n_rows, self.n_cols, self.matvec)
 
     def dense(self) -> torch.Tensor:
-        """The matrix dequantised to an fp16 scratch (the prefill GEMM path)."""
-        out = torch.empty(self.n_rows, self.n_cols, dtype=torch.float32, device=self.raw.device)
+        """The matrix as fp16 [n_rows, n_cols] for the prefill GEMM: F16 weights are that
+        already (a view of `raw`, no copy: read-only); the others are dequantised into an fp16
+        scratch in one pass (values as float32 dequantisation then .half() gives)."""
+        if self.ggml_type == _T.F16:
+            return self.raw.view(torch.float16).view(self.n_rows, self.n_cols)
+        out = torch.empty(self.n_rows, self.n_cols, dtype=torch.float16, device=self.raw.device)
         DequantRows(self.ggml_type, self.n_cols).rows(out, self.gguf_bytes())
-        return out.half()
+        return out
 
 
 @dataclass(slots=True)

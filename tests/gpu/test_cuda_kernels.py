@@ -144,6 +144,21 @@ def test_embedding_lookup_is_bit_exact(qtype, n_cols):
     assert torch.equal(rows, ref[40:51])
 
 
+@pytest.mark.parametrize("n_cols", [256, 768])
+@pytest.mark.parametrize("qtype", list(DEQUANT_TYPES), ids=lambda t: t.name)
+def test_dequant_rows_to_fp16_round_as_torch(qtype, n_cols):
+    """The prefill scratch in one pass: bit-equal to the float32 dequantisation .half()-ed,
+    every element written (poisoned first), into a row-strided view."""
+    n_rows = 37
+    table = random_weight(qtype, n_rows, n_cols, _rng("half", qtype, n_cols))
+    wide = torch.full((13, n_cols + 8), float("nan"), dtype=torch.float16, device="cuda")
+    out = wide[:, :n_cols]
+    DequantRows(qtype, n_cols).rows(out, table, first_row=20)
+    ref = dequantize(table, qtype, (n_rows, n_cols))[20:33].half()
+    assert torch.equal(out, ref)
+    assert wide[:, n_cols:].isnan().all()  # nothing past the row written
+
+
 # --- RMSNorm ------------------------------------------------------------------------------------
 
 from gpu.cuda.norm import RMSNorm  # noqa: E402

@@ -135,3 +135,19 @@ def test_split_rows_gives_both_halves():
     rows = whole.raw.view(6, -1)
     assert (first.n_rows, rest.n_rows) == (4, 2)
     assert torch.equal(first.raw.view(4, -1), rows[:4]) and torch.equal(rest.raw.view(2, -1), rows[4:])
+
+
+def test_f16_dense_is_a_view_of_the_weights():
+    """The prefill GEMM reads F16 weights in place: dense() is the rows themselves as fp16,
+    equal to the reference dequantisation, sharing the weights' memory (no scratch)."""
+    from gpu.cuda.qweights import QuantMatrix
+    from loader.quants import dequantize
+
+    n_rows, n_cols = 6, 64
+    values = torch.from_numpy(np.random.default_rng(4).standard_normal((n_rows, n_cols)))
+    raw = values.half().view(torch.uint8).reshape(-1)
+    matrix = QuantMatrix(raw, _T.F16, n_rows, n_cols, MatVec(_T.F16, n_rows, n_cols))
+    dense = matrix.dense()
+    assert dense.dtype == torch.float16 and dense.shape == (n_rows, n_cols)
+    assert dense.data_ptr() == raw.data_ptr()
+    assert torch.equal(dense.float(), dequantize(raw, _T.F16, (n_rows, n_cols)).float())
