@@ -10,6 +10,7 @@ from gguf import GGMLQuantizationType
 from gpu.cuda.errors import CudaError
 from gpu.cuda.kernels import launch_site
 from gpu.cuda.launch import LaunchConfig, ceil_div, pointer, row_stride
+from gpu.cuda.matvec import PACKED_QUANT_BYTES, grouped, packed_row_bytes
 from loader.quants import row_nbytes
 
 _T = GGMLQuantizationType
@@ -39,9 +40,15 @@ def dequant_rows_launch_config(n_rows: int, n_cols: int) -> LaunchConfig:
 
 
 class DequantRows:
-    """Decode whole rows of one GGUF matrix of `n_cols` columns, bit-exact with loader/quants."""
+    """Decode whole rows of one GGUF matrix of `n_cols` columns, bit-exact with loader/quants.
 
-    def __init__(self, ggml_type: GGMLQuantizationType | int, n_cols: int) -> None:
+    `matvec_layout`: the table is in the matvec layout (gpu/cuda/matvec.py pack_rows) rather
+    than GGUF blocks; for the fp16 `rows` of the types that layout repacks (Q4_0, Q8_0), so
+    the prefill reads the weights as they are stored on the GPU."""
+
+    def __init__(
+        self, ggml_type: GGMLQuantizationType | int, n_cols: int, matvec_layout: bool = False
+    ) -> None:
         qtype = GGMLQuantizationType(ggml_type)
         if qtype not in DEQUANT_TYPES:
             raise CudaError(f"dequant_rows: no kernel for {qtype.name}")
@@ -50,9 +57,17 @@ class DequantRows:
             raise CudaError(
                 f"dequant_rows {qtype.name}: {n_cols} columns not a multiple of {multiple}"
             )
-        self.ggml_type, self.n_cols, self._stem = qtype, n_cols, stem
+        self.ggml_type, self.n_cols = qtype, n_cols
         self.row_bytes = row_nbytes(qtype, n_cols)
-        self._site = launch_site("embedding.cu", f"dequant_rows_{stem}", _ARG_KINDS)
+        self._half_name = f"dequant_rows_half_{stem}"
+        self._site = None
+        self.matvec_layout = matvec_layout and qtype in PACKED_QUANT_BYTES
+        if self.matvec_layout:
+            self.row_bytes = packed_row_bytes(qtype, n_cols)
+            packed_stem = "q4_0x4" if grouped(qtype, n_cols) else stem
+            self._half_name = f"dequant_rows_half_packed_{packed_stem}"
+        else:
+            self._site = launch_site("embedding.cu", f"dequant_rows_{stem}", _ARG_KINDS)
         self._half_site = None
 
     def lookup(self, out: torch.Tensor, table: torch.Tensor, row_ids: torch.Tensor) -> torch.Tensor:
@@ -67,9 +82,7 @@ class DequantRows:
         n_rows = out.shape[0]
         self._check(out, table, None, first_row, n_rows)
         if self._half_site is None:
-            self._half_site = launch_site(
-                "embedding.cu", f"dequant_rows_half_{self._stem}", _HALF_ARG_KINDS
-            )
+            self._half_site = launch_site("embedding.cu", self._half_name, _HALF_ARG_KINDS)
         self._half_site.launch(
             dequant_rows_launch_config(n_rows, self.n_cols),
             pointer(out, "dequant_rows out", torch.float16, align=16),
@@ -96,6 +109,8 @@ class DequantRows:
         self, out: torch.Tensor, table: torch.Tensor, row_ids: torch.Tensor | None,
         first_row: int, n_rows: int,
     ) -> torch.Tensor:  # fmt: skip
+        if self._site is None:
+            raise CudaError("dequant_rows: the matvec layout is read only into fp16 rows")
         self._check(out, table, row_ids, first_row, n_rows)
         self._site.launch(
             dequant_rows_launch_config(n_rows, self.n_cols),

@@ -28,7 +28,7 @@ from gguf import GGMLQuantizationType
 
 from gpu.cuda.embedding import DequantRows
 from gpu.cuda.errors import CudaError
-from gpu.cuda.matvec import MATVEC_TYPES, MAX_SEQS, MatVec, unpack_rows
+from gpu.cuda.matvec import MATVEC_TYPES, MAX_SEQS, MatVec
 from loader.config import ModelConfig
 from loader.gguf_file import GGUFFile
 from loader.quants import dequantize
@@ -55,10 +55,6 @@ class QuantMatrix:
     def nbytes(self) -> int:
         return self.raw.numel()
 
-    def gguf_bytes(self) -> torch.Tensor:
-        """The rows in the GGUF layout (a repacked copy back when `packed`)."""
-        return unpack_rows(self.raw, self.ggml_type, self.n_cols) if self.packed else self.raw
-
     def as_packed(self) -> QuantMatrix:
         """This matrix in the matvec layout: itself, or a repacked copy."""
         if self.packed:
@@ -73,7 +69,8 @@ class QuantMatrix:
         if self.ggml_type == _T.F16:
             return self.raw.view(torch.float16).view(self.n_rows, self.n_cols)
         out = torch.empty(self.n_rows, self.n_cols, dtype=torch.float16, device=self.raw.device)
-        DequantRows(self.ggml_type, self.n_cols).rows(out, self.gguf_bytes())
+        # Packed Q4_0/Q8_0 are read in their matvec layout: no per-call copy back to GGUF blocks.
+        DequantRows(self.ggml_type, self.n_cols, matvec_layout=self.packed).rows(out, self.raw)
         return out
 
 

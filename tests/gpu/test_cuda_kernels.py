@@ -159,6 +159,21 @@ def test_dequant_rows_to_fp16_round_as_torch(qtype, n_cols):
     assert wide[:, n_cols:].isnan().all()  # nothing past the row written
 
 
+@pytest.mark.parametrize("n_cols", [96, 256, 4096])  # 96: packed rows; 256, 4096: 4-block groups
+@pytest.mark.parametrize("qtype", [_T.Q4_0, _T.Q8_0], ids=lambda t: t.name)
+def test_dequant_rows_to_fp16_from_the_matvec_layout(qtype, n_cols):
+    """The prefill reads repacked Q4_0/Q8_0 weights as stored: the same fp16 values as the GGUF
+    blocks give."""
+    n_rows = 29
+    table = random_weight(qtype, n_rows, n_cols, _rng("half-packed", qtype, n_cols))
+    op = MatVec(qtype, n_rows, n_cols)
+    out = torch.full((n_rows - 4, n_cols), float("nan"), dtype=torch.float16, device="cuda")
+    DequantRows(qtype, n_cols, matvec_layout=True).rows(out, op.pack(table), first_row=4)
+    assert torch.equal(out, dequantize(table, qtype, (n_rows, n_cols))[4:].half())
+    with pytest.raises(CudaError, match="only into fp16"):
+        DequantRows(qtype, n_cols, matvec_layout=True).rows(nan_tensor(2, n_cols), op.pack(table))
+
+
 # --- RMSNorm ------------------------------------------------------------------------------------
 
 from gpu.cuda.norm import RMSNorm  # noqa: E402
