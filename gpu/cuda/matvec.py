@@ -100,7 +100,7 @@ def _packed_shape(
     """(rows, blocks per row, quant words per block, padding words per row) of `nbytes` bytes.
 
     pack_rows/unpack_rows move 2-byte words (every field is a whole number of them): half the
-    elements of a byte-wise copy, for the per-call unpack of the dequantise path."""
+    elements of a byte-wise copy."""
     quant_bytes = PACKED_QUANT_BYTES[qtype]
     row_bytes, stride = row_nbytes(qtype, n_cols), packed_row_bytes(qtype, n_cols)
     per_row = row_bytes if what == "pack_rows" else stride
@@ -137,7 +137,8 @@ def pack_rows(
 def unpack_rows(
     packed: torch.Tensor, ggml_type: GGMLQuantizationType | int, n_cols: int
 ) -> torch.Tensor:
-    """The inverse of pack_rows: the GGUF bytes of the same rows (for the dequantise paths)."""
+    """The inverse of pack_rows: the GGUF bytes of the same rows (tests check the layout loses
+    nothing with it; the prefill reads the matvec layout itself: embedding.cu)."""
     qtype = GGMLQuantizationType(ggml_type)
     if qtype not in PACKED_QUANT_BYTES:
         return packed
