@@ -79,31 +79,31 @@ class DequantRows:
         the float32 values rounded as torch's .half() rounds them)."""
         if out.dtype != torch.float16:
             return self._launch(out, table, None, first_row, out.shape[0])
-        n_rows = out.shape[0]
-        self._check(out, table, None, first_row, n_rows)
         if self._half_site is None:
             self._half_site = launch_site("embedding.cu", self._half_name, _HALF_ARG_KINDS)
-        self._half_site.launch(
-            dequant_rows_launch_config(n_rows, self.n_cols),
-            pointer(out, "dequant_rows out", torch.float16, align=16),
-            row_stride(out, "dequant_rows out", multiple=8),
-            pointer(table.view(-1), "dequant_rows table", torch.uint8, align=16),
-            self.row_bytes,
-            first_row,
-            self.n_cols,
-        )
+        head = self._checked_args(out, table, None, first_row, out.shape[0])
+        self._half_site.launch(*head, first_row, self.n_cols)
         return out
 
-    def _check(
+    def _checked_args(
         self, out: torch.Tensor, table: torch.Tensor, row_ids: torch.Tensor | None,
         first_row: int, n_rows: int,
-    ) -> None:  # fmt: skip
+    ) -> tuple:  # fmt: skip
+        """Checks, then (config, out, out stride, table, row bytes): both kernels' first args."""
         if out.shape[0] != n_rows or out.shape[1] < self.n_cols:
             raise CudaError(f"dequant_rows: out {tuple(out.shape)} for {n_rows} rows")
         if table.numel() % self.row_bytes:
             raise CudaError(f"dequant_rows: table of {table.numel()} bytes is not whole rows")
         if row_ids is None and first_row + n_rows > table.numel() // self.row_bytes:
             raise CudaError(f"dequant_rows: rows {first_row}..{first_row + n_rows} out of range")
+        half = out.dtype == torch.float16
+        return (
+            dequant_rows_launch_config(n_rows, self.n_cols),
+            pointer(out, "dequant_rows out", torch.float16 if half else torch.float32, align=16),
+            row_stride(out, "dequant_rows out", multiple=8 if half else 4),
+            pointer(table.view(-1), "dequant_rows table", torch.uint8, align=16),
+            self.row_bytes,
+        )
 
     def _launch(
         self, out: torch.Tensor, table: torch.Tensor, row_ids: torch.Tensor | None,
@@ -111,15 +111,7 @@ class DequantRows:
     ) -> torch.Tensor:  # fmt: skip
         if self._site is None:
             raise CudaError("dequant_rows: the matvec layout is read only into fp16 rows")
-        self._check(out, table, row_ids, first_row, n_rows)
-        self._site.launch(
-            dequant_rows_launch_config(n_rows, self.n_cols),
-            pointer(out, "dequant_rows out", torch.float32, align=16),
-            row_stride(out, "dequant_rows out", multiple=4),
-            pointer(table.view(-1), "dequant_rows table", torch.uint8, align=16),
-            self.row_bytes,
-            pointer(row_ids, "dequant_rows row_ids", torch.int64, optional=True),
-            first_row,
-            self.n_cols,
-        )
+        head = self._checked_args(out, table, row_ids, first_row, n_rows)
+        row_ids_ptr = pointer(row_ids, "dequant_rows row_ids", torch.int64, optional=True)
+        self._site.launch(*head, row_ids_ptr, first_row, self.n_cols)
         return out
