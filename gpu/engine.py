@@ -261,7 +261,13 @@ class Engine:
             launched = self._launch(schedule.items, sampled, rows, self._build_batch(schedule))
         if self.overlap:
             self._in_flight = self._launch_next(launched)
-        outputs.extend(self._read(launched))
+        try:
+            outputs.extend(self._read(launched))
+        except BaseException:
+            # The step launched ahead took its ids from the one that failed to read: drop it
+            # too. Neither was counted, so the next step recomputes from the last read token.
+            self._in_flight = None
+            raise
         return outputs
 
     def _launch(

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import pytest
+
 from gpu.request import Request, SamplingParams
 from tests.gpu import test_engine as base
 from tests.gpu.test_engine import greedy, make_engine, prompts, run
@@ -137,3 +139,32 @@ def test_session_blocks_and_cache_hits_equal_sync(backend):
         assert engine.end_session("s") and engine.stats()["kv_blocks_used"] == 0
     assert outs[0] == outs[1]
     assert outs[0][2]["t2"] >= 32
+
+
+def test_a_failed_read_drops_the_step_launched_on_it(backend):
+    """A read that raises (a device error) must not leave a step in flight fed by ids nobody
+    read: the engine recomputes from the last token it has and the tokens stay the same."""
+    p = prompts(1, seed=17)[0]
+    want = run(make_engine(backend, kv_blocks=32, overlap=False), [greedy(p, "r", max_tokens=8)])
+    engine = make_engine(backend, kv_blocks=32)
+    engine.add(greedy(p, "r", max_tokens=8))
+    launch, calls = engine.sampler.launch, 0
+
+    def failing_third_launch(logits, rows):
+        nonlocal calls
+        calls += 1
+        pending = launch(logits, rows)
+        if calls == 3:
+            pending._read = lambda: (_ for _ in ()).throw(RuntimeError("device lost"))
+        return pending
+
+    engine.sampler.launch = failing_third_launch
+    got = []
+    for _ in range(2):
+        got += [t for out in engine.step() for t in out.new_token_ids]
+    with pytest.raises(RuntimeError, match="device lost"):
+        engine.step()
+    assert engine._in_flight is None
+    tokens, reasons = drain(engine)
+    assert got + tokens["r"] == want[0]["r"] and reasons == {"r": "length"}
+    assert engine.stats()["kv_blocks_used"] == 0
