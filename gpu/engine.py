@@ -12,15 +12,17 @@ KV pool) -> one forward call over the packed batch -> sample on the backend's de
 token ids (and requested logprobs) come back. Aborts and finishes free KV at once; a request
 with a `session_id` leaves its full blocks pinned for the session's next turn.
 
-Overlap (on by default): when every running sequence decodes and nothing waits, a step first
-launches the *next* decode step, fed by this step's token ids still on the device, and only
-then reads this step's ids. The device never idles while the host reads ids, checks stops,
-streams and packs: at batch 1 that idle time was 150-470 µs per token on the H100's host, up
-to 8% of an 8B step (bench/NOTES.md). The next step is exactly what the scheduler would pick
-(same sequences, order, positions and blocks); a sequence that stops on this step's token has
-its next-step row dropped unread (its KV write lands in blocks it frees). Rows with penalties
-need every output id on the host, and waiting requests need the scheduler: those steps run
-without overlap, so results never depend on it (greedy and seeded rows: same tokens).
+Overlap (on by default): when every running sequence decodes and no waiting request can be
+admitted, a step first launches the *next* decode step, fed by this step's token ids still on
+the device, and only then reads this step's ids. The device never idles while the host reads
+ids, checks stops, streams and packs: at batch 1 that idle time was 230-320 µs per token on the
+H100's host (bench/NOTES.md, session 5). The next step is what the scheduler would pick (same
+sequences, order, positions and blocks); a sequence that stops on this step's token has its
+next-step row dropped unread (its KV write lands in blocks it frees), and a waiting request
+gets its freed place one step later. Rows with penalties need every output id on the host, and
+a waiting request with room to be admitted (fewer than `max_num_seqs` running) needs the
+scheduler: those steps run without overlap. Greedy and seeded rows give the same tokens
+either way.
 """
 
 from __future__ import annotations
@@ -296,12 +298,17 @@ class Engine:
     def _launch_next(self, launched: _Launched) -> _Launched | None:
         """Launch the decode step that follows `launched` before its tokens are read, fed by its
         token ids on the device; None where that step would not be what the scheduler picks
-        (a partial prefill chunk, a waiting request, no room for a block) or needs ids the host
+        (a partial prefill chunk, a waiting request with room to admit it, no room for a
+        block) or needs ids the host
         has not read (penalties). Its sequences are those of `launched` still running, less
         those that stop on length with the pending token."""
         running = self.scheduler.running
-        if self.scheduler.waiting or not launched.sampled:
+        if not launched.sampled:
             return None
+        if self.scheduler.waiting and len(running) < self.scheduler.max_num_seqs:
+            return None  # the scheduler would admit it this step: let it
+        # With max_num_seqs running, the scheduler admits nobody: under a full load the steps
+        # overlap too. A sequence that stops on the pending token frees its place a step later.
         if len(launched.sampled) != len(launched.items):
             return None  # a prefill chunk that samples nothing: its next chunk is no decode
         index = {id(seq): i for i, seq in enumerate(launched.sampled)}

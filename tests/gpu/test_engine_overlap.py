@@ -168,3 +168,28 @@ def test_a_failed_read_drops_the_step_launched_on_it(backend):
     tokens, reasons = drain(engine)
     assert got + tokens["r"] == want[0]["r"] and reasons == {"r": "length"}
     assert engine.stats()["kv_blocks_used"] == 0
+
+
+def test_full_load_with_a_queue_still_overlaps(backend):
+    """max_num_seqs running and more waiting: the scheduler admits nobody, so steps overlap;
+    a finish frees its place for the queue (one step later than without overlap) and every
+    request gets the tokens it gets without overlap."""
+    ps = prompts(4, seed=18)
+    lengths = {f"q{i}": 4 + 3 * i for i in range(4)}
+    results, queued_overlaps = [], 0
+    for overlap in (True, False):
+        engine = make_engine(backend, kv_blocks=64, max_num_seqs=2, overlap=overlap)
+        for i, p in enumerate(ps):
+            engine.add(greedy(p, f"q{i}", max_tokens=lengths[f"q{i}"]))
+        tokens, reasons = defaultdict(list), {}
+        while engine.has_work():
+            for out in engine.step():
+                tokens[out.request_id] += out.new_token_ids
+                if out.finished:
+                    reasons[out.request_id] = out.finish_reason
+            queued_overlaps += bool(engine.scheduler.waiting and engine._in_flight is not None)
+        results.append((dict(tokens), reasons))
+        assert engine.stats()["kv_blocks_used"] == 0
+    assert results[0] == results[1]
+    assert {rid: len(t) for rid, t in results[0][0].items()} == lengths
+    assert queued_overlaps > 0  # steps ran ahead while requests waited
