@@ -297,11 +297,10 @@ class Engine:
 
     def _launch_next(self, launched: _Launched) -> _Launched | None:
         """Launch the decode step that follows `launched` before its tokens are read, fed by its
-        token ids on the device; None where that step would not be what the scheduler picks
-        (a partial prefill chunk, a waiting request with room to admit it, no room for a
-        block) or needs ids the host
-        has not read (penalties). Its sequences are those of `launched` still running, less
-        those that stop on length with the pending token."""
+        token ids on the device; None where that step would not be what the scheduler picks (a
+        partial prefill chunk, a waiting request with room to admit it, no room for a block) or
+        needs ids the host has not read (penalties). Its sequences are those of `launched` still
+        running, less those that stop on length with the pending token."""
         running = self.scheduler.running
         if not launched.sampled:
             return None
