@@ -7,6 +7,8 @@ configs must cover ragged shapes exactly once.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
 from gpu.cuda import nvrtc
@@ -249,15 +251,22 @@ def test_compiling_leaves_shared_bytes_objects_alone(kernel_cache):
     assert b" "[0] == 32 and bytes([32]).decode() == " "
 
 
+@functools.cache
+def hopper_ptx(filename: str, extra_options: tuple[str, ...] = ()) -> bytes:
+    """A kernel file's PTX for compute_90 with its own options (plus `extra_options`), compiled
+    once per test run: matvec.cu takes ~20 s here and two tests read it."""
+    source = (nvrtc.KERNEL_DIR / filename).read_text()
+    headers = nvrtc.included_headers(source)
+    options = (*nvrtc.BASE_OPTIONS, *KERNEL_OPTIONS[filename], "--gpu-architecture=compute_90")
+    return nvrtc._compile(source, filename, headers, (*options, *extra_options), "ptx")
+
+
 @pytest.mark.parametrize("filename", sorted(PROGRAMMATIC_FILES))
 def test_programmatic_kernels_wait_on_their_grid_dependency(filename):
     """A kernel launched programmatically that never waits would read its inputs while the
     kernel before it still writes them: every entry of these files must hold the wait (PTX for
     Hopper, where the instruction exists)."""
-    source = (nvrtc.KERNEL_DIR / filename).read_text()
-    headers = nvrtc.included_headers(source)
-    options = (*nvrtc.BASE_OPTIONS, *KERNEL_OPTIONS[filename], "--gpu-architecture=compute_90")
-    ptx = nvrtc._compile(source, filename, headers, options, "ptx").decode(errors="replace")
+    ptx = hopper_ptx(filename).decode(errors="replace")
     entries = ptx.split(".entry ")[1:]
     assert entries, f"no kernels in {filename}"
     for entry in entries:
@@ -295,10 +304,5 @@ def test_tuning_defines_override_only_declared_guarded_constants(kernel_cache):
         for name in names:  # guarded, so that the -D replaces the default instead of clashing
             assert f"#ifndef {name}" in source, f"{filename}: {name} is not #ifndef-guarded"
     # The override reaches the code: the PTX changes with the value.
-    options = (*nvrtc.BASE_OPTIONS, *KERNEL_OPTIONS["matvec.cu"], "--gpu-architecture=compute_90")
-    source = (nvrtc.KERNEL_DIR / "matvec.cu").read_text()
-    headers = nvrtc.included_headers(source)
-    default = nvrtc._compile(source, "matvec.cu", headers, options, "ptx")
-    tuned = nvrtc._compile(source, "matvec.cu", headers,
-                           (*options, *tuning_options("matvec.cu", spec)), "ptx")  # fmt: skip
-    assert tuned != default
+    tuned = hopper_ptx("matvec.cu", tuning_options("matvec.cu", spec))
+    assert tuned != hopper_ptx("matvec.cu")
