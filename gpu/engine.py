@@ -338,12 +338,7 @@ class Engine:
             ids = ids[torch.tensor(rows, device=ids.device)]
         batch = self._pack_decode(seqs)
         batch.token_ids = ids  # the pending tokens, still on the device
-        # Only the length of output_token_ids is read here (no penalties): a seeded row's draw
-        # is keyed by its count of output tokens, the pending one included.
-        sampling = [
-            SamplingRow(seq.request.sampling, (), range(seq.num_output_tokens + 1), seq.generator)
-            for seq in seqs
-        ]
+        sampling = [self._sampling_row(seq, pending=1) for seq in seqs]
         self.overlapped_steps += 1
         return self._launch([(seq, 1) for seq in seqs], seqs, sampling, batch)
 
@@ -394,12 +389,15 @@ class Engine:
             seq.block_keys.append(key)
             self.kv.register(seq.block_table[i], key, tokens)
 
-    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+    def _sampling_row(self, seq: Sequence, pending: int = 0) -> SamplingRow:
         """Parameters and the ids that penalties read. Without penalties only the count of output
-        ids is read (a seeded row's draw key): a range stands in, no list is copied per step."""
+        ids is read (a seeded row's draw key, `pending` tokens not yet read included): a range
+        stands in, no list is copied per step. Rows with penalties have no pending tokens."""
         params = seq.request.sampling
         if not _needs_output_ids(params):
-            return SamplingRow(params, (), range(seq.num_output_tokens), seq.generator)
+            return SamplingRow(params, (), range(seq.num_output_tokens + pending), seq.generator)
+        if pending:
+            raise ValueError("a row with penalties cannot sample ahead of a read")
         return SamplingRow(
             params=params,
             prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
