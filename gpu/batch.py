@@ -1,6 +1,6 @@
 """What one forward call sees: packed tokens of several sequences plus where their KV lives.
 
-The scheduler builds this; every backend consumes exactly this. Sequences are packed one after
+The engine packs it from the scheduler's plan; every backend consumes exactly this. Sequences are packed one after
 another (prefill chunks and single decode tokens mixed), so `query_start[i]:query_start[i+1]`
 are sequence i's new tokens, at positions `context_lens[i] - query_lens[i] ...
 context_lens[i] - 1`. Their K/V are written to `slot_mapping` (block * block_size + offset)
@@ -11,11 +11,28 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 
-from gpu.cuda.driver import StreamEvent, memcpy_async
+
+class Fence(Protocol):
+    """A marker on the device's stream: `record()` places it, `synchronize()` waits for it."""
+
+    def record(self) -> None: ...
+
+    def synchronize(self) -> None: ...
+
+
+class DeviceUploader(Protocol):
+    """How packed bytes reach device memory, supplied by the backend (`Backend.uploader()`):
+    `copy` queues a copy from pinned host memory on the device's current stream, `fence()`
+    makes a reusable marker to know when that copy has run."""
+
+    def copy(self, dst_ptr: int, src_ptr: int, nbytes: int) -> None: ...
+
+    def fence(self) -> Fence: ...
 
 
 @dataclass(slots=True)
@@ -53,10 +70,12 @@ class BatchPacker:
     it before packing the next-but-one. On the CPU every batch gets fresh host tensors.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, uploader: DeviceUploader | None = None) -> None:
         self.device = device
         self._on_gpu = device.type == "cuda"
-        self._slots = [_PackSlot(), _PackSlot()]
+        if self._on_gpu and uploader is None:
+            raise ValueError(f"a BatchPacker on {device} needs the backend's uploader")
+        self._slots = [_PackSlot(uploader), _PackSlot(uploader)]
         self._turn = 0
 
     def pack(
@@ -91,10 +110,11 @@ class BatchPacker:
 class _PackSlot:
     """One pinned staging buffer, its device twin, and their views for the last batch shape."""
 
-    def __init__(self) -> None:
+    def __init__(self, uploader: DeviceUploader | None) -> None:
+        self.uploader = uploader
         self.host: torch.Tensor | None = None
         self.dev: torch.Tensor | None = None
-        self.copied: StreamEvent | None = None  # recorded after the last upload
+        self.copied: Fence | None = None  # recorded after the last upload
         self.nbytes = 0
         self._host_ptr = self._dev_ptr = 0
         self._shape: tuple[int, ...] | None = None
@@ -148,12 +168,13 @@ class _PackSlot:
                 self.host = torch.empty(capacity, dtype=torch.uint8, pin_memory=True)
                 self.dev = torch.empty(capacity, dtype=torch.uint8, device=device)
                 self._host_ptr, self._dev_ptr = self.host.data_ptr(), self.dev.data_ptr()
-                self.copied = StreamEvent()
+                self.copied = self.uploader.fence()
             self.nbytes, self._shape = nbytes, shape
             self._views = (*self._numpy_views(self.host, shape), self.views(self.dev, shape))
         return self._views
 
     def upload(self) -> None:
-        """One driver copy and event (torch's copy_ and Event cost ~4x the host time)."""
-        memcpy_async(self._dev_ptr, self._host_ptr, self.nbytes)
+        """One copy and one fence (the CUDA backend's driver calls: torch's copy_ and Event cost
+        ~4x their host time)."""
+        self.uploader.copy(self._dev_ptr, self._host_ptr, self.nbytes)
         self.copied.record()

@@ -27,7 +27,6 @@ either way.
 
 from __future__ import annotations
 
-import itertools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,9 +39,10 @@ from gpu.batch import BatchPacker, ForwardBatch
 from gpu.events import EngineEvent
 from gpu.kv_cache import KVCache, chain_key
 from gpu.request import Request, RequestError, StepOutput
-from gpu.sampler import PendingTokens, SamplingRow, make_generator
+from gpu.sampler import PendingTokens, SamplingRow
 from gpu.scheduler import Schedule, Scheduler
 from gpu.sequence import Sequence, SequenceStatus
+from jobs.limits import DEFAULT_SESSION_TTL_S
 from loader.gguf_file import GGUFFile, open_gguf
 from loader.registry import resolve_model
 
@@ -64,9 +64,21 @@ GPU_RESERVE_BYTES = 2 << 30
 class _Launched:
     """A forward pass and its sampling, launched and not read yet."""
 
-    items: list[tuple[Sequence, int]]  # (sequence, new tokens) in batch order
-    sampled: list[Sequence]  # the sequences whose token this step chooses, in `tokens` order
+    schedule: Schedule  # its sequences, their new tokens, and those it samples (`tokens` order)
     tokens: PendingTokens
+
+
+@dataclass(slots=True, frozen=True)
+class EngineStats:
+    """The engine's counters at one moment: KV pool, sessions, sequences."""
+
+    kv_blocks_total: int
+    kv_blocks_used: int
+    kv_blocks_cached: int
+    block_size: int
+    sessions: int
+    running: int
+    waiting: int
 
 
 def stop_token_ids_of(gguf: GGUFFile) -> frozenset[int]:
@@ -134,7 +146,7 @@ class Engine:
         max_num_seqs: int = 64,
         max_batch_tokens: int = 512,
         max_sessions: int = 1024,
-        session_ttl_s: float = 1800.0,
+        session_ttl_s: float = DEFAULT_SESSION_TTL_S,
         seed: int | None = None,
         progress: Callable | None = None,
         dtype: str = "float32",
@@ -152,16 +164,16 @@ class Engine:
         self.kv = KVCache(
             kv_blocks, block_size, max_sessions=max_sessions, session_ttl_s=session_ttl_s
         )
-        self.scheduler = Scheduler(
-            self.kv, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens
-        )
         # Longest sequence the engine can hold: the model's context, or the whole pool.
         self.max_model_len = min(self.config.context_length, kv_blocks * block_size)
+        self.scheduler = Scheduler(
+            self.kv, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens,
+            max_model_len=self.max_model_len,
+        )
         self.sampler = self.backend.make_sampler(seed)
-        self._packer = BatchPacker(self.backend.device)
+        self._packer = BatchPacker(self.backend.device, self.backend.uploader())
         self._sequences: dict[str, Sequence] = {}
         self._aborted: list[Sequence] = []
-        self._arrivals = itertools.count()
         self.overlap = overlap  # launch the next decode step before reading this one's ids
         self._in_flight: _Launched | None = None  # launched by the last step(), read by the next
         self.overlapped_steps = 0  # steps launched ahead of the previous step's read
@@ -188,16 +200,7 @@ class Engine:
         if request.max_tokens < 1:
             raise RequestError(f"request {request.request_id!r}: max_tokens must be >= 1")
         request.sampling.validate()
-        generator = None
-        if request.sampling.seed is not None:
-            generator = make_generator(request.sampling.seed, self.backend.device)
-        seq = Sequence(
-            request=request,
-            token_ids=prompt,
-            num_prompt_tokens=len(prompt),
-            generator=generator,
-            arrival=next(self._arrivals),
-        )
+        seq = Sequence(request=request, token_ids=prompt, num_prompt_tokens=len(prompt))
         self._sequences[request.request_id] = seq
         self.scheduler.add(seq)
 
@@ -219,21 +222,29 @@ class Engine:
         """Free the blocks a session holds; False if the engine holds no such session."""
         return self.kv.end_session(session_id)
 
+    @property
+    def session_ttl_s(self) -> float:
+        """How long an idle session keeps its KV (the worker's routing keys live as long)."""
+        return self.kv.session_ttl_s
+
+    def session_ids(self) -> list[str]:
+        """The sessions holding KV here, least recently used first."""
+        return list(self.kv.sessions)
+
     def pop_events(self) -> list[EngineEvent]:
         """Evictions, expiries and preemptions since the last call, oldest first."""
-        events, self.kv.events = self.kv.events, []
-        return events
+        return self.kv.pop_events()
 
-    def stats(self) -> dict[str, int]:
-        return {
-            "kv_blocks_total": self.kv.num_blocks,
-            "kv_blocks_used": self.kv.num_used,
-            "kv_blocks_cached": self.kv.num_cached,
-            "block_size": self.kv.block_size,
-            "sessions": len(self.kv.sessions),
-            "running": len(self.scheduler.running),
-            "waiting": len(self.scheduler.waiting),
-        }
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            kv_blocks_total=self.kv.num_blocks,
+            kv_blocks_used=self.kv.num_used,
+            kv_blocks_cached=self.kv.num_cached,
+            block_size=self.kv.block_size,
+            sessions=len(self.kv.sessions),
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+        )
 
     # ----- the step ---------------------------------------------------------------------------
 
@@ -243,8 +254,6 @@ class Engine:
         With overlap, the pass whose outputs this returns may have been launched by the previous
         call, and this call may leave the next one launched (module docstring)."""
         outputs = [self._final_output(seq) for seq in self._aborted]
-        for seq in self._aborted:
-            self._sequences.pop(seq.request_id, None)
         self._aborted = []
         self.kv.expire_sessions()
         launched, self._in_flight = self._in_flight, None
@@ -258,104 +267,70 @@ class Engine:
                     self.scheduler.finish(seq, "length")
                     outputs.append(self._final_output(seq))
                 return outputs
-            sampled = [seq for seq, n in schedule.items if seq.num_computed + n == seq.num_tokens]
-            rows = [self._sampling_row(seq) for seq in sampled]
-            launched = self._launch(schedule.items, sampled, rows, self._build_batch(schedule))
+            launched = self._launch(schedule, self._build_batch(schedule))
         if self.overlap:
-            self._in_flight = self._launch_next(launched)
+            self._in_flight = self._launch_ahead(launched)
         try:
             outputs.extend(self._read(launched))
         except BaseException:
             # The step launched ahead took its ids from the one that failed to read: drop it
             # too. Neither was counted, so the next step recomputes from the last read token.
+            if self._in_flight is not None:
+                _settle(self._in_flight.schedule)
             self._in_flight = None
             raise
         return outputs
 
-    def _launch(
-        self, items: list[tuple[Sequence, int]], sampled: list[Sequence],
-        rows: list[SamplingRow], batch: ForwardBatch,
-    ) -> _Launched:  # fmt: skip
-        """The forward pass and the sampling of its `sampled` sequences, nothing read back."""
+    def _launch(self, schedule: Schedule, batch: ForwardBatch) -> _Launched:
+        """The forward pass and the sampling of the scheduled sequences, nothing read back."""
         logits = self.backend.forward(batch)
-        return _Launched(items, sampled, self.sampler.launch(logits, rows))
+        rows = [self._sampling_row(seq) for seq in schedule.sampled]
+        tokens = self.sampler.launch(logits, rows)
+        for seq, n in schedule.items:
+            seq.num_in_flight += n
+        for seq in schedule.sampled:
+            seq.num_pending += 1
+        return _Launched(schedule, tokens)
 
     def _read(self, launched: _Launched) -> list[StepOutput]:
         """Wait for a launched step's tokens; count its KV, append its tokens, check stops.
         Rows of sequences that finished meanwhile (a stop on the previous step, an abort) are
         dropped: their KV went to blocks they have freed."""
-        tokens = launched.tokens.result()
-        for seq, n in launched.items:
+        schedule = launched.schedule
+        try:
+            tokens = launched.tokens.result()
+        finally:
+            _settle(schedule)
+        for seq, n in schedule.items:
             if seq.status == SequenceStatus.RUNNING:
                 seq.num_computed += n
                 self._register_full_blocks(seq)
         outputs = []
-        for seq, token in zip(launched.sampled, tokens, strict=True):
+        for seq, token in zip(schedule.sampled, tokens, strict=True):
             if seq.status == SequenceStatus.RUNNING:
                 outputs.append(self._append_token(seq, token.token_id, token.logprobs))
         return outputs
 
-    def _launch_next(self, launched: _Launched) -> _Launched | None:
-        """Launch the decode step that follows `launched` before its tokens are read, fed by its
-        token ids on the device; None where that step would not be what the scheduler picks (a
-        partial prefill chunk, a waiting request with room to admit it, no room for a block) or
-        needs ids the host has not read (penalties). Its sequences are those of `launched` still
-        running, less those that stop on length with the pending token."""
-        running = self.scheduler.running
-        if not launched.sampled:
+    def _launch_ahead(self, launched: _Launched) -> _Launched | None:
+        """Launch the step the scheduler plans ahead of `launched`'s read, its pending tokens
+        spliced in from the device; None where the scheduler plans none."""
+        schedule = self.scheduler.schedule_ahead()
+        if schedule is None:
             return None
-        if self.scheduler.waiting and len(running) < self.scheduler.max_num_seqs:
-            return None  # the scheduler would admit it this step: let it
-        # With max_num_seqs running, the scheduler admits nobody: under a full load the steps
-        # overlap too. A sequence that stops on the pending token frees its place a step later.
-        if len(launched.sampled) != len(launched.items):
-            return None  # a prefill chunk that samples nothing: its next chunk is no decode
-        index = {id(seq): i for i, seq in enumerate(launched.sampled)}
-        if any(id(seq) not in index for seq in running):
-            return None  # a running sequence outside this step (token budget)
-        size = self.kv.block_size
-        rows: list[int] = []
-        for seq in running:
-            request = seq.request
-            if _needs_output_ids(request.sampling):
-                return None
-            # After the pending token: num_tokens + 1 tokens, that token at index num_tokens.
-            if (seq.num_output_tokens + 1 >= request.max_tokens
-                    or seq.num_tokens + 1 >= self.max_model_len):  # fmt: skip
-                continue  # it stops on length with the pending token
-            need = seq.num_tokens // size + 1 - len(seq.block_table)
-            if need > 0:
-                blocks = self.kv.allocate(need)
-                if blocks is None:
-                    return None  # the scheduler would preempt: let it
-                seq.block_table.extend(blocks)
-            rows.append(index[id(seq)])
-        if not rows or len(rows) > self.scheduler.max_batch_tokens:
-            return None
-        seqs = [launched.sampled[i] for i in rows]
+        batch = self._build_batch(schedule)
+        # Every sequence of a step planned ahead has one new token: its pending one.
+        row_of = {id(seq): i for i, seq in enumerate(launched.schedule.sampled)}
+        rows = [row_of[id(seq)] for seq, _ in schedule.items]
         ids = launched.tokens.ids
         if rows != list(range(ids.shape[0])):
             ids = ids[torch.tensor(rows, device=ids.device)]
-        batch = self._pack_decode(seqs)
-        batch.token_ids = ids  # the pending tokens, still on the device
-        sampling = [self._sampling_row(seq, pending=1) for seq in seqs]
+        batch.token_ids = ids
         self.overlapped_steps += 1
-        return self._launch([(seq, 1) for seq in seqs], seqs, sampling, batch)
-
-    def _pack_decode(self, seqs: list[Sequence]) -> ForwardBatch:
-        """One decode token per sequence, the pending one (index num_tokens); its id is a
-        placeholder here, for the caller to replace with the device tensor."""
-        size = self.kv.block_size
-        positions = [seq.num_tokens for seq in seqs]
-        slots = [seq.block_table[p // size] * size + p % size
-                 for seq, p in zip(seqs, positions, strict=True)]  # fmt: skip
-        n = len(seqs)
-        return self._packer.pack(
-            [0] * n, positions, slots, [1] * n, [p + 1 for p in positions],
-            [seq.block_table for seq in seqs], list(range(n)),
-        )  # fmt: skip
+        return self._launch(schedule, batch)
 
     def _build_batch(self, schedule: Schedule) -> ForwardBatch:
+        """The packed batch of a schedule; a pending token's id is a placeholder (0) for the
+        caller to replace with the device's."""
         token_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -364,14 +339,17 @@ class Engine:
         logits_indices: list[int] = []
         size = self.kv.block_size
         for seq, n in schedule.items:
-            start = seq.num_computed
-            token_ids.extend(seq.token_ids[start : start + n])
+            start = seq.num_computed + seq.num_in_flight
+            known = seq.token_ids[start : start + n]
+            token_ids.extend(known)
+            if len(known) < n:
+                token_ids.extend([0] * (n - len(known)))
             positions.extend(range(start, start + n))
             table = seq.block_table
             slots.extend(table[p // size] * size + p % size for p in range(start, start + n))
             context_lens.append(start + n)
             query_lens.append(n)
-            if start + n == seq.num_tokens:
+            if start + n == seq.num_tokens + seq.num_pending:
                 logits_indices.append(len(token_ids) - 1)
         tables = [seq.block_table for seq, _ in schedule.items]
         return self._packer.pack(
@@ -389,20 +367,21 @@ class Engine:
             seq.block_keys.append(key)
             self.kv.register(seq.block_table[i], key, tokens)
 
-    def _sampling_row(self, seq: Sequence, pending: int = 0) -> SamplingRow:
+    def _sampling_row(self, seq: Sequence) -> SamplingRow:
         """Parameters and the ids that penalties read. Without penalties only the count of output
-        ids is read (a seeded row's draw key, `pending` tokens not yet read included): a range
-        stands in, no list is copied per step. Rows with penalties have no pending tokens."""
+        ids is read (a seeded row's draw key, its pending tokens included): a range stands in,
+        no list is copied per step. Rows with penalties are never sampled ahead of a read."""
         params = seq.request.sampling
-        if not _needs_output_ids(params):
-            return SamplingRow(params, (), range(seq.num_output_tokens + pending), seq.generator)
-        if pending:
+        if not params.needs_output_ids:
+            return SamplingRow(params, (), range(seq.num_output_tokens + seq.num_pending),
+                               seq.request_id)  # fmt: skip
+        if seq.num_pending:
             raise ValueError("a row with penalties cannot sample ahead of a read")
         return SamplingRow(
             params=params,
             prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
             output_token_ids=seq.output_token_ids,
-            generator=seq.generator,
+            request_id=seq.request_id,
         )
 
     def _append_token(self, seq: Sequence, token_id: int, logprobs) -> StepOutput:
@@ -413,7 +392,7 @@ class Engine:
             not request.ignore_eos and token_id in self.eos_token_ids
         ):
             reason = "stop"
-        elif seq.num_output_tokens >= request.max_tokens or seq.num_tokens >= self.max_model_len:
+        elif seq.reaches_length(self.max_model_len):
             reason = "length"
         output = StepOutput(
             request_id=seq.request_id,
@@ -424,11 +403,16 @@ class Engine:
         if reason is not None:
             self.scheduler.finish(seq, reason)
             output.finish_reason = reason
-            self._sequences.pop(seq.request_id, None)
+            self._forget(seq)
         return output
 
-    def _final_output(self, seq: Sequence) -> StepOutput:
+    def _forget(self, seq: Sequence) -> None:
+        """A finished sequence leaves the engine, and its random state the sampler."""
         self._sequences.pop(seq.request_id, None)
+        self.sampler.release(seq.request_id)
+
+    def _final_output(self, seq: Sequence) -> StepOutput:
+        self._forget(seq)
         return StepOutput(
             request_id=seq.request_id,
             new_token_ids=[],
@@ -437,10 +421,12 @@ class Engine:
         )
 
 
-def _needs_output_ids(params) -> bool:
-    """Penalties read every id so far on the host: such a row cannot sample ahead of a read."""
-    return (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
-            or params.frequency_penalty != 0.0)  # fmt: skip
+def _settle(schedule: Schedule) -> None:
+    """A launched step is read (or dropped): its tokens are no longer in flight or pending."""
+    for seq, n in schedule.items:
+        seq.num_in_flight -= n
+    for seq in schedule.sampled:
+        seq.num_pending -= 1
 
 
 def _model_path(model: str | os.PathLike) -> Path:

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from gpu.events import EngineEvent
+from jobs.limits import DEFAULT_SESSION_TTL_S
 
 
 @dataclass(slots=True)
@@ -65,7 +66,7 @@ class KVCache:
         block_size: int,
         *,
         max_sessions: int = 1024,
-        session_ttl_s: float = 1800.0,
+        session_ttl_s: float = DEFAULT_SESSION_TTL_S,
         clock=time.monotonic,
     ) -> None:
         if num_blocks < 1 or block_size < 1:
@@ -80,7 +81,7 @@ class KVCache:
         self._cached: OrderedDict[int, None] = OrderedDict()  # LRU first
         self._by_key: dict[int, int] = {}
         self.sessions: OrderedDict[str, Session] = OrderedDict()  # LRU first
-        self.events: list[EngineEvent] = []
+        self._events: list[EngineEvent] = []
 
     # ----- accounting -------------------------------------------------------------------------
 
@@ -101,6 +102,22 @@ class KVCache:
     def ref_count(self, block_id: int) -> int:
         return self._blocks[block_id].ref_count
 
+    # ----- events -----------------------------------------------------------------------------
+
+    @property
+    def events(self) -> list[EngineEvent]:
+        """Evictions, expiries and preemptions not yet taken by `pop_events`, oldest first."""
+        return list(self._events)
+
+    def record(self, event: EngineEvent) -> None:
+        """Note an event for the caller: the pool's own evictions, the scheduler's preemptions."""
+        self._events.append(event)
+
+    def pop_events(self) -> list[EngineEvent]:
+        """The events recorded since the last call, oldest first."""
+        events, self._events = self._events, []
+        return events
+
     # ----- allocation -------------------------------------------------------------------------
 
     def can_allocate(self, n: int) -> bool:
@@ -118,7 +135,7 @@ class KVCache:
         """n blocks with one reference each, evicting as needed; None (and no change) if short."""
         if not self.can_allocate(n):
             return None
-        # Order of reclaim (DESIGN.md): idle sessions, least recently used first, before any
+        # Order of reclaim: idle sessions, least recently used first, before any
         # unreferenced cached prefix; an evicted session's blocks go to the LRU end of the cache.
         while len(self._free) < n and self._evict_lru_session():
             pass
@@ -242,7 +259,7 @@ class KVCache:
         for block_id in reversed(session.block_ids):
             if block_id in self._cached:
                 self._cached.move_to_end(block_id, last=False)
-        self.events.append(
+        self.record(
             EngineEvent(
                 kind=kind,
                 session_id=session.session_id,

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from loader.errors import OrcdError
+from jobs.errors import OrcdError
+from jobs.limits import SAMPLING_BOUNDS
 
 
 class RequestError(OrcdError):
@@ -30,21 +31,18 @@ class SamplingParams:
     logprobs: int | None = None  # top-n logprobs per generated token (0 = only the chosen one)
 
     def validate(self) -> None:
-        if not 0.0 <= self.temperature <= 100.0:
-            raise RequestError(f"temperature {self.temperature} is outside [0, 100]")
-        if self.top_k < 0:
-            raise RequestError(f"top_k {self.top_k} is negative")
-        if not 0.0 < self.top_p <= 1.0:
-            raise RequestError(f"top_p {self.top_p} is outside (0, 1]")
-        if not 0.0 <= self.min_p <= 1.0:
-            raise RequestError(f"min_p {self.min_p} is outside [0, 1]")
-        if not 0.0 < self.repetition_penalty <= 10.0:
-            raise RequestError(f"repetition_penalty {self.repetition_penalty} is outside (0, 10]")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not -2.0 <= getattr(self, name) <= 2.0:
-                raise RequestError(f"{name} {getattr(self, name)} is outside [-2, 2]")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise RequestError(f"logprobs {self.logprobs} is outside [0, 20]")
+        """The wire's rules (jobs/limits.py SAMPLING_BOUNDS), for requests given to the engine
+        directly: a job reaching the worker was already checked against the same table."""
+        for name, bound in SAMPLING_BOUNDS.items():
+            value = getattr(self, name)
+            if value is not None and not bound.contains(value):
+                raise RequestError(f"{name} {value} is outside {bound.describe()}")
+
+    @property
+    def needs_output_ids(self) -> bool:
+        """Penalties read every id so far on the host: such a row cannot sample ahead of a read."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0)  # fmt: skip
 
     @property
     def greedy(self) -> bool:

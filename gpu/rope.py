@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from jobs.errors import OrcdError
 from loader.config import RopeConfig
-from loader.errors import OrcdError
 
 
 class RopeNotSupportedError(OrcdError):

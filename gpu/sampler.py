@@ -11,20 +11,30 @@ Order, as HF transformers and vLLM apply it:
      min-p, then one draw.
 
 The draw is an exponential race, `argmax(probs / E)` with `E = -log(U)`, U uniform per token:
-exact sampling from `probs` that needs no cumulative sum. A seeded row draws its U from its own
-generator, so its tokens depend only on its seed and logits, never on the rest of the batch;
-unseeded rows share the sampler's engine generator. Everything stays on the device except the
+exact sampling from `probs` that needs no cumulative sum. A seeded row draws its U from its
+request's own generator, which the sampler makes from the seed on the request's first draw and
+keeps until `release(request_id)`, so its tokens depend only on its seed and logits, never on
+the rest of the batch; unseeded rows share the sampler's engine generator. Everything stays on the device except the
 chosen ids and the requested logprobs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from gpu.backends.base import (
+    PendingTokens,
+    SampledToken,
+    SamplingBatchError,
+    SamplingRow,
+    check_sampling_batch,
+)
 from gpu.request import SamplingParams, TokenLogprobs
+
+__all__ = ["PendingTokens", "SampledToken", "Sampler", "SamplingRow", "make_generator"]
 
 # A nucleus whose mass reaches top_p within float32 rounding of a softmax + cumsum counts as
 # reaching it: without this slack, ten tokens of 0.1 with top_p 0.6 keep seven, not six.
@@ -36,50 +46,6 @@ _TOP_P_SLACK = 1e-6
 _CPU_RANKING_HEAD = 1024
 
 
-@dataclass(slots=True)
-class SamplingRow:
-    """One sequence's row of the logits: its parameters, tokens so far, and its own generator.
-
-    `generator` is required when `params.seed` is set: build it once per request with
-    `make_generator(params.seed, device)` and keep it across steps (its state is the stream).
-    """
-
-    params: SamplingParams
-    prompt_token_ids: Sequence[int] = ()
-    output_token_ids: Sequence[int] = ()
-    generator: torch.Generator | None = None
-
-
-@dataclass(slots=True, frozen=True)
-class SampledToken:
-    """The chosen token of one row; `logprobs` is set when the row asked for them."""
-
-    token_id: int
-    logprobs: TokenLogprobs | None = None
-
-
-class PendingTokens:
-    """One sampling call's tokens, chosen on the device and not read yet.
-
-    `ids` ([B] int64 on the logits' device) can feed the next forward pass before the host has
-    seen them; `result()` waits for the device and reads them (and any requested logprobs),
-    once. The engine launches step t+1 from step t's `ids`, then reads step t's result.
-    """
-
-    __slots__ = ("ids", "_read", "_result")
-
-    def __init__(self, ids: torch.Tensor, read: Callable[[], list[SampledToken]]) -> None:
-        self.ids = ids
-        self._read = read
-        self._result: list[SampledToken] | None = None
-
-    def result(self) -> list[SampledToken]:
-        if self._result is None:
-            self._result = self._read()
-            self._read = None
-        return self._result
-
-
 def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
     """A generator on `device` seeded with `seed` (any Python int; folded into 64 bits)."""
     generator = torch.Generator(device=_resolve(torch.device(device)))
@@ -88,7 +54,8 @@ def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
 
 
 class Sampler:
-    """Samples a batch of rows on the logits' device; unseeded rows share one engine generator.
+    """Samples a batch of rows on the logits' device (the `TokenSampler` of the torch backend);
+    unseeded rows share one engine generator, seeded ones each have their request's own.
 
     `seed` seeds the engine generator (None: nondeterministic), one per device, made lazily.
     """
@@ -96,6 +63,18 @@ class Sampler:
     def __init__(self, seed: int | None = None) -> None:
         self._seed = seed
         self._engine_generators: dict[torch.device, torch.Generator] = {}
+        self._request_generators: dict[str, torch.Generator] = {}
+
+    def generator(self, request_id: str, seed: int, device: torch.device | str) -> torch.Generator:
+        """The request's generator: made from `seed` on `device` at its first draw, then the
+        same object (its state is the request's random stream) until `release`."""
+        generator = self._request_generators.get(request_id)
+        if generator is None:
+            generator = self._request_generators[request_id] = make_generator(seed, device)
+        return generator
+
+    def release(self, request_id: str) -> None:
+        self._request_generators.pop(request_id, None)
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[SampledToken]:
         """Pick one token per row of `logits` [B, V] (float32); row i is sampled with rows[i]."""
@@ -135,12 +114,11 @@ class Sampler:
         uniform = torch.empty_like(probs)
         unseeded = []
         for i, row in enumerate(rows):
-            if row.generator is None:
+            if row.params.seed is None:
                 unseeded.append(i)
             else:
-                uniform[i] = torch.rand(
-                    probs.shape[1], generator=row.generator, device=probs.device
-                )
+                generator = self.generator(row.request_id, row.params.seed, probs.device)
+                uniform[i] = torch.rand(probs.shape[1], generator=generator, device=probs.device)
         if unseeded:
             index = torch.tensor(unseeded, device=probs.device)
             uniform[index] = torch.rand(
@@ -345,14 +323,11 @@ def _row_tensor(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
 
 
 def _check_batch(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
-    if logits.dim() != 2 or logits.shape[0] != len(rows):
-        raise ValueError(f"logits of shape {tuple(logits.shape)} do not match {len(rows)} rows")
+    check_sampling_batch(logits, rows)
     for i, row in enumerate(rows):
-        if row.params.seed is not None and row.generator is None:
-            raise ValueError(f"row {i} has seed {row.params.seed} but no generator")
-        if row.generator is not None and _resolve(row.generator.device) != logits.device:
-            raise ValueError(
-                f"row {i}'s generator is on {row.generator.device}, the logits on {logits.device}"
+        if row.params.seed is not None and row.request_id is None:
+            raise SamplingBatchError(
+                f"row {i} has seed {row.params.seed} but no request_id to keep its random state"
             )
 
 

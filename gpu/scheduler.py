@@ -8,10 +8,16 @@ When KV blocks run out, the pool reclaims idle sessions and cached prefixes; if 
 enough, the most recently admitted running sequence is preempted: its blocks are freed and it
 goes back to the front of the queue to be recomputed later (its tokens are kept; nothing is
 dropped).
+
+While a step is in flight (launched, its sampled ids not read yet), `schedule_ahead()` plans
+the next one, counting each sequence's tokens in flight and its pending token (vLLM's output
+placeholders): the engine only splices the device ids into that step. It plans only what
+`schedule()` would pick once the ids are read, so the two give the same tokens.
 """
 
 from __future__ import annotations
 
+import sys
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -22,9 +28,15 @@ from gpu.sequence import Sequence, SequenceStatus
 
 @dataclass(slots=True)
 class Schedule:
-    """The sequences of one step and their number of new tokens, in batch order."""
+    """The sequences of one step and their number of new tokens, in batch order.
+
+    Sequence i's new tokens are positions `start .. start + n - 1`, where start is its
+    `num_computed + num_in_flight`; those at or past `num_tokens` are pending (on the device).
+    `sampled` are the sequences whose next token this step chooses, in batch order.
+    """
 
     items: list[tuple[Sequence, int]] = field(default_factory=list)
+    sampled: list[Sequence] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -37,12 +49,14 @@ class Schedule:
 class Scheduler:
     """Waiting and running queues over one `KVCache`."""
 
-    def __init__(self, kv: KVCache, *, max_num_seqs: int = 64, max_batch_tokens: int = 512):
+    def __init__(self, kv: KVCache, *, max_num_seqs: int = 64, max_batch_tokens: int = 512,
+                 max_model_len: int = sys.maxsize):  # fmt: skip
         if max_batch_tokens < 1 or max_num_seqs < 1:
             raise ValueError("max_batch_tokens and max_num_seqs must be positive")
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_batch_tokens = max_batch_tokens
+        self.max_model_len = max_model_len  # a sequence stops on length there
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
 
@@ -75,6 +89,37 @@ class Scheduler:
             self.running.append(seq)
             schedule.items.append((seq, n))
             budget -= n
+        schedule.sampled = [seq for seq, n in schedule.items if seq.num_computed + n == seq.num_tokens]
+        return schedule
+
+    def schedule_ahead(self) -> Schedule | None:
+        """The step after the one in flight, planned before its ids are read: each running
+        sequence's next token is its pending one. None where `schedule()` would pick another
+        step once the ids are read (a waiting request it would admit, a sequence outside the
+        step in flight or in the middle of its prompt, a block only preemption can free) or
+        where a sequence's sampling reads every id on the host (penalties).
+
+        A sequence that stops on length with its pending token is left out; one that stops on
+        a stop token is known only at the read, and the engine drops its row then."""
+        if self.waiting and len(self.running) < self.max_num_seqs:
+            return None  # with max_num_seqs running, schedule() admits nobody either
+        schedule = Schedule()
+        for seq in self.running:
+            if not seq.num_pending or seq.request.sampling.needs_output_ids:
+                return None
+            if seq.reaches_length(self.max_model_len, seq.num_pending):
+                continue
+            start = seq.num_computed + seq.num_in_flight
+            n = seq.num_tokens + seq.num_pending - start
+            need = self._blocks_needed(seq, start + n - seq.num_computed)
+            blocks = self.kv.allocate(need) if need else []
+            if blocks is None:
+                return None  # schedule() would preempt: let it
+            seq.block_table.extend(blocks)
+            schedule.items.append((seq, n))
+        if not schedule or schedule.num_tokens > self.max_batch_tokens:
+            return None
+        schedule.sampled = [seq for seq, _ in schedule.items]
         return schedule
 
     def _blocks_needed(self, seq: Sequence, n: int) -> int:
@@ -126,7 +171,7 @@ class Scheduler:
         """Free a running sequence's KV and put it back at the front of the queue."""
         self.running.remove(seq)
         self.kv.free(seq.block_table)
-        self.kv.events.append(
+        self.kv.record(
             EngineEvent(
                 kind="preempted",
                 request_id=seq.request_id,

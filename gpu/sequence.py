@@ -5,9 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-import torch
-
-from gpu.request import Request, TokenLogprobs
+from gpu.request import Request
 
 
 class SequenceStatus(enum.Enum):
@@ -23,15 +21,16 @@ class Sequence:
     request: Request
     token_ids: list[int]
     num_prompt_tokens: int
-    generator: torch.Generator | None = None
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed: int = 0
+    # Set while a launched step is unread: its tokens of this sequence (KV being written,
+    # counted into num_computed at the read) and the token it samples (appended at the read).
+    num_in_flight: int = 0
+    num_pending: int = 0
     block_table: list[int] = field(default_factory=list)
     block_keys: list[int] = field(default_factory=list)  # prefix keys of registered blocks
     num_cached_tokens: int = 0  # reused from the prefix cache at (first) admission
-    pending_logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
-    arrival: int = 0  # FCFS order of add()
 
     @property
     def request_id(self) -> str:
@@ -52,3 +51,9 @@ class Sequence:
     @property
     def num_uncomputed(self) -> int:
         return len(self.token_ids) - self.num_computed
+
+    def reaches_length(self, max_model_len: int, pending: int = 0) -> bool:
+        """Whether the sequence, with `pending` more tokens (sampled, not yet read), has as many
+        output tokens as the request allows or fills the context: it stops on length there."""
+        return (self.num_output_tokens + pending >= self.request.max_tokens
+                or self.num_tokens + pending >= max_model_len)  # fmt: skip

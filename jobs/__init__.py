@@ -2,33 +2,42 @@
 
     from jobs import OrcdClient
     done = OrcdClient("redis://localhost:6379/0").generate("Hello", max_tokens=16)
+
+The names below are imported on first use: every package imports `jobs.errors` (the error
+root) and `jobs.limits` (shared bounds and defaults), and those must not pull in redis-py.
 """
 
-from jobs.async_client import AsyncOrcdClient
-from jobs.client import OrcdClient
-from jobs.errors import JobError, JobFailed, JobTimeout
-from jobs.events import Done, Error, Queued, Started, Token
-from jobs.keys import GROUP, Keys
-from jobs.protocol import EventFollower, JobEvent, build_job
-from jobs.schema import GenerationJob, Message, Sampling
+from __future__ import annotations
 
-__all__ = [
-    "GROUP",
-    "AsyncOrcdClient",
-    "Done",
-    "Error",
-    "EventFollower",
-    "GenerationJob",
-    "JobError",
-    "JobEvent",
-    "JobFailed",
-    "JobTimeout",
-    "Keys",
-    "Message",
-    "OrcdClient",
-    "Queued",
-    "Sampling",
-    "Started",
-    "Token",
-    "build_job",
-]
+import importlib
+
+_EXPORTS = {
+    "AsyncOrcdClient": "jobs.async_client",
+    "OrcdClient": "jobs.client",
+    "JobError": "jobs.errors",
+    "JobFailed": "jobs.errors",
+    "JobTimeout": "jobs.errors",
+    "Done": "jobs.events",
+    "Error": "jobs.events",
+    "Queued": "jobs.events",
+    "Started": "jobs.events",
+    "Token": "jobs.events",
+    "GROUP": "jobs.keys",
+    "Keys": "jobs.keys",
+    "EventFollower": "jobs.protocol",
+    "JobEvent": "jobs.protocol",
+    "build_job": "jobs.protocol",
+    "GenerationJob": "jobs.schema",
+    "Message": "jobs.schema",
+    "Sampling": "jobs.schema",
+}
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'jobs' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+__all__ = sorted(_EXPORTS)

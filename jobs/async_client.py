@@ -27,9 +27,9 @@ from jobs.client import (
 from jobs.errors import JobError
 from jobs.events import Done
 from jobs.keys import CONTROL_FIELD, JOB_FIELD, Keys
+from jobs.limits import DEFAULT_MODEL
 from jobs.protocol import EventFollower, JobEvent, as_text, encode_job
 from jobs.schema import EndSession
-from loader.registry import DEFAULT_MODEL
 
 
 class AsyncOrcdClient:

@@ -30,9 +30,9 @@ from rq.job import Job
 from jobs.client import CANCEL_TTL_S, OrcdClient
 from jobs.events import INVALID_JOB, INVALID_JSON, INVALID_REQUEST, PAYLOAD_TOO_LARGE, UNKNOWN_MODEL
 from jobs.keys import JOB_FIELD
+from jobs.limits import DEFAULT_MODEL
 from jobs.protocol import JobEvent, as_text, build_job, encode_job
 from jobs.schema import GenerationJob, describe_validation_error
-from loader.registry import DEFAULT_MODEL
 
 QUEUE = "orcd-batch"
 WINDOW = 512  # output streams per XREAD; Redis takes thousands, but replies stay small

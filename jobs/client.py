@@ -23,9 +23,9 @@ import redis
 from jobs.errors import JobError, JobFailed, JobTimeout
 from jobs.events import Done
 from jobs.keys import CONTROL_FIELD, JOB_FIELD, Keys
+from jobs.limits import DEFAULT_MODEL
 from jobs.protocol import EventFollower, JobEvent, as_text, build_job, encode_job
 from jobs.schema import EndSession, GenerationJob
-from loader.registry import DEFAULT_MODEL
 
 CANCEL_TTL_S = 3600
 READ_BLOCK_MS = 500

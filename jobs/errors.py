@@ -1,8 +1,14 @@
-"""Errors of the jobs contract and its clients."""
+"""The root of orcd's error hierarchy, and the errors of the jobs contract and its clients.
+
+`OrcdError` lives here, in a module that imports nothing of ours, so that every package may
+import it: `jobs/` is the contract at the bottom of the import graph.
+"""
 
 from __future__ import annotations
 
-from loader.errors import OrcdError
+
+class OrcdError(Exception):
+    """Any error orcd raises on purpose; its message names the thing and the reason in one line."""
 
 
 class JobError(OrcdError):

@@ -19,6 +19,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from jobs.limits import SAMPLING_BOUNDS
+
 VERSION = 1
 # Raw size of one stream entry's `job` field; bigger entries are dead-lettered unparsed.
 MAX_JOB_BYTES = 2 * 1024 * 1024
@@ -46,22 +48,29 @@ class Message(_Strict):
     content: str = Field(max_length=MAX_PROMPT_CHARS)
 
 
+def _bounded(name: str, default):
+    """A field bounded by the shared table (jobs/limits.py), which the engine checks too."""
+    bound = SAMPLING_BOUNDS[name]
+    low = {"gt": bound.low} if bound.low_open else {"ge": bound.low}
+    return Field(default, le=bound.high, **low)
+
+
 class Sampling(_Strict):
     """Sampling and stopping controls; defaults as OpenAI's API (temperature 1, top_p 1)."""
 
-    temperature: float = Field(1.0, ge=0.0, le=2.0)  # 0 = greedy
-    top_k: int = Field(0, ge=0, le=1_000_000)  # 0 = off
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    temperature: float = _bounded("temperature", 1.0)  # 0 = greedy
+    top_k: int = _bounded("top_k", 0)  # 0 = off
+    top_p: float = _bounded("top_p", 1.0)
+    min_p: float = _bounded("min_p", 0.0)
+    repetition_penalty: float = _bounded("repetition_penalty", 1.0)
+    presence_penalty: float = _bounded("presence_penalty", 0.0)
+    frequency_penalty: float = _bounded("frequency_penalty", 0.0)
+    seed: int | None = _bounded("seed", None)
     max_tokens: int = Field(256, ge=1, le=MAX_TOKENS_LIMIT)
     stop: list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]] = Field(
         default_factory=list, max_length=MAX_STOP_STRINGS
     )
-    logprobs: int | None = Field(None, ge=0, le=20)  # top-n per token; 0 = the chosen only
+    logprobs: int | None = _bounded("logprobs", None)  # top-n per token; 0 = the chosen only
 
 
 class GenerationJob(_Strict):

@@ -1,12 +1,8 @@
-"""The root of orcd's error hierarchy and the loader's own error.
+"""The loader's own error; `OrcdError`, the root of every orcd error, is `jobs.errors`'s."""
 
-`OrcdError` lives here because `loader` is the lowest layer: every other package may import
-it, and it imports nothing of ours.
-"""
+from jobs.errors import OrcdError
 
-
-class OrcdError(Exception):
-    """Any error orcd raises on purpose; its message names the thing and the reason in one line."""
+__all__ = ["GGUFError", "OrcdError"]
 
 
 class GGUFError(OrcdError):

@@ -10,9 +10,10 @@ import importlib.util
 import os
 from pathlib import Path
 
-from loader.errors import OrcdError
+from jobs.errors import OrcdError
+from jobs.limits import DEFAULT_MODEL
 
-DEFAULT_MODEL = "smollm2-135m"
+__all__ = ["DEFAULT_MODEL", "ModelNotFoundError", "models_dir", "resolve_model"]
 MODELS_DIR_ENV = "ORCD_MODELS_DIR"
 # Built-in names: the package that ships the file (installed with --no-deps) and its file name.
 # The package cannot be imported without its `llm` dependency, so find_spec locates it instead.

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from gguf import TokenType
 
-from loader.errors import OrcdError
+from jobs.errors import OrcdError
 from loader.gguf_file import open_gguf
 from loader.registry import DEFAULT_MODEL, resolve_model
 

@@ -1,6 +1,6 @@
 """The tokenizer package's error: a vocabulary, pre-tokenizer or chat template orcd cannot use."""
 
-from loader.errors import OrcdError
+from jobs.errors import OrcdError
 
 
 class TokenizerError(OrcdError):

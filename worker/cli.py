@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from loader.errors import OrcdError
+from jobs.errors import OrcdError
 
 # Subcommand name -> module under worker.commands exposing add_arguments(parser) and run(args).
 COMMANDS = {

@@ -27,14 +27,14 @@ from dataclasses import dataclass
 import redis
 import structlog
 
-from gpu.request import Request, RequestError, SamplingParams, StepOutput
+from gpu.request import RequestError, StepOutput
 from jobs.events import ENGINE_ERROR, INVALID_REQUEST, TOO_MANY_DELIVERIES, UNKNOWN_MODEL
 from jobs.keys import Keys
 from tokenizer.errors import TokenizerError
 from worker.connection import RedisDown, RedisLink, connect
 from worker.consumer import Consumer, Control, Entry, Rejection, parse_entry
 from worker.heartbeat import Heartbeat
-from worker.job_runner import ActiveJob, Delivery
+from worker.job_runner import ActiveJob, Delivery, build_request
 from worker.loaded_model import LoadedModel
 from worker.log import (
     add_narration_sink,
@@ -63,7 +63,6 @@ class WorkerConfig:
     reclaim_every_s: float = 2.0
     max_deliveries: int = 3
     out_ttl_s: int = 3600  # output streams expire this long after done/error
-    session_ttl_s: float = 1800.0  # must match the engine's session TTL
     grace_s: float = 30.0  # SIGTERM: time given to running jobs
 
 
@@ -131,9 +130,9 @@ class Worker:
                 "worker.started",
                 narration=f"Worker {self.worker_id} serves {self.model.name} on "
                 f"{self.engine.backend.name} ({self.engine.backend.device}): loaded in "
-                f"{self.model.load_seconds:.2f} s, KV pool {stats['kv_blocks_total']} blocks of "
-                f"{stats['block_size']} tokens, up to {self.config.max_jobs} jobs at once",
-                kv_blocks=stats["kv_blocks_total"], max_jobs=self.config.max_jobs,
+                f"{self.model.load_seconds:.2f} s, KV pool {stats.kv_blocks_total} blocks of "
+                f"{stats.block_size} tokens, up to {self.config.max_jobs} jobs at once",
+                kv_blocks=stats.kv_blocks_total, max_jobs=self.config.max_jobs,
             )
             while not self._finished():
                 self.iteration()
@@ -225,7 +224,7 @@ class Worker:
             self.log.error("engine.drain_failed", narration=f"Emptying the engine failed: {exc}")
 
     def _shutdown(self) -> None:
-        held = list(self.engine.kv.sessions)
+        held = self.engine.session_ids()
         try:
             left = self.link.call(self.redis.xlen, self.consumer.routed)
             pipe = self.redis.pipeline(transaction=False)
@@ -267,11 +266,11 @@ class Worker:
         # the link is in the middle of its own call).
         self.consumer.ensure_groups()
         self._groups_ready = True
-        self.heartbeat._next = 0.0
+        self.heartbeat.due_now()
         self.metrics.redis_reconnected()
 
     def _capacity(self) -> int:
-        if self.stopping or not self._groups_ready or self.engine.stats()["waiting"]:
+        if self.stopping or not self._groups_ready or self.engine.stats().waiting:
             # Everything given to the engine must be admitted before more is taken: what the
             # KV pool cannot hold stays in the stream for another worker.
             return 0
@@ -369,51 +368,35 @@ class Worker:
 
     def _start(self, delivery: Delivery, log) -> None:
         job = delivery.job
-        sampling = job.sampling
         try:
-            if job.messages is not None:
-                _, prompt_ids = self.tokenizer.encode_chat(job.message_dicts())
-            else:
-                # Raw text: special-token parsing off, so user text cannot forge control tokens.
-                prompt_ids = self.tokenizer.encode(job.prompt, parse_special=False)
-            if sampling.max_tokens > self.engine.max_model_len:
-                raise RequestError(f"max_tokens {sampling.max_tokens} exceeds the context of "
-                                   f"{self.engine.max_model_len} tokens")
-            self.engine.add(Request(
-                job.job_id, prompt_ids,
-                SamplingParams(
-                    temperature=sampling.temperature, top_k=sampling.top_k,
-                    top_p=sampling.top_p, min_p=sampling.min_p,
-                    repetition_penalty=sampling.repetition_penalty,
-                    presence_penalty=sampling.presence_penalty,
-                    frequency_penalty=sampling.frequency_penalty,
-                    seed=sampling.seed, logprobs=sampling.logprobs,
-                ),
-                max_tokens=sampling.max_tokens,
-                stop_token_ids=self.tokenizer.end_of_generation_ids,
-                session_id=job.session_id,
-            ))
+            request = build_request(job, self.tokenizer, self.engine.max_model_len)
+            self.engine.add(request)
         except (TokenizerError, RequestError) as exc:
             self._fail(delivery, INVALID_REQUEST, str(exc))
             return
+        prompt_ids = request.prompt_token_ids
         active = ActiveJob.start(delivery, len(prompt_ids), self.tokenizer)
         self.active[job.job_id] = active
         self.publisher.opened(job.job_id)
         self.publisher.event(job.job_id, "queued", {
-            "position": self.engine.stats()["waiting"] - 1, "queue_depth": len(self.active)})
+            "position": self.engine.stats().waiting - 1, "queue_depth": len(self.active)})
         self.publisher.event(job.job_id, "started",
                              {"worker_id": self.worker_id, "attempt": delivery.attempt})
-        if job.session_id:
-            self.publisher.write("set", self.keys.session(job.session_id), self.worker_id,
-                                 ex=int(self.config.session_ttl_s))
+        self._hold_session(job.session_id)
         again = f", attempt {delivery.attempt}" if delivery.attempt > 1 else ""
         log.info(
             "job.started",
             narration=f"Started job {short(job.job_id)}: {len(prompt_ids)} prompt tokens, "
-            f"up to {sampling.max_tokens} new, waited {active.queue_ms:.0f} ms in the queue"
+            f"up to {job.sampling.max_tokens} new, waited {active.queue_ms:.0f} ms in the queue"
             f"{again}",
             prompt_tokens=len(prompt_ids), attempt=delivery.attempt,
         )
+
+    def _hold_session(self, session_id: str | None) -> None:
+        """Route the session's next turns here for as long as the engine keeps its KV."""
+        if session_id:
+            self.publisher.write("set", self.keys.session(session_id), self.worker_id,
+                                 ex=int(self.engine.session_ttl_s))
 
     def _reject(self, rejection: Rejection) -> None:
         entry = rejection.entry
@@ -491,9 +474,7 @@ class Worker:
     def _finish(self, job: ActiveJob) -> None:
         delivery = job.delivery
         self.publisher.acknowledge(delivery.stream, delivery.entry_id, job.job_id)
-        if job.job.session_id:
-            self.publisher.write("set", self.keys.session(job.job.session_id), self.worker_id,
-                                 ex=int(self.config.session_ttl_s))
+        self._hold_session(job.job.session_id)
         del self.active[job.job_id]
         self.jobs_done += 1
         self.metrics.job_finished(job)
@@ -527,14 +508,14 @@ class Worker:
                 "state": "draining" if self.stopping else "serving",
                 "active_jobs": len(self.active),
                 "jobs_done": self.jobs_done,
-                "kv_blocks_used": stats["kv_blocks_used"],
-                "kv_blocks_total": stats["kv_blocks_total"],
-                "kv_blocks_cached": stats["kv_blocks_cached"],
-                "sessions": stats["sessions"],
+                "kv_blocks_used": stats.kv_blocks_used,
+                "kv_blocks_total": stats.kv_blocks_total,
+                "kv_blocks_cached": stats.kv_blocks_cached,
+                "sessions": stats.sessions,
             }
             self.metrics.observe_engine(stats, len(self.active))
             status = (f"{live['state']} {self.model.name}: {len(self.active)} jobs, KV "
-                      f"{stats['kv_blocks_used']}/{stats['kv_blocks_total']} blocks")
+                      f"{stats.kv_blocks_used}/{stats.kv_blocks_total} blocks")
             try:
                 self.link.call(self.heartbeat.beat, self.redis, live, now)
                 self.notifier.alive(status)  # READY=1 after the first heartbeat, then WATCHDOG=1

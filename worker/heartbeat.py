@@ -46,8 +46,17 @@ class Heartbeat:
         }
         self._next = 0.0
 
+    @property
+    def next_at(self) -> float:
+        """The monotonic time of the next beat."""
+        return self._next
+
     def due(self, now: float) -> bool:
         return now >= self._next
+
+    def due_now(self) -> None:
+        """Beat at the next chance (after a reconnect: Redis may have lost the key)."""
+        self._next = 0.0
 
     def beat(self, client: redis.Redis, live: dict[str, Any], now: float) -> None:
         info = json.dumps({**self.static, **live, "at": time.time()})

@@ -1,4 +1,9 @@
-"""One job inside the worker: engine outputs in, contract events out (no Redis here).
+"""One job inside the worker: the job in as an engine request, engine outputs out as contract
+events (no Redis here).
+
+`build_request(job, tokenizer, max_model_len)` is the one adapter from a validated job to the
+engine's `Request`: the job's sampling fields were checked against jobs/limits.py's bounds at
+the boundary, and the engine checks the same table again.
 
 `ActiveJob.push(output)` turns a `StepOutput` into the events to publish: `token` events
 coalescing `stream_interval` tokens (text deltas from `TextStream`, UTF-8-safe and with stop
@@ -12,10 +17,32 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from gpu.request import StepOutput
+from gpu.request import Request, RequestError, SamplingParams, StepOutput
 from jobs.schema import GenerationJob
 from tokenizer.tokenizer import GGUFTokenizer
 from worker.text_stream import TextStream
+
+
+def build_request(job: GenerationJob, tokenizer: GGUFTokenizer, max_model_len: int) -> Request:
+    """The engine request of a validated job: its prompt tokenized (chat template for
+    `messages`; raw text with special-token parsing off, so user text cannot forge control
+    tokens), its sampling, and the model's end-of-generation ids. Raises `TokenizerError` or
+    `RequestError` (max_tokens past the context) with a message for the client."""
+    if job.messages is not None:
+        _, prompt_ids = tokenizer.encode_chat(job.message_dicts())
+    else:
+        prompt_ids = tokenizer.encode(job.prompt, parse_special=False)
+    sampling = job.sampling
+    if sampling.max_tokens > max_model_len:
+        raise RequestError(f"max_tokens {sampling.max_tokens} exceeds the context of "
+                           f"{max_model_len} tokens")
+    params = SamplingParams(**{name: getattr(sampling, name) for name in _SAMPLING_FIELDS})
+    return Request(job.job_id, prompt_ids, params, max_tokens=sampling.max_tokens,
+                   stop_token_ids=tokenizer.end_of_generation_ids, session_id=job.session_id)
+
+
+# The wire's sampling fields that the engine's SamplingParams takes as they are.
+_SAMPLING_FIELDS = tuple(SamplingParams.__dataclass_fields__)
 
 
 @dataclass(slots=True)

@@ -68,11 +68,11 @@ def load_model(
         narration=(
             f"Loaded {name} ({engine.config.architecture}, {engine.config.n_layers} layers) "
             f"on {engine.backend.name} in {seconds:.2f} s; KV pool "
-            f"{stats['kv_blocks_total']} blocks of {stats['block_size']} tokens"
+            f"{stats.kv_blocks_total} blocks of {stats.block_size} tokens"
         ),
         seconds=round(seconds, 3),
         backend=engine.backend.name,
-        kv_blocks=stats["kv_blocks_total"],
+        kv_blocks=stats.kv_blocks_total,
     )
     return LoadedModel(name, path, engine, tokenizer, seconds)
 

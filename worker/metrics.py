@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -18,6 +19,9 @@ from prometheus_client.registry import Collector
 from gpu.events import EngineEvent
 from jobs.keys import GROUP
 from worker.job_runner import ActiveJob
+
+if TYPE_CHECKING:
+    from gpu.engine import EngineStats
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 RATE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
@@ -91,15 +95,15 @@ class WorkerMetrics:
     def redis_reconnected(self) -> None:
         self.reconnects.inc()
 
-    def observe_engine(self, stats: dict[str, int], active_jobs: int) -> None:
+    def observe_engine(self, stats: EngineStats, active_jobs: int) -> None:
         """Gauges from `Engine.stats()`; called once a heartbeat."""
         self.active_jobs.set(active_jobs)
-        self.sequences.labels(state="running").set(stats["running"])
-        self.sequences.labels(state="waiting").set(stats["waiting"])
-        self.kv_blocks_used.set(stats["kv_blocks_used"])
-        self.kv_blocks_cached.set(stats["kv_blocks_cached"])
-        self.kv_blocks_total.set(stats["kv_blocks_total"])
-        self.sessions.set(stats["sessions"])
+        self.sequences.labels(state="running").set(stats.running)
+        self.sequences.labels(state="waiting").set(stats.waiting)
+        self.kv_blocks_used.set(stats.kv_blocks_used)
+        self.kv_blocks_cached.set(stats.kv_blocks_cached)
+        self.kv_blocks_total.set(stats.kv_blocks_total)
+        self.sessions.set(stats.sessions)
 
     # ----- serving ----------------------------------------------------------------------------
 

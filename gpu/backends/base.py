@@ -1,4 +1,5 @@
-"""The backend interface: weights in, a paged KV pool, and `forward(batch) -> logits`.
+"""The backend interface: weights in, a paged KV pool, `forward(batch) -> logits`, and the
+sampler of those logits (`TokenSampler`, the protocol every backend's sampler satisfies).
 
 The engine, scheduler and KV bookkeeping are shared; a backend owns only device memory and
 the math. The torch backend is the reference; the CUDA backend must match it.
@@ -8,16 +9,100 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 
-from gpu.batch import ForwardBatch
+from gpu.batch import DeviceUploader, ForwardBatch
+from gpu.request import SamplingParams, TokenLogprobs
 from gpu.rope import check_rope_supported
-from gpu.sampler import Sampler
+from jobs.limits import SAMPLING_BOUNDS
 from loader.config import ModelConfig, read_config
 from loader.gguf_file import GGUFFile, open_gguf
+
+
+class SamplingBatchError(ValueError):
+    """Logits and sampling rows that do not go together: a caller's bug, not a user's input."""
+
+
+@dataclass(slots=True)
+class SamplingRow:
+    """One sequence's row of the logits: its parameters, its tokens so far, and the request it
+    belongs to (the key of its random state in the sampler: required when `params.seed` is set
+    on the torch sampler, whose seeded draws go on from one step to the next)."""
+
+    params: SamplingParams
+    prompt_token_ids: Sequence[int] = ()
+    output_token_ids: Sequence[int] = ()
+    request_id: str | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class SampledToken:
+    """The chosen token of one row; `logprobs` is set when the row asked for them."""
+
+    token_id: int
+    logprobs: TokenLogprobs | None = None
+
+
+class PendingTokens:
+    """One sampling call's tokens, chosen on the device and not read yet.
+
+    `ids` ([B] int64 on the logits' device) can feed the next forward pass before the host has
+    seen them; `result()` waits for the device and reads them (and any requested logprobs),
+    once. The engine launches step t+1 from step t's `ids`, then reads step t's result.
+    """
+
+    __slots__ = ("ids", "_read", "_result")
+
+    def __init__(self, ids: torch.Tensor, read: Callable[[], list[SampledToken]]) -> None:
+        self.ids = ids
+        self._read = read
+        self._result: list[SampledToken] | None = None
+
+    def result(self) -> list[SampledToken]:
+        if self._result is None:
+            self._result = self._read()
+            self._read = None
+        return self._result
+
+
+@runtime_checkable
+class TokenSampler(Protocol):
+    """What the engine needs of a backend's sampler: choose one token per row of the logits on
+    their device, read them later (overlapped decode), and own each request's random state,
+    released when the request leaves the engine."""
+
+    def launch(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> PendingTokens:
+        """Choose the tokens (and requested logprobs) on the device without reading them."""
+        ...
+
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[SampledToken]:
+        """`launch(...).result()`."""
+        ...
+
+    def release(self, request_id: str) -> None:
+        """Forget the random state of a request that has finished (nothing if it had none)."""
+        ...
+
+
+def check_sampling_batch(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    """The checks every sampler makes: one [B, V] row of logits per sampling row, and top-n
+    logprobs within the engine's bound."""
+    if logits.dim() != 2 or logits.shape[0] != len(rows):
+        raise SamplingBatchError(
+            f"logits of shape {tuple(logits.shape)} do not match {len(rows)} rows"
+        )
+    bound = SAMPLING_BOUNDS["logprobs"]
+    for i, row in enumerate(rows):
+        if row.params.logprobs is not None and not bound.contains(row.params.logprobs):
+            raise SamplingBatchError(
+                f"row {i} asks for {row.params.logprobs} logprobs; the bound is "
+                f"{bound.describe()}"
+            )
 
 
 @contextmanager
@@ -63,7 +148,16 @@ class Backend(ABC):
         The logits may be a view of the backend's own buffer (the CUDA graphs' output): valid
         until the next forward call; clone them to keep them longer."""
 
-    def make_sampler(self, seed: int | None) -> Sampler:
-        """The sampler for this backend's logits (torch ops on their device unless overridden);
-        `seed` seeds the draws of rows without a seed of their own."""
-        return Sampler(seed)
+    @abstractmethod
+    def make_sampler(self, seed: int | None) -> TokenSampler:
+        """The sampler for this backend's logits; `seed` seeds the draws of rows without a seed
+        of their own."""
+
+    def uploader(self) -> DeviceUploader | None:
+        """How the engine's packed batches reach the device: None on the CPU (the tensors are
+        used in place), the driver's copy and events on a GPU."""
+        if self.device.type != "cuda":
+            return None
+        from gpu.cuda.driver import DriverUploader
+
+        return DriverUploader()

@@ -204,7 +204,8 @@ class CudaBackend(Backend):
     # ----- the prefill path (dequantise + cuBLAS) ---------------------------------------------
 
     def _prefill(self, batch: ForwardBatch) -> torch.Tensor:
-        """Any batch with a prompt chunk: dequantise-to-fp16 + cuBLAS, SDPA over gathered KV."""
+        """Any batch with a prompt chunk: dequantise-to-fp16 + cuBLAS, our flash attention over
+        the paged KV (prefill_attention.cu)."""
         c, w = self.config, self.weights
         n = batch.num_tokens
         hidden = torch.empty(n, c.hidden_size, dtype=torch.float32, device=self.device)
@@ -239,5 +240,5 @@ class CudaBackend(Backend):
 
     def make_sampler(self, seed: int | None) -> CudaSampler:
         """Our sampling kernel (gpu/cuda/sampling.py): one CTA per row, one sync per step; seeded
-        rows need no torch generator."""
+        rows key its counter-based hash, so it keeps no per-request state."""
         return CudaSampler(seed)

@@ -20,8 +20,9 @@ from gpu.backends.base import Backend, model_source
 from gpu.batch import ForwardBatch
 from gpu.int8_linear import linear
 from gpu.rope import Rotary
+from gpu.sampler import Sampler
 from gpu.weights import ProgressCallback, load_weights
-from loader.errors import OrcdError
+from jobs.errors import OrcdError
 from loader.gguf_file import GGUFFile
 
 
@@ -77,6 +78,10 @@ class TorchBackend(Backend):
         self.block_size = block_size
 
     @torch.inference_mode()
+    def make_sampler(self, seed: int | None) -> Sampler:
+        """Torch ops on the logits' device (the reference sampler)."""
+        return Sampler(seed)
+
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         if not self.kv_cache:
             raise KVNotAllocatedError("torch backend: forward called before allocate_kv")

@@ -3,8 +3,8 @@
 torch owns device memory and streams; kernels get `data_ptr()`s. Each launch site owns a
 `LaunchSite`: the kernel's argument values live in ctypes cells allocated once, next to the
 void*[] array that points at them, so a launch writes a few numbers and calls cuLaunchKernel
-(10-13 µs of host time, ANCHORS.md). cuLaunchKernel copies the arguments when it is called, so
-a site may be reused at once, inside CUDA-graph capture too.
+(10-13 µs of host time on the lent H100's host, docs/anchors.md). cuLaunchKernel copies the
+arguments when it is called, so a site may be reused at once, inside CUDA-graph capture too.
 """
 
 from __future__ import annotations
@@ -247,3 +247,15 @@ class StreamEvent:
             except Exception:  # noqa: BLE001 - interpreter shutdown: the context may be gone
                 pass
 
+
+
+class DriverUploader:
+    """`gpu.batch.DeviceUploader` through the driver: one cuMemcpyAsync, a `StreamEvent` fence."""
+
+    @staticmethod
+    def copy(dst_ptr: int, src_ptr: int, nbytes: int) -> None:
+        memcpy_async(dst_ptr, src_ptr, nbytes)
+
+    @staticmethod
+    def fence() -> StreamEvent:
+        return StreamEvent()

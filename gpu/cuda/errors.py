@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from loader.errors import OrcdError
+from jobs.errors import OrcdError
 
 
 class CudaError(OrcdError):

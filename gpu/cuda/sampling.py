@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from gpu.backends.base import check_sampling_batch
 from gpu.cuda.driver import StreamEvent
 from gpu.cuda.errors import CudaError
 from gpu.cuda.kernels import launch_site
@@ -79,7 +80,8 @@ def top_p_target(top_p: float) -> int | None:
 
 
 class CudaSampler:
-    """`Sampler`'s interface on our kernel; rows need no generator (seeds key our own hash).
+    """The torch `Sampler`'s semantics on our kernel (a `TokenSampler`); it keeps no state per
+    request: a seeded row's draws key our counter-based hash with its seed and output length.
 
     `seed` seeds the unseeded rows' draws (None: random); each call advances their counter.
     """
@@ -96,6 +98,9 @@ class CudaSampler:
         """Pick one token per row of `logits` [B, V] (float32, CUDA); row i is sampled with rows[i]."""
         return self.launch(logits, rows).result()
 
+    def release(self, request_id: str) -> None:
+        """Nothing to forget: a request's draws depend only on its seed and output length."""
+
     def launch(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> PendingTokens:
         """Launch the kernel and the copy back; the tokens are read by `result()`. Read a call's
         result before the call after next: that one reuses its buffers (it raises otherwise)."""
@@ -111,7 +116,7 @@ class CudaSampler:
     def _run(
         self, logits: torch.Tensor, rows: Sequence[SamplingRow], kept: torch.Tensor | None
     ) -> PendingTokens:
-        _check_batch(logits, rows)
+        check_sampling_batch(logits, rows)
         num_rows, vocab_size = logits.shape
         device = logits.device
         if num_rows == 0:
@@ -249,12 +254,3 @@ def _unpack(out: np.ndarray, params: Sequence[SamplingParams], vocab_size: int) 
             )
         result.append(SampledToken(token_id, logprobs))
     return result
-
-
-def _check_batch(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
-    """The torch Sampler's checks, except that seeded rows need no generator."""
-    if logits.dim() != 2 or logits.shape[0] != len(rows):
-        raise ValueError(f"logits of shape {tuple(logits.shape)} do not match {len(rows)} rows")
-    for i, row in enumerate(rows):
-        if row.params.logprobs is not None and not 0 <= row.params.logprobs <= MAX_TOP_LOGPROBS:
-            raise ValueError(f"row {i} asks for {row.params.logprobs} logprobs (0..20)")

@@ -146,7 +146,7 @@ def test_session_second_turn_reuses_cache(backend):
     assert cached2["t2"] >= 32
     cold = run(make_engine(backend, kv_blocks=64), [greedy(turn2, "t2")])[0]
     assert_same_or_near_tie(backend, turn2, out2["t2"], cold["t2"])
-    assert engine.end_session("s") and engine.stats()["kv_blocks_used"] == 0
+    assert engine.end_session("s") and engine.stats().kv_blocks_used == 0
 
 
 def test_small_pool_evicts_sessions_and_preempts_yet_completes(backend):
@@ -167,7 +167,7 @@ def test_small_pool_evicts_sessions_and_preempts_yet_completes(backend):
     assert all(reasons[f"r{i}"] == "length" for i in range(3))
     for i, p in enumerate(ps):
         assert_same_or_near_tie(backend, p, got[f"r{i}"], want[f"r{i}"])
-    assert engine.stats()["kv_blocks_used"] == 0
+    assert engine.stats().kv_blocks_used == 0
 
 
 def test_abort_frees_every_block(backend):
@@ -177,7 +177,7 @@ def test_abort_frees_every_block(backend):
     engine.add(greedy(prompts(1, seed=7)[0], "queued", max_tokens=5))
     engine.step()
     engine.step()
-    assert engine.stats()["kv_blocks_used"] > 0
+    assert engine.stats().kv_blocks_used > 0
     for rid in ("r0", "r1", "r2", "queued"):
         assert engine.abort(rid)
     assert not engine.abort("r0") and not engine.abort("never-added")
@@ -185,7 +185,7 @@ def test_abort_frees_every_block(backend):
     assert {o.request_id: o.finish_reason for o in outs} == dict.fromkeys(
         ("r0", "r1", "r2", "queued"), "abort")
     stats = engine.stats()
-    assert stats["kv_blocks_used"] == 0 and stats["running"] == stats["waiting"] == 0
+    assert stats.kv_blocks_used == 0 and stats.running == stats.waiting == 0
     assert engine.kv.num_free == engine.kv.num_blocks
     assert not engine.has_work()
 

@@ -69,7 +69,7 @@ def test_overlap_matches_sync_with_stops_logprobs_and_seeds(backend):
     assert len(tokens["short"]) == 3 and len(tokens["seeded"]) == 9
     assert engine_on.overlapped_steps > 0 and engine_off.overlapped_steps == 0
     for engine in (engine_on, engine_off):
-        assert engine.stats()["kv_blocks_used"] == 0 and engine.kv.num_free == engine.kv.num_blocks
+        assert engine.stats().kv_blocks_used == 0 and engine.kv.num_free == engine.kv.num_blocks
 
 
 def test_overlap_logprobs_equal_sync(backend):
@@ -108,7 +108,7 @@ def test_arrival_mid_run_drains_the_overlap(backend):
         tokens, reasons = drain(engine)
         tokens["a"] = early + tokens["a"]
         results.append((dict(tokens), reasons))
-        assert engine.stats()["kv_blocks_used"] == 0
+        assert engine.stats().kv_blocks_used == 0
     assert results[0] == results[1]
     assert len(results[0][0]["a"]) == 10 and len(results[0][0]["late"]) == 5
 
@@ -126,7 +126,7 @@ def test_abort_while_a_step_is_in_flight(backend):
     assert [o.finish_reason for o in outs if o.request_id == "x"] == ["abort"]
     assert all(not o.new_token_ids for o in outs if o.request_id == "x")
     drain(engine)
-    assert engine.stats()["kv_blocks_used"] == 0 and engine.kv.num_free == engine.kv.num_blocks
+    assert engine.stats().kv_blocks_used == 0 and engine.kv.num_free == engine.kv.num_blocks
 
 
 def test_session_blocks_and_cache_hits_equal_sync(backend):
@@ -139,7 +139,7 @@ def test_session_blocks_and_cache_hits_equal_sync(backend):
         turn2 = turn1 + out1["t1"] + [900, 901]
         out2, _, cached, _ = run(engine, [greedy(turn2, "t2", session_id="s")])
         outs.append((out1, out2, cached, session.num_tokens, len(session.block_ids)))
-        assert engine.end_session("s") and engine.stats()["kv_blocks_used"] == 0
+        assert engine.end_session("s") and engine.stats().kv_blocks_used == 0
     assert outs[0] == outs[1]
     assert outs[0][2]["t2"] >= 32
 
@@ -170,7 +170,7 @@ def test_a_failed_read_drops_the_step_launched_on_it(backend):
     assert engine._in_flight is None
     tokens, reasons = drain(engine)
     assert got + tokens["r"] == want[0]["r"] and reasons == {"r": "length"}
-    assert engine.stats()["kv_blocks_used"] == 0
+    assert engine.stats().kv_blocks_used == 0
 
 
 def test_full_load_with_a_queue_still_overlaps(backend):
@@ -187,7 +187,7 @@ def test_full_load_with_a_queue_still_overlaps(backend):
         tokens, reasons = drain(engine, lambda e=engine: queued_overlaps.append(
             bool(e.scheduler.waiting and e._in_flight is not None)))  # fmt: skip
         results.append((dict(tokens), reasons))
-        assert engine.stats()["kv_blocks_used"] == 0
+        assert engine.stats().kv_blocks_used == 0
     assert results[0] == results[1]
     assert {rid: len(t) for rid, t in results[0][0].items()} == lengths
     assert any(queued_overlaps)  # steps ran ahead while requests waited

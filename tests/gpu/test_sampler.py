@@ -66,10 +66,11 @@ def test_greedy_is_argmax_of_penalised_logits(device: str) -> None:
 
 
 def test_greedy_draws_no_randomness() -> None:
-    generator = make_generator(5, "cpu")
+    sampler = Sampler(seed=0)
+    generator = sampler.generator("r", 5, "cpu")
     state = generator.get_state()
-    row = SamplingRow(SamplingParams(temperature=0.0, seed=5), generator=generator)
-    Sampler(seed=0)(torch.randn(1, 16), [row])
+    row = SamplingRow(SamplingParams(temperature=0.0, seed=5), request_id="r")
+    sampler(torch.randn(1, 16), [row])
     assert torch.equal(generator.get_state(), state)
 
 
@@ -240,7 +241,7 @@ def test_repetition_then_presence_order() -> None:
 def test_logprobs_are_log_softmax_of_penalised_logits_before_temperature() -> None:
     raw = [1.0, -0.5, 2.5, 0.25, -2.0, 2.0]
     params = SamplingParams(temperature=0.7, repetition_penalty=1.25, logprobs=3, seed=11)
-    row = SamplingRow(params, prompt_token_ids=[2], generator=make_generator(11, "cpu"))
+    row = SamplingRow(params, prompt_token_ids=[2], request_id="r")
     [token] = Sampler(seed=0)(torch.tensor([raw]), [row])
     penalised = list(raw)
     penalised[2] = 2.5 / 1.25
@@ -284,10 +285,10 @@ def _seeded_tokens(
     rows = []
     for n, kind in enumerate(layout):
         if kind == "target":
-            rows.append(SamplingRow(target_params, generator=make_generator(target_seed, device)))
+            rows.append(SamplingRow(target_params, request_id="target"))
         elif kind == "seeded":
             seeded = SamplingParams(temperature=1.3, top_k=5, seed=n)
-            rows.append(SamplingRow(seeded, generator=make_generator(n, device)))
+            rows.append(SamplingRow(seeded, request_id=f"seeded-{n}"))
         elif kind == "unseeded":
             rows.append(SamplingRow(SamplingParams(min_p=0.1)))
         else:
@@ -335,7 +336,7 @@ def test_make_generator_accepts_any_int_seed() -> None:
 def test_bad_batches_are_refused() -> None:
     with pytest.raises(ValueError, match="2 rows"):
         Sampler()(torch.zeros(3, 4), [SamplingRow(SamplingParams())] * 2)
-    with pytest.raises(ValueError, match="seed 3 but no generator"):
+    with pytest.raises(ValueError, match="seed 3 but no request_id"):
         Sampler()(torch.zeros(1, 4), [SamplingRow(SamplingParams(seed=3))])
 
 

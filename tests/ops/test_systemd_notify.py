@@ -106,7 +106,7 @@ def test_daemon_ready_after_first_heartbeat_then_watchdog_then_stopping(listener
         assert r.exists(Keys().worker("w1"))
         ready = received(sock)
         assert ready[0] == "READY=1" and ready[1].startswith("STATUS=serving smollm2-135m")
-        worker._maintain(worker.heartbeat._next)
+        worker._maintain(worker.heartbeat.next_at)
         assert received(sock)[0] == "WATCHDOG=1"
         worker.stop("SIGTERM")
         worker.iteration()

@@ -172,7 +172,7 @@ def test_cancel_ends_the_job_and_frees_its_kv(setup, model):
     worker, client, r = setup
     job_id = client.submit("Tell me a long story", max_tokens=500, temperature=0)
     run_until(worker, lambda: sum(k == "token" for k, _ in events(r, job_id)) >= 2)
-    assert model.engine.stats()["kv_blocks_used"] > 0
+    assert model.engine.stats().kv_blocks_used > 0
     client.cancel(job_id)
     steps = 0
     while not final(r, job_id):
@@ -182,8 +182,8 @@ def test_cancel_ends_the_job_and_frees_its_kv(setup, model):
     kind, done = final(r, job_id)
     assert kind == "done" and done["finish_reason"] == "cancelled"
     assert done["usage"]["completion_tokens"] < 500
-    assert model.engine.stats()["kv_blocks_used"] == 0
-    worker.heartbeat._next = 0
+    assert model.engine.stats().kv_blocks_used == 0
+    worker.heartbeat.due_now()
     worker.iteration()
     assert json.loads(r.get(KEYS.worker("w1")))["kv_blocks_used"] == 0
 
@@ -236,7 +236,7 @@ def test_session_turn_reuses_cached_tokens_and_end_session_frees_them(setup, mod
     first = client.submit(messages=turn1, session_id="s1", max_tokens=8, temperature=0)
     run_until(worker, lambda: final(r, first))
     assert r.get(KEYS.session("s1")) == b"w1"
-    worker.heartbeat._next = 0
+    worker.heartbeat.due_now()
     worker.iteration()  # heartbeat: the client now routes s1 to w1
     turn2 = turn1 + [{"role": "assistant", "content": final(r, first)[1]["text"]},
                      {"role": "user", "content": "And of Italy?"}]
@@ -246,6 +246,6 @@ def test_session_turn_reuses_cached_tokens_and_end_session_frees_them(setup, mod
     assert final(r, second)[1]["usage"]["cached_tokens"] > 0
     narrations = [f[b"narration"].decode() for _, f in r.xrange(KEYS.narration)]
     assert any("cached tokens of session s1" in n for n in narrations)
-    assert model.engine.stats()["sessions"] == 1
+    assert model.engine.stats().sessions == 1
     assert client.end_session("s1") is True
-    run_until(worker, lambda: model.engine.stats()["sessions"] == 0, timeout=10)
+    run_until(worker, lambda: model.engine.stats().sessions == 0, timeout=10)

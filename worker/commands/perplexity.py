@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from gpu.engine import make_backend
 from gpu.perplexity import iter_perplexity
-from loader.errors import OrcdError
+from jobs.errors import OrcdError
 from loader.gguf_file import open_gguf
 from loader.registry import resolve_model
 from tokenizer.tokenizer import GGUFTokenizer

@@ -7,7 +7,7 @@ import os
 import socket
 import uuid
 
-from loader.registry import DEFAULT_MODEL
+from jobs.limits import DEFAULT_MODEL, DEFAULT_SESSION_TTL_S
 from worker.daemon import Worker, WorkerConfig
 from worker.loaded_model import freeze_startup_objects, load_model
 from worker.log import configure_logging
@@ -48,8 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="deliveries before a job is dead-lettered (default 3)")
     parser.add_argument("--out-ttl", type=int, default=3600,
                         help="seconds output streams live after done/error (default 3600)")
-    parser.add_argument("--session-ttl", type=float, default=1800.0,
-                        help="seconds an idle session keeps its KV (default 1800)")
+    parser.add_argument("--session-ttl", type=float, default=DEFAULT_SESSION_TTL_S,
+                        help="seconds an idle session keeps its KV and its routing key "
+                        f"(default {DEFAULT_SESSION_TTL_S:.0f})")
     parser.add_argument("--metrics-port", type=int,
                         help="serve Prometheus metrics on this port (default: off)")
     parser.add_argument("--metrics-host", default="0.0.0.0",
@@ -79,7 +80,6 @@ def run(args: argparse.Namespace) -> int:
         reclaim_idle_s=args.reclaim_idle,
         max_deliveries=args.max_deliveries,
         out_ttl_s=args.out_ttl,
-        session_ttl_s=args.session_ttl,
         grace_s=args.grace,
     )
     return Worker(model, config, metrics=metrics).run()
