@@ -9,16 +9,12 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 from gguf import TokenType
 
-from loader.errors import OrcdError
 from loader.gguf_file import open_gguf
 from loader.registry import DEFAULT_MODEL, resolve_model
-
-if TYPE_CHECKING:
-    from loader.synth import ModelShape
+from loader.synth_specs import ModelShape, SynthError
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -27,10 +23,6 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 CHATML_SPECIALS = ("<|im_start|>", "<|im_end|>")
-
-
-class SynthError(OrcdError):
-    """A synthetic model cannot be written: unknown shape or type, or the output is unwritable."""
 
 
 @dataclass(slots=True, frozen=True)
