@@ -5,9 +5,9 @@ size and kind (byte-level BPE or SentencePiece); we build it from the default mo
 rather than from each real model's.
 
 That vocabulary ships with orcd (VOCAB_FILE: SmolLM2-135M-Instruct's tokenizer.* metadata in a
-GGUF without tensors, gzipped), so `orcd synth` needs no model file. It was written from the
-default model by `python -m loader.synth_vocab` (`write_vocabulary_file`); a test checks that it
-still matches the model wherever the model is installed.
+GGUF without tensors, gzipped), so `orcd synth` needs no model file. `python -m
+loader.synth_vocab` (`write_vocabulary_file`) writes it from the default model, to the same bytes
+each time; a test checks that it matches the model wherever the model is installed.
 """
 
 from __future__ import annotations
