@@ -3,7 +3,7 @@
 torch owns device memory and streams; kernels get `data_ptr()`s. Each launch site owns a
 `LaunchSite`: the kernel's argument values live in ctypes cells allocated once, next to the
 void*[] array that points at them, so a launch writes a few numbers and calls cuLaunchKernel
-(10-13 µs of host time, ANCHORS.md). cuLaunchKernel copies the arguments when it is called, so
+(10-13 µs of host time, docs/anchors.md). cuLaunchKernel copies the arguments when it is called, so
 a site may be reused at once, inside CUDA-graph capture too.
 """
 
