@@ -258,7 +258,7 @@ def run_batch(backend: CudaBackend, path: Path, shape: str, quant: str, batch_si
 
 
 COMMIT = "unknown"
-# llama.cpp on the same H100 (../shared/ANCHORS.md, measured 2026-11-24): llama-bench tg128
+# llama.cpp on the same H100 (docs/anchors.md, measured 2026-11-24): llama-bench tg128
 # (batch 1) and llama-batched-bench (8, 32, 64 sequences), and pp512. No llama.cpp runs here
 # (no network, no build on the device), so these are the anchors, quoted next to our numbers.
 LLAMA_CPP = {

@@ -2,7 +2,7 @@
 
 Runs `iter_perplexity` on the GPL-3 text shipped with Debian (/usr/share/common-licenses) at
 ctx 512 and writes the estimate, its error and the wall time to bench/results/. llama.cpp's
-CPU build gives 18.39 on the same file and model (../shared/ANCHORS.md).
+CPU build gives 18.39 on the same file and model (docs/anchors.md).
 
     python bench/perplexity.py [--file PATH] [--ctx 512] [--dtype float32]
 """

@@ -3,8 +3,9 @@
 We cannot ship Llama 3 8B to test the loader, the kernels or the serving path at that size, but
 its shapes are what matter there: `write_synthetic_gguf` lays a file out the way llama.cpp writes
 the real one (tensor names, dims, metadata keys, tokenizer), and transformers loads it. Tensor
-data comes from `loader.synth_blocks` and the vocabulary from `loader.synth_vocab`; tensors are
-generated and written one at a time, so memory stays at about one tensor.
+data comes from `loader.synth_blocks` and the vocabulary from `loader.synth_vocab`, the shapes
+and tensor specs from `loader.synth_specs` (re-exported here); tensors are generated and written
+one at a time, so memory stays at about one tensor.
 
 Values: linear weights have std 1/sqrt(fan_in), which preserves variance through each matmul,
 so the residual stream only grows as sqrt(depth) (rms about 5 after SmolLM2's 30 layers, logits
@@ -17,7 +18,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,63 +31,11 @@ from gguf import (
 
 from loader.synth_blocks import random_tensor
 
-# SynthError is defined in synth_vocab, the lowest module that raises it, and is this module's too.
-from loader.synth_vocab import CHATML_TEMPLATE, SynthError, build_vocabulary
+# The shapes, specs and error are synth_specs's, and this module's public names too.
+from loader.synth_specs import SHAPES, ModelShape, SynthError, TensorSpec  # noqa: F401
+from loader.synth_vocab import CHATML_TEMPLATE, build_vocabulary
 
 _T = GGMLQuantizationType
-
-
-@dataclass(slots=True, frozen=True)
-class ModelShape:
-    """A real model's architecture and sizes: everything a synthetic copy of it must match."""
-
-    name: str
-    architecture: str  # general.architecture: llama | qwen2 | phi3
-    n_layers: int
-    hidden_size: int
-    n_heads: int
-    n_kv_heads: int
-    ffn_size: int
-    vocab_size: int
-    context_length: int
-    rope_base: float
-    rms_eps: float
-    tied_embeddings: bool
-    tokenizer: str  # tokenizer.ggml.model: "gpt2" (byte-level BPE) or "llama" (SentencePiece)
-    tokenizer_pre: str  # tokenizer.ggml.pre: selects llama.cpp's (and transformers') pre-split
-    qkv_bias: bool = False  # qwen2: F32 blk.N.attn_{q,k,v}.bias
-    fused: bool = False  # phi3: blk.N.attn_qkv and ffn_up holding gate then up; no ffn_gate
-    extra_specials: tuple[str, ...] = ()  # CONTROL tokens added to a SentencePiece vocabulary
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.n_heads
-
-    def with_layers(self, n_layers: int) -> ModelShape:
-        """The same model cut to `n_layers` blocks (for small test files)."""
-        if n_layers < 1:
-            raise SynthError(f"layer count must be at least 1, got {n_layers}")
-        return replace(self, n_layers=n_layers)
-
-
-SHAPES: dict[str, ModelShape] = {
-    shape.name: shape
-    for shape in (
-        # name, architecture, layers, hidden, heads, kv heads, ffn, vocab, context, rope base, eps
-        ModelShape("smollm2-135m", "llama", 30, 576, 9, 3, 1536, 49152, 8192, 100000.0, 1e-5,
-                   tied_embeddings=True, tokenizer="gpt2", tokenizer_pre="smollm"),
-        ModelShape("qwen2-0.5b", "qwen2", 24, 896, 14, 2, 4864, 151936, 32768, 1000000.0, 1e-6,
-                   tied_embeddings=True, tokenizer="gpt2", tokenizer_pre="qwen2", qkv_bias=True),
-        ModelShape("phi3-mini", "phi3", 32, 3072, 32, 32, 8192, 32064, 4096, 10000.0, 1e-5,
-                   tied_embeddings=False, tokenizer="llama", tokenizer_pre="default", fused=True,
-                   extra_specials=("<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>",
-                                   "<|end|>")),
-        ModelShape("tinyllama-1.1b", "llama", 22, 2048, 32, 4, 5632, 32000, 2048, 10000.0, 1e-5,
-                   tied_embeddings=False, tokenizer="llama", tokenizer_pre="default"),
-        ModelShape("llama3-8b", "llama", 32, 4096, 32, 8, 14336, 128256, 8192, 500000.0, 1e-5,
-                   tied_embeddings=False, tokenizer="gpt2", tokenizer_pre="llama-bpe"),
-    )
-}  # fmt: skip
 
 # Types a synthetic file can be written in, and the general.file_type llama.cpp records for each
 # (a uniform K-quant file is what llama.cpp calls the _S variant).
@@ -127,22 +75,6 @@ def storage_type(requested: GGMLQuantizationType, row_length: int) -> GGMLQuanti
         if qtype is not None and row_length % GGML_QUANT_SIZES[qtype][0] == 0:
             return qtype
     raise AssertionError("F16 fits every row")  # unreachable: F16 blocks are one element
-
-
-@dataclass(slots=True, frozen=True)
-class TensorSpec:
-    """One tensor of the file: GGUF dims (innermost first), storage type, what to fill it with."""
-
-    name: str
-    dims: tuple[int, ...]
-    ggml_type: GGMLQuantizationType
-    kind: str  # "weight" (random, std `std`), "norm" (all ones) or "bias" (random F32)
-    std: float
-
-    @property
-    def nbytes(self) -> int:
-        block_size, type_size = GGML_QUANT_SIZES[self.ggml_type]
-        return math.prod(self.dims) // block_size * type_size
 
 
 def plan_tensors(shape: ModelShape, quant: GGMLQuantizationType) -> list[TensorSpec]:

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import TYPE_CHECKING
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-if TYPE_CHECKING:
-    from loader.synth import TensorSpec
+from loader.synth_specs import TensorSpec
 
 _T = GGMLQuantizationType
 

@@ -3,22 +3,35 @@
 A synthetic file needs a tokenizer that transformers loads, at the real model's exact vocabulary
 size and kind (byte-level BPE or SentencePiece); we build it from the default model's vocabulary
 rather than from each real model's.
+
+That vocabulary ships with orcd (VOCAB_FILE: SmolLM2-135M-Instruct's tokenizer.* metadata in a
+GGUF without tensors, gzipped), so `orcd synth` needs no model file. `python -m
+loader.synth_vocab` (`write_vocabulary_file`) writes it from the default model, to the same bytes
+each time; a test checks that it matches the model wherever the model is installed.
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
+import gzip
+import os
+import sys
+import tempfile
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from importlib import resources
+from pathlib import Path
 
-from gguf import TokenType
+from gguf import GGUFValueType, GGUFWriter, TokenType
 
-from jobs.errors import OrcdError
 from loader.gguf_file import open_gguf
-from loader.registry import DEFAULT_MODEL, resolve_model
+from loader.metadata import Metadata
+from loader.synth_specs import ModelShape, SynthError
 
-if TYPE_CHECKING:
-    from loader.synth import ModelShape
+# Package data of `loader` (pyproject [tool.setuptools.package-data]).
+VOCAB_FILE = "data/smollm2-135m-vocab.gguf.gz"
+# Copied from the model besides every tokenizer.* key.
+_GENERAL_KEYS = ("general.name", "general.license")
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -27,10 +40,6 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 CHATML_SPECIALS = ("<|im_start|>", "<|im_end|>")
-
-
-class SynthError(OrcdError):
-    """A synthetic model cannot be written: unknown shape or type, or the output is unwritable."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -51,26 +60,67 @@ class Vocabulary:
     add_space_prefix: bool
 
 
+def vocabulary_from_metadata(meta: Metadata) -> Vocabulary:
+    """A byte-level BPE vocabulary with ChatML specials, as a GGUF's metadata holds it."""
+    tokens = list(meta.get_str_list("tokenizer.ggml.tokens"))
+    return Vocabulary(
+        model=meta.get_str("tokenizer.ggml.model"),
+        tokens=tokens,
+        token_types=[int(t) for t in meta.get_int_array("tokenizer.ggml.token_type")],
+        merges=list(meta.get_str_list("tokenizer.ggml.merges")),
+        scores=[],
+        bos_id=meta.get_int("tokenizer.ggml.bos_token_id"),
+        eos_id=meta.get_int("tokenizer.ggml.eos_token_id"),
+        unk_id=meta.get_int("tokenizer.ggml.unknown_token_id"),
+        pad_id=meta.get_int("tokenizer.ggml.padding_token_id"),
+        eot_id=tokens.index("<|im_end|>"),
+        add_bos=meta.get_bool("tokenizer.ggml.add_bos_token", False),
+        add_space_prefix=False,
+    )
+
+
+def vocabulary_file() -> Path:
+    """The shipped vocabulary file (gzipped GGUF)."""
+    return Path(str(resources.files("loader").joinpath(VOCAB_FILE)))
+
+
 @functools.cache
 def default_vocabulary() -> Vocabulary:
-    """The default model's byte-level BPE vocabulary (SmolLM2: 49152 tokens, ChatML specials)."""
-    with open_gguf(resolve_model(DEFAULT_MODEL)) as gguf:
+    """The default model's byte-level BPE vocabulary (SmolLM2: 49152 tokens, ChatML specials),
+    read from the shipped VOCAB_FILE."""
+    data = gzip.decompress(vocabulary_file().read_bytes())
+    # open_gguf maps a file: the decompressed bytes go to a temporary one for the parse.
+    with tempfile.TemporaryDirectory(prefix="orcd-vocab-") as tmp:
+        path = Path(tmp) / "vocab.gguf"
+        path.write_bytes(data)
+        with open_gguf(path) as gguf:
+            return vocabulary_from_metadata(gguf.metadata)
+
+
+def write_vocabulary_file(model: str | os.PathLike, out: str | os.PathLike) -> int:
+    """Write `model`'s tokenizer.* metadata (tokens, merges, token types, special ids,
+    pre-tokenizer, chat template, flags), its name and license, as a gzipped GGUF without
+    tensors; returns the bytes written. The same model gives the same bytes."""
+    with open_gguf(model) as gguf:
         meta = gguf.metadata
-        tokens = list(meta.get_str_list("tokenizer.ggml.tokens"))
-        return Vocabulary(
-            model=meta.get_str("tokenizer.ggml.model"),
-            tokens=tokens,
-            token_types=[int(t) for t in meta.get_int_array("tokenizer.ggml.token_type")],
-            merges=list(meta.get_str_list("tokenizer.ggml.merges")),
-            scores=[],
-            bos_id=meta.get_int("tokenizer.ggml.bos_token_id"),
-            eos_id=meta.get_int("tokenizer.ggml.eos_token_id"),
-            unk_id=meta.get_int("tokenizer.ggml.unknown_token_id"),
-            pad_id=meta.get_int("tokenizer.ggml.padding_token_id"),
-            eot_id=tokens.index("<|im_end|>"),
-            add_bos=meta.get_bool("tokenizer.ggml.add_bos_token", False),
-            add_space_prefix=False,
-        )
+        keys = [k for k in meta if k.startswith("tokenizer.") or k in _GENERAL_KEYS]
+        with tempfile.TemporaryDirectory(prefix="orcd-vocab-") as tmp:
+            plain = Path(tmp) / "vocab.gguf"
+            writer = GGUFWriter(plain, meta.get_str("general.architecture"))
+            for key in keys:
+                value_type, value = meta.value_type(key), meta.raw(key)
+                if isinstance(value_type, tuple):  # (ARRAY, element type)
+                    items = value.tolist() if hasattr(value, "tolist") else list(value)
+                    writer.add_key_value(key, items, GGUFValueType.ARRAY, value_type[1])
+                else:
+                    writer.add_key_value(key, value, value_type)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            writer.close()
+            data = gzip.compress(plain.read_bytes(), compresslevel=9, mtime=0)
+    Path(out).write_bytes(data)
+    return len(data)
 
 
 def _fillers(start: int, stop: int, taken: set[str]) -> list[str]:
@@ -178,3 +228,22 @@ def build_vocabulary(shape: ModelShape) -> Vocabulary:
     if shape.tokenizer == "gpt2":
         return byte_level_vocabulary(default_vocabulary(), shape.vocab_size)
     return sentencepiece_vocabulary(default_vocabulary(), shape.vocab_size, shape.extra_specials)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m loader.synth_vocab [MODEL] [--out PATH]`: rewrite the shipped vocabulary."""
+    from loader.registry import DEFAULT_MODEL, resolve_model
+
+    parser = argparse.ArgumentParser(prog="python -m loader.synth_vocab", description=main.__doc__)
+    parser.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                        help=f"a .gguf path or a model name (default: {DEFAULT_MODEL})")
+    parser.add_argument("--out", default=str(vocabulary_file()),
+                        help="where to write (default: the shipped file, %(default)s)")
+    args = parser.parse_args(argv)
+    nbytes = write_vocabulary_file(resolve_model(args.model), args.out)
+    print(f"wrote {args.out}: {nbytes} bytes", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,8 +1,8 @@
 """Decode inputs into the CUDA graphs' static buffers in one launch (gpu/kernels/decode_inputs.cu).
 
-On the device's host every torch op costs 23-48 µs of host time, and the engine waits for each
-step's ids, so the five copies and fills that used to stage a graphed step were ~150 µs of idle
-GPU per token; one cuLaunchKernel does the same work.
+Staging a graphed step with torch would take five copies and fills, each costing tens of µs of
+host time on the lent machine's host, while the GPU waits for them; one cuLaunchKernel does the
+same work (bench/NOTES.md, "Kernel notes").
 """
 
 from __future__ import annotations

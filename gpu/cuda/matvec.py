@@ -41,8 +41,8 @@ MATVEC_TYPES: dict[GGMLQuantizationType, tuple[str, int]] = {
 MATVEC_WARPS = 4  # matvec.cu: one CTA of this many warps per ROWS_PER_CTA output rows
 BATCH_VARIANTS = (1, 2, 4, 8)  # the MAXB instantiations
 ROWS_VARIANTS = (2, 4)  # the ROWS instantiations
-# Rows per CTA by batch variant: the faster of 2 and 4 in a sweep on the H100 (2026-11-25, 8B
-# shapes); 4 unless a type's own table says otherwise.
+# Rows per CTA by batch variant: the faster of 2 and 4 on the 8B shapes (bench/NOTES.md, "Kernel
+# notes"); 4 unless a type's own table says otherwise.
 ROWS_PER_CTA: dict[int, int] = {1: 4, 2: 4, 4: 4, 8: 4}
 ROWS_PER_CTA_BY_STEM: dict[str, dict[int, int]] = {
     "q4_0": {1: 4, 2: 2, 4: 4, 8: 4},
@@ -51,10 +51,9 @@ ROWS_PER_CTA_BY_STEM: dict[str, dict[int, int]] = {
     "q8_0": {1: 2, 2: 2, 4: 4, 8: 4},
 }
 # Long rows at batch 1 (n_cols >= LONG_ROW_COLS): 2 rows per CTA, twice the CTAs, each with
-# fewer serial iterations. q4_0x4 4096x14336: 20.1 us at r2, 25.3 at r4; but r4 stays faster on
-# 4096-column rows (LM head 130 vs 165 us) (H100, 2026-11-25, gpu/cuda/kernel_timing); the 8B
-# Q4_0 decode step went 2931 -> 2786-2804 us (bench/decode.py). F16 at r2 on every shape was
-# faster alone (kernel_timing) but not in the step (6047 vs 6127 us, same run): not taken.
+# fewer serial iterations, for q4_0x4 only: 4 rows stay faster on its 4096-column rows (the LM
+# head among them), and F16 at 2 rows is faster alone but not inside the decode step
+# (bench/NOTES.md, "Kernel notes").
 LONG_ROW_COLS = 8192
 LONG_ROW_ROWS: dict[str, int] = {"q4_0x4": 2}
 MAX_SEQS = BATCH_VARIANTS[-1]

@@ -3,10 +3,11 @@
 Matrices keep the file's bytes, with one exception: Q4_0 and Q8_0 matrices are repacked at
 upload (matvec.pack_rows) into per-row "all quants, then all fp16 scales, padded to 16 bytes",
 because their 18/34-byte blocks leave the quants only 2-byte aligned and matvec.cu then needs
-2-byte loads (Q4_0 at 63% of copy bandwidth); repacked, each lane's quants are one aligned load.
-Only bytes move, so the values and the kernel's arithmetic are unchanged (tests/gpu/
-test_cuda_repack.py checks the round trip); the prefill's fp16 dequantise reads that layout too. The token-embedding table keeps the GGUF layout (it
-is only gathered, by embedding.cu); a tied output matrix gets its own repacked copy.
+2-byte loads (well short of the copy bandwidth); repacked, each lane's quants are one aligned
+load. Only bytes move, so the values and the kernel's arithmetic are unchanged (tests/gpu/
+test_cuda_repack.py checks the round trip); the prefill's fp16 dequantise reads that layout too.
+The token-embedding table keeps the GGUF layout (it is only gathered, by embedding.cu); a tied
+output matrix gets its own repacked copy.
 Q/K/V are fused by concatenating their rows when the parts share a type (a packed row is
 self-contained, so a concatenation is a valid matrix in either layout); otherwise they stay
 separate parts, each written to its column range of the fused output. Gate/up of one type are

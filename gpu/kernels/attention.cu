@@ -14,19 +14,18 @@
 //      the row groups of a warp are added with xor shuffles, then the warps in shared memory in
 //      warp order.
 // LANES = head_dim / 8 rounded up to 8, 16 or 32 (a template); RG = 512 / LANES up to 32 row
-// groups, so a CTA has 256 or 512 threads and each thread 2 (head_dim <= 128) or 4 tokens. The
-// first version had 8 row groups of 8 tokens each: every warp issued ~2,900 dependent
-// instructions and a split took 9-13 us (ncu, H100, 2026-11-25) for 64 tokens of K and V.
+// groups, so a CTA has 256 or 512 threads and each thread 2 (head_dim <= 128) or 4 tokens: each
+// warp issues few dependent instructions per split (bench/NOTES.md, "Kernel notes").
 //
 // Split-K: a sequence's context is cut into fixed partitions, one per blockIdx.z. With one split
 // the CTA writes the normalised output; with several it writes its (m, l, acc), takes a ticket
 // from its (sequence, kv head) counter, and the last CTA to arrive combines the live splits in
-// split order (attention_combine_last). That replaced a separate reduce kernel: one graph node
-// per layer, 2.9 us per layer on the 8B shape (H100, 2026-11-25). The partition size never depends on the other
-// sequences, and a lone split goes through the reduce with factors exp2(0) = 1 and + 0 terms, so a
-// sequence's output is bit-identical whatever else is in the batch (the combine reads only the
-// sequence's live splits, in order, whichever CTA does it). Every sum above has a fixed
-// order that depends only on the token's position in its split.
+// split order (attention_combine_last), so no separate reduce kernel (and no graph node per
+// layer for one) is needed. The partition size never depends on the other sequences, and a lone
+// split goes through the reduce with factors exp2(0) = 1 and + 0 terms, so a sequence's output
+// is bit-identical whatever else is in the batch (the combine reads only the sequence's live
+// splits, in order, whichever CTA does it). Every sum above has a fixed order that depends only
+// on the token's position in its split.
 #include "common.cuh"
 
 #define ATTN_PARTITION 64  // PARTITION_TOKENS in gpu/cuda/attention.py

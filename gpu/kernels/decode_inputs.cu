@@ -3,8 +3,8 @@
 // The captured decode graphs read fixed addresses: rows = int64 [4, cap] (token ids, positions,
 // KV slots, context lengths) and tables = int32 [cap, table_width]. This copies a packed batch's
 // n rows in and fills the padding rows of the bucket (slot -1: no KV write; one token of context
-// in block 0). It replaced five torch copies and fills, each 23-48 us of host time on the device's
-// host, where this launch costs one cuLaunchKernel (bench/host_step.py, bench/NOTES.md).
+// in block 0). One cuLaunchKernel of host time, where five torch copies and fills would each cost
+// far more on the lent machine's host (bench/host_step.py; bench/NOTES.md, "Kernel notes").
 // One CTA per bucket row; table columns past the batch's width keep their old values (attention
 // reads a sequence's table only up to its context).
 #include "common.cuh"

@@ -2,7 +2,7 @@
 // (out[t] = table[token_ids[t]]) and, with row_ids null, a plain dequantise of rows
 // first_row .. first_row + gridDim.x - 1. The `dequant_rows_half_*` kernels write fp16 (rounded
 // to nearest even, as torch's .half() rounds the float32 rows): the prefill GEMM's scratch, in
-// one pass instead of a float32 scratch and a conversion (6 bytes per element moved -> 2).
+// one pass that writes 2 bytes per element (a float32 scratch and a conversion would move 6).
 // One CTA per output row; each thread decodes 32-element groups exactly as loader/quants.py.
 #include "quant_blocks.cuh"
 #include "grid_dependency.cuh"

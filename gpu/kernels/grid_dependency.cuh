@@ -9,7 +9,7 @@
 //
 // grid_dependents_launch() lets the next kernel's CTAs be scheduled as soon as every CTA of this
 // grid has called it (or exited); called right after the wait, the next grid's launch latency
-// (~0.8 us per graph node, ANCHORS.md) hides under this kernel's work.
+// (~0.8 us per graph node, docs/anchors.md) hides under this kernel's work.
 //
 // Without the attribute (and before sm_90, where the instructions do not exist) the wait
 // returns at once and the trigger does nothing, so the same kernels serve every launch.

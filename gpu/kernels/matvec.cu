@@ -3,41 +3,33 @@
 // except Q4_0 and Q8_0, repacked at load into per-row quants-then-scales (see quant_blocks.cuh);
 // x, y, bias and residual are float32 and the sums are float32.
 //
-// One CTA of MATVEC_WARPS warps per ROWS (2 or 4) output rows: the 4096-row projections of an 8B
-// model are too few rows to fill an H100 with one warp each, and one row per CTA left CTAs too
-// short (Q4_0 at 4096 columns: one load round per CTA) and re-read x per row. A block is split over LANES threads (4 for the
-// 32-element legacy blocks, 16 for the 256-element K-quant super-blocks, 1 for an 8-element
-// F16/BF16 unit), each owning a fixed slice, so the CTA's threads step over consecutive blocks
-// together: their weight loads are one contiguous run and their x loads
-// (float4s) cover contiguous 128-byte lines (llama.cpp's mmvq layout of work; the first version
-// gave each lane a whole block, 32 lines per warp load, and stalled at ~20% of bandwidth).
+// One CTA of MATVEC_WARPS warps per ROWS (2 or 4) output rows: a warp per row would leave the
+// 4096-row projections of an 8B model too few warps to fill an H100, and one row per CTA would
+// make CTAs too short (Q4_0 at 4096 columns: one load round each) and re-read x per row. A block
+// is split over LANES threads (4 for the 32-element legacy blocks, 16 for the 256-element K-quant
+// super-blocks, 1 for an 8-element F16/BF16 unit), each owning a fixed slice, so the CTA's
+// threads step over consecutive blocks together: their weight loads are one contiguous run and
+// their x loads (float4s) cover contiguous 128-byte lines (llama.cpp's mmvq layout of work).
 // Each lane loads UNROLL steps of weights before it computes, to keep enough bytes in flight.
+// Q5_0 blocks (22 bytes) are read with 2-byte loads. Q4_0/Q8_0 read the repacked layout: each
+// lane's quant slice is one aligned 4-byte (Q4_0) or 8-byte (Q8_0) load and a warp's loads are
+// one contiguous run, with the lanes owning the same elements as in the GGUF layout, so results
+// are bit-identical to in-place reads (16-byte loads per lane would need a lane to own a whole
+// block: another reduction order). Measured bandwidths per type: bench/NOTES.md, "Kernel notes".
 //
-// Measured (H100, 2026-11-25, batch 1, GB/s of weights + activations read; copy 2436 GB/s
-// read + write, F16 reads at ~2750): 14336x4096 Q4_0 490 -> 1290, Q4_K 480 -> 932, Q8_0 850 ->
-// 1929; 4096x14336 Q4_0 706 (first fix, a warp per row) -> 1279. Several rows per CTA, x read
-// once for them: 14336x4096 Q4_0 1277 -> 1513, Q4_1 1487 -> 1870, Q4_K 941 -> 1200, Q6_K 1345 ->
-// 1624, Q8_0 1909 -> 2123; batch 8 Q4_0 138 -> 70 us (still ~3x batch 1: the fp32 FMAs per
-// sequence and the dequant are the cost now; int8 x with dp4a is the next step). Q5_0 blocks (22
-// bytes) stay 2-byte loads. Q4_0/Q8_0 read the repacked layout: each lane's quant slice is one
-// aligned 4-byte (Q4_0) or 8-byte (Q8_0) load and a warp's loads are one contiguous run, with the
-// same lanes owning the same elements as before, so results are bit-identical to the in-place
-// reads (16-byte loads per lane would need a lane to own a whole block: another reduction order).
-// Repacked (H100, 2026-11-25, batch 1): 14336x4096 Q4_0 1531 -> 1729, Q8_0 2123 -> 2494;
-// 4096x14336 Q4_0 1279 -> 1505; 8B Q4_0 decode 236 -> 271 tok/s.
-//
-// Quant values become floats without I2F (quarter rate on sm_90, which capped the kernel below
-// the bandwidth): a byte q is placed under the exponent of 2^23 with one byte_perm, and
-// (2^23 + q) - (2^23 + offset) is exact.
+// Quant values become floats without I2F (quarter rate on sm_90, a cap below the bandwidth): a
+// byte q is placed under the exponent of 2^23 with one byte_perm, and (2^23 + q) - (2^23 +
+// offset) is exact.
 //
 // SwiGLU epilogue (swiglu != 0): the gate.up matrix is loaded with its gate and up rows
 // interleaved (gpu/cuda/qweights.py fuse_swiglu), so a CTA's even ROWS hold whole (gate, up) pairs
-// and it writes silu(gate) * up for each: the separate SiLU kernel, its launch (a graph node) and
-// the [n, 2 * ffn] round trip through memory go away.
+// and it writes silu(gate) * up for each: no separate SiLU kernel, no launch (a graph node) for
+// it and no [n, 2 * ffn] round trip through memory.
 //
 // Determinism: each thread adds its slices in block order, each warp reduces with a fixed xor
-// butterfly, the warps are added in index order, and nothing depends on how many sequences share the launch, so a sequence's result
-// is bit-identical whatever the other sequences in the batch are.
+// butterfly, the warps are added in index order, and nothing depends on how many sequences share
+// the launch, so a sequence's result is bit-identical whatever the other sequences in the batch
+// are.
 #include "quant_blocks.cuh"
 #include "grid_dependency.cuh"
 
@@ -67,8 +59,8 @@ template <int T> struct Unit;
 
 // Every unit: load(blk, sub) -> Raw (the lane's bytes of one block), decode(Raw, sub) -> Dq (its
 // weights as floats plus scales), and dot<ROWS>(dq[ROWS], sub, xb, out[ROWS]): the block's
-// contribution to ROWS rows for one sequence, x read once for all of them (x re-reads from L1 were
-// what bound batch 8). Each row's arithmetic is the same whatever ROWS is.
+// contribution to ROWS rows for one sequence, x read once for all of them (re-reading x from L1
+// per row bounds batch 8). Each row's arithmetic is the same whatever ROWS is.
 
 // F16 / BF16: one 16-byte load of 8 elements per lane.
 template <bool BF16> struct HalfUnit {
@@ -347,12 +339,10 @@ __device__ __forceinline__ void matvec_finish(float (&acc)[ROWS][MAXB], float* y
 }
 
 // L2 prefetch before the grid wait (programmatic launch): a CTA asks for the first
-// MATVEC_PREFETCH_BYTES of its rows, split evenly over them. Whole rows were asked for at first:
-// on the 8B F16 down projection (1024-2048 resident CTAs x 57-114 KB) that is more than the 50 MB
-// L2, the prefetched lines were evicted before their loads came and the weights were read twice.
-// bench/decode.py, 8B F16 batch 1, device step (H100, 2026-11-25, bench/NOTES.md): whole rows
-// 6127 us, 16 KB per CTA 5747-5749, a grid-wide budget that lets small matrices come in whole
-// (24 / 32 / 48 MB) 5778 / 5818 / 5874; at 2 rows per CTA: none 5844, 8 KB 5781, 16 KB 5869.
+// MATVEC_PREFETCH_BYTES of its rows, split evenly over them. Not whole rows: on the 8B F16 down
+// projection (1024-2048 resident CTAs x 57-114 KB) that is more than the 50 MB L2, and lines
+// prefetched that early are evicted before their loads come, so the weights are read twice.
+// The sizes tried and their step times: bench/NOTES.md, "Kernel notes".
 #ifndef MATVEC_PREFETCH_BYTES  // tunable: gpu/cuda/kernels.py TUNABLES
 #define MATVEC_PREFETCH_BYTES 16384
 #endif
@@ -431,10 +421,10 @@ __device__ __forceinline__ void matvec_impl(
 // Q4_0 repacked in groups of 4 blocks (gpu/cuda/matvec.py pack_rows, rows of a multiple of 128
 // columns): within a group's 64 quant bytes, lane j's 4-byte slices of the 4 blocks lie together,
 // so a lane fetches its share of 4 blocks with one 16-byte load (and their 4 scales, 8 contiguous
-// bytes, with one 8-byte load); a warp's load is one contiguous 512-byte run. The 4-byte-per-lane
-// version issued 4x the load instructions and read 4096-column rows at 50% of copy bandwidth
-// (bench/NOTES.md). Lane j owns the same elements of each block as the Legacy4 unit (4j..4j+3
-// and 16 + 4j..); a thread adds its blocks in order, so results are batch-invariant as before.
+// bytes, with one 8-byte load); a warp's load is one contiguous 512-byte run, a quarter of the
+// load instructions of 4-byte slices. Lane j owns the same elements of each block as the Legacy4
+// unit (4j..4j+3 and 16 + 4j..); a thread adds its blocks in order, so results are
+// batch-invariant.
 // Block blk (0..3) of a lane's group share: its 8 quants as floats minus 8, and its scale.
 __device__ __forceinline__ void q4_0_group_block(uint4 qs, uint2 dd, int blk, float* lo, float* hi,
                                                  float* d) {

@@ -5,9 +5,8 @@
 // rms_norm_f32_vec (hidden a multiple of 4, rows 16-byte aligned, hidden <= 4 * NORM_VEC * 1024):
 // each thread holds up to NORM_VEC float4s of h in registers, so h is read once, and loads its
 // gains before the grid-dependency wait (they are constant: the load overlaps the previous
-// kernel's tail). rms_norm_f32 is the scalar fallback for any other shape. The first kernel, the
-// scalar one on every shape, took 4.2 us per call on a 4096-wide row (H100, 2026-11-25): one CTA
-// looping scalar loads and reading h twice. The vector kernel's time is in bench/NOTES.md.
+// kernel's tail). rms_norm_f32 is the scalar fallback for any other shape: scalar loads, h read
+// twice. Both kernels' times: bench/NOTES.md, "Kernel notes".
 #include "common.cuh"
 
 #define NORM_VEC 4  // float4s per thread at most (gpu/cuda/norm.py NORM_VEC)

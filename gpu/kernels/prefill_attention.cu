@@ -17,7 +17,8 @@
 // and a sequence's result does not depend on the other sequences of the batch.
 //
 // The block table is read once per key of a tile (key_offsets, into shared memory), not once
-// per 16-byte chunk: its lookup and division were half the instructions of the mma kernel's loop.
+// per 16-byte chunk: its lookup and division would be half the instructions of the mma kernel's
+// loop.
 //
 // Two kernels share the layout:
 //   prefill_attention_mma_d*: fp16 cache, tensor cores (mma.sync m16n8k16, fp32 accumulate),
@@ -521,8 +522,7 @@ __device__ __forceinline__ void prefill_f32_impl(
 
 // Rows per CTA: 64 (MMA_ROWS) for the mma kernels; the f32 kernels' BM is F32_ROWS in
 // gpu/cuda/prefill_attention.py. Two CTAs per SM for the mma kernels: up to 255 registers, no
-// spills for d <= 128; asking for three (168 registers) spilled and measured 10-20% slower on an
-// H100.
+// spills for d <= 128 (three, at 168 registers, spill; bench/NOTES.md, "Kernel notes").
 #define PREFILL_MMA(DP, BN)                                                                       \
     extern "C" __global__ void __launch_bounds__(THREADS, 2)                                       \
         prefill_attention_mma_d##DP(PREFILL_ARGS(u16)) {                                           \

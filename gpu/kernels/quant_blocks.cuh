@@ -17,8 +17,8 @@
 // Each block's bytes are unchanged, only moved; rows are padded to a multiple of 16 bytes (no pad
 // when the row has a multiple of 8 blocks, i.e. 256 columns) so every row's quants start 16-byte
 // aligned and a packed row is still a valid row to concatenate (fused QKV / gate-up). In the GGUF
-// layout an 18- or 34-byte block leaves its quants only 2-byte aligned (2-byte loads: Q4_0 at
-// 63% of copy bandwidth). The embedding table (only gathered, by embedding.cu) keeps the GGUF
+// layout an 18- or 34-byte block leaves its quants only 2-byte aligned (2-byte loads, well short
+// of the copy bandwidth; bench/NOTES.md, "Kernel notes"). The embedding table (only gathered, by embedding.cu) keeps the GGUF
 // layout, as does dequant_group below.
 //
 // NVRTC quirk: the NVRTC wheel ships no headers (not even <cstdint> or <cuda_fp16.h>), so this

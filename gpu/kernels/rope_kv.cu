@@ -6,9 +6,9 @@
 // Pair i (i < rot_dim / 2) turns by position * inv_freq[i]: "normal" pairs are (2i, 2i + 1),
 // NeoX pairs (i, i + rot_dim / 2); features from rot_dim on pass through (partial rotary).
 //
-// One CTA per (token, head of q | k | v), a thread per pair: the first version ran one CTA per
-// token looping over all 40 heads of an 8B model and took 7.1 us per decode step on one SM
-// (H100, 2026-11-25); spread over heads the work is one round of loads per thread.
+// One CTA per (token, head of q | k | v), a thread per pair: a decode step's work is spread over
+// the SMs, one round of loads per thread (a CTA per token would loop over all 40 heads of an 8B
+// model on one SM; bench/NOTES.md, "Kernel notes").
 // Not built with fast math: cosf/sinf of angles up to ~1e5 rad must match torch's.
 #include "common.cuh"
 

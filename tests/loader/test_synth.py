@@ -8,6 +8,7 @@ so each shape is loaded there once, and the 8B one only under the `slow` marker.
 
 from __future__ import annotations
 
+import gzip
 import math
 
 import numpy as np
@@ -15,9 +16,10 @@ import pytest
 from gguf import GGMLQuantizationType, TokenType
 from gguf.quants import dequantize
 
-from loader import synth, synth_blocks, synth_vocab
+from loader import registry, synth, synth_blocks, synth_vocab
 from loader.config import read_config
 from loader.gguf_file import open_gguf
+from loader.registry import DEFAULT_MODEL, ModelNotFoundError, resolve_model
 from worker.cli import main
 
 T = GGMLQuantizationType
@@ -265,6 +267,59 @@ def test_sentencepiece_vocabulary_layout():
     assert "▁the" in vocab.tokens
     scores = [vocab.scores[i] for i in pieces]
     assert all(a > b for a, b in zip(scores, scores[1:], strict=False))
+
+
+def test_synth_needs_no_model_file(write, tmp_path, monkeypatch):
+    """The vocabulary ships with orcd: with no default model installed, every shape still gets
+    its vocabulary, and the file written is the same as with the model there."""
+    expected = write("smollm2-135m", "Q4_0")
+    monkeypatch.delenv(registry.MODELS_DIR_ENV, raising=False)
+    monkeypatch.setattr(registry, "BUILTIN_MODELS", {DEFAULT_MODEL: ("orcd_absent", "x.gguf")})
+    with pytest.raises(ModelNotFoundError):
+        resolve_model(DEFAULT_MODEL)
+    synth_vocab.default_vocabulary.cache_clear()
+    try:
+        for shape in synth.SHAPES.values():
+            assert len(synth_vocab.build_vocabulary(shape).tokens) == shape.vocab_size
+        out = tmp_path / "no-model.gguf"
+        synth.write_synthetic_gguf(out, synth.SHAPES["smollm2-135m"].with_layers(1), T.Q4_0)
+        assert out.read_bytes() == expected.read_bytes()
+    finally:
+        synth_vocab.default_vocabulary.cache_clear()
+
+
+def tokenizer_metadata(meta):
+    return {key: meta.raw(key) for key in meta if key.startswith("tokenizer.")}
+
+
+def assert_same_metadata(got, want):
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        if isinstance(value, np.ndarray):
+            assert np.array_equal(got[key], value), key
+        else:
+            assert got[key] == value, key
+
+
+def test_shipped_vocabulary_is_the_default_models(tmp_path):
+    """loader/data's vocabulary holds every tokenizer.* key of the default model, unchanged;
+    `python -m loader.synth_vocab` rewrites it from the model, to the same bytes."""
+    try:
+        model = resolve_model(DEFAULT_MODEL)
+    except ModelNotFoundError:
+        pytest.skip("the default model is not installed")
+    shipped = tmp_path / "shipped.gguf"
+    shipped.write_bytes(gzip.decompress(synth_vocab.vocabulary_file().read_bytes()))
+    with open_gguf(model) as real, open_gguf(shipped) as ours:
+        assert not ours.tensors
+        assert_same_metadata(tokenizer_metadata(ours.metadata), tokenizer_metadata(real.metadata))
+        assert ours.metadata.get_str("general.license") == real.metadata.get_str("general.license")
+        assert synth_vocab.default_vocabulary() == synth_vocab.vocabulary_from_metadata(
+            real.metadata
+        )
+    again = tmp_path / "again.gguf.gz"
+    assert synth_vocab.main([str(model), "--out", str(again)]) == 0
+    assert again.read_bytes() == synth_vocab.vocabulary_file().read_bytes()
 
 
 @pytest.mark.parametrize("shape_name", SLOW_8B)

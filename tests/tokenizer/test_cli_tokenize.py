@@ -43,6 +43,35 @@ def test_decode(monkeypatch, capsys, smollm):
     assert out == [{"text": "user\nhé"}]
 
 
+def test_decode_takes_the_lines_encoding_and_chat_print(monkeypatch, capsys, smollm):
+    texts = ["Hello <|im_start|>", "日本語 🙂", ""]
+    _, encoded = run_lines(monkeypatch, capsys, [json.dumps(t) for t in texts])
+    status, out = run_lines(monkeypatch, capsys, [json.dumps(o) for o in encoded], "--decode")
+    assert (status, out) == (0, [{"text": t} for t in texts])
+    messages = [{"role": "user", "content": "Hi"}]
+    _, chat = run_lines(monkeypatch, capsys, [json.dumps(messages)], "--chat")
+    _, out = run_lines(monkeypatch, capsys, [json.dumps(chat[0])], "--decode")
+    assert out == [{"text": chat[0]["prompt"]}]
+    bad = ['{"ids": [1], "text": "x"}', "{}", '{"ids": "1 2"}', '{"prompt": "x"}']
+    status, out = run_lines(monkeypatch, capsys, bad, "--decode")
+    assert status == 1
+    assert out[0]["error"] == 'line 1: expected {"ids": [...]} (a "prompt" may come with it); ' \
+        "unknown keys: text"
+    assert out[1]["error"].startswith('line 2: expected {"ids": [...]}')
+    assert out[2]["error"].startswith("line 3: expected a JSON list of integer token ids")
+    assert out[3]["error"].startswith('line 4: expected {"ids": [...]}')
+
+
+def test_encode_pipes_into_decode(default_model_path):  # skips without the default model
+    text = "Pipes: encode | decode, 日本語 🙂 <|im_end|>"
+    command = [sys.executable, "-m", "worker.cli", "tokenize"]
+    encoded = subprocess.run(command, input=json.dumps(text) + "\n", capture_output=True,
+                             text=True, timeout=120, check=True).stdout  # fmt: skip
+    decoded = subprocess.run([*command, "--decode"], input=encoded, capture_output=True,
+                             text=True, timeout=120, check=True).stdout  # fmt: skip
+    assert [json.loads(line) for line in decoded.splitlines()] == [{"text": text}]
+
+
 def test_chat(monkeypatch, capsys, smollm):
     messages = [{"role": "user", "content": "Hi"}]
     lines = [

@@ -15,6 +15,7 @@ EPILOG = """\
 One JSON value per line on stdin, one JSON object per line on stdout, in order:
   (encode)   "some text"                              -> {"ids": [...]}
   --decode   [1, 2, 3]                                -> {"text": "..."}
+             or {"ids": [...]}, as encoding or --chat prints it (its "prompt" is ignored)
   --chat     [{"role": "user", "content": "Hi"}]      -> {"prompt": "...", "ids": [...]}
              or {"messages": [...], "add_generation_prompt": true, "tools": [...]}
 Encoding adds BOS/EOS as the model file says; a chat prompt gets BOS unless its template
@@ -44,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--models-dir", help="directory of NAME.gguf files (or $ORCD_MODELS_DIR)")
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--decode", action="store_true", help="lines are lists of token ids")
+    mode.add_argument("--decode", action="store_true",
+                      help='lines are lists of token ids, or {"ids": [...]} objects')
     mode.add_argument("--chat", action="store_true", help="lines are chat conversations")
     parser.add_argument(
         "--no-special", action="store_true",
@@ -89,6 +91,14 @@ def _encode(tokenizer: GGUFTokenizer, value: Any, no_special: bool) -> dict:
 
 
 def _decode(tokenizer: GGUFTokenizer, value: Any, no_special: bool) -> dict:
+    if isinstance(value, dict):  # a line of `orcd tokenize` or `orcd tokenize --chat`
+        unknown = set(value) - {"ids", "prompt"}
+        if unknown or "ids" not in value:
+            raise _BadLine(
+                'expected {"ids": [...]} (a "prompt" may come with it)'
+                + (f"; unknown keys: {', '.join(sorted(unknown))}" if unknown else "")
+            )
+        value = value["ids"]
     if not isinstance(value, list) or not all(_is_int(i) for i in value):
         raise _BadLine(f"expected a JSON list of integer token ids to decode, got {_kind(value)}")
     return {"text": tokenizer.decode(value, skip_special_tokens=no_special)}
