@@ -193,7 +193,7 @@ def run_batch(backend: CudaBackend, path: Path, shape: str, quant: str, batch_si
     backend.allocate_kv(len(tables) * len(tables[0]), BLOCK_SIZE)
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, c.vocab_size, (PROMPT_TOKENS,), generator=gen).tolist()
-    packer = BatchPacker(device)
+    packer = BatchPacker(device, backend.uploader())
     # Prefill: warm up on the spare sequence, then time one sequence's 512 tokens.
     for table in (tables[-1], tables[0]):
         torch.cuda.synchronize()

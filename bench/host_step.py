@@ -42,7 +42,7 @@ def time_phases(path: Path, label: str) -> None:
     tables = sequence_tables(1, PROMPT_TOKENS + STEPS + 8)
     backend.allocate_kv(len(tables[0]), BLOCK_SIZE)
     prompt = torch.randint(0, c.vocab_size, (PROMPT_TOKENS,)).tolist()
-    packer = BatchPacker(device)
+    packer = BatchPacker(device, backend.uploader())
     tokens = prefill(backend, packer, prompt, tables).argmax(-1).tolist()
     for pos in range(PROMPT_TOKENS, PROMPT_TOKENS + 3):  # capture, warm
         batch = make_batch(packer, tokens, pos, tables, [0], [1])

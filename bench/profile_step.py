@@ -40,7 +40,7 @@ def profile_model(path: Path, label: str, batch_size: int) -> None:
     tables = sequence_tables(batch_size, PROMPT_TOKENS + STEPS + 2)
     backend.allocate_kv(len(tables) * len(tables[0]), BLOCK_SIZE)
     prompt = torch.randint(0, c.vocab_size, (PROMPT_TOKENS,)).tolist()
-    packer = BatchPacker(device)
+    packer = BatchPacker(device, backend.uploader())
     logits = prefill(backend, packer, prompt, tables)
     tokens = logits[-1:].argmax(-1).tolist() * batch_size
     rows = list(range(batch_size))

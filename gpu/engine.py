@@ -14,15 +14,13 @@ with a `session_id` leaves its full blocks pinned for the session's next turn.
 
 Overlap (on by default): when every running sequence decodes and no waiting request can be
 admitted, a step first launches the *next* decode step, fed by this step's token ids still on
-the device, and only then reads this step's ids. The device never idles while the host reads
-ids, checks stops, streams and packs: at batch 1 that idle time was 230-320 µs per token on the
-H100's host (bench/NOTES.md, session 5). The next step is what the scheduler would pick (same
-sequences, order, positions and blocks); a sequence that stops on this step's token has its
-next-step row dropped unread (its KV write lands in blocks it frees), and a waiting request
-gets its freed place one step later. Rows with penalties need every output id on the host, and
-a waiting request with room to be admitted (fewer than `max_num_seqs` running) needs the
-scheduler: those steps run without overlap. Greedy and seeded rows give the same tokens
-either way.
+the device, and only then reads this step's ids, so the device does not idle while the host
+reads ids, checks stops, streams and packs (bench/NOTES.md has the measured gap). The scheduler
+plans that step (`Scheduler.schedule_ahead`, counting each sequence's tokens in flight and its
+pending token); the engine only splices the device ids in. A sequence that stops on this step's
+token has its next-step row dropped unread (its KV write lands in blocks it frees), and a
+waiting request gets its freed place one step later. Greedy and seeded rows give the same
+tokens either way.
 """
 
 from __future__ import annotations

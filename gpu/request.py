@@ -1,4 +1,5 @@
-"""The engine's public data: what a caller adds (`Request`) and what `step()` returns (`StepOutput`).
+"""The engine's public data: what a caller adds (`Request`) and what `step()` returns
+(`StepOutput`).
 
 Token ids in, token ids out: no text and no Redis here. The worker turns jobs into requests
 and outputs into events; `orcd generate` does the same for a terminal.

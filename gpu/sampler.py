@@ -14,8 +14,8 @@ The draw is an exponential race, `argmax(probs / E)` with `E = -log(U)`, U unifo
 exact sampling from `probs` that needs no cumulative sum. A seeded row draws its U from its
 request's own generator, which the sampler makes from the seed on the request's first draw and
 keeps until `release(request_id)`, so its tokens depend only on its seed and logits, never on
-the rest of the batch; unseeded rows share the sampler's engine generator. Everything stays on the device except the
-chosen ids and the requested logprobs.
+the rest of the batch; unseeded rows share the sampler's engine generator. Everything stays on
+the device except the chosen ids and the requested logprobs.
 """
 
 from __future__ import annotations

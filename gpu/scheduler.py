@@ -89,7 +89,9 @@ class Scheduler:
             self.running.append(seq)
             schedule.items.append((seq, n))
             budget -= n
-        schedule.sampled = [seq for seq, n in schedule.items if seq.num_computed + n == seq.num_tokens]
+        schedule.sampled = [
+            seq for seq, n in schedule.items if seq.num_computed + n == seq.num_tokens
+        ]
         return schedule
 
     def schedule_ahead(self) -> Schedule | None:

@@ -19,7 +19,8 @@ class _Event(BaseModel):
 
 
 class Queued(_Event):
-    """The worker took the job: `position` among its jobs not yet running, `queue_depth` its jobs."""
+    """The worker took the job: `position` among its jobs not yet running, `queue_depth` its
+    jobs."""
 
     position: int
     queue_depth: int

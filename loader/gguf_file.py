@@ -76,7 +76,8 @@ _MIN_TENSOR_INFO_BYTES = 8 + 4 + 8 + 4 + 8  # empty name, n_dims, one dim, type,
 
 @dataclass(slots=True, frozen=True)
 class TensorInfo:
-    """One tensor's header entry; `dims` in GGUF order (innermost first), `offset` from data start."""
+    """One tensor's header entry; `dims` in GGUF order (innermost first), `offset` from the
+    start of the data section."""
 
     name: str
     dims: tuple[int, ...]

@@ -4,8 +4,9 @@ Writes are queued in order (a job's events before its XACK) and flushed together
 events of one engine step cost one round trip. Narration lines are queued in the same order,
 so a reader of both streams sees "Started job" before the job's first token. While Redis is
 away the queue keeps growing and no event is lost; narration is the exception: past
-`NARRATION_BUFFER` queued lines, new ones are dropped (and counted). MULTI/EXEC makes a flush all-or-nothing, so a retried flush never leaves
-half of a step behind; if EXEC ran but its reply was lost, the retry writes the step twice,
+`NARRATION_BUFFER` queued lines, new ones are dropped (and counted). MULTI/EXEC makes a flush
+all-or-nothing, so a retried flush never leaves half of a step behind; if EXEC ran but its
+reply was lost, the retry writes the step twice,
 and readers drop repeated tokens by their `index` (`jobs.protocol.EventFollower`).
 """
 

@@ -64,7 +64,8 @@ class RMSNorm:
             raise CudaError(f"rms_norm: out {tuple(out.shape)} / x {tuple(x.shape)} mismatch")
         if weight.numel() != self.hidden:
             raise CudaError(f"rms_norm: weight has {weight.numel()} values for {self.hidden}")
-        if residual is not None and (residual.shape[0] != n_rows or residual.shape[1] < self.hidden):
+        if residual is not None and (residual.shape[0] != n_rows
+                                     or residual.shape[1] < self.hidden):  # fmt: skip
             raise CudaError(f"rms_norm: residual {tuple(residual.shape)} does not match x")
         vector = _vector_ok(self.hidden, out, x, weight, residual)
         self._sites[vector].launch(

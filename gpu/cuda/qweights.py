@@ -95,7 +95,8 @@ class FusedLinear:
             for matrix, col in self.parts:
                 out = y[rows, col : col + matrix.n_rows]
                 bias = None if self.bias is None else self.bias[col : col + matrix.n_rows]
-                matrix.matvec(out, x[rows], matrix.raw, bias=bias, residual=out if residual else None)
+                matrix.matvec(out, x[rows], matrix.raw, bias=bias,
+                              residual=out if residual else None)
 
     def swiglu(self, out: torch.Tensor, x: torch.Tensor) -> None:
         """out[:, :n_out // 2] = silu(gate x) * (up x) through the matvec's epilogue (interleaved

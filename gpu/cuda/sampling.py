@@ -33,8 +33,10 @@ OUT_WORDS = 44  # token, chosen logprob, top count, 20 (id, logprob) pairs
 _ARG_KINDS = ("ptr", "i32", "i32", "ptr", "ptr", "ptr", "ptr", "ptr")
 
 # Row record words and flags (sampling.cu's W_* and F_*).
+# tests/test_seams.py checks every one against the kernel's #defines.
 (W_FLAGS, W_TEMPERATURE, W_TOP_K, W_TOP_P_LO, W_TOP_P_HI, W_MIN_P, W_REPETITION, W_PRESENCE,
- W_FREQUENCY, W_LOGPROBS, W_KEY_LO, W_KEY_HI, W_IDS_BEGIN, W_IDS_OUTPUT, W_IDS_END) = range(15)  # fmt: skip
+ W_FREQUENCY, W_LOGPROBS, W_KEY_LO, W_KEY_HI, W_IDS_BEGIN, W_IDS_OUTPUT,
+ W_IDS_END) = range(15)  # fmt: skip
 F_GREEDY, F_TOP_P, F_TOP_P_BEST, F_MIN_P = 1, 2, 4, 8
 F_REPETITION, F_OUTPUT_PENALTIES, F_LOGPROBS = 16, 32, 64
 _FLOAT_WORDS = [W_TEMPERATURE, W_MIN_P, W_REPETITION, W_PRESENCE, W_FREQUENCY]
@@ -95,7 +97,8 @@ class CudaSampler:
         self._buffers: dict[tuple[torch.device, int], _Buffers] = {}
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[SampledToken]:
-        """Pick one token per row of `logits` [B, V] (float32, CUDA); row i is sampled with rows[i]."""
+        """Pick one token per row of `logits` [B, V] (float32, CUDA); row i is sampled with
+        rows[i]."""
         return self.launch(logits, rows).result()
 
     def release(self, request_id: str) -> None:
@@ -127,7 +130,8 @@ class CudaSampler:
         key = (device, self._calls & 1)
         buffers = self._buffers.get(key)
         if buffers is not None:
-            buffers.copied.synchronize()  # the call before last: its records went up, outputs came back
+            # The call before last: its records went up, its outputs came back.
+            buffers.copied.synchronize()
         if buffers is None or not buffers.fits(records.size, num_rows):
             buffers = self._buffers[key] = _Buffers(device, records.size, num_rows)
         buffers.generation += 1
@@ -155,14 +159,17 @@ class CudaSampler:
         )
         # The next step's inputs, dense: a one-row column keeps its stride of OUT_WORDS under
         # a plain .to(), and the decode stager refuses it.
-        ids = buffers.device_out[:num_rows, 0].to(torch.int64, memory_format=torch.contiguous_format)
+        ids = buffers.device_out[:num_rows, 0].to(torch.int64,
+                                                  memory_format=torch.contiguous_format)
         buffers.host_out[:num_rows].copy_(buffers.device_out[:num_rows], non_blocking=True)
         buffers.copied.record()
         params = [row.params for row in rows]
 
         def read() -> list[SampledToken]:
             if buffers.generation != generation:
-                raise CudaError("sampling: a result read after the call after next reused its buffers")
+                raise CudaError(
+                    "sampling: a result read after the call after next reused its buffers"
+                )
             buffers.copied.synchronize()
             return _unpack(buffers.host_out_np[:num_rows], params, vocab_size)
 
@@ -207,7 +214,8 @@ class CudaSampler:
                 ids.append(row.output_token_ids)
                 offset += len(row.output_token_ids)
             words.append([flags, 0, top_k, target & 0xFFFF_FFFF, target >> 32, 0, 0, 0, 0,
-                          p.logprobs or 0, key & 0xFFFF_FFFF, key >> 32, begin, output, offset, 0])  # fmt: skip
+                          p.logprobs or 0, key & 0xFFFF_FFFF, key >> 32, begin, output, offset,
+                          0])  # fmt: skip
             floats.append((p.temperature, p.min_p, p.repetition_penalty, p.presence_penalty,
                            p.frequency_penalty))  # fmt: skip
         header = np.array(words, dtype=np.uint32)
@@ -237,7 +245,9 @@ class _Buffers:
         return self.host_records.numel() >= record_words and self.host_out.shape[0] >= num_rows
 
 
-def _unpack(out: np.ndarray, params: Sequence[SamplingParams], vocab_size: int) -> list[SampledToken]:
+def _unpack(
+    out: np.ndarray, params: Sequence[SamplingParams], vocab_size: int
+) -> list[SampledToken]:
     floats = out.view(np.float32)
     tokens = out[:, 0].tolist()
     result = []
