@@ -1,9 +1,9 @@
 """What one forward call sees: packed tokens of several sequences plus where their KV lives.
 
 The engine packs it from the scheduler's plan; every backend consumes exactly this. Sequences
-are packed one after another (prefill chunks and single decode tokens mixed), so `query_start[i]:query_start[i+1]`
-are sequence i's new tokens, at positions `context_lens[i] - query_lens[i] ...
-context_lens[i] - 1`. Their K/V are written to `slot_mapping` (block * block_size + offset)
+are packed one after another (prefill chunks and single decode tokens mixed), so
+`query_start[i]:query_start[i+1]` are sequence i's new tokens, at positions
+`context_lens[i] - query_lens[i] ... context_lens[i] - 1`. Their K/V are written to `slot_mapping` (block * block_size + offset)
 before attention reads the sequence's whole context through its block table.
 """
 
