@@ -6,6 +6,13 @@ and an entry's idle time only resets on (re)delivery, so it would steal a live w
 answer. A consumer is dead when its heartbeat key (`orcd:worker:{id}`) is gone; its pending
 entries idle past `reclaim_idle_ms` are XCLAIMed (which counts a delivery), and the unread
 jobs of its routed stream are read as ours. `times_delivered` from XPENDING gives `attempt`.
+The claim itself is one script (`_CLAIM_IF_DEAD`) that checks, at the moment of the XCLAIM,
+that the owner's heartbeat is still absent and each entry still pending with it: a worker
+whose heartbeat came back (or that another worker reclaimed from first) keeps its jobs.
+
+A worker that stops with jobs unfinished `release`s them: their idle time is set past the
+reclaim threshold (XCLAIM to itself with IDLE and JUSTID, which leaves the delivery count
+alone), so once its heartbeat is gone the next reclaim pass elsewhere takes them at once.
 """
 
 from __future__ import annotations
@@ -24,6 +31,24 @@ from jobs.schema import describe_validation_error as describe
 from worker.job_runner import Delivery
 
 DEAD_PAYLOAD_CHARS = 64 * 1024  # a dead letter keeps the head of a huge payload, and its size
+# KEYS: the stream, the old owner's heartbeat key. ARGV: group, new consumer, min idle (ms),
+# old consumer, entry ids. Nothing is claimed while the old owner's heartbeat exists.
+_CLAIM_IF_DEAD = """
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return {}
+end
+local ids = {}
+for i = 5, #ARGV do
+  local entry = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)[1]
+  if entry and entry[2] == ARGV[4] then
+    ids[#ids + 1] = ARGV[i]
+  end
+end
+if #ids == 0 then
+  return {}
+end
+return redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], unpack(ids))
+"""
 _JOB_ID_RE = re.compile(ID_PATTERN)
 
 
@@ -111,6 +136,7 @@ class Consumer:
         self.reclaim_idle_ms = reclaim_idle_ms
         self.shared = keys.jobs(model)
         self.routed = keys.routed(model, worker_id)
+        self._claim_if_dead = client.register_script(_CLAIM_IF_DEAD)
 
     def ensure_groups(self) -> None:
         for stream in (self.shared, self.routed):
@@ -217,16 +243,27 @@ class Consumer:
         # XCLAIM with the same min-idle: if another worker claimed an entry meanwhile, its idle
         # time was reset and this claim skips it (no double reclaim). XCLAIM counts a delivery.
         # Entries deleted while pending are dropped from the PEL and not returned (Redis 7).
-        claimed = self.redis.xclaim(stream, GROUP, self.worker_id, self.reclaim_idle_ms,
-                                    list(deliveries))
+        claimed = self._claim_if_dead(
+            keys=[stream, self.keys.worker(consumer)],
+            args=[GROUP, self.worker_id, self.reclaim_idle_ms, consumer, *deliveries],
+        )
         out = []
-        for entry_id, fields in claimed:
-            if fields is None:
+        for item in claimed or ():
+            if not item or not item[1]:  # an entry deleted while pending (Redis 6)
                 continue
-            entry_id = _text(entry_id)
-            out.append(Entry(stream, entry_id, {_text(k): v for k, v in fields.items()},
-                             deliveries[entry_id] + 1, consumer))
+            entry_id, flat = _text(item[0]), item[1]
+            fields = {_text(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
+            out.append(Entry(stream, entry_id, fields, deliveries[entry_id] + 1, consumer))
         return out
+
+    def release(self, entries: list[tuple[str, str]]) -> None:
+        """Make this worker's pending (stream, entry id)s claimable at once by the others (see
+        the module docstring); they take them when this worker's heartbeat is gone."""
+        idle = self.reclaim_idle_ms + 1000
+        pipe = self.redis.pipeline(transaction=False)
+        for stream, entry_id in entries:
+            pipe.xclaim(stream, GROUP, self.worker_id, 0, [entry_id], idle=idle, justid=True)
+        pipe.execute()
 
 
 def create_group(client: redis.Redis, stream: str) -> None:

@@ -35,6 +35,7 @@ from worker.connection import RedisDown, RedisLink, connect
 from worker.consumer import Consumer, Control, Entry, Rejection, parse_entry
 from worker.heartbeat import Heartbeat
 from worker.job_runner import ActiveJob, Delivery, build_request
+from worker.liveness import Liveness
 from worker.loaded_model import LoadedModel
 from worker.log import (
     add_narration_sink,
@@ -60,7 +61,8 @@ class WorkerConfig:
     heartbeat_s: float = 1.0
     heartbeat_ttl_s: float = 5.0
     reclaim_idle_s: float = 30.0  # a dead worker's job is taken over after this idle time
-    reclaim_every_s: float = 2.0
+    reclaim_every_s: float = 1.0
+    stall_timeout_s: float = 300.0  # no loop turn for this long: stop beating and exit
     max_deliveries: int = 3
     out_ttl_s: int = 3600  # output streams expire this long after done/error
     grace_s: float = 30.0  # SIGTERM: time given to running jobs
@@ -109,6 +111,9 @@ class Worker:
         self.metrics = metrics if metrics is not None else WorkerMetrics()
         self.metrics.watch_streams(client, lambda: [self.consumer.shared, self.consumer.routed])
         self.notifier = SystemdNotifier.from_env()  # does nothing outside systemd
+        self.liveness = Liveness(client, self.heartbeat, self.notifier,
+                                 stall_timeout_s=config.stall_timeout_s)
+        self._next_snapshot = 0.0
 
     # ----- life -------------------------------------------------------------------------------
 
@@ -134,6 +139,8 @@ class Worker:
                 f"{stats.block_size} tokens, up to {self.config.max_jobs} jobs at once",
                 kv_blocks=stats.kv_blocks_total, max_jobs=self.config.max_jobs,
             )
+            self.iteration()  # groups, a first read and the first heartbeat, from the loop
+            self.liveness.start()
             while not self._finished():
                 self.iteration()
             self._shutdown()
@@ -148,6 +155,7 @@ class Worker:
 
     def iteration(self) -> None:
         """One pass of the loop; see the module docstring."""
+        self.liveness.progress()
         self._take_signals()
         if not self._groups_ready:
             self._setup_groups()
@@ -160,6 +168,12 @@ class Worker:
             narrate_engine_event(self.log, event)
             self.metrics.engine_event(event)
         self.publisher.flush()
+        for job_id in self.publisher.pop_refused_finals():
+            self.log.warning(
+                "job.lost", job_id=job_id,
+                narration=f"Job {short(job_id)} was taken over by another worker: its final "
+                "event from here was refused (the other attempt's stands)",
+            )
         self._maintain(time.monotonic())
         if not self.engine.has_work() and not self.link.up:
             time.sleep(min(self.link.seconds_to_retry(), self.config.block_ms / 1000) or 0.01)
@@ -205,16 +219,23 @@ class Worker:
         return not self.active
 
     def _abandon(self) -> None:
-        """Grace period over: stop the running jobs and leave them pending for another worker."""
+        """Grace period over: stop the running jobs and hand them over: they stay pending,
+        marked claimable at once (Consumer.release), and are reclaimed elsewhere as soon as
+        this worker's heartbeat is gone (`_shutdown`)."""
         for job in self.active.values():
             self.engine.abort(job.job_id)
             self.log.warning(
                 "job.abandoned", job_id=job.job_id, session_id=job.job.session_id,
-                narration=f"Left job {short(job.job_id)} unacknowledged: the grace period is "
-                "over; another worker will take it",
+                narration=f"Handed job {short(job.job_id)} over unacknowledged: the grace "
+                "period is over; another worker takes it once this one has stopped",
             )
+        entries = [(job.delivery.stream, job.delivery.entry_id) for job in self.active.values()]
         self.active.clear()
         self._drain_engine()
+        try:
+            self.link.call(self.consumer.release, entries)
+        except RedisDown:
+            pass  # they are reclaimed after --reclaim-idle instead
 
     def _drain_engine(self) -> None:
         try:
@@ -224,6 +245,7 @@ class Worker:
             self.log.error("engine.drain_failed", narration=f"Emptying the engine failed: {exc}")
 
     def _shutdown(self) -> None:
+        self.liveness.stop()  # before the heartbeat goes: the thread would write it again
         held = self.engine.session_ids()
         try:
             left = self.link.call(self.redis.xlen, self.consumer.routed)
@@ -266,7 +288,7 @@ class Worker:
         # the link is in the middle of its own call).
         self.consumer.ensure_groups()
         self._groups_ready = True
-        self.heartbeat.due_now()
+        self.liveness.beat_soon()
         self.metrics.redis_reconnected()
 
     def _capacity(self) -> int:
@@ -404,9 +426,12 @@ class Worker:
                                    f"{rejection.code}: {rejection.message}", rejection.job_id)
         if rejection.job_id:
             self.publisher.opened(rejection.job_id)
-            self.publisher.event(rejection.job_id, "error",
-                                 {"code": rejection.code, "message": rejection.message})
-        self.publisher.acknowledge(entry.stream, entry.entry_id, rejection.job_id)
+            self.publisher.final(rejection.job_id, "error",
+                                 {"code": rejection.code, "message": rejection.message},
+                                 stream=entry.stream, entry_id=entry.entry_id,
+                                 consumer=self.worker_id, attempt=entry.attempt)
+        else:
+            self.publisher.acknowledge(entry.stream, entry.entry_id)
         self.metrics.job_failed(rejection.code)
         self.log.warning(
             "job.dead_letter", job_id=rejection.job_id, code=rejection.code,
@@ -421,8 +446,7 @@ class Worker:
                                        delivery.job.model_dump_json(), f"{code}: {message}",
                                        job_id)
         self.publisher.opened(job_id)
-        self.publisher.event(job_id, "error", {"code": code, "message": message})
-        self.publisher.acknowledge(delivery.stream, delivery.entry_id, job_id)
+        self._final(delivery, "error", {"code": code, "message": message})
         self.metrics.job_failed(code)
         self.log.warning(
             "job.dead_letter" if dead else "job.failed", job_id=job_id,
@@ -457,7 +481,10 @@ class Worker:
     def _on_output(self, job: ActiveJob, output: StepOutput) -> None:
         first = job.first_token_at is None and bool(output.new_token_ids)
         for kind, data in job.push(output):
-            self.publisher.event(job.job_id, kind, data)
+            if kind == "done":
+                self._final(job.delivery, kind, data)
+            else:
+                self.publisher.event(job.job_id, kind, data)
         if first and job.cached_tokens:
             whose = f"session {job.job.session_id}" if job.job.session_id else "the prefix cache"
             self.log.info(
@@ -471,9 +498,14 @@ class Worker:
         if job.finish_reason is not None:
             self._finish(job)
 
+    def _final(self, delivery: Delivery, kind: str, data: dict) -> None:
+        """A job's `done` or `error`, and its acknowledgement: written only while this worker
+        still owns the delivery (publisher.final), so a job gets at most one final event."""
+        self.publisher.final(delivery.job.job_id, kind, data, stream=delivery.stream,
+                             entry_id=delivery.entry_id, consumer=self.worker_id,
+                             attempt=delivery.attempt)
+
     def _finish(self, job: ActiveJob) -> None:
-        delivery = job.delivery
-        self.publisher.acknowledge(delivery.stream, delivery.entry_id, job.job_id)
         self._hold_session(job.job.session_id)
         del self.active[job.job_id]
         self.jobs_done += 1
@@ -502,7 +534,12 @@ class Worker:
     # ----- upkeep -----------------------------------------------------------------------------
 
     def _maintain(self, now: float) -> None:
-        if self.heartbeat.due(now) and self.link.ready():
+        # The liveness thread (started by run()) writes the heartbeat from the numbers handed
+        # over here; a worker driven turn by turn without it (tests) beats from its loop.
+        threaded = self.liveness.running
+        due = now >= self._next_snapshot if threaded else self.heartbeat.due(now)
+        if due and (threaded or self.link.ready()):
+            self._next_snapshot = now + self.config.heartbeat_s / 2
             stats = self.engine.stats()
             live = {
                 "state": "draining" if self.stopping else "serving",
@@ -514,14 +551,11 @@ class Worker:
                 "sessions": stats.sessions,
             }
             self.metrics.observe_engine(stats, len(self.active))
-            status = (f"{live['state']} {self.model.name}: {len(self.active)} jobs, KV "
-                      f"{stats.kv_blocks_used}/{stats.kv_blocks_total} blocks")
-            try:
-                self.link.call(self.heartbeat.beat, self.redis, live, now)
-                self.notifier.alive(status)  # READY=1 after the first heartbeat, then WATCHDOG=1
-            except RedisDown:
-                if self.notifier.ready_sent:  # the loop turns: generation goes on without Redis
-                    self.notifier.watchdog(f"{status}; Redis unreachable")
+            self.liveness.update(live, f"{live['state']} {self.model.name}: {len(self.active)} "
+                                       f"jobs, KV {stats.kv_blocks_used}/{stats.kv_blocks_total} "
+                                       "blocks")  # fmt: skip
+            if not threaded:
+                self.liveness.tick(now)
         if now >= self._next_reclaim and self.link.ready():
             self._next_reclaim = now + self.config.reclaim_every_s
             capacity = self._capacity()

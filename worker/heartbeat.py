@@ -54,6 +54,10 @@ class Heartbeat:
     def due(self, now: float) -> bool:
         return now >= self._next
 
+    def postpone(self, now: float) -> None:
+        """A beat failed: try again one interval later."""
+        self._next = now + self.interval_s
+
     def due_now(self) -> None:
         """Beat at the next chance (after a reconnect: Redis may have lost the key)."""
         self._next = 0.0

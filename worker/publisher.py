@@ -22,6 +22,37 @@ from jobs.keys import DATA_FIELD, EVENT_FIELD, GROUP, Keys
 from worker.connection import RedisDown, RedisLink
 from worker.log import get_logger
 
+# A job's final event, written only by the worker that owns the job's delivery: the output
+# stream holds no final event yet, and the entry is pending with this consumer at this
+# delivery count, or with nobody (Redis lost its pending list, or the entry). Otherwise
+# another worker has taken the job over: nothing is written and 0 comes back. Then the
+# output stream's TTL, XACK and XDEL, as `acknowledge`.
+# KEYS: job stream, output stream. ARGV: group, consumer, entry id, delivery count, event
+# name, data JSON, output TTL (s).
+_FINAL_IF_OWNER = """
+local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)[1]
+if last then
+  local fields = last[2]
+  for i = 1, #fields, 2 do
+    if fields[i] == 'event' and (fields[i + 1] == 'done' or fields[i + 1] == 'error') then
+      return 0
+    end
+  end
+end
+local ok, pending = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+local entry = ok and pending[1] or nil
+if entry and (entry[2] ~= ARGV[2] or tonumber(entry[4]) ~= tonumber(ARGV[4])) then
+  return 0
+end
+redis.call('XADD', KEYS[2], '*', 'event', ARGV[5], 'data', ARGV[6])
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[7]))
+if ok then
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+end
+redis.call('XDEL', KEYS[1], ARGV[3])
+return 1
+"""
+
 NARRATION_MAXLEN = 10_000
 NARRATION_BUFFER = 10_000  # lines kept while Redis is away
 DEAD_MAXLEN = 100_000
@@ -41,6 +72,8 @@ class Publisher:
         self.narration_dropped = 0
         self._log = get_logger()
         self.events_published = 0
+        self._final_script = link.redis.register_script(_FINAL_IF_OWNER)
+        self.refused_finals: list[str] = []  # job ids whose final event another worker owns
 
     def __len__(self) -> int:
         return len(self._ops)
@@ -59,6 +92,14 @@ class Publisher:
     def opened(self, job_id: str) -> None:
         """A job's first event was queued: give its stream a long safety TTL."""
         self._ops.append(("expire", (self.keys.out(job_id), OUT_TTL_RUNNING_S), {}))
+
+    def final(self, job_id: str, kind: str, data: dict[str, Any], *, stream: str, entry_id: str,
+              consumer: str, attempt: int) -> None:
+        """Queue a job's `done` or `error` with its acknowledgement, written only if this
+        consumer still owns the delivery (`_FINAL_IF_OWNER`): at most one final per job."""
+        args = (GROUP, consumer, entry_id, attempt, kind,
+                json.dumps(data, ensure_ascii=False), self.out_ttl_s)
+        self._ops.append(("final", (stream, self.keys.out(job_id), job_id), {"args": args}))
 
     def acknowledge(self, stream: str, entry_id: str, job_id: str | None = None) -> None:
         """The job's final event is queued before this: expire its output, XACK and XDEL the
@@ -99,14 +140,23 @@ class Publisher:
                 self._ops.popleft()
             narration = sum(1 for _, args, _ in ops if args[0] == self.keys.narration)
             self._narration_queued -= narration
-            self.events_published += sum(1 for op in ops if op[0] == "xadd") - narration
+            self.events_published += sum(1 for op in ops if op[0] in ("xadd", "final"))
+            self.events_published -= narration
             self._report_errors(ops, results)
         return True
+
+    def pop_refused_finals(self) -> list[str]:
+        """Jobs whose final event was refused since the last call: another worker owns them."""
+        refused, self.refused_finals = self.refused_finals, []
+        return refused
 
     def _send(self, ops: list[tuple[str, tuple, dict]]) -> list:
         pipe = self.link.redis.pipeline(transaction=True)
         for method, args, kwargs in ops:
-            getattr(pipe, method)(*args, **kwargs)
+            if method == "final":
+                self._final_script(keys=list(args[:2]), args=list(kwargs["args"]), client=pipe)
+            else:
+                getattr(pipe, method)(*args, **kwargs)
         # raise_on_error=False: a command refused by Redis (say WRONGTYPE on a key someone
         # else wrote) comes back as an exception object instead of failing the whole flush,
         # which would otherwise be retried forever.
@@ -114,7 +164,9 @@ class Publisher:
 
     def _report_errors(self, ops: list, results: list) -> None:
         for (method, args, _), result in zip(ops, results, strict=False):
-            if isinstance(result, redis.ResponseError):
+            if method == "final" and result == 0:
+                self.refused_finals.append(args[2])
+            elif isinstance(result, redis.ResponseError):
                 self._log.error(
                     "redis.write_refused",
                     narration=f"Redis refused {method.upper()} {args[0]}: {result}",

@@ -16,12 +16,15 @@ from jobs.keys import Keys
 
 
 class WorkerProcess:
-    def __init__(self, url: str, worker_id: str, log_dir: Path, *extra: str) -> None:
+    def __init__(self, url: str, worker_id: str, log_dir: Path, *extra: str,
+                 launcher: tuple[str, ...] = ("worker.cli",)) -> None:  # fmt: skip
+        """`launcher`: the module run with `-m` and its leading arguments (the real CLI, or a
+        test wrapper such as tests.worker.slow_worker)."""
         self.url, self.worker_id = url, worker_id
         self.log_path = log_dir / f"{worker_id}.log"
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", "worker", "--redis", url, "--id", worker_id,
+            [sys.executable, "-m", *launcher, "worker", "--redis", url, "--id", worker_id,
              "--heartbeat", "0.2", "--reclaim-idle", "1", "--kv-blocks", "512", *extra],
             stdout=subprocess.DEVNULL, stderr=self.log_path.open("w"), env=env,
         )

@@ -44,6 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default 30)")
     parser.add_argument("--heartbeat", type=float, default=1.0,
                         help="seconds between heartbeats (default 1; TTL is 5 beats)")
+    parser.add_argument("--stall-timeout", type=float, default=300.0,
+                        help="seconds without a turn of the worker loop after which the worker "
+                        "stops its heartbeat (its jobs go to others) and exits with status 70 "
+                        "(default 300)")
     parser.add_argument("--max-deliveries", type=int, default=3,
                         help="deliveries before a job is dead-lettered (default 3)")
     parser.add_argument("--out-ttl", type=int, default=3600,
@@ -81,5 +85,6 @@ def run(args: argparse.Namespace) -> int:
         max_deliveries=args.max_deliveries,
         out_ttl_s=args.out_ttl,
         grace_s=args.grace,
+        stall_timeout_s=args.stall_timeout,
     )
     return Worker(model, config, metrics=metrics).run()
