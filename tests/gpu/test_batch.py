@@ -47,7 +47,12 @@ def check(batch, step: dict) -> None:
 def test_packed_fields_equal_the_lists(device):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    packer = BatchPacker(torch.device(device))
+    uploader = None
+    if device == "cuda":
+        from gpu.cuda.driver import DriverUploader
+
+        uploader = DriverUploader()
+    packer = BatchPacker(torch.device(device), uploader)
     rng = random.Random(0)
     previous = None
     for _ in range(60):  # shapes change and repeat: view caches and buffer growth both run
