@@ -9,6 +9,7 @@ import fakeredis
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from gpu.engine import EngineStats
 from gpu.events import EngineEvent
 from jobs.keys import GROUP, Keys
 from worker.metrics import WorkerMetrics
@@ -48,8 +49,9 @@ def test_engine_events_reconnects_and_gauges():
         metrics.engine_event(EngineEvent(kind=kind, request_id="r", session_id="s",
                                          num_blocks=1, num_tokens=16, reason="pool"))
     metrics.redis_reconnected()
-    metrics.observe_engine({"running": 3, "waiting": 1, "kv_blocks_used": 10,
-                            "kv_blocks_cached": 4, "kv_blocks_total": 100, "sessions": 2}, 4)
+    metrics.observe_engine(EngineStats(running=3, waiting=1, kv_blocks_used=10,
+                                       kv_blocks_cached=4, kv_blocks_total=100, sessions=2,
+                                       block_size=16), 4)
     got = samples(metrics)
     assert got["orcd_preemptions_total", ()] == 1
     assert got["orcd_session_evictions_total", ()] == 2
