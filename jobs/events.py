@@ -27,10 +27,13 @@ class Queued(_Event):
 
 
 class Started(_Event):
-    """The job runs on `worker_id`; `attempt` > 1 means a redelivery (discard earlier text)."""
+    """The job runs on `worker_id`; `attempt` > 1 means a redelivery. A redelivery carries
+    `resumed_from`: the index its `token` events go on from; the text of the indices before it
+    stands (a redelivery without it, from a worker before resume, starts over: discard)."""
 
     worker_id: str
     attempt: int
+    resumed_from: int | None = None
 
 
 class TokenLogprob(_Event):

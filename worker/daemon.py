@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import redis
 import structlog
 
-from gpu.request import RequestError, StepOutput
+from gpu.request import Request, RequestError, StepOutput
 from jobs.events import ENGINE_ERROR, INVALID_REQUEST, TOO_MANY_DELIVERIES, UNKNOWN_MODEL
 from jobs.keys import Keys
 from tokenizer.errors import TokenizerError
@@ -46,6 +46,7 @@ from worker.log import (
 from worker.metrics import WorkerMetrics
 from worker.narration import NarrationMirror, narrate_engine_event
 from worker.publisher import Publisher
+from worker.resume import Streamed, resumed_request, streamed_so_far
 from worker.systemd_notify import SystemdNotifier
 
 
@@ -390,22 +391,35 @@ class Worker:
 
     def _start(self, delivery: Delivery, log) -> None:
         job = delivery.job
+        streamed = self._streamed(delivery)
+        ended = None  # a resumed job whose earlier attempt had already reached its end
         try:
             request = build_request(job, self.tokenizer, self.engine.max_model_len)
-            self.engine.add(request)
+            prompt_ids = request.prompt_token_ids
+            active = ActiveJob.start(delivery, len(prompt_ids), self.tokenizer)
+            if streamed is not None and streamed.token_ids:
+                active.resume(streamed)
+                request = resumed_request(request, streamed)
+                ended = self._resumed_end(active, request)
+            if ended is None:
+                self.engine.add(request)
         except (TokenizerError, RequestError) as exc:
             self._fail(delivery, INVALID_REQUEST, str(exc))
             return
-        prompt_ids = request.prompt_token_ids
-        active = ActiveJob.start(delivery, len(prompt_ids), self.tokenizer)
         self.active[job.job_id] = active
         self.publisher.opened(job.job_id)
         self.publisher.event(job.job_id, "queued", {
             "position": self.engine.stats().waiting - 1, "queue_depth": len(self.active)})
-        self.publisher.event(job.job_id, "started",
-                             {"worker_id": self.worker_id, "attempt": delivery.attempt})
+        started = {"worker_id": self.worker_id, "attempt": delivery.attempt}
+        if streamed is not None:
+            started["resumed_from"] = streamed.next_index
+        self.publisher.event(job.job_id, "started", started)
         self._hold_session(job.session_id)
+        if ended is not None:
+            self._on_output(active, StepOutput(job.job_id, [], finish_reason=ended))
         again = f", attempt {delivery.attempt}" if delivery.attempt > 1 else ""
+        if streamed is not None and streamed.token_ids:
+            again += f", resumed after the {streamed.next_index} tokens already streamed"
         log.info(
             "job.started",
             narration=f"Started job {short(job.job_id)}: {len(prompt_ids)} prompt tokens, "
@@ -413,6 +427,25 @@ class Worker:
             f"{again}",
             prompt_tokens=len(prompt_ids), attempt=delivery.attempt,
         )
+
+    def _streamed(self, delivery: Delivery) -> Streamed | None:
+        """What earlier attempts of a redelivered job streamed (None on a first delivery, or
+        when Redis cannot say: the job then starts over, as a client of v1 expects)."""
+        if delivery.attempt <= 1:
+            return None
+        try:
+            entries = self.link.call(self.redis.xrange, self.keys.out(delivery.job.job_id))
+        except RedisDown:
+            return None
+        return streamed_so_far(entries)
+
+    def _resumed_end(self, active: ActiveJob, request: Request) -> str | None:
+        """The finish reason of a resumed job that has nothing left to generate."""
+        if active.stop_string_hit or request.prompt_token_ids[-1] in request.stop_token_ids:
+            return "stop"
+        if request.max_tokens < 1 or len(request.prompt_token_ids) >= self.engine.max_model_len:
+            return "length"
+        return None
 
     def _hold_session(self, session_id: str | None) -> None:
         """Route the session's next turns here for as long as the engine keeps its KV."""

@@ -87,6 +87,15 @@ class ActiveJob:
         job.queue_ms = max(0.0, time.time() * 1e3 - delivery.enqueued_ms)
         return job
 
+    def resume(self, streamed) -> None:
+        """Continue after what an earlier attempt streamed (worker/resume.py): its tokens
+        count as this job's, its text as shown, and the next `token` event takes the index
+        after them."""
+        self.completion_ids = list(streamed.token_ids)
+        self.next_index = streamed.next_index
+        self.text_stream.resume(streamed.token_ids, streamed.text)
+        self.stop_string_hit = self.text_stream.stopped
+
     @property
     def job(self) -> GenerationJob:
         return self.delivery.job

@@ -37,6 +37,17 @@ class TextStream:
             self._held += self._detokenizer.push(token_id)
         return self._release(final=False)
 
+    def resume(self, token_ids: Iterable[int], shown: str) -> None:
+        """Continue a stream an earlier attempt began: `token_ids` were generated and `shown`
+        (a prefix of their text) was emitted; what follows it is held back as it would be."""
+        self.push(token_ids)
+        decoded = self.text + self._held
+        if not decoded.startswith(shown):
+            raise ValueError("the text shown does not begin the tokens' text")
+        self.text, self._held = shown, decoded[len(shown):]
+        if self.stopped:  # a stop string inside the replayed text: the earlier attempt ended
+            self._held = ""
+
     def finish(self) -> str:
         """Flush what was held back once the request has ended (no more tokens will come)."""
         if self.stopped:

@@ -249,3 +249,39 @@ def test_session_turn_reuses_cached_tokens_and_end_session_frees_them(setup, mod
     assert model.engine.stats().sessions == 1
     assert client.end_session("s1") is True
     run_until(worker, lambda: model.engine.stats().sessions == 0, timeout=10)
+
+
+def test_a_redelivered_job_resumes_after_the_tokens_already_streamed(setup):
+    """Attempt 1 streamed 3 token events and died; attempt 2 (here) goes on at the next index:
+    no index repeats, the streamed text stands, and the answer equals an uninterrupted run's."""
+    worker, client, r = setup
+    whole = client.submit("The capital of France is", max_tokens=10, temperature=0)
+    run_until(worker, lambda: final(r, whole))
+    reference = final(r, whole)[1]
+    first_tokens = [data for kind, data in events(r, whole) if kind == "token"][:3]
+    stream = KEYS.jobs(MODEL)
+    r.xadd(stream, {"job": raw_job(job_id="again", sampling={"temperature": 0,
+                                                              "max_tokens": 10})})
+    [(_, [(entry_id, fields)])] = r.xreadgroup(GROUP, "dead-worker", {stream: ">"})
+    r.xclaim(stream, GROUP, "w1", 0, [entry_id])  # delivery 2, as a reclaim makes it
+    r.xadd(KEYS.out("again"), {"event": "started",
+                               "data": json.dumps({"worker_id": "dead-worker", "attempt": 1})})
+    for data in first_tokens:
+        r.xadd(KEYS.out("again"), {"event": "token", "data": json.dumps(data)})
+    from worker.consumer import Entry
+
+    worker._admit([Entry(stream, entry_id.decode(), {k.decode(): v for k, v in fields.items()},
+                         attempt=2)])
+    run_until(worker, lambda: final(r, "again"))
+    got = events(r, "again")
+    started = [data for kind, data in got if kind == "started"]
+    resumed_from = sum(len(data["token_ids"]) for data in first_tokens)
+    assert started[-1] == {"worker_id": "w1", "attempt": 2, "resumed_from": resumed_from}
+    tokens = [data for kind, data in got if kind == "token"]
+    indices = [data["index"] for data in tokens]
+    assert indices == sorted(set(indices)) and indices[len(first_tokens)] == resumed_from
+    kind, done = got[-1]
+    assert kind == "done" and done["text"] == reference["text"]
+    assert "".join(data["text"] for data in tokens) == reference["text"]
+    assert done["usage"]["completion_tokens"] == reference["usage"]["completion_tokens"]
+    assert done["usage"]["prompt_tokens"] == reference["usage"]["prompt_tokens"]

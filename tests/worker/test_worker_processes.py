@@ -170,9 +170,19 @@ def test_sigkill_mid_generation_loses_no_job(cluster, reference):
         assert results[job_id].usage.completion_tokens == 12 or results[job_id].finish_reason \
             == "stop"
     for job_id in victim_started:
-        attempts = [e.data for e in raw_events(client, job_id) if e.kind == "started"]
+        events = raw_events(client, job_id)
+        attempts = [e.data for e in events if e.kind == "started"]
         if len(attempts) > 1:  # finished by wb before the kill otherwise
+            resumed = attempts[-1].pop("resumed_from")
             assert attempts[-1] == {"worker_id": "wa", "attempt": 2}
+            # Resumed, not restarted: the new attempt goes on at the next index, and the
+            # indices of the whole stream never repeat.
+            tokens = [e.data for e in events if e.kind == "token"]
+            indices = [data["index"] for data in tokens]
+            assert indices == sorted(set(indices))
+            assert resumed == sum(len(d["token_ids"]) for d in tokens if d["attempt"] == 1)
+            streamed = "".join(e.data["text"] for e in events if e.kind == "token")
+            assert streamed == results[job_id].text
     assert "job.reclaimed" in wa.log()
     assert client.redis.xlen(KEYS.jobs(MODEL)) == 0
 
