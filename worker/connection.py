@@ -18,6 +18,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from jobs import redis_url
 from worker.log import get_logger
 
 T = TypeVar("T")
@@ -34,9 +35,10 @@ class RedisDown(Exception):
 
 
 def connect(url: str) -> redis.Redis:
-    """A client for the worker: no redis-py retries (redis-py >= 6 retries 3 times with
-    exponential backoff by default, which would stall generation), short timeouts."""
-    return redis.Redis.from_url(
+    """A client for the worker (any URL of jobs/redis_url.py, Sentinel included): no redis-py
+    retries (redis-py >= 6 retries 3 times with exponential backoff by default, which would
+    stall generation), short timeouts."""
+    return redis_url.connect(
         url,
         retry=Retry(NoBackoff(), 0),
         socket_timeout=SOCKET_TIMEOUT_S,

@@ -10,9 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-import redis
-
 from jobs.keys import Keys
+from jobs.redis_url import connect
 
 
 class WorkerProcess:
@@ -30,7 +29,7 @@ class WorkerProcess:
         )
 
     def wait_ready(self, timeout: float = 90.0) -> WorkerProcess:
-        r = redis.Redis.from_url(self.url)
+        r = connect(self.url)
         deadline = time.monotonic() + timeout
         while not r.exists(Keys().worker(self.worker_id)):
             if self.process.poll() is not None or time.monotonic() > deadline:
