@@ -16,8 +16,13 @@ from jobs.keys import Keys
 
 
 class WorkerProcess:
+    """`orcd worker` in float32 unless `extra` names a --dtype: the tests compare its answers
+    with the engine's float32 reference (the command's own default is auto: int8 on a CPU)."""
+
     def __init__(self, url: str, worker_id: str, log_dir: Path, *extra: str) -> None:
         self.url, self.worker_id = url, worker_id
+        if "--dtype" not in extra:
+            extra = ("--dtype", "float32", *extra)
         self.log_path = log_dir / f"{worker_id}.log"
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         self.process = subprocess.Popen(
