@@ -6,11 +6,17 @@ run. Batching must pay: 4 concurrent sequences should give well over 2x the summ
 tokens/s of one.
 
     python bench/cpu_decode.py [--model smollm2-135m] [--prompt-tokens 128] [--decode 48]
+
+On a shared machine compare in one run: `--repeat 5 --dtypes int8,float32 --threads 1,2
+--batches 1` loads each dtype once (no transformers row) and measures every (threads, dtype,
+batch) row once per round, rounds interleaved, then reports each row's median and best over
+the rounds with the load average before and after.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -47,12 +53,18 @@ def prompt_ids(tokenizer, n: int) -> list[int]:
     return ids[:n]
 
 
-def run_ours(path: Path, dtype: str, prompt: list[int], n_decode: int, batch: int) -> dict:
-    engine = Engine(path, backend="torch", dtype=dtype, kv_blocks=256,
-                    max_batch_tokens=max(512, len(prompt) * batch))
+def run_ours(path: Path, dtype: str, prompt: list[int], n_decode: int, batch: int,
+             engine: Engine | None = None, tag: str = "r") -> dict:
+    """One prefill of `batch` copies of the prompt, then greedy decode; with `engine` (reused
+    across rounds) the caller must make each round's prompt distinct, or the prefix cache
+    answers its prefill."""
+    if engine is None:
+        engine = Engine(path, backend="torch", dtype=dtype, kv_blocks=256,
+                        max_batch_tokens=max(512, len(prompt) * batch))
     greedy = SamplingParams(temperature=0.0)
     for i in range(batch):
-        engine.add(Request(f"r{i}", list(prompt), greedy, max_tokens=n_decode, ignore_eos=True))
+        engine.add(Request(f"{tag}{i}", list(prompt), greedy, max_tokens=n_decode,
+                           ignore_eos=True))
     start = time.perf_counter()
     engine.step()  # prefill of every sequence in one step + first token each
     prefill_s = time.perf_counter() - start
@@ -68,6 +80,45 @@ def run_ours(path: Path, dtype: str, prompt: list[int], n_decode: int, batch: in
         "decode_tokens_per_s": batch / step,
         "weight_bytes": weight_bytes,
     }
+
+
+def rounds(path: Path, prompt: list[int], args: argparse.Namespace) -> dict:
+    """Each dtype loaded once; every (threads, dtype, batch) row measured once per round."""
+    dtypes, threads = args.dtypes.split(","), [int(t) for t in args.threads.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
+    engines = {d: Engine(path, backend="torch", dtype=d, kv_blocks=512,
+                         max_batch_tokens=max(512, len(prompt) * max(batches)))
+               for d in dtypes}
+    load_before = os.getloadavg()
+    runs: dict[str, list[dict]] = {}
+    for r in range(args.repeat):
+        for n_threads in threads:
+            torch.set_num_threads(n_threads)
+            for dtype in dtypes:
+                for batch in batches:
+                    # A different first token each round: no prefix-cache hit on a reused engine.
+                    rotated = prompt[r % len(prompt):] + prompt[:r % len(prompt)]
+                    name = f"orcd torch {dtype}, batch {batch}, {n_threads} threads"
+                    runs.setdefault(name, []).append(run_ours(
+                        path, dtype, rotated, args.decode, batch, engines[dtype], f"{r}-"))
+        print(f"round {r + 1}/{args.repeat} done, load {os.getloadavg()}", flush=True)
+    print(f"{args.model}: prompt {len(prompt)} tokens, {args.decode} decode steps, "
+          f"{args.repeat} rounds, load before {load_before}, after {os.getloadavg()}")
+    print(f"{'':40} {'prefill tok/s median':>21} {'decode tok/s median':>20} {'best':>7}")
+    rows = {}
+    for name, values in runs.items():
+        prefill = [v["prefill_tokens_per_s"] for v in values]
+        decode = [v["decode_tokens_per_s"] for v in values]
+        rows[name] = {"prefill_tokens_per_s_median": statistics.median(prefill),
+                      "decode_tokens_per_s_median": statistics.median(decode),
+                      "decode_tokens_per_s_best": max(decode),
+                      "decode_tokens_per_s_all": decode, "prefill_tokens_per_s_all": prefill,
+                      "weight_bytes": values[0]["weight_bytes"]}
+        print(f"{name:40} {statistics.median(prefill):21.1f} {statistics.median(decode):20.1f} "
+              f"{max(decode):7.1f}")
+    return {"model": args.model, "prompt_tokens": len(prompt), "decode_steps": args.decode,
+            "rounds": args.repeat, "load_avg_before": load_before,
+            "load_avg_after": os.getloadavg(), "rows": rows}
 
 
 def run_transformers(path: Path, prompt: list[int], n_decode: int) -> dict:
@@ -103,11 +154,18 @@ def main() -> int:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--decode", type=int, default=48)
+    parser.add_argument("--repeat", type=int, help="interleaved rounds (see above)")
+    parser.add_argument("--dtypes", default="float32,bfloat16,int8", help="with --repeat")
+    parser.add_argument("--threads", default=str(torch.get_num_threads()), help="with --repeat")
+    parser.add_argument("--batches", default="1,4", help="with --repeat")
     args = parser.parse_args()
     from tokenizer.tokenizer import load_tokenizer
 
     path = resolve_model(args.model)
     prompt = prompt_ids(load_tokenizer(path), args.prompt_tokens)
+    if args.repeat:
+        print(f"wrote {write_result('cpu_decode', rounds(path, prompt, args))}")
+        return 0
     bandwidth = copy_bandwidth_gbs()
     rows = {
         "transformers float32, batch 1": run_transformers(path, prompt, args.decode),

@@ -15,11 +15,16 @@ from jobs.redis_url import connect
 
 
 class WorkerProcess:
+    """`orcd worker` in float32 unless `extra` names a --dtype: the tests compare its answers
+    with the engine's float32 reference (the command's own default is auto: int8 on a CPU)."""
+
     def __init__(self, url: str, worker_id: str, log_dir: Path, *extra: str,
                  launcher: tuple[str, ...] = ("worker.cli",)) -> None:  # fmt: skip
         """`launcher`: the module run with `-m` and its leading arguments (the real CLI, or a
         test wrapper such as tests.worker.slow_worker)."""
         self.url, self.worker_id = url, worker_id
+        if "--dtype" not in extra:
+            extra = ("--dtype", "float32", *extra)
         self.log_path = log_dir / f"{worker_id}.log"
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         self.process = subprocess.Popen(

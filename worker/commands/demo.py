@@ -25,6 +25,7 @@ import redis
 from jobs import JobError, OrcdClient
 from jobs.protocol import EventFollower, JobEvent
 from loader.registry import DEFAULT_MODEL
+from worker.loaded_model import AUTO_TORCH_DTYPE, DTYPE_CHOICES
 
 PREFIX = "orcd-demo"  # never the production prefix, even on a shared Redis
 TURNS = ["What is the capital of France?", "And what is the capital of Italy?"]
@@ -33,6 +34,9 @@ TURNS = ["What is the capital of France?", "And what is the capital of Italy?"]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"default: {DEFAULT_MODEL}")
     parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--dtype", default="auto", choices=list(DTYPE_CHOICES),
+                        help=f"the worker's --dtype (default: auto, {AUTO_TORCH_DTYPE} on the "
+                        "torch backend)")
     parser.add_argument("--redis", default=os.environ.get("REDIS_URL"),
                         help="use this Redis (default: $REDIS_URL, else start one)")
 
@@ -92,11 +96,12 @@ def redis_for_demo(url: str | None) -> Iterator[tuple[str, str]]:
 
 
 @contextmanager
-def worker_process(url: str, model: str, worker_id: str, log_path: str) -> Iterator[None]:
+def worker_process(url: str, model: str, worker_id: str, log_path: str,
+                   dtype: str = "auto") -> Iterator[None]:
     with open(log_path, "w") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "worker.cli", "worker", "--redis", url, "--prefix", PREFIX,
-             "--model", model, "--id", worker_id, "--max-jobs", "4"],
+             "--model", model, "--id", worker_id, "--max-jobs", "4", "--dtype", dtype],
             stdout=log, stderr=log)
     try:
         yield process
@@ -209,7 +214,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"orcd demo: {what}; starting worker {worker_id} for {args.model}...", flush=True)
         log_path = stack.enter_context(tempfile.TemporaryDirectory(prefix="orcd-demo-log-"))
         log_path = os.path.join(log_path, "worker.log")
-        process = stack.enter_context(worker_process(url, args.model, worker_id, log_path))
+        process = stack.enter_context(
+            worker_process(url, args.model, worker_id, log_path, args.dtype))
         client = stack.enter_context(OrcdClient(url, prefix=PREFIX))
         # Read narration from the start: the worker's "serves ..." line says what was loaded.
         narration_id = "0-0" if not client.redis.exists(client.keys.narration) else \

@@ -87,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
             "token_ids": token_ids,
             "finish_reason": finish_reason,
             "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": len(token_ids)},
+            "backend": engine.backend.name,
+            "dtype": model.dtype if engine.backend.name == "torch" else None,
             "timings": {
                 "load_s": round(model.load_seconds, 3),
                 "ttft_ms": round(((first_token_at or start) - start) * 1e3, 1),

@@ -15,12 +15,15 @@ from loader.gguf_file import open_gguf
 from loader.registry import resolve_model
 from tokenizer.tokenizer import GGUFTokenizer
 from worker.commands.options import add_model_options
+from worker.loaded_model import resolve_dtype
 from worker.log import configure_logging
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", help="UTF-8 text file")
-    add_model_options(parser)
+    # float32 by default, unlike the serving commands: perplexity is the reference measurement
+    # (and what `--dtype auto` was chosen by); `--dtype auto` measures what they serve.
+    add_model_options(parser, dtype_default="float32")
     parser.add_argument("--ctx", type=int, default=512, help="chunk length in tokens (512)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -36,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     # llama-perplexity tokenizes with add_special=true, parse_special=false.
     tokens = tokenizer.encode(text, add_special_tokens=True, parse_special=False)
     bos = tokenizer.bos_id if tokenizer.add_bos else None
-    backend = make_backend(args.backend, gguf, dtype=args.dtype)
+    dtype = resolve_dtype(args.dtype, args.backend)
+    backend = make_backend(args.backend, gguf, dtype=dtype)
     bar = tqdm(total=len(tokens) // args.ctx, unit="chunk", file=sys.stderr,
                disable=args.json and not sys.stderr.isatty())
     estimate = None
@@ -51,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({
             "ppl": estimate.ppl, "error": estimate.error, "chunks": estimate.chunks,
             "ctx": args.ctx, "tokens": len(tokens), "tokens_scored": estimate.tokens_scored,
+            "backend": backend.name, "dtype": dtype if backend.name == "torch" else None,
         }))
     else:
         print(f"Final estimate: PPL = {estimate.ppl:.4f} +/- {estimate.error:.5f}  "

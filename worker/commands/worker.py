@@ -8,6 +8,7 @@ import socket
 import uuid
 
 from jobs.limits import DEFAULT_MODEL, DEFAULT_SESSION_TTL_S
+from worker.commands.options import add_backend_options
 from worker.daemon import Worker, WorkerConfig
 from worker.loaded_model import freeze_startup_objects, load_model
 from worker.log import configure_logging
@@ -27,8 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="redis://, rediss:// or unix:// URL, with user:password@ for ACLs "
                         f"(default: $REDIS_URL or {DEFAULT_REDIS_URL})")
     parser.add_argument("--prefix", default="orcd", help="Redis key prefix (default: orcd)")
-    parser.add_argument("--backend", default="auto", choices=["auto", "torch", "cuda"],
-                        help="auto (default), torch or cuda")
+    add_backend_options(parser)
     parser.add_argument("--id", dest="worker_id", help="worker id (default: host-pid-random)")
     parser.add_argument("--max-jobs", type=int, default=16,
                         help="jobs running at once (default 16)")
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     if args.metrics_port is not None:  # before loading the model: a taken port fails fast
         metrics.serve(args.metrics_port, args.metrics_host)
     model = load_model(args.model, models_dir=args.models_dir, backend=args.backend,
-                       kv_blocks=args.kv_blocks, session_ttl_s=args.session_ttl,
+                       dtype=args.dtype, kv_blocks=args.kv_blocks, session_ttl_s=args.session_ttl,
                        max_num_seqs=max(args.max_jobs, 1), overlap=args.overlap)
     freeze_startup_objects()  # the model stays for the process's life: out of the GC's scans
     config = WorkerConfig(
