@@ -26,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     with redis_client(args) as client:
+        client.redis.ping()  # a Redis unreachable from the start is an error, not an outage
         for event in client.events(args.job_id, timeout=args.timeout,
                                    reconnect_s=args.reconnect,
                                    on_disconnect=reconnect_note("tail", args.redis)):
