@@ -51,12 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
 def describe_redis_error(exc: RedisError, url: str | None) -> str:
     """One line: what went wrong with which Redis."""
     reason = one_line(exc)
-    where = shown_url(url)
+    where = f"Redis at {shown_url(url)}" if url else "Redis"
     if isinstance(exc, RedisTimeoutError):
-        return f"Redis at {where} did not answer in time: {reason}"
+        return f"{where} did not answer in time: {reason}"
     if isinstance(exc, RedisConnectionError):
-        return f"cannot reach Redis at {where}: {reason}"
-    return f"Redis at {where} refused a command: {reason}"
+        return f"cannot reach {where}: {reason}"
+    return f"{where} refused a command: {reason}"
 
 
 def main(argv: list[str] | None = None) -> int:

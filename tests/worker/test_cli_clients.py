@@ -194,6 +194,15 @@ def test_ctrl_c_on_submit_wait_cancels_the_job(redis_server, tmp_path, detach):
         assert r.get(KEYS.cancel(job_id)) == b"1"
 
 
+def test_ctrl_c_elsewhere_is_one_line_and_exit_130(redis_server, tmp_path):
+    r = redis_server.client()
+    tail = Orcd(tmp_path, "tail", "tail", "--redis", redis_server.url, "nothing-yet")
+    tail.wait_for(lambda: len(r.client_list()) > 1, "tail to connect")  # reading by now
+    tail.process.send_signal(signal.SIGINT)
+    assert tail.finish() == 130
+    assert tail.stderr() == "orcd tail: interrupted\n" and tail.stdout() == ""
+
+
 def test_timeout_on_submit_wait_cancels_the_job(redis_server):
     r = redis_server.client()
     result = orcd("submit", "--redis", redis_server.url, "--queue-anyway", "--wait",
