@@ -30,7 +30,8 @@ class GGUFTokenizer:
 
     Control tokens written in the text (`<|im_start|>`) are read as single tokens by default,
     as HuggingFace and llama.cpp do; pass `parse_special=False` for untrusted user text, which
-    is then tokenized as the plain characters it is.
+    is then tokenized as the plain characters it is. `encode_chat` is the other way round: the
+    message content it is given is plain text unless the caller passes `parse_special=True`.
     """
 
     def __init__(self, vocab: GGUFVocab) -> None:
@@ -175,7 +176,10 @@ class GGUFTokenizer:
         The ids are exactly those of the whole prompt tokenized with special tokens parsed
         (what llama.cpp and transformers do) whenever no content holds control-token text.
         `parse_special=True` parses content as well, as they do: for trusted input only.
-        Content is `content` as a string, or the `text` of each part of a list of parts."""
+        Content is `content` as a string, or the `text` of each part of a list of parts; roles,
+        `tools` and template variables are the caller's and render as template text. A template
+        that rewrites content beyond trimming or JSON-escaping it cannot keep control-token
+        text in content plain: that is a TokenizerError (content without such text is fine)."""
         prompt = self.chat_template.render(
             messages, add_generation_prompt=add_generation_prompt, tools=tools, **template_vars
         )
