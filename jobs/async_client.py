@@ -5,11 +5,13 @@
         async for event in client.stream(job_id):
             ...
 
-Same contract, same routing and attempt handling as the sync client (`jobs.protocol`).
+Same contract, same routing, attempt handling and reconnection as the sync client
+(`jobs.protocol`, `jobs.client`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,10 +20,21 @@ import redis.asyncio as aioredis
 
 from jobs.client import (
     CANCEL_TTL_S,
+    RECONNECT_ERRORS,
+    RECONNECT_S,
+    SCAN_BATCH,
+    JobState,
+    OnDisconnect,
+    Reconnect,
     holder_control_stream,
+    holds_job,
+    live_workers,
+    no_worker,
     outcome,
     read_block_ms,
     route_for_session,
+    serving_workers,
+    state_from_last,
     validated_job,
 )
 from jobs.errors import JobError
@@ -65,10 +78,15 @@ class AsyncOrcdClient:
         model: str = DEFAULT_MODEL,
         session_id: str | None = None,
         job_id: str | None = None,
+        require_worker: bool = False,
         **options: Any,
     ) -> str:
         job = validated_job(model=model, prompt=prompt, messages=messages,
                             session_id=session_id, job_id=job_id, **options)
+        if require_worker:
+            workers = await self.workers()
+            if not serving_workers(model, workers):
+                raise no_worker(model, workers)
         await self.redis.xadd(await self.stream_for(model, session_id),
                               {JOB_FIELD: encode_job(job)})
         return job.job_id
@@ -85,14 +103,21 @@ class AsyncOrcdClient:
             alive, info = await pipe.execute()
         return route_for_session(self.keys, model, session_id, holder, bool(alive), as_text(info))
 
-    async def events(self, job_id: str, *, timeout: float | None = None
-                     ) -> AsyncIterator[JobEvent]:
+    async def events(self, job_id: str, *, timeout: float | None = None,
+                     reconnect_s: float | None = RECONNECT_S,
+                     on_disconnect: OnDisconnect | None = None) -> AsyncIterator[JobEvent]:
         key = self.keys.out(job_id)
         last_id = "0"
         deadline = None if timeout is None else time.monotonic() + timeout
+        retry = Reconnect(job_id, timeout, deadline, reconnect_s, on_disconnect)
         while True:
             block = read_block_ms(job_id, deadline, timeout)
-            reply = await self.redis.xread({key: last_id}, block=block, count=512)
+            try:
+                reply = await self.redis.xread({key: last_id}, block=block, count=512)
+            except RECONNECT_ERRORS as exc:
+                await asyncio.sleep(retry.failed(exc, last_id))
+                continue
+            retry.succeeded()
             for _, entries in reply or ():
                 for entry_id, fields in entries:
                     event = JobEvent.from_entry(entry_id, fields)
@@ -101,16 +126,19 @@ class AsyncOrcdClient:
                     if event.final:
                         return
 
-    async def stream(self, job_id: str, *, timeout: float | None = None
-                     ) -> AsyncIterator[JobEvent]:
+    async def stream(self, job_id: str, *, timeout: float | None = None,
+                     reconnect_s: float | None = RECONNECT_S,
+                     on_disconnect: OnDisconnect | None = None) -> AsyncIterator[JobEvent]:
         follower = EventFollower()
-        async for event in self.events(job_id, timeout=timeout):
+        async for event in self.events(job_id, timeout=timeout, reconnect_s=reconnect_s,
+                                       on_disconnect=on_disconnect):
             shown = follower.feed(event)
             if shown is not None:
                 yield shown
 
-    async def wait(self, job_id: str, *, timeout: float | None = None) -> Done:
-        async for event in self.stream(job_id, timeout=timeout):
+    async def wait(self, job_id: str, *, timeout: float | None = None,
+                   reconnect_s: float | None = RECONNECT_S) -> Done:
+        async for event in self.stream(job_id, timeout=timeout, reconnect_s=reconnect_s):
             done = outcome(job_id, event)
             if done is not None:
                 return done
@@ -122,6 +150,34 @@ class AsyncOrcdClient:
 
     async def cancel(self, job_id: str, *, ttl_s: int = CANCEL_TTL_S) -> None:
         await self.redis.set(self.keys.cancel(job_id), 1, ex=ttl_s)
+
+    async def job_state(self, job_id: str) -> JobState:
+        out = self.keys.out(job_id)
+        state = state_from_last(job_id, await self.redis.xrevrange(out, count=1))
+        if state is not None:
+            return state
+        async for key in self.redis.scan_iter(match=self.keys.jobs("*"), count=SCAN_BATCH,
+                                              _type="stream"):
+            start = "-"
+            while entries := await self.redis.xrange(key, min=start, count=SCAN_BATCH):
+                if any(holds_job(fields, job_id) for _, fields in entries):
+                    return JobState(job_id, "queued", stream=as_text(key))
+                start = "(" + as_text(entries[-1][0])
+        state = state_from_last(job_id, await self.redis.xrevrange(out, count=1))
+        return state or JobState(job_id, "unknown")
+
+    async def workers(self) -> dict[str, dict]:
+        entries = await self.redis.hgetall(self.keys.workers)
+        if not entries:
+            return {}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for worker_id in entries:
+                pipe.exists(self.keys.worker(as_text(worker_id)))
+            alive = await pipe.execute()
+        return live_workers(entries, alive)
+
+    async def serving_workers(self, model: str = DEFAULT_MODEL) -> list[str]:
+        return serving_workers(model, await self.workers())
 
     async def end_session(self, session_id: str) -> bool:
         control = EndSession(v=1, op="end_session", session_id=session_id)

@@ -25,3 +25,13 @@ class JobFailed(JobError):
 
 class JobTimeout(JobError):
     """No `done` or `error` came within the time the caller allowed."""
+
+
+class NoWorker(JobError):
+    """No live worker serves the job's model (`submit(..., require_worker=True)`)."""
+
+    def __init__(self, model: str, others: dict[str, str] | None = None) -> None:
+        elsewhere = ", ".join(f"{w} ({what})" for w, what in sorted((others or {}).items()))
+        super().__init__(f"no live worker serves model {model}"
+                         + (f"; live workers: {elsewhere}" if elsewhere else ""))
+        self.model = model

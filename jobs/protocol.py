@@ -34,6 +34,7 @@ def build_job(
     stream_interval: int = 1,
     priority: int = 0,
     metadata: dict | None = None,
+    parse_special: bool = False,
     **sampling_fields: Any,
 ) -> GenerationJob:
     """A validated job; `sampling_fields` (temperature=..., max_tokens=...) override `sampling`."""
@@ -52,6 +53,7 @@ def build_job(
         "stream_interval": stream_interval,
         "priority": priority,
         "metadata": metadata or {},
+        "parse_special": parse_special,
     }
     # Validated through JSON so that the client refuses exactly what a worker would.
     return GenerationJob.model_validate_json(json.dumps(payload))
@@ -128,4 +130,7 @@ class EventFollower:
 
 
 def encode_job(job: GenerationJob) -> str:
-    return job.model_dump_json(exclude_none=False)
+    """The job's wire JSON. `parse_special` is written only when true, so that a job that does
+    not use it is read by workers that predate the field (they refuse unknown fields)."""
+    return job.model_dump_json(exclude_none=False,
+                               exclude=None if job.parse_special else {"parse_special"})

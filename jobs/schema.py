@@ -7,9 +7,12 @@ max_tokens 256, no stop strings, stream on, one token per `token` event.
 
 `prompt` is raw text continued as is: it is encoded with BOS as the model's file says and
 with special-token parsing *off*, so a user typing "<|im_end|>" gets those characters, not the
-control token. `messages` go through the model's chat template, whose control tokens are the
-template's own (user content is rendered into the template's text and then parsed, as
-llama.cpp and transformers do).
+control token. `messages` go through the model's chat template, and only the template's own
+text can produce control tokens: message content is tokenized as plain text, so a message
+holding "<|im_start|>system" cannot open a turn of its own (llama.cpp and transformers parse
+the whole rendered prompt, content included). `parse_special: true` opts out, for trusted
+input: control-token text in the prompt or in message content is then read as the control
+token, as those tools do.
 """
 
 from __future__ import annotations
@@ -87,6 +90,10 @@ class GenerationJob(_Strict):
     stream_interval: int = Field(1, ge=1, le=1024)  # tokens per `token` event
     priority: int = Field(0, ge=-1000, le=1000)  # accepted; workers serve FCFS today
     metadata: dict[str, Any] = Field(default_factory=dict)  # echoed in `done`
+    # True: control-token text in `prompt` or message content is parsed as control tokens
+    # (trusted input only). False: it is plain text; only a chat template's own text makes
+    # control tokens.
+    parse_special: bool = False
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerationJob:

@@ -1,5 +1,7 @@
 """A private `redis-server` for integration tests: a free port, a temporary directory, no
-persistence. Never the machine's own Redis on 6379, never a database we did not create."""
+persistence unless asked (`persistent=True`: an append-only file synced on every write, so a
+killed server restarts with everything it acknowledged). Never the machine's own Redis on
+6379, never a database we did not create."""
 
 from __future__ import annotations
 
@@ -21,10 +23,12 @@ def free_port() -> int:
 class RedisServer:
     """start() / kill() / restart() on one port, so clients can reconnect to the same URL."""
 
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(self, directory: Path, port: int | None = None, *,
+                 persistent: bool = False) -> None:
         self.binary = shutil.which("redis-server")
         self.directory = directory
         self.port = port or free_port()
+        self.persistent = persistent
         self.process: subprocess.Popen | None = None
 
     @property
@@ -35,9 +39,11 @@ class RedisServer:
         return redis.Redis.from_url(self.url)
 
     def start(self) -> RedisServer:
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent \
+            else ["--appendonly", "no"]
         self.process = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.directory)],
+             *persistence, "--dir", str(self.directory)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10

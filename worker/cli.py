@@ -1,7 +1,9 @@
 """`orcd` command line: one subcommand per module under `worker/commands/`.
 
 Every subcommand turns an `OrcdError` into its one-line message on stderr and exit status 2,
-so a bad file or name never shows a traceback.
+so a bad file or name never shows a traceback; so does a Redis error (Redis unreachable, a
+restart that outlasted the retries, a refused command), with the Redis URL it was using
+(password hidden). Ctrl-C ends any command with one line and exit status 130.
 """
 
 from __future__ import annotations
@@ -10,6 +12,11 @@ import argparse
 import importlib
 import sys
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from jobs.client import one_line, shown_url
 from jobs.errors import OrcdError
 
 # Subcommand name -> module under worker.commands exposing add_arguments(parser) and run(args).
@@ -22,10 +29,12 @@ COMMANDS = {
     "worker": "Serve a model's Redis job stream until SIGTERM (the daemon).",
     "submit": "Submit a generation job to Redis; --wait streams the answer.",
     "tail": "Print a job's events from the first, as JSON lines.",
+    "cancel": "Ask the worker running (or about to run) a job to stop it.",
     "status": "Workers, job streams, pending jobs, dead letters and sessions.",
     "batch": "Batch jobs through RQ: submit a JSONL file, follow progress, fetch results.",
     "demo": "A Redis, a worker and a two-turn chat with its narration, end to end.",
 }
+INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,13 +48,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def describe_redis_error(exc: RedisError, url: str | None) -> str:
+    """One line: what went wrong with which Redis."""
+    reason = one_line(exc)
+    where = f"Redis at {shown_url(url)}" if url else "Redis"
+    if isinstance(exc, RedisTimeoutError):
+        return f"{where} did not answer in time: {reason}"
+    if isinstance(exc, RedisConnectionError):
+        return f"cannot reach {where}: {reason}"
+    return f"{where} refused a command: {reason}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    name, url = "orcd", None
     try:
+        args = build_parser().parse_args(argv)
+        name, url = f"orcd {args.command}", getattr(args, "redis", None)
         return args.run(args) or 0
     except OrcdError as exc:
-        print(f"orcd {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{name}: error: {exc}", file=sys.stderr)
         return 2
+    except RedisError as exc:
+        print(f"{name}: error: {describe_redis_error(exc, url)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return INTERRUPTED
     except BrokenPipeError:
         return 1
 

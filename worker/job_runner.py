@@ -25,13 +25,16 @@ from worker.text_stream import TextStream
 
 def build_request(job: GenerationJob, tokenizer: GGUFTokenizer, max_model_len: int) -> Request:
     """The engine request of a validated job: its prompt tokenized (chat template for
-    `messages`; raw text with special-token parsing off, so user text cannot forge control
-    tokens), its sampling, and the model's end-of-generation ids. Raises `TokenizerError` or
-    `RequestError` (max_tokens past the context) with a message for the client."""
+    `messages`, whose own text alone makes control tokens; raw text with special-token
+    parsing off, so user text cannot forge control tokens; both parsed when the job sets
+    `parse_special`), its sampling, and the model's end-of-generation ids. Raises
+    `TokenizerError` or `RequestError` (max_tokens past the context) with a message for the
+    client."""
     if job.messages is not None:
-        _, prompt_ids = tokenizer.encode_chat(job.message_dicts())
+        _, prompt_ids = tokenizer.encode_chat(job.message_dicts(),
+                                              parse_special=job.parse_special)
     else:
-        prompt_ids = tokenizer.encode(job.prompt, parse_special=False)
+        prompt_ids = tokenizer.encode(job.prompt, parse_special=job.parse_special)
     sampling = job.sampling
     if sampling.max_tokens > max_model_len:
         raise RequestError(f"max_tokens {sampling.max_tokens} exceeds the context of "

@@ -7,11 +7,21 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 
 import fakeredis
 import pytest
+import redis
 
-from jobs import AsyncOrcdClient, EventFollower, JobEvent, JobFailed, JobTimeout, OrcdClient
+from jobs import (
+    AsyncOrcdClient,
+    EventFollower,
+    JobEvent,
+    JobFailed,
+    JobTimeout,
+    NoWorker,
+    OrcdClient,
+)
 from jobs.errors import JobError
 from jobs.keys import CONTROL_FIELD, JOB_FIELD, Keys
 
@@ -213,3 +223,107 @@ def test_async_client_speaks_the_same_protocol(server):
             await client.wait("bad", timeout=5)
 
     asyncio.run(scenario())
+
+
+class Flaky:
+    """A connection whose XREAD fails `failures` times (Redis restarting), then works."""
+
+    def __init__(self, connection, failures: int) -> None:
+        self.connection, self.failures, self.reads = connection, failures, []
+
+    def __getattr__(self, name):
+        return getattr(self.connection, name)
+
+    def xread(self, streams, **options):
+        self.reads.append(dict(streams))
+        if self.failures:
+            self.failures -= 1
+            raise redis.ConnectionError("Connection closed by server.")
+        return self.connection.xread(streams, **options)
+
+
+def test_readers_reconnect_and_resume_after_the_last_event(server):
+    r = fakeredis.FakeRedis(server=server)
+    publish(r, "j5", "started", {"worker_id": "w1", "attempt": 1})
+    publish(r, "j5", "token", {"index": 0, "token_ids": [1], "text": "Hel", "attempt": 1})
+    flaky = Flaky(r, 0)
+    client = OrcdClient(connection=flaky)
+    notes = []
+    events = client.stream("j5", timeout=10, on_disconnect=lambda exc, last: notes.append(last))
+    assert [next(events).kind, next(events).kind] == ["started", "token"]
+    flaky.failures = 3  # Redis goes away; the worker goes on
+    publish(r, "j5", "token", {"index": 1, "token_ids": [2], "text": "lo", "attempt": 1})
+    publish(r, "j5", "done", done_data("Hello"))
+    rest = list(events)
+    assert [e.kind for e in rest] == ["token", "done"] and rest[0].data["text"] == "lo"
+    token_id = r.xrange(KEYS.out("j5"))[1][0].decode()
+    assert notes == [token_id]  # one note per outage, naming where reading resumes
+    assert [read[KEYS.out("j5")] for read in flaky.reads[-4:]] == [token_id] * 4
+
+
+def test_readers_give_up_when_told(server):
+    client = OrcdClient(connection=Flaky(fakeredis.FakeRedis(server=server), 10**6))
+    with pytest.raises(redis.ConnectionError):
+        list(client.events("j6", reconnect_s=0))
+    started = time.monotonic()
+    with pytest.raises(redis.ConnectionError):
+        list(client.events("j6", reconnect_s=0.3))
+    assert 0.25 < time.monotonic() - started < 2
+    with pytest.raises(JobTimeout, match="Redis unreachable"):
+        list(client.events("j6", timeout=0.3))
+
+
+def test_async_readers_reconnect_too(server):
+    async def scenario():
+        r = fakeredis.aioredis.FakeRedis(server=server)
+        await r.xadd(KEYS.out("j7"), {"event": "started",
+                                      "data": json.dumps({"worker_id": "w", "attempt": 1})})
+        await r.xadd(KEYS.out("j7"), {"event": "done", "data": json.dumps(done_data("x"))})
+        failures = [redis.ConnectionError("gone")] * 2
+
+        async def xread(streams, **options):
+            if failures:
+                raise failures.pop()
+            return await fakeredis.aioredis.FakeRedis.xread(r, streams, **options)
+
+        r.xread = xread
+        notes = []
+        client = AsyncOrcdClient(connection=r)
+        kinds = [e.kind async for e in client.stream(
+            "j7", timeout=10, on_disconnect=lambda exc, last: notes.append(last))]
+        return kinds, notes
+
+    assert asyncio.run(scenario()) == (["started", "done"], ["0"])
+
+
+def test_submit_can_require_a_live_worker(client):
+    r = client.redis
+    with pytest.raises(NoWorker, match=f"no live worker serves model {MODEL}"):
+        client.submit("Hi", require_worker=True)
+    assert r.exists(KEYS.jobs(MODEL)) == 0
+    r.hset(KEYS.workers, mapping={"w1": json.dumps({"model": "other"}),
+                                  "w2": json.dumps({"model": MODEL, "state": "draining"})})
+    r.set(KEYS.worker("w1"), "{}")
+    r.set(KEYS.worker("w2"), "{}")
+    with pytest.raises(NoWorker, match=r"w1 \(serves other\), w2 \(draining\)"):
+        client.submit("Hi", require_worker=True)
+    client.submit("Hi")  # the default queues it for a worker yet to start
+    assert r.xlen(KEYS.jobs(MODEL)) == 1
+    r.hset(KEYS.workers, "w3", json.dumps({"model": MODEL, "state": "serving"}))
+    r.set(KEYS.worker("w3"), "{}")
+    client.submit("Hi", require_worker=True)
+    assert client.serving_workers(MODEL) == ["w3"] and r.xlen(KEYS.jobs(MODEL)) == 2
+
+
+def test_job_state(client):
+    r = client.redis
+    assert client.job_state("nope").state == "unknown"
+    queued = client.submit("Hi", session_id=None)
+    r.xadd(KEYS.jobs("other"), {CONTROL_FIELD: "{}"})  # not a job: skipped
+    state = client.job_state(queued)
+    assert (state.state, state.stream) == ("queued", KEYS.jobs(MODEL))
+    publish(r, queued, "started", {"worker_id": "w1", "attempt": 1})
+    assert client.job_state(queued).state == "running"
+    publish(r, queued, "done", done_data())
+    state = client.job_state(queued)
+    assert state.state == "finished" and state.last.kind == "done"

@@ -101,3 +101,18 @@ def test_end_session_control_message():
         '{"v": 1, "op": "end_session", "session_id": "s1"}').session_id == "s1"
     with pytest.raises(ValidationError):
         EndSession.model_validate_json('{"v": 1, "op": "drop_tables", "session_id": "s1"}')
+
+
+def test_parse_special_is_an_explicit_opt_in():
+    from jobs.protocol import build_job, encode_job
+
+    assert parse(job()).parse_special is False
+    assert parse(job(parse_special=True)).parse_special is True
+    with pytest.raises(ValidationError):
+        parse(job(parse_special="true"))
+    # Written only when true: workers that predate the field read the other jobs.
+    plain = build_job(model="smollm2-135m", prompt="Hi")
+    assert "parse_special" not in json.loads(encode_job(plain))
+    opted = build_job(model="smollm2-135m", prompt="Hi", parse_special=True)
+    assert json.loads(encode_job(opted))["parse_special"] is True
+    assert GenerationJob.model_validate_json(encode_job(opted)) == opted

@@ -48,9 +48,11 @@ def test_encode_chat_parses_control_tokens(smollm):
     assert ids == smollm.encode(prompt)  # no BOS: SmolLM2's file says add_bos_token = false
     assert ids[0] == 1 and ids.count(1) == 3  # <|im_start|> x3, including the generation prompt
     assert prompt.endswith("<|im_start|>assistant\n")
-    # User text that spells a control token is still parsed inside a rendered prompt: callers
-    # who must prevent that tokenize contents separately with parse_special=False.
+    # User text that spells a control token stays text (tests/tokenizer/test_chat_injection.py)
+    # unless the caller opts in to parsing it.
     _, ids = smollm.encode_chat([TURNS[4]])
+    assert ids.count(2) == 2
+    _, ids = smollm.encode_chat([TURNS[4]], parse_special=True)
     assert ids.count(2) == 3
 
 

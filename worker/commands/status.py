@@ -10,7 +10,7 @@ import redis
 
 from jobs import OrcdClient
 from jobs.keys import GROUP
-from worker.commands.submit import add_redis_arguments
+from worker.commands.submit import add_redis_arguments, redis_client
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,7 +50,7 @@ def collect(client: OrcdClient) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    with OrcdClient(args.redis, prefix=args.prefix) as client:
+    with redis_client(args) as client:
         status = collect(client)
     if args.json:
         print(json.dumps(status, indent=2))

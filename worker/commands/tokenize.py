@@ -17,13 +17,17 @@ One JSON value per line on stdin, one JSON object per line on stdout, in order:
   --decode   [1, 2, 3]                                -> {"text": "..."}
              or {"ids": [...]}, as encoding or --chat prints it (its "prompt" is ignored)
   --chat     [{"role": "user", "content": "Hi"}]      -> {"prompt": "...", "ids": [...]}
-             or {"messages": [...], "add_generation_prompt": true, "tools": [...]}
+             or {"messages": [...], "add_generation_prompt": true, "tools": [...],
+                 "parse_special": false}
 Encoding adds BOS/EOS as the model file says; a chat prompt gets BOS unless its template
 writes it, and ends with the assistant's turn opened unless "add_generation_prompt" is false.
 
 Special tokens: by default control-token text such as <|im_start|> in the input is read as
 that one token, and decoding writes special tokens out. --no-special treats such text as
 plain characters (use it for untrusted text) and leaves special tokens out of decoded text.
+--chat tokenizes as a worker does a job's messages: only the template's own text makes
+control tokens, control-token text in message content stays plain characters; a line with
+"parse_special": true parses it too (as a job with parse_special does).
 
 Errors: a line that cannot be handled (invalid JSON, a value of the wrong type, a token id
 outside the vocabulary, a failing chat template) produces {"error": "line N: reason"} in its
@@ -57,8 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.chat and args.no_special:
         raise TokenizerError(
-            "--no-special cannot be combined with --chat: a rendered prompt's own control "
-            "tokens must be parsed"
+            "--no-special cannot be combined with --chat: message content is plain text there "
+            'already, and the template\'s own control tokens must be parsed (a line may set '
+            '"parse_special": true)'
         )
     tokenizer = load_tokenizer(resolve_model(args.model, args.models_dir))
     handle = _handler(tokenizer, args)
@@ -107,13 +112,18 @@ def _decode(tokenizer: GGUFTokenizer, value: Any, no_special: bool) -> dict:
 def _chat(tokenizer: GGUFTokenizer, value: Any) -> dict:
     options: dict[str, Any] = {}
     if isinstance(value, dict):
-        unknown = set(value) - {"messages", "add_generation_prompt", "tools"}
+        unknown = set(value) - {"messages", "add_generation_prompt", "tools", "parse_special"}
         if unknown or "messages" not in value:
             raise _BadLine(
-                'expected {"messages": [...], "add_generation_prompt": ..., "tools": [...]}'
+                'expected {"messages": [...], "add_generation_prompt": ..., "tools": [...], '
+                '"parse_special": ...}'
                 + (f"; unknown keys: {', '.join(sorted(unknown))}" if unknown else "")
             )
-        options = {k: value[k] for k in ("add_generation_prompt", "tools") if k in value}
+        if not isinstance(value.get("parse_special", False), bool):
+            raise _BadLine('"parse_special" must be true or false, got '
+                           f'{_kind(value["parse_special"])}')
+        options = {k: value[k] for k in ("add_generation_prompt", "tools", "parse_special")
+                   if k in value}
         value = value["messages"]
     if not isinstance(value, list):
         raise _BadLine(f"expected a JSON list of chat messages, got {_kind(value)}")
