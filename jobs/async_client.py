@@ -42,6 +42,7 @@ from jobs.events import Done
 from jobs.keys import CONTROL_FIELD, JOB_FIELD, Keys
 from jobs.limits import DEFAULT_MODEL
 from jobs.protocol import EventFollower, JobEvent, as_text, encode_job
+from jobs.redis_url import connect_async
 from jobs.schema import EndSession
 
 
@@ -56,7 +57,7 @@ class AsyncOrcdClient:
         connection: aioredis.Redis | None = None,
         **redis_options: Any,
     ) -> None:
-        self.redis = connection if connection is not None else aioredis.Redis.from_url(
+        self.redis = connection if connection is not None else connect_async(
             redis_url, **redis_options
         )
         self.keys = Keys(prefix)

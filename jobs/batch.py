@@ -32,6 +32,7 @@ from jobs.events import INVALID_JOB, INVALID_JSON, INVALID_REQUEST, PAYLOAD_TOO_
 from jobs.keys import JOB_FIELD
 from jobs.limits import DEFAULT_MODEL
 from jobs.protocol import JobEvent, as_text, build_job, encode_job
+from jobs.redis_url import connect
 from jobs.schema import GenerationJob, describe_validation_error
 
 QUEUE = "orcd-batch"
@@ -72,7 +73,7 @@ def enqueue_batch(
     items = list(items)
     if max_attempts < 1:
         raise ValueError("max_attempts must be at least 1")
-    rq_connection = connection if connection is not None else redis.Redis.from_url(redis_url)
+    rq_connection = connection if connection is not None else connect(redis_url)
     queue = Queue(QUEUE, connection=rq_connection)
     job = queue.enqueue(
         run_batch,

@@ -33,6 +33,7 @@ from jobs.events import Done
 from jobs.keys import CONTROL_FIELD, JOB_FIELD, Keys
 from jobs.limits import DEFAULT_MODEL
 from jobs.protocol import EventFollower, JobEvent, as_text, build_job, encode_job
+from jobs.redis_url import connect
 from jobs.schema import EndSession, GenerationJob
 
 CANCEL_TTL_S = 3600
@@ -220,7 +221,7 @@ class OrcdClient:
         connection: redis.Redis | None = None,
         **redis_options: Any,
     ) -> None:
-        self.redis = connection if connection is not None else redis.Redis.from_url(
+        self.redis = connection if connection is not None else connect(
             redis_url, **redis_options
         )
         self.keys = Keys(prefix)

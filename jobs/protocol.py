@@ -1,10 +1,12 @@
 """What the sync and async clients share: building jobs, decoding events, following attempts.
 
 A job can run more than once (at-least-once delivery): a worker dies mid-answer, another
-reclaims the job and publishes `started` with a higher `attempt`, then the answer again from
-token 0. `EventFollower` turns the raw output stream into what a reader should act on:
-tokens of superseded attempts are dropped, and the `started` of a new attempt carries
-`restart=True`, meaning "discard the text you have shown so far".
+reclaims the job and publishes `started` with a higher `attempt` and `resumed_from: N`, then
+goes on at token index N: the text shown so far stands. `EventFollower` turns the raw output
+stream into what a reader should act on: repeated indices and tokens of superseded attempts
+are dropped, and the `started` of a new attempt that starts over (no `resumed_from`: its
+output stream had expired, or an older worker) carries `restart=True`, meaning "discard the
+text you have shown so far".
 """
 
 from __future__ import annotations
@@ -106,7 +108,9 @@ class EventFollower:
         if event.kind == "started":
             if event.attempt < self.attempt:
                 return None
-            event.restart = self._seen_started and event.attempt > self.attempt
+            # A newer attempt with `resumed_from` goes on after the text shown: no restart.
+            resumed = event.data.get("resumed_from") is not None
+            event.restart = self._seen_started and event.attempt > self.attempt and not resumed
             if event.restart or not self._seen_started:
                 self.text, self.next_index = "", 0
             self.attempt, self._seen_started = event.attempt, True
@@ -114,7 +118,9 @@ class EventFollower:
         if event.kind == "token":
             if event.attempt < self.attempt:
                 return None
-            if event.attempt > self.attempt:  # its `started` was lost: treat as a restart
+            if event.attempt > self.attempt and event.data.get("index", 0) > 0:
+                self.attempt = event.attempt  # its `started` was lost: a resumed attempt
+            elif event.attempt > self.attempt:  # its `started` was lost: treat as a restart
                 event.restart, self.attempt, self.text = self._seen_started, event.attempt, ""
                 self.next_index, self._seen_started = 0, True
             if event.data.get("index", 0) < self.next_index:

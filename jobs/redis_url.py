@@ -17,6 +17,8 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import redis
+import redis.asyncio as aioredis
+from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.sentinel import Sentinel
 
 from jobs.errors import JobError
@@ -65,10 +67,25 @@ def connect(url: str, **options: Any) -> redis.Redis:
     """A client for `url` (module docstring); `options` go to the client (timeouts, retry)."""
     if urlsplit(url).scheme not in SENTINEL_SCHEMES:
         return redis.Redis.from_url(url, **options)
-    parsed = parse_sentinel_url(url)
-    connection = {key: options[key] for key in ("socket_timeout", "socket_connect_timeout")
-                  if key in options}
+    parsed, connection = parse_sentinel_url(url), _sentinel_options(options)
     sentinel = Sentinel(list(parsed.hosts), sentinel_kwargs={**connection, "ssl": parsed.ssl},
                         **connection)
     return sentinel.master_for(parsed.service, db=parsed.db, username=parsed.username,
                                password=parsed.password, ssl=parsed.ssl, **options)
+
+
+def connect_async(url: str, **options: Any) -> aioredis.Redis:
+    """`connect` for asyncio clients."""
+    if urlsplit(url).scheme not in SENTINEL_SCHEMES:
+        return aioredis.Redis.from_url(url, **options)
+    parsed, connection = parse_sentinel_url(url), _sentinel_options(options)
+    sentinel = AsyncSentinel(list(parsed.hosts),
+                             sentinel_kwargs={**connection, "ssl": parsed.ssl}, **connection)
+    return sentinel.master_for(parsed.service, db=parsed.db, username=parsed.username,
+                               password=parsed.password, ssl=parsed.ssl, **options)
+
+
+def _sentinel_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The options that also apply to the connections to the sentinels themselves."""
+    return {key: options[key] for key in ("socket_timeout", "socket_connect_timeout")
+            if key in options}

@@ -127,6 +127,26 @@ def test_follower_treats_tokens_of_a_newer_attempt_without_started_as_restart():
     assert event.restart and follower.text == "b"
 
 
+def test_follower_keeps_the_text_shown_when_an_attempt_resumes():
+    """A reclaimed attempt that resumes (started.resumed_from) goes on after the shown text:
+    no restart, no repeated index, and the text reads as one answer."""
+    follower = EventFollower()
+    follower.feed(JobEvent("1-0", "started", {"attempt": 1}, 1))
+    follower.feed(JobEvent("2-0", "token", {"index": 0, "token_ids": [1, 2], "text": "Pa"}, 1))
+    started = follower.feed(JobEvent("3-0", "started", {"attempt": 2, "resumed_from": 2}, 2))
+    assert started is not None and not started.restart
+    assert follower.feed(JobEvent("4-0", "token", {"index": 1, "token_ids": [2], "text": "a"},
+                                  2)) is None  # an index already shown
+    follower.feed(JobEvent("5-0", "token", {"index": 2, "token_ids": [3], "text": "ris"}, 2))
+    assert follower.text == "Paris"
+    # a resumed attempt whose `started` was lost is no restart either
+    lost = EventFollower()
+    lost.feed(JobEvent("1-0", "started", {"attempt": 1}, 1))
+    lost.feed(JobEvent("2-0", "token", {"index": 0, "token_ids": [1], "text": "a"}, 1))
+    event = lost.feed(JobEvent("3-0", "token", {"index": 1, "token_ids": [2], "text": "b"}, 2))
+    assert not event.restart and lost.text == "ab"
+
+
 def test_error_event_raises_job_failed(client):
     publish(client.redis, "j3", "error", {"code": "invalid_request", "message": "too long"})
     with pytest.raises(JobFailed) as info:

@@ -22,6 +22,7 @@ from jobs.batch import (
     fetch_batch,
 )
 from jobs.errors import JobError
+from jobs.redis_url import connect
 from loader.registry import DEFAULT_MODEL
 from worker.commands.submit import add_redis_arguments
 
@@ -98,7 +99,7 @@ def _describe(status: dict) -> str:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    connection = redis.Redis.from_url(args.redis)
+    connection = connect(args.redis)
     job = _fetch(args, connection)
     status = batch_status(job)
     if args.json:
@@ -121,7 +122,7 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 def run_results(args: argparse.Namespace) -> int:
-    connection = redis.Redis.from_url(args.redis)
+    connection = connect(args.redis)
     job = _fetch(args, connection)
     results = batch_results(job)
     if results is None:
@@ -133,7 +134,7 @@ def run_results(args: argparse.Namespace) -> int:
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    connection = redis.Redis.from_url(args.redis)
+    connection = connect(args.redis)
     worker = Worker([Queue(QUEUE, connection=connection)], connection=connection,
                     name=args.name)
     worker.work(burst=args.burst)
