@@ -113,7 +113,9 @@ class ActiveJob:
         now = time.monotonic()
         if self.first_token_at is None and output.new_token_ids:
             self.first_token_at = now
-            self.cached_tokens = output.num_cached_tokens
+            # A resumed job's engine prompt includes the tokens streamed before: what the cache
+            # held of those is no prompt token of the job's.
+            self.cached_tokens = min(output.num_cached_tokens, self.prompt_tokens)
         self.completion_ids += output.new_token_ids
         if not self.stop_string_hit:
             self.pending_ids += output.new_token_ids

@@ -252,16 +252,18 @@ def test_session_turn_reuses_cached_tokens_and_end_session_frees_them(setup, mod
 
 
 def test_a_redelivered_job_resumes_after_the_tokens_already_streamed(setup):
-    """Attempt 1 streamed 3 token events and died; attempt 2 (here) goes on at the next index:
-    no index repeats, the streamed text stands, and the answer equals an uninterrupted run's."""
+    """Attempt 1 streamed 12 token events and died; attempt 2 (here) goes on at the next index:
+    no index repeats, the streamed text stands, and the answer equals an uninterrupted run's.
+    The prefix cache holds a block of prompt + streamed tokens: none of it counts as cached
+    prompt beyond the job's own prompt."""
     worker, client, r = setup
-    whole = client.submit("The capital of France is", max_tokens=10, temperature=0)
+    whole = client.submit("The capital of France is", max_tokens=24, temperature=0)
     run_until(worker, lambda: final(r, whole))
     reference = final(r, whole)[1]
-    first_tokens = [data for kind, data in events(r, whole) if kind == "token"][:3]
+    first_tokens = [data for kind, data in events(r, whole) if kind == "token"][:12]
     stream = KEYS.jobs(MODEL)
     r.xadd(stream, {"job": raw_job(job_id="again", sampling={"temperature": 0,
-                                                              "max_tokens": 10})})
+                                                              "max_tokens": 24})})
     [(_, [(entry_id, fields)])] = r.xreadgroup(GROUP, "dead-worker", {stream: ">"})
     r.xclaim(stream, GROUP, "w1", 0, [entry_id])  # delivery 2, as a reclaim makes it
     r.xadd(KEYS.out("again"), {"event": "started",
@@ -285,3 +287,4 @@ def test_a_redelivered_job_resumes_after_the_tokens_already_streamed(setup):
     assert "".join(data["text"] for data in tokens) == reference["text"]
     assert done["usage"]["completion_tokens"] == reference["usage"]["completion_tokens"]
     assert done["usage"]["prompt_tokens"] == reference["usage"]["prompt_tokens"]
+    assert 0 <= done["usage"]["cached_tokens"] <= done["usage"]["prompt_tokens"]
