@@ -221,7 +221,7 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=300)
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--max-jobs", type=int, default=8, help="per worker")
-    parser.add_argument("--max-tokens", type=int, default=16, help="longest answer")
+    parser.add_argument("--max-tokens", type=int, default=48, help="longest answer")
     parser.add_argument("--kill-every", type=float, default=20.0)
     parser.add_argument("--timeout", type=float, default=560.0, help="seconds for all jobs")
     parser.add_argument("--seed", type=int, default=0)
