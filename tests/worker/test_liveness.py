@@ -4,7 +4,6 @@ a stopped worker hands its jobs over at once, and a stuck loop ends the process.
 
 from __future__ import annotations
 
-import shutil
 import signal
 import time
 
@@ -14,7 +13,6 @@ import redis
 from jobs import OrcdClient
 from jobs.keys import GROUP, JOB_FIELD, Keys
 from jobs.protocol import JobEvent, build_job, encode_job
-from tests.redis_server import RedisServer
 from tests.worker.workers import WorkerProcess
 from worker.connection import RedisLink
 from worker.consumer import Consumer
@@ -28,12 +26,9 @@ HEARTBEAT_S = 0.2  # the test workers' beat (tests/worker/workers.py): TTL 5 bea
 
 
 @pytest.fixture
-def server(tmp_path):
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    server = RedisServer(tmp_path).start()
-    yield server
-    server.kill()
+def server(redis_server):
+    """The private redis-server of tests/worker/conftest.py."""
+    return redis_server
 
 
 def events(client: OrcdClient, job_id: str) -> list[JobEvent]:
