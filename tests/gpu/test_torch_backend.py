@@ -101,7 +101,9 @@ def _load_pair(path) -> Pair:
     return Pair(ours, hf.eval())
 
 
-@pytest.fixture(scope="module", params=["smollm2", "qwen2", "phi3"])
+# Under pytest-xdist each model's tests run on one worker, which loads the pair once.
+@pytest.fixture(scope="module", params=[pytest.param(name, marks=pytest.mark.xdist_group(
+    f"pair-{name}")) for name in ("smollm2", "qwen2", "phi3")])
 def pair(request, tmp_path_factory) -> Pair:
     if request.param == "smollm2":
         return _load_pair(resolve_model("smollm2-135m"))

@@ -47,8 +47,10 @@ FALLBACK = {"Q4_K": T.Q5_0, "Q5_K": T.Q5_1, "Q6_K": T.Q8_0}
 BLOCK = {"Q4_K": 256, "Q5_K": 256, "Q6_K": 256}
 SAMPLE_ROWS = 64  # dequantise only this many rows per weight: full 8B embeddings take minutes
 PROMPT = "Hello world, this is a test."
-ALL_SHAPES = list(REAL_SHAPES)
-SLOW_8B = [s if s != "llama3-8b" else pytest.param(s, marks=pytest.mark.slow) for s in ALL_SHAPES]
+# Under pytest-xdist a shape's two tests run on one worker, which writes its file once.
+ALL_SHAPES = [pytest.param(s, marks=pytest.mark.xdist_group(f"synth-{s}")) for s in REAL_SHAPES]
+SLOW_8B = [pytest.param(s, marks=[pytest.mark.xdist_group(f"synth-{s}")]
+                        + ([pytest.mark.slow] if s == "llama3-8b" else [])) for s in REAL_SHAPES]
 
 
 @pytest.fixture(scope="module")
