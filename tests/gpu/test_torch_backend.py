@@ -23,6 +23,7 @@ from gpu.rope import RopeNotSupportedError, Rotary, check_rope_supported
 from loader.config import RopeConfig
 from loader.registry import resolve_model
 from loader.synth import SHAPES, write_synthetic_gguf
+from tests.hf_gguf import parse_once
 
 transformers = pytest.importorskip("transformers")
 
@@ -95,9 +96,10 @@ class Pair:
 def _load_pair(path) -> Pair:
     ours = TorchBackend(path)
     ours.allocate_kv(NUM_SEQS * BLOCKS_PER_SEQ, BLOCK_SIZE)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32
-    )
+    with parse_once():  # the config and the weights read one parse of the file
+        hf = transformers.AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.float32
+        )
     return Pair(ours, hf.eval())
 
 

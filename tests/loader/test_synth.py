@@ -18,6 +18,7 @@ from gguf.quants import dequantize
 from loader import synth, synth_blocks, synth_vocab
 from loader.config import read_config
 from loader.gguf_file import open_gguf
+from tests.hf_gguf import parse_once
 from worker.cli import main
 
 T = GGMLQuantizationType
@@ -276,7 +277,10 @@ def test_loads_in_transformers(write, shape_name):
     _, _, h, heads, kv_heads, ffn, vocab, *_, tied, _ = REAL_SHAPES[shape_name]
     path = write(shape_name, SHAPE_QUANTS[shape_name])
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    with parse_once():  # the tokenizer, the config and the weights read one parse of the file
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = transformers.AutoModelForCausalLM.from_pretrained(path.parent,
+                                                                  gguf_file=path.name)
     ids = tokenizer(PROMPT)["input_ids"]
     assert tokenizer.decode(ids, skip_special_tokens=True) == PROMPT
     chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
@@ -285,7 +289,6 @@ def test_loads_in_transformers(write, shape_name):
     im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
     assert tokenizer(chat, add_special_tokens=False)["input_ids"].count(im_start) == 2
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
     config = model.config
     assert (config.hidden_size, config.num_attention_heads, config.num_key_value_heads) == (
         h, heads, kv_heads
