@@ -26,7 +26,10 @@ def pytest_configure(config) -> None:
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items) -> None:
-    """Make `--dist loadgroup` honour xdist_group marks on pytest >= 9.2.
+    """Under `--dist loadgroup`: slow tests first, and xdist_group marks honoured on pytest 9.2.
+
+    xdist hands out groups first (largest first), then single tests in collection order: with
+    the slow ones at the front, no worker is left alone with a long test at the end.
 
     pytest-xdist (3.8) tells its scheduler a test's group by appending "@group" to
     `item._nodeid`, which pytest 9.2's structured node ids no longer read, so every group was
@@ -35,6 +38,8 @@ def pytest_collection_modifyitems(config, items) -> None:
     if not getattr(config.option, "loadgroup", False):
         return
     from _pytest.nodeid import NodeId
+
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable
 
     for item in items:
         names = {str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
