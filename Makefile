@@ -25,8 +25,10 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# Tests run in parallel, one pytest-xdist worker per core; tests marked xdist_group (a shared
+# worker process or compile) stay on one worker.
 test: lint
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n auto --dist loadgroup
 
 clean:
 	rm -rf $(VENV)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,43 @@ import pytest
 from loader.registry import ModelNotFoundError, resolve_model
 
 pytest_plugins = ("tests.measured",)  # the "measured" section of the summary
+
+
+def pytest_configure(config) -> None:
+    """Under pytest-xdist (`make test` runs `-n auto`) each worker gets its share of the cores
+    for torch's intra-op threads, and so do the `orcd` subprocesses its tests start (they
+    inherit the variable). Two workers of two threads each on two cores spin in OpenMP's
+    barriers: a test that takes 5 s with one thread took 68 s that way. This runs before any
+    test module (and so torch) is imported."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        share = (os.cpu_count() or 1) // int(workers)
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, share)))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items) -> None:
+    """Under `--dist loadgroup`: slow tests first, and xdist_group marks honoured on pytest 9.2.
+
+    xdist hands out groups first (largest first), then single tests in collection order: with
+    the slow ones at the front, no worker is left alone with a long test at the end.
+
+    pytest-xdist (3.8) tells its scheduler a test's group by appending "@group" to
+    `item._nodeid`, which pytest 9.2's structured node ids no longer read, so every group was
+    silently scattered over the workers (pytest-xdist issue #1386). This appends it to the
+    structured id instead, where xdist's own suffix is missing."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    from _pytest.nodeid import NodeId
+
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable
+
+    for item in items:
+        names = {str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+                 for mark in item.iter_markers("xdist_group")}
+        nodeid = item.nodeid
+        if names and nodeid.rfind("@") <= nodeid.rfind("]") and hasattr(item, "_id"):
+            item._id = NodeId.parse(f"{nodeid}@{'_'.join(sorted(names))}")
 
 
 @pytest.fixture(scope="session")

@@ -29,6 +29,10 @@ class RedisServer:
         self.directory = directory
         self.port = port or free_port()
         self.persistent = persistent
+        # A free port can be taken between free_port() and the server's bind (tests run in
+        # parallel, and other test runs share the machine): the first start may move to
+        # another one; later starts keep the port, so that clients reconnect to the same URL.
+        self.may_move = port is None
         self.process: subprocess.Popen | None = None
 
     @property
@@ -39,6 +43,17 @@ class RedisServer:
         return redis.Redis.from_url(self.url)
 
     def start(self) -> RedisServer:
+        tries = 5 if self.may_move else 1
+        for attempt in range(tries):
+            if attempt:
+                self.port = free_port()
+            if self._start_once():
+                self.may_move = False
+                return self
+            self.kill()
+        raise RuntimeError(f"redis-server did not start on port {self.port}")
+
+    def _start_once(self) -> bool:
         persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent \
             else ["--appendonly", "no"]
         self.process = subprocess.Popen(
@@ -47,13 +62,16 @@ class RedisServer:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and self.process.poll() is None:
             try:
-                if self.client().ping():
-                    return self
+                # The server answering must be ours, not one that holds the port already.
+                pid = self.client().info("server")["process_id"]
+                return pid == self.process.pid
             except redis.ConnectionError:
                 time.sleep(0.02)
-        raise RuntimeError(f"redis-server did not start on port {self.port}")
+            except redis.RedisError:
+                return False  # someone else's server, which wants a password
+        return False
 
     def kill(self) -> None:
         if self.process is not None:

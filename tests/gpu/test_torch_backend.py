@@ -23,6 +23,7 @@ from gpu.rope import RopeNotSupportedError, Rotary, check_rope_supported
 from loader.config import RopeConfig
 from loader.registry import resolve_model
 from loader.synth import SHAPES, write_synthetic_gguf
+from tests.hf_gguf import parse_once
 
 transformers = pytest.importorskip("transformers")
 
@@ -95,13 +96,16 @@ class Pair:
 def _load_pair(path) -> Pair:
     ours = TorchBackend(path)
     ours.allocate_kv(NUM_SEQS * BLOCKS_PER_SEQ, BLOCK_SIZE)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32
-    )
+    with parse_once():  # the config and the weights read one parse of the file
+        hf = transformers.AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.float32
+        )
     return Pair(ours, hf.eval())
 
 
-@pytest.fixture(scope="module", params=["smollm2", "qwen2", "phi3"])
+# Under pytest-xdist each model's tests run on one worker, which loads the pair once.
+@pytest.fixture(scope="module", params=[pytest.param(name, marks=pytest.mark.xdist_group(
+    f"pair-{name}")) for name in ("smollm2", "qwen2", "phi3")])
 def pair(request, tmp_path_factory) -> Pair:
     if request.param == "smollm2":
         return _load_pair(resolve_model("smollm2-135m"))
@@ -426,7 +430,12 @@ def test_unsupported_rope_is_refused(rope, message):
 )
 def test_engine_greedy_32_tokens_equal_transformers_generate(pair, question):
     """The whole engine (scheduler, paged KV, sampler) continues a chat prompt exactly as
-    transformers' greedy `generate` does, 32 tokens, on the real SmolLM2 file."""
+    transformers' greedy `generate` does, 32 tokens, on the real SmolLM2 file.
+
+    transformers' greedy pick after every prefix of prompt + our tokens comes from one causal
+    forward (teacher forcing): it equals our token at every step exactly when transformers'
+    own token-by-token greedy loop (no EOS stop) would produce our 32 tokens, by induction
+    over the steps, at 1/32 of the cost of running that loop."""
     from gpu.engine import Engine
     from gpu.request import Request, SamplingParams
     from tokenizer.tokenizer import load_tokenizer
@@ -439,9 +448,9 @@ def test_engine_greedy_32_tokens_equal_transformers_generate(pair, question):
     engine.add(Request("q", prompt, SamplingParams(temperature=0.0), max_tokens=32,
                        ignore_eos=True))
     ours = [t for _ in range(40) for out in engine.step() for t in out.new_token_ids]
-    tokens = list(prompt)  # transformers greedy, one full forward per token, no EOS stop
-    for _ in range(32):
-        tokens.append(int(pair.hf_logits(tokens)[-1].argmax()))
-    want = tokens[len(prompt) :]
     pair.ours.allocate_kv(NUM_SEQS * BLOCKS_PER_SEQ, BLOCK_SIZE)  # give the fixture its pool back
+    assert len(ours) == 32
+    # Row i: transformers' logits after prompt + ours[:i], i.e. its greedy step i if steps
+    # 0..i-1 agreed with ours.
+    want = pair.hf_logits(list(prompt) + ours[:-1])[len(prompt) - 1 :].argmax(-1).tolist()
     assert ours == want

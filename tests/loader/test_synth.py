@@ -20,6 +20,7 @@ from loader import registry, synth, synth_blocks, synth_vocab
 from loader.config import read_config
 from loader.gguf_file import open_gguf
 from loader.registry import DEFAULT_MODEL, ModelNotFoundError, resolve_model
+from tests.hf_gguf import parse_once
 from worker.cli import main
 
 T = GGMLQuantizationType
@@ -49,8 +50,10 @@ FALLBACK = {"Q4_K": T.Q5_0, "Q5_K": T.Q5_1, "Q6_K": T.Q8_0}
 BLOCK = {"Q4_K": 256, "Q5_K": 256, "Q6_K": 256}
 SAMPLE_ROWS = 64  # dequantise only this many rows per weight: full 8B embeddings take minutes
 PROMPT = "Hello world, this is a test."
-ALL_SHAPES = list(REAL_SHAPES)
-SLOW_8B = [s if s != "llama3-8b" else pytest.param(s, marks=pytest.mark.slow) for s in ALL_SHAPES]
+# Under pytest-xdist a shape's two tests run on one worker, which writes its file once.
+ALL_SHAPES = [pytest.param(s, marks=pytest.mark.xdist_group(f"synth-{s}")) for s in REAL_SHAPES]
+SLOW_8B = [pytest.param(s, marks=[pytest.mark.xdist_group(f"synth-{s}")]
+                        + ([pytest.mark.slow] if s == "llama3-8b" else [])) for s in REAL_SHAPES]
 
 
 @pytest.fixture(scope="module")
@@ -329,7 +332,10 @@ def test_loads_in_transformers(write, shape_name):
     _, _, h, heads, kv_heads, ffn, vocab, *_, tied, _ = REAL_SHAPES[shape_name]
     path = write(shape_name, SHAPE_QUANTS[shape_name])
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    with parse_once():  # the tokenizer, the config and the weights read one parse of the file
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = transformers.AutoModelForCausalLM.from_pretrained(path.parent,
+                                                                  gguf_file=path.name)
     ids = tokenizer(PROMPT)["input_ids"]
     assert tokenizer.decode(ids, skip_special_tokens=True) == PROMPT
     chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
@@ -338,7 +344,6 @@ def test_loads_in_transformers(write, shape_name):
     im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
     assert tokenizer(chat, add_special_tokens=False)["input_ids"].count(im_start) == 2
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
     config = model.config
     assert (config.hidden_size, config.num_attention_heads, config.num_key_value_heads) == (
         h, heads, kv_heads

@@ -22,7 +22,8 @@ from jobs.keys import Keys
 from tests.redis_server import RedisServer, free_port
 from tests.worker.workers import WorkerProcess
 
-pytestmark = pytest.mark.slow
+# One worker process serves the module, whose last test stops it: one pytest-xdist worker.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("stack")]
 KEYS = Keys()
 MODEL = "smollm2-135m"
 BAD_INDEX = 17

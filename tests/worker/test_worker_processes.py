@@ -27,6 +27,9 @@ KEYS = Keys()
 MODEL = "smollm2-135m"
 PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):",
            "The three primary colors are"]
+# The tests on the shared two-worker cluster (in order: one of them kills a worker) run on one
+# pytest-xdist worker, which starts the cluster once.
+CLUSTER = pytest.mark.xdist_group("worker-cluster")
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +88,7 @@ def wait_all(client, job_ids, timeout=180.0):
     return results
 
 
+@CLUSTER
 def test_session_turn_goes_to_its_holder_and_reuses_kv(cluster, reference):
     server, (wa, wb) = cluster
     client = OrcdClient(server.url)
@@ -110,6 +114,7 @@ def test_session_turn_goes_to_its_holder_and_reuses_kv(cluster, reference):
     assert client.wait(elsewhere.job_id, timeout=5).text == second.text
 
 
+@CLUSTER
 def test_bad_inputs_on_real_redis_each_refused_and_worker_keeps_serving(cluster, reference):
     """Garbage on the shared stream: each entry gets a dead letter and, where a job id can be
     read, an `error` event; the workers go on serving a good job afterwards."""
@@ -146,6 +151,7 @@ def test_bad_inputs_on_real_redis_each_refused_and_worker_keeps_serving(cluster,
     assert client.redis.xlen(KEYS.dead) >= dead_before + 7  # all but the too-long prompt
 
 
+@CLUSTER
 def test_sigkill_mid_generation_loses_no_job(cluster, reference):
     server, (wa, wb) = cluster
     client = OrcdClient(server.url)
@@ -237,6 +243,7 @@ def orcd(*args, env=None):
                           text=True, timeout=300, env=env)
 
 
+@CLUSTER
 def test_cli_submit_tail_status(cluster, reference):
     server, _ = cluster
     result = orcd("submit", "--redis", server.url, "--wait", "--max-tokens", "6",
