@@ -95,14 +95,33 @@ def redis_for_demo(url: str | None) -> Iterator[tuple[str, str]]:
         server.server_close()
 
 
+def busy_machine_threads(environ: dict[str, str] | None = None) -> tuple[dict[str, str], str]:
+    """The worker's environment, and a note when it differs: one torch thread on a machine whose
+    CPUs are already all busy (1-minute load average at least the CPU count) unless
+    OMP_NUM_THREADS says otherwise.
+
+    torch's OpenMP threads meet at a barrier hundreds of times per decode step; when other
+    processes hold the cores, each barrier waits for a descheduled thread. On this workplace's
+    shared 2-core CPU at load 4-5 (2026-12-06) the demo's answers ran at 1.0-6.7 tok/s with two
+    threads and 30-44 tok/s with one (int8, same minutes)."""
+    environ = dict(os.environ if environ is None else environ)
+    cpus = os.cpu_count() or 1
+    load = os.getloadavg()[0]
+    if "OMP_NUM_THREADS" in environ or cpus == 1 or load < cpus:
+        return environ, ""
+    environ["OMP_NUM_THREADS"] = "1"
+    return environ, (f"this machine is busy (load {load:.1f} on {cpus} CPUs): the worker uses "
+                     "1 torch thread (set OMP_NUM_THREADS to choose)")
+
+
 @contextmanager
 def worker_process(url: str, model: str, worker_id: str, log_path: str,
-                   dtype: str = "auto") -> Iterator[None]:
+                   dtype: str = "auto", env: dict[str, str] | None = None) -> Iterator[None]:
     with open(log_path, "w") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "worker.cli", "worker", "--redis", url, "--prefix", PREFIX,
              "--model", model, "--id", worker_id, "--max-jobs", "4", "--dtype", dtype],
-            stdout=log, stderr=log)
+            stdout=log, stderr=log, env=env)
     try:
         yield process
     finally:
@@ -214,8 +233,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"orcd demo: {what}; starting worker {worker_id} for {args.model}...", flush=True)
         log_path = stack.enter_context(tempfile.TemporaryDirectory(prefix="orcd-demo-log-"))
         log_path = os.path.join(log_path, "worker.log")
+        env, note = busy_machine_threads()
+        if note:
+            print(f"orcd demo: {note}", flush=True)
         process = stack.enter_context(
-            worker_process(url, args.model, worker_id, log_path, args.dtype))
+            worker_process(url, args.model, worker_id, log_path, args.dtype, env))
         client = stack.enter_context(OrcdClient(url, prefix=PREFIX))
         # Read narration from the start: the worker's "serves ..." line says what was loaded.
         narration_id = "0-0" if not client.redis.exists(client.keys.narration) else \
