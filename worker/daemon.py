@@ -411,7 +411,7 @@ class Worker:
         self.publisher.event(job.job_id, "queued", {
             "position": self.engine.stats().waiting - 1, "queue_depth": len(self.active)})
         started = {"worker_id": self.worker_id, "attempt": delivery.attempt}
-        if streamed is not None:
+        if streamed is not None and streamed.token_ids:  # nothing streamed: a plain restart
             started["resumed_from"] = streamed.next_index
         self.publisher.event(job.job_id, "started", started)
         self._hold_session(job.session_id)

@@ -179,7 +179,7 @@ def test_sigkill_mid_generation_loses_no_job(cluster, reference):
         events = raw_events(client, job_id)
         attempts = [e.data for e in events if e.kind == "started"]
         if len(attempts) > 1:  # finished by wb before the kill otherwise
-            resumed = attempts[-1].pop("resumed_from")
+            resumed = attempts[-1].pop("resumed_from", 0)
             assert attempts[-1] == {"worker_id": "wa", "attempt": 2}
             # Resumed, not restarted: the new attempt goes on at the next index, and the
             # indices of the whole stream never repeat.
