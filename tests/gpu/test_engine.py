@@ -26,9 +26,7 @@ NEAR_TIE = 1e-3
 def backend(request, default_model_path):
     """Every engine test runs on the torch reference and, on a GPU, on our CUDA kernels."""
     if request.param == "torch":
-        from gpu.backends.torch_backend import TorchBackend
-
-        return TorchBackend(default_model_path)
+        return request.getfixturevalue("smollm2_backend")  # each Engine allocates its KV pool
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     from gpu.backends.cuda_backend import CudaBackend

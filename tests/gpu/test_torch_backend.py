@@ -93,8 +93,8 @@ class Pair:
             return self.hf(torch.tensor([token_ids])).logits[0].float()
 
 
-def _load_pair(path) -> Pair:
-    ours = TorchBackend(path)
+def _load_pair(path, ours: TorchBackend | None = None) -> Pair:
+    ours = ours or TorchBackend(path)
     ours.allocate_kv(NUM_SEQS * BLOCKS_PER_SEQ, BLOCK_SIZE)
     with parse_once():  # the config and the weights read one parse of the file
         hf = transformers.AutoModelForCausalLM.from_pretrained(
@@ -108,7 +108,7 @@ def _load_pair(path) -> Pair:
     f"pair-{name}")) for name in ("smollm2", "qwen2", "phi3")])
 def pair(request, tmp_path_factory) -> Pair:
     if request.param == "smollm2":
-        return _load_pair(resolve_model("smollm2-135m"))
+        return _load_pair(resolve_model("smollm2-135m"), request.getfixturevalue("smollm2_backend"))
     shape_name, vocab = SYNTH[request.param]
     shape = dataclasses.replace(SHAPES[shape_name].with_layers(2), vocab_size=vocab)
     path = tmp_path_factory.mktemp("synth") / f"{shape_name}.gguf"
@@ -116,11 +116,11 @@ def pair(request, tmp_path_factory) -> Pair:
     return _load_pair(path)
 
 
-@pytest.fixture(scope="module")
-def smollm2() -> TorchBackend:
-    backend = TorchBackend(resolve_model("smollm2-135m"))
-    backend.allocate_kv(NUM_SEQS * BLOCKS_PER_SEQ, BLOCK_SIZE)
-    return backend
+@pytest.fixture
+def smollm2(smollm2_backend) -> TorchBackend:
+    """The session's SmolLM2 backend with a fresh pool of NUM_SEQS * BLOCKS_PER_SEQ blocks."""
+    smollm2_backend.allocate_kv(NUM_SEQS * BLOCKS_PER_SEQ, BLOCK_SIZE)
+    return smollm2_backend
 
 
 def test_synthetic_files_exercise_bias_fused_and_neox(pair):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import os
 
-import gguf
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFValueType
@@ -279,11 +278,14 @@ def test_tensor_data_survives_close(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def smollm2(default_model_path):
-    path = str(default_model_path)
-    return open_gguf(path), gguf.GGUFReader(path)
+def smollm2(default_model_path, smollm2_reader):
+    return open_gguf(str(default_model_path)), smollm2_reader
 
 
+SMOLLM2_READER = pytest.mark.xdist_group("smollm2-reader")  # one parse: tests/conftest.py
+
+
+@SMOLLM2_READER
 def test_smollm2_counts(smollm2):
     f, reader = smollm2
     assert f.version == 3
@@ -295,6 +297,7 @@ def test_smollm2_counts(smollm2):
     assert f.alignment == 32
 
 
+@SMOLLM2_READER
 def test_smollm2_metadata_matches_reader(smollm2):
     f, reader = smollm2
     for key in f.metadata:
@@ -315,6 +318,7 @@ def test_smollm2_metadata_matches_reader(smollm2):
         md.get_str("llama.block_count")
 
 
+@SMOLLM2_READER
 def test_smollm2_tensors_match_reader(smollm2):
     f, reader = smollm2
     assert list(f.tensors) == [t.name for t in reader.tensors]
@@ -330,6 +334,7 @@ def test_smollm2_tensors_match_reader(smollm2):
     assert types == {GGMLQuantizationType.F32, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0}
 
 
+@SMOLLM2_READER
 def test_smollm2_tensor_data_matches_reader(smollm2):
     f, reader = smollm2
     picks = {0, 1, len(reader.tensors) // 2, len(reader.tensors) - 1}

@@ -211,10 +211,11 @@ def test_nbytes_helpers():
 
 
 @pytest.fixture(scope="module")
-def model_reader(default_model_path) -> gguf.GGUFReader:
-    return gguf.GGUFReader(str(default_model_path))  # parsing takes ~2 s: once for the module
+def model_reader(smollm2_reader) -> gguf.GGUFReader:
+    return smollm2_reader
 
 
+@pytest.mark.xdist_group("smollm2-reader")  # one parse of the file: tests/conftest.py
 @pytest.mark.parametrize(
     "name", ["blk.0.ffn_up.weight", "token_embd.weight", "blk.0.attn_norm.weight"]
 )

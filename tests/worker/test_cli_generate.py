@@ -57,9 +57,8 @@ def short_text(tmp_path_factory):
     return path
 
 
-def test_perplexity_matches_llama_cpp_formula(default_model_path, short_text):
+def test_perplexity_matches_llama_cpp_formula(default_model_path, short_text, smollm2_backend):
     """The CLI's number equals the llama-perplexity formula computed here from raw logits."""
-    from gpu.backends.torch_backend import TorchBackend
     from gpu.perplexity import chunk_batch
     from tokenizer.tokenizer import load_tokenizer
 
@@ -70,7 +69,7 @@ def test_perplexity_matches_llama_cpp_formula(default_model_path, short_text):
 
     tokenizer = load_tokenizer(default_model_path)
     tokens = tokenizer.encode(short_text.read_text(), add_special_tokens=True, parse_special=False)
-    backend = TorchBackend(default_model_path)
+    backend = smollm2_backend
     backend.allocate_kv(n_ctx // 16, 16)
     nlls = []
     for c in range(len(tokens) // n_ctx):

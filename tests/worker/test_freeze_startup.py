@@ -4,6 +4,8 @@ stay frozen."""
 from __future__ import annotations
 
 import gc
+import sys
+import time
 import weakref
 
 from worker.loaded_model import freeze_startup_objects
@@ -21,6 +23,11 @@ def test_freeze_collects_dead_cycles_first_and_freezes_the_living():
     del dead_a, dead_b
     alive = _Node()
     alive.other = alive
+    # No other thread (an xdist worker's I/O thread) may run and free a frozen object
+    # between the call's count and the one below.
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(60.0)
+    time.sleep(0.01)  # threads waiting for the GIL now wait with the long interval
     gc.disable()  # no automatic collection may free the cycle before the call does
     try:
         assert dead() is not None
@@ -31,4 +38,5 @@ def test_freeze_collects_dead_cycles_first_and_freezes_the_living():
     finally:
         gc.unfreeze()
         gc.enable()
+        sys.setswitchinterval(switch_interval)
     assert any(obj is alive for obj in gc.get_objects())
