@@ -14,6 +14,9 @@ from tests.tokenizer.conftest import assert_same_ids
 from tokenizer import TokenizerError
 from tokenizer.build import byte_to_char
 
+# The tests against transformers' SmolLM2 tokenizer (seconds to build) share one xdist worker.
+pytestmark = pytest.mark.xdist_group("smollm-reference")
+
 
 def has_number(text: str) -> bool:
     return any(unicodedata.category(char)[0] == "N" for char in text)

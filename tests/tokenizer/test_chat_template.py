@@ -28,6 +28,7 @@ CONVERSATIONS = {
 }
 
 
+@pytest.mark.xdist_group("smollm-reference")  # transformers' tokenizer: tests/tokenizer/conftest.py
 @pytest.mark.parametrize("add_generation_prompt", [False, True])
 @pytest.mark.parametrize("name", sorted(CONVERSATIONS))
 def test_default_template_matches_transformers(
@@ -56,6 +57,7 @@ def test_encode_chat_parses_control_tokens(smollm):
     assert ids.count(2) == 3
 
 
+@pytest.mark.xdist_group("smollm-reference")
 def test_chatml_fallback_and_bos_handling(tmp_path, smollm_reference):
     tokens = ["<unk>", "<s>", "</s>", *"abcdefgh", "\u2581"]
     path = write_tokenizer_gguf(
