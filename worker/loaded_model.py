@@ -22,8 +22,8 @@ from worker.log import get_logger
 
 # What `--dtype auto` (every serving command's default) means on the torch backend: the fastest
 # mode whose perplexity stays within 2% of float32. SmolLM2-135M Q4_1 on the GPL-3 text, ctx 512
-# (bench/perplexity.py, 2026-12-06): float32 18.300, bfloat16 18.306 (+0.03%), int8 18.449
-# (+0.81%); int8 decodes about 4x faster than float32 on this CPU.
+# (bench/perplexity.py, 2026-12-07): float32 18.300, bfloat16 18.306 (+0.03%), int8 18.451
+# (+0.82%); int8 decodes about 4x faster than float32 on this CPU.
 AUTO_TORCH_DTYPE = "int8"
 DTYPE_CHOICES = ("auto", *DTYPES)
 
