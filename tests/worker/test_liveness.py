@@ -97,18 +97,22 @@ def test_a_worker_that_lost_a_job_cannot_finish_it(server, order):
 
 
 def test_a_worker_stopped_with_no_grace_hands_its_jobs_over_at_once(server, tmp_path):
-    """SIGTERM with --grace 0 and a long job running: the job is released as it stops and the
-    other worker starts it within 2 s, though --reclaim-idle is 30 s."""
+    """SIGTERM with --grace 0 and a job running (sent to that worker's own stream): the job
+    is released as it stops and the other worker starts it within 2 s, though --reclaim-idle
+    is 30 s."""
     client = OrcdClient(server.url)
     options = ("--grace", "0", "--reclaim-idle", "30")
     leaving = WorkerProcess(server.url, "leaving", tmp_path, *options)
-    staying = None
+    staying = WorkerProcess(server.url, "staying", tmp_path, *options)
     try:
         leaving.wait_ready()
-        job_id = client.submit("Once upon a time", max_tokens=400, temperature=0)
+        staying.wait_ready()
+        job = build_job(prompt="Once upon a time", model=MODEL, job_id="handed-over",
+                        sampling={"max_tokens": 64, "temperature": 0})
+        client.redis.xadd(KEYS.routed(MODEL, "leaving"), {JOB_FIELD: encode_job(job)})
+        job_id = job.job_id
         wait_for(lambda: any(e.kind == "token" for e in events(client, job_id)), 60,
                  "the first worker's first token")
-        staying = WorkerProcess(server.url, "staying", tmp_path, *options).wait_ready()
         leaving.signal(signal.SIGTERM)
         stopped_at = time.monotonic()
         assert leaving.process.wait(30) == 0
@@ -123,8 +127,7 @@ def test_a_worker_stopped_with_no_grace_hands_its_jobs_over_at_once(server, tmp_
         assert [e.kind for e in events(client, job_id)].count("done") == 1
     finally:
         leaving.stop()
-        if staying is not None:
-            staying.stop()
+        staying.stop()
 
 
 def test_a_stuck_loop_stops_the_heartbeat_and_exits_non_zero(server, tmp_path):
