@@ -67,25 +67,23 @@ def connect(url: str, **options: Any) -> redis.Redis:
     """A client for `url` (module docstring); `options` go to the client (timeouts, retry)."""
     if urlsplit(url).scheme not in SENTINEL_SCHEMES:
         return redis.Redis.from_url(url, **options)
-    parsed, connection = parse_sentinel_url(url), _sentinel_options(options)
-    sentinel = Sentinel(list(parsed.hosts), sentinel_kwargs={**connection, "ssl": parsed.ssl},
-                        **connection)
-    return sentinel.master_for(parsed.service, db=parsed.db, username=parsed.username,
-                               password=parsed.password, ssl=parsed.ssl, **options)
+    return _primary_of(Sentinel, url, options)
 
 
 def connect_async(url: str, **options: Any) -> aioredis.Redis:
     """`connect` for asyncio clients."""
     if urlsplit(url).scheme not in SENTINEL_SCHEMES:
         return aioredis.Redis.from_url(url, **options)
-    parsed, connection = parse_sentinel_url(url), _sentinel_options(options)
-    sentinel = AsyncSentinel(list(parsed.hosts),
-                             sentinel_kwargs={**connection, "ssl": parsed.ssl}, **connection)
+    return _primary_of(AsyncSentinel, url, options)
+
+
+def _primary_of(sentinel_class: type, url: str, options: dict[str, Any]):
+    """The primary's client through the sentinels of a Sentinel URL (sync or asyncio class);
+    the timeouts also apply to the connections to the sentinels themselves."""
+    parsed = parse_sentinel_url(url)
+    connection = {key: options[key] for key in ("socket_timeout", "socket_connect_timeout")
+                  if key in options}
+    sentinel = sentinel_class(list(parsed.hosts),
+                              sentinel_kwargs={**connection, "ssl": parsed.ssl}, **connection)
     return sentinel.master_for(parsed.service, db=parsed.db, username=parsed.username,
                                password=parsed.password, ssl=parsed.ssl, **options)
-
-
-def _sentinel_options(options: dict[str, Any]) -> dict[str, Any]:
-    """The options that also apply to the connections to the sentinels themselves."""
-    return {key: options[key] for key in ("socket_timeout", "socket_connect_timeout")
-            if key in options}
