@@ -21,6 +21,11 @@ pending token); the engine only splices the device ids in. A sequence that stops
 token has its next-step row dropped unread (its KV write lands in blocks it frees), and a
 waiting request gets its freed place one step later. Greedy and seeded rows give the same
 tokens either way.
+
+Failure isolation (gpu/faults.py): a request whose logits row is not finite (NaN or inf) ends
+alone with finish_reason `error` (its row is zeroed before sampling, so the others' draws go
+on); an error after which the device cannot be used (a sticky CUDA error) is raised from
+`step()` as `DeviceLostError`.
 """
 
 from __future__ import annotations
@@ -35,10 +40,11 @@ import torch
 from gpu.backends.base import Backend
 from gpu.batch import BatchPacker, ForwardBatch
 from gpu.events import EngineEvent
+from gpu.faults import FaultInjector, is_device_lost
 from gpu.kv_cache import KVCache, chain_key
-from gpu.request import Request, RequestError, StepOutput
+from gpu.request import DeviceLostError, Request, RequestError, StepOutput
 from gpu.sampler import PendingTokens, SamplingRow
-from gpu.scheduler import Schedule, Scheduler
+from gpu.scheduler import DEFAULT_PRIORITY_AGING_S, Schedule, Scheduler
 from gpu.sequence import Sequence, SequenceStatus
 from jobs.limits import DEFAULT_SESSION_TTL_S
 from loader.gguf_file import GGUFFile, open_gguf
@@ -64,6 +70,7 @@ class _Launched:
 
     schedule: Schedule  # its sequences, their new tokens, and those it samples (`tokens` order)
     tokens: PendingTokens
+    finite: torch.Tensor | None = None  # per sampled row: its logits were all finite
 
 
 @dataclass(slots=True, frozen=True)
@@ -149,6 +156,9 @@ class Engine:
         progress: Callable | None = None,
         dtype: str = "float32",
         overlap: bool = True,
+        priority_aging_s: float = DEFAULT_PRIORITY_AGING_S,
+        check_finite: bool = True,
+        faults: FaultInjector | None = None,
     ) -> None:
         gguf = model if isinstance(model, GGUFFile) else open_gguf(_model_path(model))
         self.backend = backend if isinstance(backend, Backend) else make_backend(
@@ -166,7 +176,7 @@ class Engine:
         self.max_model_len = min(self.config.context_length, kv_blocks * block_size)
         self.scheduler = Scheduler(
             self.kv, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens,
-            max_model_len=self.max_model_len,
+            max_model_len=self.max_model_len, priority_aging_s=priority_aging_s,
         )
         self.sampler = self.backend.make_sampler(seed)
         self._packer = BatchPacker(self.backend.device, self.backend.uploader())
@@ -175,6 +185,9 @@ class Engine:
         self.overlap = overlap  # launch the next decode step before reading this one's ids
         self._in_flight: _Launched | None = None  # launched by the last step(), read by the next
         self.overlapped_steps = 0  # steps launched ahead of the previous step's read
+        self.check_finite = check_finite  # end a request whose logits row is NaN/inf alone
+        self.faults = faults if faults is not None else FaultInjector.from_env()
+        self._lost: DeviceLostError | None = None  # sticky: every later step raises it
 
     # ----- requests ---------------------------------------------------------------------------
 
@@ -202,12 +215,13 @@ class Engine:
         self._sequences[request.request_id] = seq
         self.scheduler.add(seq)
 
-    def abort(self, request_id: str) -> bool:
-        """Stop a request now and free its KV; its `abort` output comes with the next step."""
+    def abort(self, request_id: str, reason: str = "abort") -> bool:
+        """Stop a request now and free its KV; its output, with `reason` as its finish reason
+        (`abort`, or `deadline` for a request past its deadline), comes with the next step."""
         seq = self._sequences.get(request_id)
         if seq is None or seq.status == SequenceStatus.FINISHED:
             return False
-        self.scheduler.finish(seq, "abort")
+        self.scheduler.finish(seq, reason)
         self._aborted.append(seq)
         return True
 
@@ -250,7 +264,22 @@ class Engine:
         """Run one forward pass over what the scheduler picks; outputs of requests that moved.
 
         With overlap, the pass whose outputs this returns may have been launched by the previous
-        call, and this call may leave the next one launched (module docstring)."""
+        call, and this call may leave the next one launched (module docstring). Raises
+        `DeviceLostError`, then on every later call, once the device cannot be used."""
+        if self._lost is not None:
+            raise self._lost
+        try:
+            self.faults.on_step()
+            return self._step()
+        except Exception as exc:
+            if not is_device_lost(exc):
+                raise
+            lost = exc if isinstance(exc, DeviceLostError) else DeviceLostError(
+                f"device {self.backend.device} is unusable: {type(exc).__name__}: {exc}")
+            self._lost = lost
+            raise lost from (None if lost is exc else exc)
+
+    def _step(self) -> list[StepOutput]:
         outputs = [self._final_output(seq) for seq in self._aborted]
         self._aborted = []
         self.kv.expire_sessions()
@@ -282,13 +311,23 @@ class Engine:
     def _launch(self, schedule: Schedule, batch: ForwardBatch) -> _Launched:
         """The forward pass and the sampling of the scheduled sequences, nothing read back."""
         logits = self.backend.forward(batch)
+        if self.faults.nan_requests:
+            self.faults.poison(logits, [seq.request_id for seq in schedule.sampled])
         rows = [self._sampling_row(seq) for seq in schedule.sampled]
+        finite = None
+        if self.check_finite:
+            # One reduction on the device, read with the ids. Where a row is drawn at random,
+            # a bad row is zeroed so that the sampler (a multinomial refuses NaN) serves the
+            # others; greedy rows only take an argmax.
+            finite = torch.isfinite(logits).all(dim=-1)
+            if not all(row.params.greedy for row in rows):
+                logits.masked_fill_(~finite.unsqueeze(-1), 0.0)
         tokens = self.sampler.launch(logits, rows)
         for seq, n in schedule.items:
             seq.num_in_flight += n
         for seq in schedule.sampled:
             seq.num_pending += 1
-        return _Launched(schedule, tokens)
+        return _Launched(schedule, tokens, finite)
 
     def _read(self, launched: _Launched) -> list[StepOutput]:
         """Wait for a launched step's tokens; count its KV, append its tokens, check stops.
@@ -297,6 +336,7 @@ class Engine:
         schedule = launched.schedule
         try:
             tokens = launched.tokens.result()
+            finite = launched.finite.tolist() if launched.finite is not None else None
         finally:
             _settle(schedule)
         for seq, n in schedule.items:
@@ -304,10 +344,21 @@ class Engine:
                 seq.num_computed += n
                 self._register_full_blocks(seq)
         outputs = []
-        for seq, token in zip(schedule.sampled, tokens, strict=True):
-            if seq.status == SequenceStatus.RUNNING:
+        for i, (seq, token) in enumerate(zip(schedule.sampled, tokens, strict=True)):
+            if seq.status != SequenceStatus.RUNNING:
+                continue
+            if finite is not None and not finite[i]:
+                outputs.append(self._fail(seq, "its logits are not finite (NaN or inf)"))
+            else:
                 outputs.append(self._append_token(seq, token.token_id, token.logprobs))
         return outputs
+
+    def _fail(self, seq: Sequence, why: str) -> StepOutput:
+        """End one request with finish_reason `error`; the others go on."""
+        self.scheduler.finish(seq, "error")
+        output = self._final_output(seq)
+        output.error = f"request {seq.request_id!r}: {why}"
+        return output
 
     def _launch_ahead(self, launched: _Launched) -> _Launched | None:
         """Launch the step the scheduler plans ahead of `launched`'s read, its pending tokens

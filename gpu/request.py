@@ -7,6 +7,7 @@ and outputs into events; `orcd generate` does the same for a terminal.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from jobs.errors import OrcdError
@@ -15,6 +16,11 @@ from jobs.limits import SAMPLING_BOUNDS
 
 class RequestError(OrcdError):
     """A request the engine cannot run (empty prompt, too long for the context, bad parameters)."""
+
+
+class DeviceLostError(OrcdError):
+    """The device cannot run anything more (a sticky CUDA error such as an illegal address):
+    the process must exit and be restarted; no request of it can be saved here."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -61,6 +67,10 @@ class Request:
     stop_token_ids: frozenset[int] = frozenset()
     session_id: str | None = None
     ignore_eos: bool = False
+    # Served first at admission, preempted last; a waiting request gains one level per
+    # `Scheduler.priority_aging_s` seconds since `arrival_time` (unix s; default: when made).
+    priority: int = 0
+    arrival_time: float = field(default_factory=time.time)
 
 
 @dataclass(slots=True)
@@ -80,7 +90,8 @@ class StepOutput:
     new_token_ids: list[int]
     logprobs: list[TokenLogprobs] | None = None
     num_cached_tokens: int = 0
-    finish_reason: str | None = None  # stop | length | abort
+    finish_reason: str | None = None  # stop | length | abort | deadline | error
+    error: str | None = None  # with finish_reason "error": why this request alone failed
 
     @property
     def finished(self) -> bool:

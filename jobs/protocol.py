@@ -37,6 +37,8 @@ def build_job(
     priority: int = 0,
     metadata: dict | None = None,
     parse_special: bool = False,
+    deadline: int | None = None,
+    timeout_s: float | None = None,
     **sampling_fields: Any,
 ) -> GenerationJob:
     """A validated job; `sampling_fields` (temperature=..., max_tokens=...) override `sampling`."""
@@ -56,6 +58,8 @@ def build_job(
         "priority": priority,
         "metadata": metadata or {},
         "parse_special": parse_special,
+        "deadline": deadline,
+        "timeout_s": timeout_s,
     }
     # Validated through JSON so that the client refuses exactly what a worker would.
     return GenerationJob.model_validate_json(json.dumps(payload))
@@ -136,7 +140,12 @@ class EventFollower:
 
 
 def encode_job(job: GenerationJob) -> str:
-    """The job's wire JSON. `parse_special` is written only when true, so that a job that does
-    not use it is read by workers that predate the field (they refuse unknown fields)."""
-    return job.model_dump_json(exclude_none=False,
-                               exclude=None if job.parse_special else {"parse_special"})
+    """The job's wire JSON. `parse_special` is written only when true, `deadline` and
+    `timeout_s` only when set, so that a job that does not use them is read by workers that
+    predate the fields (they refuse unknown fields); `priority` only when not 0, so that the
+    workers' admission script parses only the jobs that carry one."""
+    left_out = {name for name, unused in (("parse_special", not job.parse_special),
+                                           ("deadline", job.deadline is None),
+                                           ("timeout_s", job.timeout_s is None),
+                                           ("priority", job.priority == 0)) if unused}
+    return job.model_dump_json(exclude_none=False, exclude=left_out or None)

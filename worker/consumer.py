@@ -30,6 +30,8 @@ from jobs.schema import ID_PATTERN, MAX_JOB_BYTES, EndSession, GenerationJob
 from jobs.schema import describe_validation_error as describe
 from worker.job_runner import Delivery
 
+QUEUE = "queued"  # the consumer holding queued (delivered, not started) entries: admission.py
+
 DEAD_PAYLOAD_CHARS = 64 * 1024  # a dead letter keeps the head of a huge payload, and its size
 # KEYS: the stream, the old owner's heartbeat key. ARGV: group, new consumer, min idle (ms),
 # old consumer, entry ids. Nothing is claimed while the old owner's heartbeat exists.
@@ -176,6 +178,9 @@ class Consumer:
             routed = self.keys.routed(self.model, worker_id)
             create_group(self.redis, routed)
             found = self._claim(routed, worker_id, capacity - len(claimed))
+            if len(claimed) + len(found) < capacity:  # queued there, not started by it
+                found += self._claim(routed, QUEUE, capacity - len(claimed) - len(found),
+                                     idle_ms=0, owner=worker_id)
             if len(claimed) + len(found) < capacity:
                 reply = self.redis.xreadgroup(GROUP, self.worker_id, {routed: ">"},
                                               count=capacity - len(claimed) - len(found))
@@ -195,7 +200,9 @@ class Consumer:
             consumers = self.redis.xinfo_consumers(stream, GROUP)
         except redis.ResponseError:  # no stream or no group yet
             return []
-        consumers = [c for c in consumers if _text(c["name"]) != self.worker_id]
+        # The admission queue's consumer (worker/admission.py) holds queued jobs, not a dead
+        # worker's: it has no heartbeat.
+        consumers = [c for c in consumers if _text(c["name"]) not in (self.worker_id, QUEUE)]
         names = [_text(c["name"]) for c in consumers]
         if not names:
             return []
@@ -234,9 +241,13 @@ class Consumer:
             pipe.exists(self.keys.worker(worker_id))
         return [w for w, live in zip(candidates, pipe.execute(), strict=True) if not live]
 
-    def _claim(self, stream: str, consumer: str, count: int) -> list[Entry]:
+    def _claim(self, stream: str, consumer: str, count: int, *, idle_ms: int | None = None,
+               owner: str | None = None) -> list[Entry]:
+        """Claim `consumer`'s entries idle `idle_ms` (default: the reclaim threshold) while
+        `owner`'s heartbeat (default: the consumer's) is absent."""
+        idle = self.reclaim_idle_ms if idle_ms is None else idle_ms
         rows = self.redis.xpending_range(stream, GROUP, min="-", max="+", count=count,
-                                         consumername=consumer, idle=self.reclaim_idle_ms)
+                                         consumername=consumer, idle=idle or None)
         if not rows:
             return []
         deliveries = {_text(row["message_id"]): row["times_delivered"] for row in rows}
@@ -244,8 +255,8 @@ class Consumer:
         # time was reset and this claim skips it (no double reclaim). XCLAIM counts a delivery.
         # Entries deleted while pending are dropped from the PEL and not returned (Redis 7).
         claimed = self._claim_if_dead(
-            keys=[stream, self.keys.worker(consumer)],
-            args=[GROUP, self.worker_id, self.reclaim_idle_ms, consumer, *deliveries],
+            keys=[stream, self.keys.worker(owner or consumer)],
+            args=[GROUP, self.worker_id, idle, consumer, *deliveries],
         )
         out = []
         for item in claimed or ():
@@ -253,7 +264,9 @@ class Consumer:
                 continue
             entry_id, flat = _text(item[0]), item[1]
             fields = {_text(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
-            out.append(Entry(stream, entry_id, fields, deliveries[entry_id] + 1, consumer))
+            # XCLAIM counted a delivery (of a queued entry too): the attempt is Redis's count.
+            out.append(Entry(stream, entry_id, fields, deliveries[entry_id] + 1,
+                             owner or consumer))
         return out
 
     def release(self, entries: list[tuple[str, str]]) -> None:

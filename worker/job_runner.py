@@ -23,13 +23,15 @@ from tokenizer.tokenizer import GGUFTokenizer
 from worker.text_stream import TextStream
 
 
-def build_request(job: GenerationJob, tokenizer: GGUFTokenizer, max_model_len: int) -> Request:
+def build_request(job: GenerationJob, tokenizer: GGUFTokenizer, max_model_len: int,
+                  enqueued_ms: int | None = None) -> Request:
     """The engine request of a validated job: its prompt tokenized (chat template for
     `messages`, whose own text alone makes control tokens; raw text with special-token
     parsing off, so user text cannot forge control tokens; both parsed when the job sets
     `parse_special`), its sampling, and the model's end-of-generation ids. Raises
     `TokenizerError` or `RequestError` (max_tokens past the context) with a message for the
-    client."""
+    client. `enqueued_ms` (unix ms, from the stream entry's id) is when the request started
+    waiting: the engine ages its priority from then."""
     if job.messages is not None:
         _, prompt_ids = tokenizer.encode_chat(job.message_dicts(),
                                               parse_special=job.parse_special)
@@ -40,8 +42,12 @@ def build_request(job: GenerationJob, tokenizer: GGUFTokenizer, max_model_len: i
         raise RequestError(f"max_tokens {sampling.max_tokens} exceeds the context of "
                            f"{max_model_len} tokens")
     params = SamplingParams(**{name: getattr(sampling, name) for name in _SAMPLING_FIELDS})
-    return Request(job.job_id, prompt_ids, params, max_tokens=sampling.max_tokens,
-                   stop_token_ids=tokenizer.end_of_generation_ids, session_id=job.session_id)
+    request = Request(job.job_id, prompt_ids, params, max_tokens=sampling.max_tokens,
+                      stop_token_ids=tokenizer.end_of_generation_ids,
+                      session_id=job.session_id, priority=job.priority)
+    if enqueued_ms is not None:
+        request.arrival_time = enqueued_ms / 1000
+    return request
 
 
 # The wire's sampling fields that the engine's SamplingParams takes as they are.
@@ -61,6 +67,11 @@ class Delivery:
     def enqueued_ms(self) -> int:
         """When the client added it: a stream entry id starts with Redis's clock in ms."""
         return int(self.entry_id.split("-", 1)[0])
+
+    @property
+    def deadline_ms(self) -> int | None:
+        """When the job must end (unix ms; None: never), from `deadline` and `timeout_s`."""
+        return self.job.deadline_ms(self.enqueued_ms)
 
 
 @dataclass(slots=True)
@@ -82,6 +93,7 @@ class ActiveJob:
     stop_string_hit: bool = False
     cancelled: bool = False
     finish_reason: str | None = None
+    deadline_ms: int | None = None  # unix ms: the engine request is ended there
 
     @classmethod
     def start(cls, delivery: Delivery, prompt_tokens: int, tokenizer: GGUFTokenizer
@@ -155,6 +167,8 @@ class ActiveJob:
             return "stop"
         if engine_reason == "abort":
             return "cancelled"
+        if engine_reason == "deadline":
+            return "deadline"
         return engine_reason or "stop"
 
     def done_payload(self, now: float) -> dict:

@@ -53,6 +53,15 @@ redis.call('XDEL', KEYS[1], ARGV[3])
 return 1
 """
 
+# A session's routing key, deleted only while it still names this worker (another worker may
+# hold the session now). KEYS: the session key. ARGV: worker id.
+_DEL_IF_HOLDER = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
 NARRATION_MAXLEN = 10_000
 NARRATION_BUFFER = 10_000  # lines kept while Redis is away
 DEAD_MAXLEN = 100_000
@@ -73,6 +82,7 @@ class Publisher:
         self._log = get_logger()
         self.events_published = 0
         self._final_script = link.redis.register_script(_FINAL_IF_OWNER)
+        self._release_script = link.redis.register_script(_DEL_IF_HOLDER)
         self.refused_finals: list[str] = []  # job ids whose final event another worker owns
 
     def __len__(self) -> int:
@@ -100,6 +110,11 @@ class Publisher:
         args = (GROUP, consumer, entry_id, attempt, kind,
                 json.dumps(data, ensure_ascii=False), self.out_ttl_s)
         self._ops.append(("final", (stream, self.keys.out(job_id), job_id), {"args": args}))
+
+    def release_session(self, session_id: str, worker_id: str) -> None:
+        """Queue the deletion of a session's routing key if it still names `worker_id`: the
+        engine no longer holds the session's KV, so its next turn goes to the shared stream."""
+        self._ops.append(("release_session", (self.keys.session(session_id), worker_id), {}))
 
     def acknowledge(self, stream: str, entry_id: str, job_id: str | None = None) -> None:
         """The job's final event is queued before this: expire its output, XACK and XDEL the
@@ -155,6 +170,8 @@ class Publisher:
         for method, args, kwargs in ops:
             if method == "final":
                 self._final_script(keys=list(args[:2]), args=list(kwargs["args"]), client=pipe)
+            elif method == "release_session":
+                self._release_script(keys=[args[0]], args=[args[1]], client=pipe)
             else:
                 getattr(pipe, method)(*args, **kwargs)
         # raise_on_error=False: a command refused by Redis (say WRONGTYPE on a key someone
