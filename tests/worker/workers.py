@@ -19,14 +19,15 @@ class WorkerProcess:
     with the engine's float32 reference (the command's own default is auto: int8 on a CPU)."""
 
     def __init__(self, url: str, worker_id: str, log_dir: Path, *extra: str,
-                 launcher: tuple[str, ...] = ("worker.cli",)) -> None:  # fmt: skip
+                 launcher: tuple[str, ...] = ("worker.cli",),
+                 env: dict[str, str] | None = None) -> None:  # fmt: skip
         """`launcher`: the module run with `-m` and its leading arguments (the real CLI, or a
-        test wrapper such as tests.worker.slow_worker)."""
+        test wrapper such as tests.worker.slow_worker); `env`: variables added to ours."""
         self.url, self.worker_id = url, worker_id
         if "--dtype" not in extra:
             extra = ("--dtype", "float32", *extra)
         self.log_path = log_dir / f"{worker_id}.log"
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
         self.process = subprocess.Popen(
             [sys.executable, "-m", *launcher, "worker", "--redis", url, "--id", worker_id,
              "--heartbeat", "0.2", "--reclaim-idle", "1", "--kv-blocks", "512", *extra],

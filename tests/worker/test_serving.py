@@ -1,0 +1,228 @@
+"""Serving under load, with `orcd worker` processes on a private redis-server and the real
+default model: admission never past --max-jobs, priorities with aging, both deadline paths,
+a poisoned request failing alone, a lost device handing its jobs to another worker."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+
+import pytest
+
+from gpu.request import Request, SamplingParams
+from jobs import OrcdClient
+from jobs.errors import JobFailed
+from jobs.keys import JOB_FIELD, Keys
+from jobs.protocol import build_job, encode_job
+from tests.redis_server import RedisServer
+from tests.worker.workers import WorkerProcess
+from worker.daemon import EXIT_DEVICE_LOST
+from worker.loaded_model import load_model
+
+pytestmark = pytest.mark.slow
+KEYS = Keys()
+MODEL = "smollm2-135m"
+PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):",
+           "The three primary colors are", "In 1969, the first man on the Moon",
+           "A recipe for pancakes:", "The theory of relativity says", "Dear diary, today"]
+LONG = "Write a very long story about a dragon who lives in a castle by the sea. Once"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    server = RedisServer(tmp_path_factory.mktemp("serving")).start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Greedy answers computed one at a time by the engine itself."""
+    try:
+        model = load_model(MODEL, kv_blocks=256, progress=False)
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"default model unavailable: {exc}")
+    cache: dict[tuple[str, int], str] = {}
+
+    def answer(prompt: str, max_tokens: int) -> str:
+        if (prompt, max_tokens) not in cache:
+            tokenizer, engine = model.tokenizer, model.engine
+            ids = tokenizer.encode(prompt, parse_special=False)
+            engine.add(Request("ref", ids, SamplingParams(temperature=0), max_tokens=max_tokens,
+                               stop_token_ids=tokenizer.end_of_generation_ids))
+            out: list[int] = []
+            while engine.has_work():
+                for step in engine.step():
+                    out += step.new_token_ids
+            cache[prompt, max_tokens] = tokenizer.decode(out, skip_special_tokens=True)
+        return cache[prompt, max_tokens]
+
+    return answer
+
+
+def events(client, job_id):
+    out = []
+    for entry_id, fields in client.redis.xrange(KEYS.out(job_id)):
+        ms, seq = (int(x) for x in entry_id.decode().split("-"))
+        out.append((fields[b"event"].decode(), json.loads(fields[b"data"]), ms, seq))
+    return out
+
+
+def submit(client, prompt, stream=None, **fields):
+    job = build_job(model=MODEL, prompt=prompt, temperature=0, **fields)
+    client.redis.xadd(stream or KEYS.jobs(MODEL), {JOB_FIELD: encode_job(job)})
+    return job.job_id
+
+
+def wait_started(client, job_id, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not any(kind == "started" for kind, *_ in events(client, job_id)):
+        assert time.monotonic() < deadline, f"job {job_id} never started"
+        time.sleep(0.02)
+
+
+def test_admission_never_exceeds_max_jobs(server, tmp_path):
+    """Half the jobs on the worker's routed stream, half on the shared one: at most 3 run at
+    once, as the heartbeat and the `started`/`done` events show, and 3 do run at once."""
+    worker = WorkerProcess(server.url, "wmax", tmp_path, "--max-jobs", "3").wait_ready()
+    client = OrcdClient(server.url)
+    seen: list[int] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        r = server.client()
+        while not stop.is_set():
+            beat = r.get(KEYS.worker("wmax"))
+            if beat:
+                seen.append(json.loads(beat)["active_jobs"])
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        ids = [submit(client, PROMPTS[i % 8], KEYS.routed(MODEL, "wmax") if i % 2 else None,
+                      max_tokens=12) for i in range(12)]
+        for job_id in ids:
+            client.wait(job_id, timeout=180)
+    finally:
+        stop.set()
+        watcher.join(5)
+        worker.stop()
+    # Running intervals from the event ids (Redis's clock): a job runs from its `started`
+    # to its `done`; at equal milliseconds an end counts before a start.
+    edges = []
+    for job_id in ids:
+        evs = events(client, job_id)
+        assert [k for k, *_ in evs].count("started") == 1 and evs[-1][0] == "done"
+        edges += [(ms, 1) for kind, _, ms, _ in evs if kind == "started"]
+        edges.append((evs[-1][2], -1))
+    running, peak = 0, 0
+    for _, delta in sorted(edges, key=lambda e: (e[0], e[1])):
+        running += delta
+        peak = max(peak, running)
+    assert peak == 3
+    assert seen and max(seen) <= 3
+
+
+@pytest.fixture(scope="module")
+def single(server, tmp_path_factory):
+    """One worker taking one job at a time; a priority level is worth 50 ms of waiting."""
+    worker = WorkerProcess(server.url, "wone", tmp_path_factory.mktemp("one"), "--max-jobs",
+                           "1", "--priority-aging", "0.05").wait_ready()
+    yield worker
+    worker.stop()
+
+
+def test_priorities_with_aging_decide_the_order(server, single):
+    """While a long job runs: a low job, 0.6 s later two of priority 5 and one of 50. Each
+    level is 50 ms, so the low job (aged 12 levels) goes before the 5s, after the 50."""
+    client = OrcdClient(server.url)
+    blocker = submit(client, LONG, max_tokens=96)
+    wait_started(client, blocker)
+    low = submit(client, PROMPTS[0], max_tokens=4)
+    time.sleep(0.6)
+    mid = [submit(client, PROMPTS[1 + i], max_tokens=4, priority=5) for i in range(2)]
+    high = submit(client, PROMPTS[3], max_tokens=4, priority=50)
+    ids = [blocker, low, *mid, high]
+    assert not any(kind == "done" for kind, *_ in events(client, blocker)), \
+        "the long job ended before the others were queued: the test proves nothing"
+    for job_id in ids:
+        client.wait(job_id, timeout=180)
+    started = {job_id: next((ms, seq) for kind, _, ms, seq in events(client, job_id)
+                            if kind == "started") for job_id in ids}
+    assert sorted(ids, key=started.get) == [blocker, high, low, *mid]
+
+
+def test_deadlines_queued_and_running(server, single, reference):
+    client = OrcdClient(server.url)
+    blocker = submit(client, LONG, max_tokens=96)
+    wait_started(client, blocker)
+    queued = submit(client, PROMPTS[0], max_tokens=4, timeout_s=0.3)
+    evs = []
+    deadline = time.monotonic() + 30
+    while not evs or evs[-1][0] not in ("done", "error"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+        evs = events(client, queued)
+    assert [kind for kind, *_ in evs] == ["error"]  # never started
+    assert evs[0][1]["code"] == "deadline_exceeded"
+    assert not any(kind == "done" for kind, *_ in events(client, blocker)), \
+        "answered only after the running job ended, not at its deadline"
+    client.wait(blocker, timeout=180)
+    # Running at its deadline: ends with finish_reason deadline, the text streamed so far.
+    running = submit(client, LONG, max_tokens=400, deadline=int(time.time() * 1000) + 1500)
+    done = client.wait(running, timeout=60)
+    assert done.finish_reason == "deadline"
+    assert 0 < done.usage.completion_tokens < 400
+    tokens = "".join(d["text"] for kind, d, *_ in events(client, running) if kind == "token")
+    assert tokens == done.text
+    assert reference(LONG, done.usage.completion_tokens).startswith(done.text)
+
+
+def test_a_poisoned_request_fails_alone(server, tmp_path, reference):
+    """NaN logits for one request of 8 running together: it ends with engine_error, the 7
+    others finish with the engine's own answers, and the worker serves on."""
+    worker = WorkerProcess(server.url, "wnan", tmp_path, "--max-jobs", "8",
+                           env={"ORCD_FAULT_INJECT": "nan=poisoned"}).wait_ready()
+    client = OrcdClient(server.url)
+    try:
+        ids = [submit(client, prompt, KEYS.routed(MODEL, "wnan"), max_tokens=10,
+                      job_id="poisoned" if i == 3 else None)
+               for i, prompt in enumerate(PROMPTS)]
+        for i, job_id in enumerate(ids):
+            if i == 3:
+                with pytest.raises(JobFailed) as failed:
+                    client.wait(job_id, timeout=180)
+                assert failed.value.code == "engine_error"
+                assert "not finite" in failed.value.message
+            else:
+                assert client.wait(job_id, timeout=180).text == reference(PROMPTS[i], 10)
+        assert client.wait(submit(client, PROMPTS[0], KEYS.routed(MODEL, "wnan"),
+                                  max_tokens=10), timeout=60).text == reference(PROMPTS[0], 10)
+        assert worker.process.poll() is None
+    finally:
+        worker.stop()
+
+
+def test_a_lost_device_exits_nonzero_and_another_worker_finishes(server, tmp_path, reference):
+    lost = WorkerProcess(server.url, "wlost", tmp_path, "--max-jobs", "4",
+                         env={"ORCD_FAULT_INJECT": "device_lost_after=4"}).wait_ready()
+    client = OrcdClient(server.url)
+    ids = [submit(client, prompt, KEYS.routed(MODEL, "wlost"), max_tokens=12)
+           for prompt in PROMPTS[:4]]
+    assert lost.process.wait(120) == EXIT_DEVICE_LOST
+    assert "worker.device_lost" in lost.log()
+    assert not client.redis.exists(KEYS.worker("wlost"))
+    assert not any(events(client, job_id) and events(client, job_id)[-1][0] == "done"
+                   for job_id in ids)
+    other = WorkerProcess(server.url, "wnext", tmp_path).wait_ready()
+    try:
+        for prompt, job_id in zip(PROMPTS, ids, strict=False):
+            assert client.wait(job_id, timeout=180).text == reference(prompt, 12)
+            assert [kind for kind, *_ in events(client, job_id)].count("done") == 1
+    finally:
+        other.stop()
