@@ -24,8 +24,9 @@ from dataclasses import dataclass
 import redis
 
 from jobs.keys import GROUP
+from jobs.keys import QUEUE_CONSUMER as QUEUE
 from jobs.protocol import as_text
-from worker.consumer import QUEUE, Entry
+from worker.consumer import Entry
 
 DEFAULT_AGING_S = 1.0  # seconds of waiting worth one priority level
 DEFAULT_WINDOW = 128  # queued entries per stream the script chooses from

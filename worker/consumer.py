@@ -26,11 +26,10 @@ from pydantic import ValidationError
 
 from jobs.events import INVALID_JOB, INVALID_JSON, PAYLOAD_TOO_LARGE
 from jobs.keys import CONTROL_FIELD, GROUP, JOB_FIELD, Keys
+from jobs.keys import QUEUE_CONSUMER as QUEUE
 from jobs.schema import ID_PATTERN, MAX_JOB_BYTES, EndSession, GenerationJob
 from jobs.schema import describe_validation_error as describe
 from worker.job_runner import Delivery
-
-QUEUE = "queued"  # the consumer holding queued (delivered, not started) entries: admission.py
 
 DEAD_PAYLOAD_CHARS = 64 * 1024  # a dead letter keeps the head of a huge payload, and its size
 # KEYS: the stream, the old owner's heartbeat key. ARGV: group, new consumer, min idle (ms),

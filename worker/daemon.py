@@ -124,7 +124,8 @@ class Worker:
         self.heartbeat = Heartbeat(
             self.keys, config.worker_id,
             {"model": model.name, "backend": backend.name, "device": str(backend.device),
-             "max_jobs": config.max_jobs, "load_seconds": round(model.load_seconds, 3)},
+             "max_jobs": config.max_jobs, "load_seconds": round(model.load_seconds, 3),
+             "priority_aging_s": config.priority_aging_s},
             interval_s=config.heartbeat_s, ttl_s=config.heartbeat_ttl_s,
         )
         self.active: dict[str, ActiveJob] = {}

@@ -265,3 +265,47 @@ def test_an_evicted_session_loses_its_routing_key(server):
         assert r.get(KEYS.session("s2")) == b"elsewhere"
     finally:
         worker.close()
+
+
+def test_queue_position_and_eta_while_waiting(server, single):
+    """Behind a running job: two jobs of priority 0 and one of 50, which goes first. The sync
+    and asyncio clients give the same places; `orcd submit --wait` prints them."""
+    import asyncio
+    import io
+
+    from jobs import AsyncOrcdClient
+    from worker.commands.submit import show_queue_position
+
+    client = OrcdClient(server.url)
+    blocker = submit(client, LONG, max_tokens=96)
+    wait_started(client, blocker)
+    first, second = (submit(client, PROMPTS[i], max_tokens=2) for i in range(2))
+    urgent = submit(client, PROMPTS[2], max_tokens=2, priority=50)
+    places = {job_id: client.queue_position(job_id, model=MODEL)
+              for job_id in (blocker, first, second, urgent)}
+    assert not any(kind == "done" for kind, *_ in events(client, blocker))
+    assert places[blocker] is None  # running, not waiting
+    assert [places[j].position for j in (urgent, first, second)] == [0, 1, 2]
+    assert {places[j].waiting for j in (urgent, first, second)} == {3}
+    assert places[first].stream == KEYS.jobs(MODEL)
+
+    async def async_place():
+        async with AsyncOrcdClient(server.url) as aclient:
+            return await aclient.queue_position(second, model=MODEL)
+
+    assert asyncio.run(async_place()).position == 2
+    err = io.StringIO()
+    show_queue_position(client, second, MODEL, timeout=60, err=err, poll_s=0.05)
+    lines = err.getvalue().splitlines()
+    assert lines[0].startswith("queued: 2 jobs ahead, 3 waiting")
+    assert any(line.startswith("queued: 0 jobs ahead") for line in lines)
+    for job_id in (blocker, first, second, urgent):
+        client.wait(job_id, timeout=120)
+    # Jobs ended lately give an ETA: a job behind a new long one waits about one job's time.
+    blocker = submit(client, LONG, max_tokens=48)
+    wait_started(client, blocker)
+    behind = submit(client, PROMPTS[0], max_tokens=2)
+    place = client.queue_position(behind, model=MODEL)
+    assert place.position == 0 and place.eta_s is not None and place.eta_s > 0
+    client.wait(behind, timeout=120)
+    assert client.queue_position(behind, model=MODEL) is None
