@@ -32,7 +32,8 @@ DEFAULT_AGING_S = 1.0  # seconds of waiting worth one priority level
 DEFAULT_WINDOW = 128  # queued entries per stream the script chooses from
 
 # KEYS: job streams, routed first. ARGV: group, consumer, queue consumer, capacity, window,
-# now (unix ms), aging (ms per level). Returns {claimed entries, last-delivered id per stream}.
+# now (unix ms), aging (ms per level), 1 to return each stream's last-delivered id (an idle
+# worker's wait starts there). Returns {claimed entries, last-delivered ids (or {})}.
 # Priority, deadline and timeout_s are read only from jobs whose JSON names them (cjson only
 # then: most jobs are decoded by nobody but the worker).
 _ADMIT = """
@@ -65,8 +66,11 @@ end
 for s, key in ipairs(KEYS) do
   local held = redis.call('XPENDING', key, group, '-', '+', window, queue)
   if #held < window then
-    redis.call('XREADGROUP', 'GROUP', group, queue, 'COUNT', window - #held, 'STREAMS', key, '>')
-    held = redis.call('XPENDING', key, group, '-', '+', window, queue)
+    local read = redis.call('XREADGROUP', 'GROUP', group, queue, 'COUNT', window - #held,
+                            'STREAMS', key, '>')
+    if read then
+      held = redis.call('XPENDING', key, group, '-', '+', window, queue)
+    end
   end
   for _, row in ipairs(held) do
     local id = row[1]
@@ -111,7 +115,7 @@ for _, item in ipairs(free) do
   end
 end
 local last = {}
-for _, key in ipairs(KEYS) do
+for _, key in ipairs(ARGV[8] == '1' and KEYS or {}) do
   local info = redis.call('XINFO', 'GROUPS', key)
   for _, g in ipairs(info) do
     if field(g, 'name') == group then last[#last + 1] = field(g, 'last-delivered-id') end
@@ -144,11 +148,13 @@ class Admission:
         self.aging_ms = aging_s * 1000
         self._script = client.register_script(_ADMIT)
 
-    def queue(self, pipe: redis.client.Pipeline, capacity: int, now_ms: int) -> None:
-        """Queue the admission of up to `capacity` jobs on `pipe` (read with `parse`)."""
+    def queue(self, pipe: redis.client.Pipeline, capacity: int, now_ms: int, *,
+              idle: bool = False) -> None:
+        """Queue the admission of up to `capacity` jobs on `pipe` (read with `parse`); `idle`:
+        also the streams' last-delivered ids, for `wait`."""
         self._script(keys=self.streams,
                      args=[GROUP, self.worker_id, QUEUE, capacity, self.window, now_ms,
-                           self.aging_ms], client=pipe)  # fmt: skip
+                           self.aging_ms, int(idle)], client=pipe)  # fmt: skip
 
     def parse(self, reply) -> Admitted:
         claimed, last = reply
@@ -158,8 +164,8 @@ class Admission:
             entries.append(Entry(as_text(stream), as_text(entry_id), fields, int(count)))
         return Admitted(entries, {s: as_text(i) for s, i in zip(self.streams, last, strict=False)})
 
-    def wait(self, last_ids: dict[str, str], block_ms: int) -> None:
-        """Block up to `block_ms` until an entry newer than `last_ids` arrives (reads
-        nothing: the next admission call takes it)."""
-        self.redis.xread({s: last_ids.get(s, "$") for s in self.streams}, count=1,
-                         block=block_ms)
+    def wait(self, last_ids: dict[str, str], block_ms: int) -> bool:
+        """Block up to `block_ms` until an entry newer than `last_ids` arrives; whether one
+        did (it is not read: the next admission call takes it)."""
+        return bool(self.redis.xread({s: last_ids.get(s, "$") for s in self.streams},
+                                     count=1, block=block_ms))

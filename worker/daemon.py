@@ -91,6 +91,16 @@ class WorkerConfig:
     deadline_sweep_s: float = 1.0  # how often queued jobs past their deadline are answered
 
 
+@dataclass(slots=True)
+class _PollPlan:
+    """One poll's reads: cancel flags of `running`, and admission of up to `capacity` jobs."""
+
+    running: list[str]
+    capacity: int
+    admit: bool
+    idle: bool = False  # nothing to step: wait for new entries if none is admitted
+
+
 def short(job_id: str) -> str:
     return job_id[:8]
 
@@ -119,6 +129,9 @@ class Worker:
                                    config.worker_id, window=config.admission_window,
                                    aging_s=config.priority_aging_s)
         self._next_sweep = 0.0
+        self._polled: tuple[_PollPlan, list] | None = None  # reads sent with the last flush
+        # Set while idle after a wait that saw nothing new: the next poll only waits again.
+        self._quiet_since: dict[str, str] | None = None
         self._completions: list[float] = []  # monotonic times of recent job ends (throughput)
         backend = self.engine.backend
         self.heartbeat = Heartbeat(
@@ -204,14 +217,14 @@ class Worker:
             if event.kind in ("session_evicted", "session_expired") and event.session_id:
                 # The next turn must go to the shared stream, not to a worker without its KV.
                 self.publisher.release_session(event.session_id, self.worker_id)
-        self.publisher.flush()
+        self._maintain(time.monotonic())
+        self._flush()
         for job_id in self.publisher.pop_refused_finals():
             self.log.warning(
                 "job.lost", job_id=job_id,
                 narration=f"Job {short(job_id)} was taken over by another worker: its final "
                 "event from here was refused (the other attempt's stands)",
             )
-        self._maintain(time.monotonic())
         if not self.engine.has_work() and not self.link.up:
             time.sleep(min(self.link.seconds_to_retry(), self.config.block_ms / 1000) or 0.01)
 
@@ -335,37 +348,76 @@ class Worker:
             return 0
         return max(0, self.config.max_jobs - len(self.active))
 
-    def _poll(self) -> list[Entry]:
-        """Cancel flags of running jobs and the jobs to start, in one round trip; when idle
-        and nothing is queued, a wait of up to `block_ms` for the next entry."""
-        if not self.link.ready():
-            return []
+    def _flush(self) -> None:
+        """Write the iteration's events; the next iteration's reads (cancel flags, admission)
+        ride in the same round trip when there is something to write."""
+        plan = self._plan_poll() if len(self.publisher) and self.link.ready() else None
+        if plan is None:
+            self.publisher.flush()
+            return
+        if self.publisher.flush(reads=lambda pipe: self._queue_poll(pipe, plan)):
+            self._polled = (plan, self.publisher.pop_reads())
+
+    def _plan_poll(self) -> _PollPlan | None:
+        """What the next poll reads: the cancel flags of the running jobs, and an admission
+        call when there is room (or a deadline sweep is due); None when nothing."""
         running = [job_id for job_id, job in self.active.items() if not job.cancelled]
         capacity = self._capacity()
         now = time.monotonic()
         # Room or not, queued jobs past their deadline and control messages are taken once
         # in a while (the admission script hands them over whatever the capacity).
-        sweep = (now >= self._next_sweep and self._groups_ready and not self.stopping)
+        sweep = now >= self._next_sweep and self._groups_ready and not self.stopping
         admit = bool(capacity) or sweep
         if not running and not admit:
+            return None
+        idle = bool(capacity) and not self.engine.has_work() and not self.stopping
+        if admit and not (idle and self._quiet_since is not None and not sweep):
+            self._next_sweep = now + self.config.deadline_sweep_s
+        return _PollPlan(running, capacity, admit, idle)
+
+    def _queue_poll(self, pipe, plan: _PollPlan) -> int:
+        """Queue a plan's reads on a pipeline; returns how many commands."""
+        if plan.running:
+            pipe.mget([self.keys.cancel(job_id) for job_id in plan.running])
+        if plan.admit:
+            self.admission.queue(pipe, plan.capacity, int(time.time() * 1000),
+                                 idle=plan.idle)
+        return bool(plan.running) + plan.admit
+
+    def _poll(self) -> list[Entry]:
+        """Cancel flags of running jobs and the jobs to start: read with the last flush, or
+        in one round trip of their own; when idle and nothing is queued, a wait of up to
+        `block_ms` for the next entry."""
+        if self._polled is not None:
+            (plan, replies), self._polled = self._polled, None
+            return self._apply_poll(plan, replies)
+        if not self.link.ready():
+            return []
+        plan = self._plan_poll()
+        if plan is None:
+            return []
+        if plan.idle and not plan.running and self._quiet_since is not None \
+                and time.monotonic() < self._next_sweep:
+            self._wait_idle(self._quiet_since)  # nothing new since the last admission call
             return []
         pipe = self.redis.pipeline(transaction=False)
-        if running:
-            pipe.mget([self.keys.cancel(job_id) for job_id in running])
-        if admit:
-            self._next_sweep = now + self.config.deadline_sweep_s
-            self.admission.queue(pipe, capacity, int(time.time() * 1000))
+        self._queue_poll(pipe, plan)
         try:
             replies = self.link.call(pipe.execute, raise_on_error=False)
         except RedisDown:
             return []
-        if running:
+        return self._apply_poll(plan, replies)
+
+    def _apply_poll(self, plan: _PollPlan, replies: list) -> list[Entry]:
+        replies = list(replies)
+        if plan.running:
             flags = replies.pop(0)
             if not isinstance(flags, Exception):
-                for job_id, flag in zip(running, flags, strict=True):
-                    if flag is not None:
-                        self._cancel(self.active[job_id])
-        if not admit:
+                for job_id, flag in zip(plan.running, flags, strict=True):
+                    job = self.active.get(job_id)
+                    if flag is not None and job is not None and not job.cancelled:
+                        self._cancel(job)
+        if not plan.admit:
             return []
         reply = replies[0]
         if isinstance(reply, redis.ResponseError):
@@ -375,13 +427,19 @@ class Worker:
                 self.log.error("redis.read_failed", narration=f"Reading jobs failed: {reply}")
             return []
         admitted = self.admission.parse(reply)
-        if not admitted.entries and capacity and not self.engine.has_work() \
+        self._quiet_since = None
+        if not admitted.entries and plan.idle and not self.engine.has_work() \
                 and not self.stopping:
-            try:
-                self.link.call(self.admission.wait, admitted.last_ids, self.config.block_ms)
-            except RedisDown:
-                pass
+            self._wait_idle(admitted.last_ids)
         return admitted.entries
+
+    def _wait_idle(self, last_ids: dict[str, str]) -> None:
+        """Wait up to `block_ms` for a new entry; if none came, the next poll only waits."""
+        try:
+            arrived = self.link.call(self.admission.wait, last_ids, self.config.block_ms)
+        except RedisDown:
+            return
+        self._quiet_since = None if arrived else last_ids
 
     def _cancel(self, job: ActiveJob) -> None:
         job.cancelled = True

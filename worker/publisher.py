@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -84,6 +85,7 @@ class Publisher:
         self._final_script = link.redis.register_script(_FINAL_IF_OWNER)
         self._release_script = link.redis.register_script(_DEL_IF_HOLDER)
         self.refused_finals: list[str] = []  # job ids whose final event another worker owns
+        self._reads: list | None = None  # replies of the reads sent with the last flush
 
     def __len__(self) -> int:
         return len(self._ops)
@@ -141,16 +143,23 @@ class Publisher:
 
     # ----- sending ----------------------------------------------------------------------------
 
-    def flush(self) -> bool:
-        """Send what is queued; False (and everything kept) when Redis is away."""
+    def flush(self, reads: Callable[[redis.client.Pipeline], int] | None = None) -> bool:
+        """Send what is queued; False (and everything kept) when Redis is away. `reads`
+        queues read commands (returning how many) after the last writes, in the same round
+        trip; their replies are kept for `pop_reads` (none when nothing was written)."""
+        self._reads = None
         while self._ops:
             if not self.link.ready():
                 return False
             ops = [self._ops[i] for i in range(min(len(self._ops), MAX_OPS_PER_FLUSH))]
+            last = reads if len(ops) == len(self._ops) else None
             try:
-                results = self.link.call(self._send, ops)
+                results = self.link.call(self._send, ops, last)
             except RedisDown:
                 return False
+            if last is not None:
+                self._reads = results[len(ops):]
+                results = results[:len(ops)]
             for _ in ops:
                 self._ops.popleft()
             narration = sum(1 for _, args, _ in ops if args[0] == self.keys.narration)
@@ -160,12 +169,17 @@ class Publisher:
             self._report_errors(ops, results)
         return True
 
+    def pop_reads(self) -> list | None:
+        """Replies of the reads sent with the last flush (None if they were not sent)."""
+        reads, self._reads = self._reads, None
+        return reads
+
     def pop_refused_finals(self) -> list[str]:
         """Jobs whose final event was refused since the last call: another worker owns them."""
         refused, self.refused_finals = self.refused_finals, []
         return refused
 
-    def _send(self, ops: list[tuple[str, tuple, dict]]) -> list:
+    def _send(self, ops: list[tuple[str, tuple, dict]], reads=None) -> list:
         pipe = self.link.redis.pipeline(transaction=True)
         for method, args, kwargs in ops:
             if method == "final":
@@ -174,6 +188,8 @@ class Publisher:
                 self._release_script(keys=[args[0]], args=[args[1]], client=pipe)
             else:
                 getattr(pipe, method)(*args, **kwargs)
+        if reads is not None:
+            reads(pipe)
         # raise_on_error=False: a command refused by Redis (say WRONGTYPE on a key someone
         # else wrote) comes back as an exception object instead of failing the whole flush,
         # which would otherwise be retried forever.

@@ -246,11 +246,13 @@ def test_an_evicted_session_loses_its_routing_key(server):
 
     worker.open()
     try:
-        first = client.submit(PROMPTS[0], session_id="s1", max_tokens=3, temperature=0)
+        # On its routed stream: other workers of this module's server serve the shared one.
+        routed = KEYS.routed(MODEL, "wsess")
+        first = submit(client, PROMPTS[0], routed, session_id="s1", max_tokens=3)
         run(first)
         assert r.get(KEYS.session("s1")) == b"wsess"
         assert client.stream_for(MODEL, "s1") == KEYS.routed(MODEL, "wsess")
-        second = client.submit(PROMPTS[1], session_id="s2", max_tokens=3, temperature=0)
+        second = submit(client, PROMPTS[1], routed, session_id="s2", max_tokens=3)
         run(second)
         worker.iteration()  # the eviction's key deletion is flushed with the step's events
         assert model.engine.session_ids() == ["s2"]
