@@ -8,6 +8,12 @@ LM head matvec.
 (Folding the norms into the matvecs was tried and measured slower on the 8B shape: bench/NOTES.md.)
 They are captured as one CUDA graph per batch-size bucket (1, 2, 4, ... padded) and attention
 split count, and replayed; padding rows write no KV (slot -1) and their logits are dropped.
+The matrix products run on the tensor cores (tcmm.cu: weights read once per 64 sequences, x
+rounded to fp16) from `tc_min_batch` sequences up, on the float32 matvec below it. In the
+batch-invariant mode (the default) `tc_min_batch` is 1: one kernel for every batch size, so a
+sequence's logits are bit-identical whatever else is in the batch. Without it, small batches
+take the matvec (float32 x) and large ones the tensor cores: faster at the crossover, but a
+sequence's logits then depend on which side of it the batch falls.
 
 Prefill chunks and mixed batches take the prefill path: each layer's weights are dequantised
 into an fp16 scratch for torch.matmul (cuBLAS), and attention is our causal flash-attention
@@ -29,17 +35,21 @@ from gpu.batch import ForwardBatch
 from gpu.cuda.activation import SiluMul
 from gpu.cuda.attention import PARTITION_TOKENS, DecodeAttention
 from gpu.cuda.decode_inputs import DecodeInputStager
-from gpu.cuda.driver import ensure_context, programmatic_launches
+from gpu.cuda.driver import ensure_context, multiprocessor_count, programmatic_launches
 from gpu.cuda.embedding import DequantRows
 from gpu.cuda.norm import RMSNorm
 from gpu.cuda.prefill_attention import PrefillAttention, padded_head_dim
 from gpu.cuda.qweights import ProgressCallback, load_quant_weights
 from gpu.cuda.rope_kv import RopeKVWrite
 from gpu.cuda.sampling import CudaSampler
+from gpu.cuda.tcmm import TcWorkspace, ToHalf
 from gpu.rope import Rotary
 from loader.gguf_file import GGUFFile
 
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# Outside the batch-invariant mode: the smallest batch that takes the tensor cores (below it the
+# matvec, float32 x, reads the weights once per 8 sequences and is faster).
+TC_MIN_BATCH = 8
 KV_DTYPE = torch.float16
 
 
@@ -59,6 +69,7 @@ class CudaBackend(Backend):
         progress: ProgressCallback | None = None,
         use_graphs: bool = True,
         programmatic: bool = True,
+        batch_invariant: bool = True,
     ) -> None:
         ensure_context()
         with model_source(gguf_file_or_path) as (file, self.config):
@@ -78,6 +89,13 @@ class CudaBackend(Backend):
             c.n_heads, c.n_kv_heads, c.head_dim, c.rope.dim, c.rope.neox, KV_DTYPE
         )
         self.use_graphs = use_graphs
+        self.batch_invariant = batch_invariant
+        self.tc_min_batch = 1 if batch_invariant else TC_MIN_BATCH
+        sm_count = multiprocessor_count()
+        for linear in self.weights.linears():
+            linear.tensor_core(sm_count)
+        self.to_half = ToHalf()
+        self._tc_workspace: TcWorkspace | None = None  # sized by allocate_kv
         # Gate and up of two types stay parts: those layers need the [n, 2 ffn] buffer and SiLU.
         self._fused_silu = all(layer.gate_up.interleaved for layer in self.weights.layers)
         # Decode kernels launch programmatically on Hopper (driver.programmatic_launches): each
@@ -112,6 +130,9 @@ class CudaBackend(Backend):
         # Widest block table a sequence can need; graphs index tables of exactly this width.
         self._table_width = -(-min(c.context_length, num_blocks * block_size) // block_size)
         n = BATCH_BUCKETS[-1]
+        needs = [op.workspace_needs(n) for lin in self.weights.linears() for op in lin.tc]
+        self._tc_workspace = TcWorkspace.sized(max(p for p, _ in needs), max(t for _, t in needs),
+                                               self.device)  # fmt: skip
         self._inputs = DecodeInputStager(n, self._table_width, self.device)
         self._logits = torch.zeros(n, c.vocab_size, dtype=torch.float32, device=self.device)
         self._graphs.clear()
@@ -149,23 +170,44 @@ class CudaBackend(Backend):
         qkv, attn = buffer(c.q_size + 2 * c.kv_size), buffer(c.q_size)
         act = buffer(c.ffn_size)
         gate_up = None if self._fused_silu else buffer(2 * c.ffn_size)
+        tc = n >= self.tc_min_batch
+        if tc:  # the tensor cores' fp16 input, as wide as the widest x
+            width = -(-max(c.hidden_size, c.q_size, c.ffn_size) // 8) * 8
+            x16 = torch.empty(n, width, dtype=torch.float16, device=self.device)
+            ws = self._tc_workspace
+
+            def linear(lin, y, src, n_cols, residual=False):
+                self.to_half(x16, src, n_cols)
+                lin.tc_matmul(y, x16, ws, residual=residual)
+
+            def swiglu(lin, out, src):
+                self.to_half(x16, src, c.hidden_size)
+                lin.tc_swiglu(out, x16, ws)
+        else:
+
+            def linear(lin, y, src, n_cols, residual=False):
+                lin.matvec(y, src, residual=residual)
+
+            def swiglu(lin, out, src):
+                lin.swiglu(out, src)
+
         self.embed.lookup(hidden, w.token_embd.raw, token_ids)  # after torch's input copies
         with programmatic_launches(self.programmatic):
             for layer, (k_cache, v_cache) in zip(w.layers, self.kv_cache, strict=True):
                 self.norm(x, hidden, layer.attn_norm)
-                layer.qkv.matvec(qkv, x)
+                linear(layer.qkv, qkv, x, c.hidden_size)
                 self.rope_kv(qkv, positions, slot_mapping, self.inv_freq, k_cache, v_cache)
                 self.attention(attn, qkv, k_cache, v_cache, block_tables, context_lens, max_context)
-                layer.wo.matvec(hidden, attn, residual=True)
+                linear(layer.wo, hidden, attn, c.q_size, residual=True)
                 self.norm(x, hidden, layer.ffn_norm)
-                if layer.gate_up.interleaved:  # SiLU in the matvec's epilogue
-                    layer.gate_up.swiglu(act, x)
+                if layer.gate_up.interleaved:  # SiLU in the matmul's epilogue
+                    swiglu(layer.gate_up, act, x)
                 else:
-                    layer.gate_up.matvec(gate_up, x)
+                    linear(layer.gate_up, gate_up, x, c.hidden_size)
                     self.silu(act, gate_up)
-                layer.down.matvec(hidden, act, residual=True)
+                linear(layer.down, hidden, act, c.ffn_size, residual=True)
             self.norm(x, hidden, w.output_norm)
-            w.output.matvec(logits, x)
+            linear(w.output, logits, x, c.hidden_size)
 
     def _decode_graphed(self, batch: ForwardBatch, max_context: int) -> torch.Tensor:
         """Stage the inputs into the static buffers (one launch, padding rows included), replay
