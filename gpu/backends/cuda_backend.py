@@ -15,8 +15,9 @@ sequence's logits are bit-identical whatever else is in the batch. Without it, s
 take the matvec (float32 x) and large ones the tensor cores: faster at the crossover, but a
 sequence's logits then depend on which side of it the batch falls.
 
-Prefill chunks and mixed batches take the prefill path: each layer's weights are dequantised
-into an fp16 scratch for torch.matmul (cuBLAS), and attention is our causal flash-attention
+Prefill chunks and mixed batches take the prefill path: up to TC_PREFILL_MAX_TOKENS tokens, the
+same tensor-core matmuls; longer, each layer's weights are dequantised into an fp16 scratch for
+torch.matmul (cuBLAS), where a big GEMM wins. Attention is our causal flash-attention
 kernel over the paged KV (prefill_attention.cu: GQA, cached prefix, tensor cores); norms,
 RoPE + KV write, SiLU, the final norm and the LM head run our kernels too. The KV pool is
 fp16; the residual stream, norms, matvec sums and attention are float32; logits are float32.
@@ -50,6 +51,9 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # Outside the batch-invariant mode: the smallest batch that takes the tensor cores (below it the
 # matvec, float32 x, reads the weights once per 8 sequences and is faster).
 TC_MIN_BATCH = 8
+# Prefill and mixed batches of up to this many tokens run their matrix products on the tensor
+# cores too (the workspace is sized for it); longer ones dequantise each matrix for cuBLAS.
+TC_PREFILL_MAX_TOKENS = 256
 KV_DTYPE = torch.float16
 
 
@@ -130,7 +134,8 @@ class CudaBackend(Backend):
         # Widest block table a sequence can need; graphs index tables of exactly this width.
         self._table_width = -(-min(c.context_length, num_blocks * block_size) // block_size)
         n = BATCH_BUCKETS[-1]
-        needs = [op.workspace_needs(n) for lin in self.weights.linears() for op in lin.tc]
+        rows = max(n, TC_PREFILL_MAX_TOKENS)
+        needs = [op.workspace_needs(rows) for lin in self.weights.linears() for op in lin.tc]
         self._tc_workspace = TcWorkspace.sized(max(p for p, _ in needs), max(t for _, t in needs),
                                                self.device)  # fmt: skip
         self._inputs = DecodeInputStager(n, self._table_width, self.device)
@@ -170,44 +175,50 @@ class CudaBackend(Backend):
         qkv, attn = buffer(c.q_size + 2 * c.kv_size), buffer(c.q_size)
         act = buffer(c.ffn_size)
         gate_up = None if self._fused_silu else buffer(2 * c.ffn_size)
-        tc = n >= self.tc_min_batch
-        if tc:  # the tensor cores' fp16 input, as wide as the widest x
-            width = -(-max(c.hidden_size, c.q_size, c.ffn_size) // 8) * 8
-            x16 = torch.empty(n, width, dtype=torch.float16, device=self.device)
-            ws = self._tc_workspace
-
-            def linear(lin, y, src, n_cols, residual=False):
-                self.to_half(x16, src, n_cols)
-                lin.tc_matmul(y, x16, ws, residual=residual)
-
-            def swiglu(lin, out, src):
-                self.to_half(x16, src, c.hidden_size)
-                lin.tc_swiglu(out, x16, ws)
-        else:
-
-            def linear(lin, y, src, n_cols, residual=False):
-                lin.matvec(y, src, residual=residual)
-
-            def swiglu(lin, out, src):
-                lin.swiglu(out, src)
-
+        x16 = self._half_input(n) if n >= self.tc_min_batch else None  # None: the matvec
         self.embed.lookup(hidden, w.token_embd.raw, token_ids)  # after torch's input copies
         with programmatic_launches(self.programmatic):
             for layer, (k_cache, v_cache) in zip(w.layers, self.kv_cache, strict=True):
                 self.norm(x, hidden, layer.attn_norm)
-                linear(layer.qkv, qkv, x, c.hidden_size)
+                self._linear(layer.qkv, qkv, x, x16)
                 self.rope_kv(qkv, positions, slot_mapping, self.inv_freq, k_cache, v_cache)
                 self.attention(attn, qkv, k_cache, v_cache, block_tables, context_lens, max_context)
-                linear(layer.wo, hidden, attn, c.q_size, residual=True)
+                self._linear(layer.wo, hidden, attn, x16, residual=True)
                 self.norm(x, hidden, layer.ffn_norm)
                 if layer.gate_up.interleaved:  # SiLU in the matmul's epilogue
-                    swiglu(layer.gate_up, act, x)
+                    self._swiglu(layer.gate_up, act, x, x16)
                 else:
-                    linear(layer.gate_up, gate_up, x, c.hidden_size)
+                    self._linear(layer.gate_up, gate_up, x, x16)
                     self.silu(act, gate_up)
-                linear(layer.down, hidden, act, c.ffn_size, residual=True)
+                self._linear(layer.down, hidden, act, x16, residual=True)
             self.norm(x, hidden, w.output_norm)
-            linear(w.output, logits, x, c.hidden_size)
+            self._linear(w.output, logits, x, x16)
+
+    # ----- matrix products: tensor cores (x16 given) or matvec ---------------------------------
+
+    def _half_input(self, n: int) -> torch.Tensor:
+        """The tensor cores' fp16 input for n rows, as wide as the widest x (16-byte rows)."""
+        c = self.config
+        width = -(-max(c.hidden_size, c.q_size, c.ffn_size) // 8) * 8
+        return torch.empty(n, width, dtype=torch.float16, device=self.device)
+
+    def _linear(self, linear, y: torch.Tensor, x: torch.Tensor, x16: torch.Tensor | None,
+                residual: bool = False) -> None:  # fmt: skip
+        """y = W x (+ bias) (+ y): x rounded into x16 for the tensor cores, or the matvec."""
+        if x16 is None:
+            linear.matvec(y, x, residual=residual)
+            return
+        self.to_half(x16, x, linear.parts[0][0].n_cols)
+        linear.tc_matmul(y, x16, self._tc_workspace, residual=residual)
+
+    def _swiglu(self, linear, out: torch.Tensor, x: torch.Tensor,
+                x16: torch.Tensor | None) -> None:  # fmt: skip
+        """out = silu(gate x) * (up x), interleaved gate.up, in the matmul's epilogue."""
+        if x16 is None:
+            linear.swiglu(out, x)
+            return
+        self.to_half(x16, x, linear.parts[0][0].n_cols)
+        linear.tc_swiglu(out, x16, self._tc_workspace)
 
     def _decode_graphed(self, batch: ForwardBatch, max_context: int) -> torch.Tensor:
         """Stage the inputs into the static buffers (one launch, padding rows included), replay
@@ -255,15 +266,34 @@ class CudaBackend(Backend):
         act = torch.empty(n, c.ffn_size, dtype=torch.float32, device=self.device)
         attn = torch.empty(n, c.q_size, dtype=torch.float32, device=self.device)
         self.embed.lookup(hidden, w.token_embd.raw, batch.token_ids)
+        # Up to TC_PREFILL_MAX_TOKENS tokens (mixed batches, short chunks) on the tensor cores:
+        # no fp16 copy of any weight; longer prompts dequantise each matrix for cuBLAS.
+        x16 = self._half_input(n) if n <= TC_PREFILL_MAX_TOKENS else None
         for layer, (k_cache, v_cache) in zip(w.layers, self.kv_cache, strict=True):
             self.norm(x, hidden, layer.attn_norm)
-            qkv = F.linear(x.half(), layer.qkv.dense()).float()
-            if layer.qkv.bias is not None:
-                qkv += layer.qkv.bias
+            if x16 is not None:
+                qkv = torch.empty(n, layer.qkv.n_out, dtype=torch.float32, device=self.device)
+                self._linear(layer.qkv, qkv, x, x16)
+            else:
+                qkv = F.linear(x.half(), layer.qkv.dense()).float()
+                if layer.qkv.bias is not None:
+                    qkv += layer.qkv.bias
             self.rope_kv(qkv, batch.positions, batch.slot_mapping, self.inv_freq, k_cache, v_cache)
             self.prefill_attention(attn, qkv, k_cache, v_cache, batch.block_tables,
                                    batch.query_start, batch.context_lens, batch.query_lens,
                                    batch.context_lens_host)  # fmt: skip
+            if x16 is not None:
+                self._linear(layer.wo, hidden, attn, x16, residual=True)
+                self.norm(x, hidden, layer.ffn_norm)
+                if layer.gate_up.interleaved:
+                    self._swiglu(layer.gate_up, act, x, x16)
+                else:
+                    gate_up = torch.empty(n, 2 * c.ffn_size, dtype=torch.float32,
+                                          device=self.device)  # fmt: skip
+                    self._linear(layer.gate_up, gate_up, x, x16)
+                    self.silu(act, gate_up)
+                self._linear(layer.down, hidden, act, x16, residual=True)
+                continue
             hidden += F.linear(attn.half(), layer.wo.dense()).float()
             self.norm(x, hidden, layer.ffn_norm)
             gate_up = F.linear(x.half(), layer.gate_up.dense()).float()
