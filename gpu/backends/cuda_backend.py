@@ -175,26 +175,49 @@ class CudaBackend(Backend):
         qkv, attn = buffer(c.q_size + 2 * c.kv_size), buffer(c.q_size)
         act = buffer(c.ffn_size)
         gate_up = None if self._fused_silu else buffer(2 * c.ffn_size)
-        x16 = self._half_input(n) if n >= self.tc_min_batch else None  # None: the matvec
         self.embed.lookup(hidden, w.token_embd.raw, token_ids)  # after torch's input copies
         with programmatic_launches(self.programmatic):
+            if n >= self.tc_min_batch:
+                # fp16 inputs of the tensor-core matmuls: the norms write x16 themselves, the
+                # SwiGLU epilogue writes act16; only the attention output is rounded apart.
+                x16, act16 = self._half_input(n), self._half_input(n)
+                ws = self._tc_workspace
+                for layer, (k_cache, v_cache) in zip(w.layers, self.kv_cache, strict=True):
+                    self.norm(x16, hidden, layer.attn_norm)
+                    layer.qkv.tc_matmul(qkv, x16, ws)
+                    self.rope_kv(qkv, positions, slot_mapping, self.inv_freq, k_cache, v_cache)
+                    self.attention(attn, qkv, k_cache, v_cache, block_tables, context_lens,
+                                   max_context)  # fmt: skip
+                    self.to_half(x16, attn, c.q_size)
+                    layer.wo.tc_matmul(hidden, x16, ws, residual=True)
+                    self.norm(x16, hidden, layer.ffn_norm)
+                    if layer.gate_up.interleaved:
+                        layer.gate_up.tc_swiglu(act16, x16, ws)
+                    else:
+                        layer.gate_up.tc_matmul(gate_up, x16, ws)
+                        self.silu(act, gate_up)
+                        self.to_half(act16, act, c.ffn_size)
+                    layer.down.tc_matmul(hidden, act16, ws, residual=True)
+                self.norm(x16, hidden, w.output_norm)
+                w.output.tc_matmul(logits, x16, ws)
+                return
             for layer, (k_cache, v_cache) in zip(w.layers, self.kv_cache, strict=True):
                 self.norm(x, hidden, layer.attn_norm)
-                self._linear(layer.qkv, qkv, x, x16)
+                layer.qkv.matvec(qkv, x)
                 self.rope_kv(qkv, positions, slot_mapping, self.inv_freq, k_cache, v_cache)
                 self.attention(attn, qkv, k_cache, v_cache, block_tables, context_lens, max_context)
-                self._linear(layer.wo, hidden, attn, x16, residual=True)
+                layer.wo.matvec(hidden, attn, residual=True)
                 self.norm(x, hidden, layer.ffn_norm)
-                if layer.gate_up.interleaved:  # SiLU in the matmul's epilogue
-                    self._swiglu(layer.gate_up, act, x, x16)
+                if layer.gate_up.interleaved:  # SiLU in the matvec's epilogue
+                    layer.gate_up.swiglu(act, x)
                 else:
-                    self._linear(layer.gate_up, gate_up, x, x16)
+                    layer.gate_up.matvec(gate_up, x)
                     self.silu(act, gate_up)
-                self._linear(layer.down, hidden, act, x16, residual=True)
+                layer.down.matvec(hidden, act, residual=True)
             self.norm(x, hidden, w.output_norm)
-            self._linear(w.output, logits, x, x16)
+            w.output.matvec(logits, x)
 
-    # ----- matrix products: tensor cores (x16 given) or matvec ---------------------------------
+    # ----- tensor-core matrix products ------------------------------------------------------
 
     def _half_input(self, n: int) -> torch.Tensor:
         """The tensor cores' fp16 input for n rows, as wide as the widest x (16-byte rows)."""
@@ -202,21 +225,14 @@ class CudaBackend(Backend):
         width = -(-max(c.hidden_size, c.q_size, c.ffn_size) // 8) * 8
         return torch.empty(n, width, dtype=torch.float16, device=self.device)
 
-    def _linear(self, linear, y: torch.Tensor, x: torch.Tensor, x16: torch.Tensor | None,
-                residual: bool = False) -> None:  # fmt: skip
-        """y = W x (+ bias) (+ y): x rounded into x16 for the tensor cores, or the matvec."""
-        if x16 is None:
-            linear.matvec(y, x, residual=residual)
-            return
+    def _tc_linear(self, linear, y: torch.Tensor, x: torch.Tensor, x16: torch.Tensor,
+                   residual: bool = False) -> None:  # fmt: skip
+        """y = W x (+ bias) (+ y) on the tensor cores, x rounded into x16 first."""
         self.to_half(x16, x, linear.parts[0][0].n_cols)
         linear.tc_matmul(y, x16, self._tc_workspace, residual=residual)
 
-    def _swiglu(self, linear, out: torch.Tensor, x: torch.Tensor,
-                x16: torch.Tensor | None) -> None:  # fmt: skip
+    def _tc_swiglu(self, linear, out: torch.Tensor, x: torch.Tensor, x16: torch.Tensor) -> None:
         """out = silu(gate x) * (up x), interleaved gate.up, in the matmul's epilogue."""
-        if x16 is None:
-            linear.swiglu(out, x)
-            return
         self.to_half(x16, x, linear.parts[0][0].n_cols)
         linear.tc_swiglu(out, x16, self._tc_workspace)
 
@@ -273,7 +289,7 @@ class CudaBackend(Backend):
             self.norm(x, hidden, layer.attn_norm)
             if x16 is not None:
                 qkv = torch.empty(n, layer.qkv.n_out, dtype=torch.float32, device=self.device)
-                self._linear(layer.qkv, qkv, x, x16)
+                self._tc_linear(layer.qkv, qkv, x, x16)
             else:
                 qkv = F.linear(x.half(), layer.qkv.dense()).float()
                 if layer.qkv.bias is not None:
@@ -283,16 +299,16 @@ class CudaBackend(Backend):
                                    batch.query_start, batch.context_lens, batch.query_lens,
                                    batch.context_lens_host)  # fmt: skip
             if x16 is not None:
-                self._linear(layer.wo, hidden, attn, x16, residual=True)
+                self._tc_linear(layer.wo, hidden, attn, x16, residual=True)
                 self.norm(x, hidden, layer.ffn_norm)
                 if layer.gate_up.interleaved:
-                    self._swiglu(layer.gate_up, act, x, x16)
+                    self._tc_swiglu(layer.gate_up, act, x, x16)
                 else:
                     gate_up = torch.empty(n, 2 * c.ffn_size, dtype=torch.float32,
                                           device=self.device)  # fmt: skip
-                    self._linear(layer.gate_up, gate_up, x, x16)
+                    self._tc_linear(layer.gate_up, gate_up, x, x16)
                     self.silu(act, gate_up)
-                self._linear(layer.down, hidden, act, x16, residual=True)
+                self._tc_linear(layer.down, hidden, act, x16, residual=True)
                 continue
             hidden += F.linear(attn.half(), layer.wo.dense()).float()
             self.norm(x, hidden, layer.ffn_norm)

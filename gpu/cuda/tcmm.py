@@ -41,7 +41,7 @@ CHUNK_BYTES: dict[str, tuple[int, bool]] = {
 # memory busy at small batches (each CTA has two stages of TC_BM rows' chunks in flight).
 CTAS_PER_SM = 2
 _ARG_KINDS = ("ptr", "i32", "ptr", "i64", "ptr", "i32", "i32", "i32", "i32", "ptr", "ptr", "i32",
-              "i32", "ptr", "ptr")
+              "i32", "i32", "ptr", "ptr")
 _HALF_ARG_KINDS = ("ptr", "i32", "ptr", "i32", "i32", "i32")
 HALF_THREADS = 256
 
@@ -135,7 +135,11 @@ class TensorCoreMatmul:
         swiglu: bool = False,
     ) -> torch.Tensor:
         """y[b, :n_rows] = weight @ x16[b, :n_cols] (+ bias) (+ residual[b]); residual may be y.
-        `swiglu`: rows are interleaved (gate, up) pairs; y[b, :n_rows // 2] = silu(gate) * up."""
+        `swiglu`: rows are interleaved (gate, up) pairs; y[b, :n_rows // 2] = silu(gate) * up,
+        float32 or fp16 (y's dtype: the next matmul's input)."""
+        y_half = y.dtype == torch.float16
+        if y_half and not swiglu:
+            raise CudaError("tcmm: an fp16 y is for the SwiGLU epilogue only")
         n_seqs = x16.shape[0]
         config, nt, splits = tcmm_launch_config(
             self.stem, self.n_rows, self.n_cols, n_seqs, self.sm_count
@@ -164,7 +168,7 @@ class TensorCoreMatmul:
             site = self._sites[nt] = launch_site("tcmm.cu", f"tcmm_{self.stem}_n{nt}", _ARG_KINDS)
         site.launch(
             config,
-            pointer(y, "tcmm y", torch.float32),
+            pointer(y, "tcmm y", y.dtype if y_half else torch.float32),
             row_stride(y, "tcmm y"),
             pointer(weight.view(-1), "tcmm weight", torch.uint8, align=16),
             self.row_bytes,
@@ -177,6 +181,7 @@ class TensorCoreMatmul:
             pointer(residual, "tcmm residual", torch.float32, optional=True),
             0 if residual is None else row_stride(residual, "tcmm residual"),
             int(swiglu),
+            int(y_half),
             pointer(workspace.partials, "tcmm partials", torch.float32),
             pointer(workspace.tickets, "tcmm tickets", torch.int32),
         )

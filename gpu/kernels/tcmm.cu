@@ -1,5 +1,6 @@
 // Tensor-core matmul over quantised weights: y[b, n] = sum_k W[n, k] * x[b, k] (+ bias[n])
-// (+ residual[b, n]), or silu(gate) * up of interleaved gate/up rows, for many sequences per read
+// (+ residual[b, n]), or silu(gate) * up of interleaved gate/up rows (float32, or fp16 for the
+// next matmul's input: y_half, SwiGLU only), for many sequences per read
 // of the weights. The decode step's matrix products above the matvec's batch sizes
 // (gpu/cuda/tcmm.py says when), every GGUF type the CUDA backend keeps quantised.
 //
@@ -220,7 +221,8 @@ template <int T, bool G, int NT>
 __device__ __forceinline__ void tcmm_impl(
     float* y, int y_stride, const u8* __restrict__ weight, i64 row_bytes, const u16* __restrict__ x,
     int x_stride, int n_seqs, int n_rows, int n_cols, const float* __restrict__ bias,
-    const float* residual, int residual_stride, int swiglu, float* partials, int* tickets) {
+    const float* residual, int residual_stride, int swiglu, int y_half, float* partials,
+    int* tickets) {
     typedef Tc<T, G> P;
     constexpr int SLOT = TcSlot<T, G>::BYTES;
     constexpr int W_STAGE = TC_BM * SLOT, X_STAGE = NT * 8 * TC_XS * 2;
@@ -344,7 +346,12 @@ __device__ __forceinline__ void tcmm_impl(
             const int b = i / (TC_BM / 2), p = i % (TC_BM / 2);
             if (2 * p + 1 < n_tile_rows) {
                 const float gate = ct[b * CS + 2 * p], up = ct[b * CS + 2 * p + 1];
-                y[(i64)(seq0 + b) * y_stride + (row0 >> 1) + p] = gate / (1.0f + expf(-gate)) * up;
+                const float v = gate / (1.0f + expf(-gate)) * up;
+                const i64 at = (i64)(seq0 + b) * y_stride + (row0 >> 1) + p;
+                if (y_half)  // the down projection's fp16 input, rounded once here
+                    ((u16*)y)[at] = f32_to_f16(v);
+                else
+                    y[at] = v;
             }
         }
         return;
@@ -364,9 +371,9 @@ __device__ __forceinline__ void tcmm_impl(
     extern "C" __global__ void __launch_bounds__(TC_THREADS) tcmm_##NAME##_n##NT(                 \
         float* y, int y_stride, const u8* weight, i64 row_bytes, const u16* x, int x_stride,      \
         int n_seqs, int n_rows, int n_cols, const float* bias, const float* residual,             \
-        int residual_stride, int swiglu, float* partials, int* tickets) {                         \
+        int residual_stride, int swiglu, int y_half, float* partials, int* tickets) {             \
         tcmm_impl<T, G, NT>(y, y_stride, weight, row_bytes, x, x_stride, n_seqs, n_rows, n_cols,  \
-                            bias, residual, residual_stride, swiglu, partials, tickets);          \
+                            bias, residual, residual_stride, swiglu, y_half, partials, tickets);  \
     }
 #define TCMM_TYPE(NAME, T, G) \
     TCMM_KERNEL(NAME, T, G, 1) TCMM_KERNEL(NAME, T, G, 2) TCMM_KERNEL(NAME, T, G, 4) TCMM_KERNEL(NAME, T, G, 8)
