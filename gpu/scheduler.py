@@ -54,7 +54,7 @@ class Schedule:
 class Scheduler:
     """Waiting and running queues over one `KVCache`."""
 
-    def __init__(self, kv: KVCache, *, max_num_seqs: int = 64, max_batch_tokens: int = 512,
+    def __init__(self, kv: KVCache, *, max_num_seqs: int = 256, max_batch_tokens: int = 512,
                  max_model_len: int = sys.maxsize,
                  priority_aging_s: float = DEFAULT_PRIORITY_AGING_S, clock=time.time):  # fmt: skip
         if max_batch_tokens < 1 or max_num_seqs < 1:
