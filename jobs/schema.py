@@ -123,11 +123,12 @@ class GenerationJob(_Strict):
             raise ValueError(f"metadata is {size} bytes of JSON; the limit is {MAX_METADATA_BYTES}")
         return value
 
-    def deadline_ms(self, enqueued_ms: int) -> int | None:
-        """When the job must end (unix ms), given when it was enqueued; None: no deadline."""
-        ends = [] if self.deadline is None else [self.deadline]
+    def deadline_ms(self, enqueued_ms: int) -> float | None:
+        """When the job must end (unix ms), given when it was enqueued; None: no deadline.
+        Not rounded: the workers' admission script computes the same sum."""
+        ends = [] if self.deadline is None else [float(self.deadline)]
         if self.timeout_s is not None:
-            ends.append(enqueued_ms + round(self.timeout_s * 1000))
+            ends.append(enqueued_ms + self.timeout_s * 1000)
         return min(ends) if ends else None
 
     def message_dicts(self) -> list[dict[str, str]]:

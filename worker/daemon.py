@@ -483,8 +483,9 @@ class Worker:
                            f"(worker serves {self.model.name!r})", dead=True)
             elif self._past_deadline(delivery):
                 self._fail(delivery, DEADLINE_EXCEEDED,
-                           f"still queued at its deadline ({delivery.deadline_ms} ms since "
-                           f"the epoch, enqueued at {delivery.enqueued_ms}): never started")
+                           f"still queued at its deadline ({delivery.deadline_ms:.0f} ms "
+                           f"since the epoch, enqueued at {delivery.enqueued_ms}): never "
+                           "started")
             else:
                 self._start(delivery, log)
 

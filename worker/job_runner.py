@@ -69,7 +69,7 @@ class Delivery:
         return int(self.entry_id.split("-", 1)[0])
 
     @property
-    def deadline_ms(self) -> int | None:
+    def deadline_ms(self) -> float | None:
         """When the job must end (unix ms; None: never), from `deadline` and `timeout_s`."""
         return self.job.deadline_ms(self.enqueued_ms)
 
@@ -93,7 +93,7 @@ class ActiveJob:
     stop_string_hit: bool = False
     cancelled: bool = False
     finish_reason: str | None = None
-    deadline_ms: int | None = None  # unix ms: the engine request is ended there
+    deadline_ms: float | None = None  # unix ms: the engine request is ended there
 
     @classmethod
     def start(cls, delivery: Delivery, prompt_tokens: int, tokenizer: GGUFTokenizer
