@@ -23,6 +23,7 @@ from worker.loaded_model import load_model
 
 pytestmark = pytest.mark.slow
 KEYS = Keys()
+EIGHT = Keys("serve8")  # the 8-job worker's own prefix: no other worker reads its streams
 MODEL = "smollm2-135m"
 PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):",
            "The three primary colors are", "In 1969, the first man on the Moon",
@@ -64,9 +65,9 @@ def reference():
     return answer
 
 
-def events(client, job_id):
+def events(client, job_id, keys=KEYS):
     out = []
-    for entry_id, fields in client.redis.xrange(KEYS.out(job_id)):
+    for entry_id, fields in client.redis.xrange(keys.out(job_id)):
         ms, seq = (int(x) for x in entry_id.decode().split("-"))
         out.append((fields[b"event"].decode(), json.loads(fields[b"data"]), ms, seq))
     return out
@@ -85,18 +86,27 @@ def wait_started(client, job_id, timeout=60.0):
         time.sleep(0.02)
 
 
-def test_admission_never_exceeds_max_jobs(server, tmp_path):
-    """Half the jobs on the worker's routed stream, half on the shared one: at most 3 run at
-    once, as the heartbeat and the `started`/`done` events show, and 3 do run at once."""
-    worker = WorkerProcess(server.url, "wmax", tmp_path, "--max-jobs", "3").wait_ready()
-    client = OrcdClient(server.url)
+@pytest.fixture(scope="module")
+def eight(server, tmp_path_factory):
+    """A worker of 8 jobs at once whose request `poisoned` gets NaN logits (fault injection)."""
+    worker = WorkerProcess(server.url, "weight", tmp_path_factory.mktemp("eight"),
+                           "--max-jobs", "8", "--prefix", EIGHT.prefix,
+                           env={"ORCD_FAULT_INJECT": "nan=poisoned"})
+    yield worker.wait_ready()
+    worker.stop()
+
+
+def test_admission_never_exceeds_max_jobs(server, eight):
+    """Half the jobs on the worker's routed stream, half on the shared one: at most 8 run at
+    once, as the heartbeat and the `started`/`done` events show, and 8 do run at once."""
+    client = OrcdClient(server.url, prefix=EIGHT.prefix)
     seen: list[int] = []
     stop = threading.Event()
 
     def watch() -> None:
         r = server.client()
         while not stop.is_set():
-            beat = r.get(KEYS.worker("wmax"))
+            beat = r.get(EIGHT.worker("weight"))
             if beat:
                 seen.append(json.loads(beat)["active_jobs"])
             time.sleep(0.05)
@@ -104,19 +114,19 @@ def test_admission_never_exceeds_max_jobs(server, tmp_path):
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
-        ids = [submit(client, PROMPTS[i % 8], KEYS.routed(MODEL, "wmax") if i % 2 else None,
-                      max_tokens=12) for i in range(12)]
+        ids = [submit(client, PROMPTS[i % 8],
+                      EIGHT.routed(MODEL, "weight") if i % 2 else EIGHT.jobs(MODEL),
+                      max_tokens=8) for i in range(20)]
         for job_id in ids:
             client.wait(job_id, timeout=180)
     finally:
         stop.set()
         watcher.join(5)
-        worker.stop()
     # Running intervals from the event ids (Redis's clock): a job runs from its `started`
     # to its `done`; at equal milliseconds an end counts before a start.
     edges = []
     for job_id in ids:
-        evs = events(client, job_id)
+        evs = events(client, job_id, EIGHT)
         assert [k for k, *_ in evs].count("started") == 1 and evs[-1][0] == "done"
         edges += [(ms, 1) for kind, _, ms, _ in evs if kind == "started"]
         edges.append((evs[-1][2], -1))
@@ -124,8 +134,8 @@ def test_admission_never_exceeds_max_jobs(server, tmp_path):
     for _, delta in sorted(edges, key=lambda e: (e[0], e[1])):
         running += delta
         peak = max(peak, running)
-    assert peak == 3
-    assert seen and max(seen) <= 3
+    assert peak == 8
+    assert seen and max(seen) <= 8
 
 
 @pytest.fixture(scope="module")
@@ -183,48 +193,48 @@ def test_deadlines_queued_and_running(server, single, reference):
     assert reference(LONG, done.usage.completion_tokens).startswith(done.text)
 
 
-def test_a_poisoned_request_fails_alone(server, tmp_path, reference):
+def test_a_poisoned_request_fails_alone(server, eight, reference):
     """NaN logits for one request of 8 running together: it ends with engine_error, the 7
     others finish with the engine's own answers, and the worker serves on."""
-    worker = WorkerProcess(server.url, "wnan", tmp_path, "--max-jobs", "8",
-                           env={"ORCD_FAULT_INJECT": "nan=poisoned"}).wait_ready()
-    client = OrcdClient(server.url)
-    try:
-        ids = [submit(client, prompt, KEYS.routed(MODEL, "wnan"), max_tokens=10,
-                      job_id="poisoned" if i == 3 else None)
-               for i, prompt in enumerate(PROMPTS)]
-        for i, job_id in enumerate(ids):
-            if i == 3:
-                with pytest.raises(JobFailed) as failed:
-                    client.wait(job_id, timeout=180)
-                assert failed.value.code == "engine_error"
-                assert "not finite" in failed.value.message
-            else:
-                assert client.wait(job_id, timeout=180).text == reference(PROMPTS[i], 10)
-        assert client.wait(submit(client, PROMPTS[0], KEYS.routed(MODEL, "wnan"),
-                                  max_tokens=10), timeout=60).text == reference(PROMPTS[0], 10)
-        assert worker.process.poll() is None
-    finally:
-        worker.stop()
+    client = OrcdClient(server.url, prefix=EIGHT.prefix)
+    ids = [submit(client, prompt, EIGHT.routed(MODEL, "weight"), max_tokens=10,
+                  job_id="poisoned" if i == 3 else None)
+           for i, prompt in enumerate(PROMPTS)]
+    for i, job_id in enumerate(ids):
+        if i == 3:
+            with pytest.raises(JobFailed) as failed:
+                client.wait(job_id, timeout=180)
+            assert failed.value.code == "engine_error"
+            assert "not finite" in failed.value.message
+        else:
+            assert client.wait(job_id, timeout=180).text == reference(PROMPTS[i], 10)
+    assert client.wait(submit(client, PROMPTS[0], EIGHT.routed(MODEL, "weight"),
+                              max_tokens=10), timeout=60).text == reference(PROMPTS[0], 10)
+    assert eight.process.poll() is None
 
 
 def test_a_lost_device_exits_nonzero_and_another_worker_finishes(server, tmp_path, reference):
     lost = WorkerProcess(server.url, "wlost", tmp_path, "--max-jobs", "4",
-                         env={"ORCD_FAULT_INJECT": "device_lost_after=4"}).wait_ready()
-    client = OrcdClient(server.url)
-    ids = [submit(client, prompt, KEYS.routed(MODEL, "wlost"), max_tokens=10)
-           for prompt in PROMPTS[:4]]
-    assert lost.process.wait(120) == EXIT_DEVICE_LOST
-    assert "worker.device_lost" in lost.log()
-    assert not client.redis.exists(KEYS.worker("wlost"))
-    assert not any(events(client, job_id) and events(client, job_id)[-1][0] == "done"
-                   for job_id in ids)
-    other = WorkerProcess(server.url, "wnext", tmp_path).wait_ready()
+                         env={"ORCD_FAULT_INJECT": "device_lost_after=4"})
+    # Started together: the second one takes the jobs (routed to the first) only once the
+    # first is gone.
+    other = WorkerProcess(server.url, "wnext", tmp_path)
     try:
+        lost.wait_ready()
+        other.wait_ready()
+        client = OrcdClient(server.url)
+        ids = [submit(client, prompt, KEYS.routed(MODEL, "wlost"), max_tokens=10)
+               for prompt in PROMPTS[:4]]
+        assert lost.process.wait(120) == EXIT_DEVICE_LOST
+        assert "worker.device_lost" in lost.log()
+        assert not client.redis.exists(KEYS.worker("wlost"))
+        assert not any(events(client, job_id) and events(client, job_id)[-1][0] == "done"
+                       for job_id in ids)
         for prompt, job_id in zip(PROMPTS, ids, strict=False):
             assert client.wait(job_id, timeout=180).text == reference(prompt, 10)
             assert [kind for kind, *_ in events(client, job_id)].count("done") == 1
     finally:
+        lost.stop()
         other.stop()
 
 
@@ -279,7 +289,7 @@ def test_queue_position_and_eta_while_waiting(server, single):
     from worker.commands.submit import show_queue_position
 
     client = OrcdClient(server.url)
-    blocker = submit(client, LONG, max_tokens=96)
+    blocker = submit(client, LONG, max_tokens=64)
     wait_started(client, blocker)
     first, second = (submit(client, PROMPTS[i], max_tokens=2) for i in range(2))
     urgent = submit(client, PROMPTS[2], max_tokens=2, priority=50)

@@ -24,6 +24,7 @@ class WorkerProcess:
         """`launcher`: the module run with `-m` and its leading arguments (the real CLI, or a
         test wrapper such as tests.worker.slow_worker); `env`: variables added to ours."""
         self.url, self.worker_id = url, worker_id
+        self.keys = Keys(extra[extra.index("--prefix") + 1]) if "--prefix" in extra else Keys()
         if "--dtype" not in extra:
             extra = ("--dtype", "float32", *extra)
         self.log_path = log_dir / f"{worker_id}.log"
@@ -37,7 +38,7 @@ class WorkerProcess:
     def wait_ready(self, timeout: float = 90.0) -> WorkerProcess:
         r = connect(self.url)
         deadline = time.monotonic() + timeout
-        while not r.exists(Keys().worker(self.worker_id)):
+        while not r.exists(self.keys.worker(self.worker_id)):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"worker {self.worker_id} did not start:\n{self.log()}")
             time.sleep(0.05)
