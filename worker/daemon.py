@@ -62,7 +62,7 @@ from worker.log import (
 )
 from worker.metrics import WorkerMetrics
 from worker.narration import NarrationMirror, narrate_engine_event
-from worker.publisher import Publisher
+from worker.publisher import Publisher, Unwritable
 from worker.resume import Streamed, resumed_request, streamed_so_far
 from worker.systemd_notify import SystemdNotifier
 
@@ -219,6 +219,8 @@ class Worker:
                 self.publisher.release_session(event.session_id, self.worker_id)
         self._maintain(time.monotonic())
         self._flush()
+        for job_id, failure in self.publisher.pop_unwritable().items():
+            self._unwritable(job_id, failure)
         for job_id in self.publisher.pop_refused_finals():
             self.log.warning(
                 "job.lost", job_id=job_id,
@@ -512,10 +514,13 @@ class Worker:
         for delivery in deliveries:
             pipe.xrevrange(self.keys.out(delivery.job.job_id), count=1)
         try:
-            replies = self.link.call(pipe.execute)
+            replies = self.link.call(pipe.execute, raise_on_error=False)
         except RedisDown:
             return [False] * len(deliveries)  # at worst an answer is computed twice
-        return [bool(r) and r[0][1].get(b"event") in (b"done", b"error") for r in replies]
+        # An error (a key of another type) counts as not answered: the job's own writes fail
+        # and end it (`_unwritable`).
+        return [isinstance(r, list) and bool(r) and r[0][1].get(b"event") in (b"done", b"error")
+                for r in replies]
 
     def _start(self, delivery: Delivery, log) -> None:
         job = delivery.job
@@ -565,7 +570,7 @@ class Worker:
             return None
         try:
             entries = self.link.call(self.redis.xrange, self.keys.out(delivery.job.job_id))
-        except RedisDown:
+        except (RedisDown, redis.ResponseError):
             return None
         return streamed_so_far(entries)
 
@@ -649,6 +654,27 @@ class Worker:
                 self._on_output(job, output)
             except Exception as exc:  # noqa: BLE001 - this job's text or events: fail it alone
                 self._job_failed(job, f"{type(exc).__name__}: {exc}")
+
+    def _unwritable(self, job_id: str, failure: Unwritable) -> None:
+        """Redis refused a write to the job's output stream: no event of it can be read, so
+        the job ends here, dead-lettered with the reason, and its entry is acknowledged."""
+        job = self.active.pop(job_id, None)
+        if job is not None:
+            self.engine.abort(job_id)
+            stream, entry_id = job.delivery.stream, job.delivery.entry_id
+            payload = job.job.model_dump_json()
+            self._completed()
+        elif failure.stream is not None:
+            stream, entry_id, payload = failure.stream, failure.entry_id, ""
+        else:
+            return  # a late event of a job whose final went through
+        reason = f"{ENGINE_ERROR}: its output stream cannot be written: {failure.error}"
+        self.publisher.dead_letter(stream, entry_id, payload, reason, job_id)
+        self.publisher.acknowledge(stream, entry_id)
+        self.metrics.job_failed(ENGINE_ERROR)
+        self.log.error("job.unwritable", job_id=job_id, error=failure.error,
+                       narration=f"Failed job {short(job_id)}: Redis refused writing its "
+                       f"events ({failure.error}); dead-lettered, the others go on")
 
     def _job_failed(self, job: ActiveJob, message: str) -> None:
         """End one job with `engine_error` (its engine request aborted); the others go on."""

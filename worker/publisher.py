@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -70,6 +71,16 @@ MAX_OPS_PER_FLUSH = 4096
 OUT_TTL_RUNNING_S = 24 * 3600  # an abandoned output stream still goes away eventually
 
 
+@dataclass(slots=True)
+class Unwritable:
+    """A write to a job's output stream that Redis refused; with the job entry when it was the
+    job's final event (the job has left the worker's running set then)."""
+
+    error: str
+    stream: str | None = None
+    entry_id: str | None = None
+
+
 class Publisher:
     """An ordered outbox of Redis writes; `flush()` sends it when Redis is there."""
 
@@ -86,6 +97,7 @@ class Publisher:
         self._release_script = link.redis.register_script(_DEL_IF_HOLDER)
         self.refused_finals: list[str] = []  # job ids whose final event another worker owns
         self._reads: list | None = None  # replies of the reads sent with the last flush
+        self.unwritable: dict[str, Unwritable] = {}  # job id -> a write Redis refused
 
     def __len__(self) -> int:
         return len(self._ops)
@@ -195,10 +207,23 @@ class Publisher:
         # which would otherwise be retried forever.
         return pipe.execute(raise_on_error=False)
 
+    def pop_unwritable(self) -> dict[str, Unwritable]:
+        """Jobs whose output stream Redis refused a write to since the last call (say
+        WRONGTYPE: someone wrote another type under the key); the caller ends them."""
+        failed, self.unwritable = self.unwritable, {}
+        return failed
+
     def _report_errors(self, ops: list, results: list) -> None:
-        for (method, args, _), result in zip(ops, results, strict=False):
+        out_prefix = self.keys.out("")
+        for (method, args, kwargs), result in zip(ops, results, strict=False):
             if method == "final" and result == 0:
                 self.refused_finals.append(args[2])
+            elif isinstance(result, redis.ResponseError) and method == "final":
+                self.unwritable[args[2]] = Unwritable(str(result), args[0], kwargs["args"][2])
+            elif isinstance(result, redis.ResponseError) and method == "xadd" \
+                    and str(args[0]).startswith(out_prefix):
+                job_id = str(args[0])[len(out_prefix):]
+                self.unwritable.setdefault(job_id, Unwritable(str(result)))
             elif isinstance(result, redis.ResponseError):
                 self._log.error(
                     "redis.write_refused",

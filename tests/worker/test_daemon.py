@@ -288,3 +288,20 @@ def test_a_redelivered_job_resumes_after_the_tokens_already_streamed(setup):
     assert done["usage"]["completion_tokens"] == reference["usage"]["completion_tokens"]
     assert done["usage"]["prompt_tokens"] == reference["usage"]["prompt_tokens"]
     assert 0 <= done["usage"]["cached_tokens"] <= done["usage"]["prompt_tokens"]
+
+
+def test_a_job_whose_events_cannot_be_written_fails_alone(setup):
+    """Someone wrote a string under a job's output key: Redis refuses its events (WRONGTYPE).
+    That job is dead-lettered with the reason and acknowledged; the job beside it finishes."""
+    worker, client, r = setup
+    r.set(KEYS.out("clobbered"), "not a stream")
+    bad = client.submit("The capital of France is", job_id="clobbered", max_tokens=6,
+                        temperature=0)
+    good = client.submit("Once upon a time", max_tokens=6, temperature=0)
+    run_until(worker, lambda: final(r, good) and not worker.active)
+    assert final(r, good)[0] == "done"
+    assert r.get(KEYS.out(bad)) == b"not a stream"
+    letters = [f for _, f in r.xrange(KEYS.dead)]
+    assert any(f[b"job_id"] == b"clobbered" and f[b"reason"].startswith(b"engine_error: its "
+               b"output stream cannot be written") for f in letters)
+    assert r.xpending(KEYS.jobs(MODEL), GROUP)["pending"] == 0
