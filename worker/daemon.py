@@ -129,6 +129,7 @@ class Worker:
                                    config.worker_id, window=config.admission_window,
                                    aging_s=config.priority_aging_s)
         self._next_sweep = 0.0
+        self._deadlines: dict[str, float] = {}  # running jobs that have a deadline (unix ms)
         self._polled: tuple[_PollPlan, list] | None = None  # reads sent with the last flush
         # Set while idle after a wait that saw nothing new: the next poll only waits again.
         self._quiet_since: dict[str, str] | None = None
@@ -207,7 +208,7 @@ class Worker:
         entries = self._poll()
         if entries:
             self._admit(entries)
-        if self.active:
+        if self._deadlines:
             self._check_deadlines()
         if self.engine.has_work():
             self._step()
@@ -497,11 +498,16 @@ class Worker:
         return deadline is not None and time.time() * 1000 >= deadline
 
     def _check_deadlines(self) -> None:
-        """End the running jobs past their deadline (finish_reason `deadline`)."""
+        """End the running jobs past their deadline (finish_reason `deadline`). Only jobs
+        that have one are looked at: most have none, and this runs every step."""
         now_ms = time.time() * 1000
-        for job in self.active.values():
-            if job.deadline_ms is not None and now_ms >= job.deadline_ms \
-                    and job.finish_reason is None and not job.cancelled:
+        for job_id, deadline_ms in list(self._deadlines.items()):
+            job = self.active.get(job_id)
+            if job is None:
+                del self._deadlines[job_id]  # ended meanwhile
+                continue
+            if now_ms >= deadline_ms and job.finish_reason is None and not job.cancelled:
+                del self._deadlines[job_id]
                 job.cancelled = True  # no cancel flag read for it any more
                 self.engine.abort(job.job_id, "deadline")
                 self.log.info("job.deadline", job_id=job.job_id, session_id=job.job.session_id,
@@ -532,6 +538,8 @@ class Worker:
             prompt_ids = request.prompt_token_ids
             active = ActiveJob.start(delivery, len(prompt_ids), self.tokenizer)
             active.deadline_ms = delivery.deadline_ms
+            if active.deadline_ms is not None:
+                self._deadlines[job.job_id] = active.deadline_ms
             if streamed is not None and streamed.token_ids:
                 active.resume(streamed)
                 request = resumed_request(request, streamed)
