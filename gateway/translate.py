@@ -99,7 +99,7 @@ def chat_choices(req: ChatCompletionRequest, request_id: str, *,
     stream = req.stream or logprobs is not None  # logprobs ride on token events only
     return [Choice(i, _job(req, request_id, i, sampling, seed_offset=i,
                            default_priority=default_priority, stream=stream,
-                           messages=messages), True)
+                           messages=messages), i == 0)
             for i in range(req.n)]
 
 

@@ -62,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-lease", type=float, default=10.0,
                         help="seconds a dead gateway keeps its batches before another takes "
                         "them over (default 10)")
+    parser.add_argument("--no-batches", dest="batches", action="store_false",
+                        help="serve the Batch API's endpoints but drive no batch (another "
+                        "gateway does)")
     parser.add_argument("--id", dest="gateway_id", help="gateway id (default: host-pid-random)")
     parser.add_argument("--log-level", default="warning",
                         choices=["critical", "error", "warning", "info", "debug"],
@@ -94,6 +97,6 @@ def run(args: argparse.Namespace) -> int:
     from gateway.app import create_app
 
     config = config_from(args)
-    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level=args.log_level,
+    uvicorn.run(create_app(config, run_batches=args.batches), host=args.host, port=args.port, log_level=args.log_level,
                 access_log=False, timeout_graceful_shutdown=5)
     return 0
