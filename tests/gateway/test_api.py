@@ -254,6 +254,14 @@ def test_rate_limits(stack):
             assert time.monotonic() < deadline
 
 
+def test_deadline_is_504(client):
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=400,
+                                        extra_body={"timeout_s": 0.3})
+    assert caught.value.status_code == 504
+    assert error_of(caught.value)["code"] == "timeout"
+
+
 def test_disconnect_cancels_the_job(stack, direct):
     _, gateway = stack
     body = {"model": MODEL, "messages": CHAT, "max_tokens": 400, "stream": True,
