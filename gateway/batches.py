@@ -248,8 +248,8 @@ async def listing(gateway: Gateway) -> dict:
 
 
 async def drive_forever(gateway: Gateway) -> None:
-    """Every --batch-poll seconds: take the lease of active batches nobody drives, and drive
-    each in its own task while the lease holds."""
+    """Every `batch_poll_s`: renew the leases held, take those of active batches nobody
+    drives, and drive each in its own task while its lease holds."""
     running: dict[str, asyncio.Task] = {}
     log_error = _error_logger()
     try:
@@ -258,9 +258,11 @@ async def drive_forever(gateway: Gateway) -> None:
                 for raw in await gateway.redis.smembers(gateway.keys.gateway_active_batches):
                     batch_id = raw.decode()
                     task = running.get(batch_id)
+                    mine = await take_lease(gateway, batch_id)  # renews it if held
                     if task is not None and not task.done():
-                        continue
-                    if await take_lease(gateway, batch_id):
+                        if not mine:  # another gateway drives it now: stop following it
+                            task.cancel()
+                    elif mine:
                         running[batch_id] = asyncio.create_task(
                             BatchRun(gateway, batch_id).run())
                 for batch_id, task in list(running.items()):
@@ -302,7 +304,8 @@ async def take_lease(gateway: Gateway, batch_id: str) -> bool:
 
 
 class BatchRun:
-    """One gateway driving one batch until it ends or the lease is lost."""
+    """One gateway driving one batch until it ends (`drive_forever` cancels it when the lease
+    is lost)."""
 
     def __init__(self, gateway: Gateway, batch_id: str) -> None:
         self.gateway, self.batch_id = gateway, batch_id
@@ -327,8 +330,6 @@ class BatchRun:
                     await self._follow(endpoint, number, lines[number])
             number = submitted
             while number < len(lines):
-                if not await self._still_mine():
-                    return
                 if await self._cancelling():
                     break
                 await self.window.acquire()
@@ -339,8 +340,6 @@ class BatchRun:
                     raise
                 number += 1
             while any(not task.done() for task in self.following.values()):
-                if not await self._still_mine():
-                    return
                 if await self._cancelling():
                     await gateway.cancel([job_id for n, task in self.following.items()
                                           if not task.done()
@@ -353,9 +352,6 @@ class BatchRun:
         finally:
             for task in self.following.values():
                 task.cancel()
-
-    async def _still_mine(self) -> bool:
-        return await take_lease(self.gateway, self.batch_id)
 
     async def _cancelling(self) -> bool:
         status = await self.gateway.redis.hget(self.store.key(self.batch_id), "status")

@@ -114,6 +114,20 @@ def test_batch_of_20_completes(stack):
         assert errors[0]["response"]["status_code"] == 400
         assert errors[0]["response"]["body"]["error"]["param"] == "temperature"
         assert client.batches.list().data[0].id == batch.id
+
+        # Cancelled at once: its jobs are cancelled, it ends `cancelled` with what finished.
+        batch = start_batch(client, batch_file(20, 64))
+        assert client.batches.cancel(batch.id).status in ("cancelling", "cancelled")
+        batch = wait_until(client, batch.id, lambda b: b.status == "cancelled")
+        assert batch.cancelling_at and batch.cancelled_at
+        counts = batch.request_counts
+        rows = read_jsonl(client, batch.output_file_id) if batch.output_file_id else []
+        assert len(rows) == counts.completed <= 20 and counts.failed == 0
+        reasons = {row["response"]["body"]["choices"][0]["finish_reason"] for row in rows}
+        assert reasons <= {"stop", "length", "cancelled"}
+        assert "cancelled" in reasons or counts.completed < 20  # the cancel took effect
+        with pytest.raises(openai.NotFoundError):
+            client.batches.retrieve("batch_nonexistent")
     finally:
         gateway.stop()
 
