@@ -141,7 +141,7 @@ class Engine:
         backend: str | Backend = "auto",
         kv_blocks: int | None = None,
         block_size: int = 16,
-        max_num_seqs: int = 64,
+        max_num_seqs: int = 256,
         max_batch_tokens: int = 512,
         max_sessions: int = 1024,
         session_ttl_s: float = DEFAULT_SESSION_TTL_S,
