@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError
 
-from gateway import batches, completions, files
+from gateway import batch_driver, batches, completions, files
 from gateway.auth import Caller
 from gateway.errors import APIError, error_body
 from gateway.requests import BatchRequest, ChatCompletionRequest, CompletionRequest
@@ -36,7 +36,7 @@ def create_app(config: GatewayConfig, *, run_batches: bool = True) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        driver = asyncio.create_task(batches.drive_forever(gateway)) if run_batches else None
+        driver = asyncio.create_task(batch_driver.drive_forever(gateway)) if run_batches else None
         try:
             yield
         finally:

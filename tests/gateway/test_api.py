@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -19,8 +18,6 @@ import pytest
 
 from jobs import OrcdClient
 from tests.gateway.stack import ENV, GatewayProcess
-from tests.redis_server import RedisServer
-from tests.worker.workers import WorkerProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("gateway")]
 
@@ -30,26 +27,18 @@ ERROR_FIELDS = {"message", "type", "param", "code"}
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, default_model_path):
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    directory = tmp_path_factory.mktemp("gateway")
+def stack(worker_stack):
+    redis_server, directory = worker_stack
     keys = directory / "keys.txt"
     keys.write_text(f"# test keys\n{KEY}\nsha256:{hashlib.sha256(HASHED_KEY.encode()).hexdigest()}"
                     f"\n{LIMITED_KEY} rpm=1\n{ONE_STREAM_KEY} streams=1\n")
-    redis_server = RedisServer(directory).start()
-    worker = WorkerProcess(redis_server.url, "gw-worker", directory, "--backend", "torch",
-                           "--dtype", "int8")
     gateway = GatewayProcess(redis_server.url, directory, "gw-api", "--api-keys-file",
                              str(keys), "--no-batches")
     try:
-        worker.wait_ready()
         gateway.wait_ready()
         yield redis_server, gateway
     finally:
         gateway.stop()
-        worker.stop()
-        redis_server.kill()
 
 
 @pytest.fixture(scope="module")

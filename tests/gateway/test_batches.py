@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import time
 
 import openai
@@ -14,10 +13,8 @@ import pytest
 
 from jobs.keys import Keys
 from tests.gateway.stack import GatewayProcess
-from tests.redis_server import RedisServer
-from tests.worker.workers import WorkerProcess
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("gateway-batches")]
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("gateway")]
 
 MODEL = "smollm2-135m"
 KEYS = Keys()
@@ -25,19 +22,8 @@ QUESTIONS = ["Name a fruit.", "Name a colour.", "Name a city.", "Name an animal.
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, default_model_path):
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    directory = tmp_path_factory.mktemp("gateway-batches")
-    redis_server = RedisServer(directory).start()
-    worker = WorkerProcess(redis_server.url, "gwb-worker", directory, "--backend", "torch",
-                           "--dtype", "int8")
-    try:
-        worker.wait_ready()
-        yield redis_server, directory
-    finally:
-        worker.stop()
-        redis_server.kill()
+def stack(worker_stack):
+    return worker_stack
 
 
 def batch_file(count: int, max_tokens: int, bad_line: int | None = None) -> bytes:
@@ -138,7 +124,7 @@ def test_gateway_killed_mid_batch_finishes_after_restart(stack):
     first = GatewayProcess(redis_server.url, directory, "gwb-killed", *options).wait_ready()
     client = openai.OpenAI(api_key="unused", base_url=f"{first.url}/v1", max_retries=0)
     try:
-        batch = start_batch(client, batch_file(20, 12))
+        batch = start_batch(client, batch_file(20, 8))
         wait_until(client, batch.id, lambda b: 3 <= b.request_counts.completed)
     finally:
         first.kill()
