@@ -170,3 +170,30 @@ def test_redis_down_is_503_in_openai_shape():
     assert health.status_code == 503
     assert answer.status_code == 503 and answer.headers["retry-after"] == "5"
     assert answer.json()["error"]["code"] == "queue_unavailable"
+
+
+def test_a_model_whose_workers_are_gone_is_503_an_unknown_one_404(redis_server):
+    import json
+
+    import httpx
+
+    from gateway.app import create_app
+    from gateway.service import GatewayConfig
+
+    keys = Keys()
+    redis = redis_server.client()
+    # A worker of `gone-model` left its hash entry (as a crashed one does) but no live key.
+    redis.hset(keys.workers, "dead-worker", json.dumps({"model": "gone-model"}))
+
+    async def ask(model: str) -> httpx.Response:
+        app = create_app(GatewayConfig(redis_url=redis_server.url), run_batches=False)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as http:
+            return await http.post("/v1/chat/completions", json={
+                "model": model, "messages": [{"role": "user", "content": "Hi"}]})
+
+    gone, unknown = asyncio.run(ask("gone-model")), asyncio.run(ask("never-served"))
+    assert gone.status_code == 503 and gone.json()["error"]["code"] == "model_not_available"
+    assert gone.headers["retry-after"]
+    assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "model"
+    assert redis.xlen(keys.jobs("gone-model")) == 0  # nothing was queued
