@@ -265,3 +265,26 @@ def test_disconnect_cancels_the_job(stack, direct):
     done = direct.wait(f"{request_id}-0", timeout=60)
     assert done.finish_reason == "cancelled"
     assert done.usage.completion_tokens < 400
+
+
+def test_disconnect_cancels_a_non_streaming_request(stack):
+    redis_server, gateway = stack
+    body = {"model": MODEL, "messages": CHAT, "max_tokens": 400, "temperature": 1.0,
+            "user": "leaves-early"}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=1.5,
+                   headers={"Authorization": f"Bearer {KEY}"})
+    redis = redis_server.client()
+    deadline = time.monotonic() + 60
+    while True:  # the job is found by the `user` the gateway put in its metadata
+        finals = [json.loads(fields[b"data"])
+                  for key in redis.scan_iter(match=b"orcd:out:chatcmpl-*")
+                  for _, fields in redis.xrevrange(key, count=1)
+                  if fields[b"event"] == b"done"]
+        mine = [d for d in finals if d["metadata"].get("user") == "leaves-early"]
+        if mine:
+            break
+        assert time.monotonic() < deadline, "the job did not end"
+        time.sleep(0.2)
+    assert mine[0]["finish_reason"] == "cancelled"
+    assert mine[0]["usage"]["completion_tokens"] < 400
