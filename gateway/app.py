@@ -112,53 +112,45 @@ def create_app(config: GatewayConfig, *, run_batches: bool = True) -> FastAPI:
                            "model", "model_not_found")
         return model_object(model, served[model])
 
+    # Files and batches belong to the key that made them (`Caller.key_id`).
     @app.post("/v1/files")
     async def upload(request: Request):
-        caller(request)
-        return await files.upload(gateway, request)
+        return await files.upload(gateway, request, caller(request).key_id)
 
     @app.get("/v1/files")
     async def list_files(request: Request):
-        caller(request)
-        return await files.listing(gateway)
+        return await files.listing(gateway, caller(request).key_id)
 
     @app.get("/v1/files/{file_id}")
     async def file_info(request: Request, file_id: str):
-        caller(request)
-        return await files.FileStore(gateway).meta(file_id)
+        return await files.FileStore(gateway, caller(request).key_id).meta(file_id)
 
     @app.get("/v1/files/{file_id}/content")
     async def file_content(request: Request, file_id: str):
-        caller(request)
-        content = await files.FileStore(gateway).content(file_id)
-        return Response(content, media_type="application/jsonl")
+        store = files.FileStore(gateway, caller(request).key_id)
+        return Response(await store.content(file_id), media_type="application/jsonl")
 
     @app.delete("/v1/files/{file_id}")
     async def delete_file(request: Request, file_id: str):
-        caller(request)
-        await files.FileStore(gateway).delete(file_id)
+        await files.FileStore(gateway, caller(request).key_id).delete(file_id)
         return {"id": file_id, "object": "file", "deleted": True}
 
     @app.post("/v1/batches")
     async def create_batch(request: Request):
-        caller(request)
-        body = await parse(request, BatchRequest)
-        return await batches.create(gateway, body)
+        owner = caller(request).key_id
+        return await batches.create(gateway, await parse(request, BatchRequest), owner)
 
     @app.get("/v1/batches")
     async def list_batches(request: Request):
-        caller(request)
-        return await batches.listing(gateway)
+        return await batches.listing(gateway, caller(request).key_id)
 
     @app.get("/v1/batches/{batch_id}")
     async def get_batch(request: Request, batch_id: str):
-        caller(request)
-        return await batches.BatchStore(gateway).get(batch_id)
+        return await batches.BatchStore(gateway, caller(request).key_id).get(batch_id)
 
     @app.post("/v1/batches/{batch_id}/cancel")
     async def cancel_batch(request: Request, batch_id: str):
-        caller(request)
-        return await batches.cancel(gateway, batch_id)
+        return await batches.cancel(gateway, batch_id, caller(request).key_id)
 
     @app.get("/health")
     async def health():

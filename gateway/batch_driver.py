@@ -91,11 +91,12 @@ class BatchRun:
         self.window = asyncio.Semaphore(max(1, gateway.config.batch_window))
         self.following: dict[int, asyncio.Task] = {}
         self.calls: dict[int, Call] = {}
+        self.owner = ""  # the key that created the batch: its output files are that key's
 
     async def run(self) -> None:
         gateway, store = self.gateway, self.store
         fields = await store.fields(self.batch_id)
-        endpoint = fields["endpoint"]
+        endpoint, self.owner = fields["endpoint"], fields.get("owner", "")
         content = await FileStore(gateway).content(fields["input_file_id"])
         lines, _ = parse_input(content, endpoint)
         answered = {int(k) for k in await gateway.redis.hkeys(
@@ -219,11 +220,11 @@ class BatchRun:
         if output:
             update["output_file_id"] = f"file-{self.batch_id}-output"
             await files.put(update["output_file_id"], _jsonl(output),
-                            f"{self.batch_id}_output.jsonl", "batch_output")
+                            f"{self.batch_id}_output.jsonl", "batch_output", self.owner)
         if errors:
             update["error_file_id"] = f"file-{self.batch_id}-errors"
             await files.put(update["error_file_id"], _jsonl(errors),
-                            f"{self.batch_id}_errors.jsonl", "batch_output")
+                            f"{self.batch_id}_errors.jsonl", "batch_output", self.owner)
         key = store.key(self.batch_id)
         now = int(time.time())
         async with gateway.redis.pipeline(transaction=True) as pipe:

@@ -77,10 +77,12 @@ def _missing(batch_id: str) -> APIError:
 
 
 class BatchStore:
-    """Reading and moving a batch's state in Redis."""
+    """Reading and moving a batch's state in Redis, seen as `owner` (the API key's id that
+    created it; another key gets a 404) or by the gateway itself (None)."""
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway, owner: str | None = None) -> None:
         self.gateway, self.redis, self.keys = gateway, gateway.redis, gateway.keys
+        self.owner = owner
         self._status = self.redis.register_script(_STATUS)
         self._result = self.redis.register_script(_RESULT)
         self._submit = self.redis.register_script(_SUBMIT)
@@ -92,9 +94,10 @@ class BatchStore:
 
     async def fields(self, batch_id: str) -> dict[str, str]:
         raw = await self.redis.hgetall(self.key(batch_id))
-        if not raw:
+        fields = {k.decode(): v.decode() for k, v in raw.items()}
+        if not fields or (self.owner is not None and fields.get("owner") != self.owner):
             raise _missing(batch_id)
-        return {k.decode(): v.decode() for k, v in raw.items()}
+        return fields
 
     async def get(self, batch_id: str) -> dict:
         """The batch as OpenAI's Batch object."""
@@ -192,8 +195,8 @@ async def line_call(gateway: Gateway, endpoint: str, batch_id: str, number: int,
 # ----- the endpoints -----------------------------------------------------------------------
 
 
-async def create(gateway: Gateway, body: BatchRequest) -> dict:
-    store, files = BatchStore(gateway), FileStore(gateway)
+async def create(gateway: Gateway, body: BatchRequest, owner: str) -> dict:
+    store, files = BatchStore(gateway, owner), FileStore(gateway, owner)
     meta = await files.meta(body.input_file_id)
     if meta["purpose"] != "batch":
         raise bad_request(f"file {body.input_file_id} has purpose {meta['purpose']}, not batch",
@@ -206,6 +209,7 @@ async def create(gateway: Gateway, body: BatchRequest) -> dict:
         "completion_window": body.completion_window, "created_at": created,
         "expires_at": created + COMPLETION_WINDOW_S, "total": len(lines), "submitted": 0,
         "completed": 0, "failed": 0, "metadata": json.dumps(body.metadata or {}),
+        "owner": owner,
     }
     if errors:
         fields.update(status="failed", failed_at=created,
@@ -221,15 +225,19 @@ async def create(gateway: Gateway, body: BatchRequest) -> dict:
     return await store.get(batch_id)
 
 
-async def cancel(gateway: Gateway, batch_id: str) -> dict:
-    store = BatchStore(gateway)
+async def cancel(gateway: Gateway, batch_id: str, owner: str) -> dict:
+    store = BatchStore(gateway, owner)
     await store.fields(batch_id)  # 404 for an unknown batch
     await store.move(batch_id, "cancelling", "cancelling_at", "validating", "in_progress")
     return await store.get(batch_id)
 
 
-async def listing(gateway: Gateway) -> dict:
+async def listing(gateway: Gateway, owner: str) -> dict:
     ids = await gateway.redis.zrevrange(gateway.keys.gateway_batches, 0, 99)
-    store = BatchStore(gateway)
-    return {"object": "list", "data": [await store.get(i.decode()) for i in ids],
-            "has_more": False}
+    store, data = BatchStore(gateway, owner), []
+    for batch_id in ids:
+        try:
+            data.append(await store.get(batch_id.decode()))
+        except APIError:
+            continue  # another key's
+    return {"object": "list", "data": data, "has_more": False}

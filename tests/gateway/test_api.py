@@ -272,7 +272,8 @@ def test_disconnect_cancels_a_non_streaming_request(stack):
     body = {"model": MODEL, "messages": CHAT, "max_tokens": 400, "temperature": 1.0,
             "user": "leaves-early"}
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=1.5,
+        httpx.post(f"{gateway.url}/v1/chat/completions", json=body,
+                   timeout=httpx.Timeout(60, read=1.5),  # the client gives up waiting
                    headers={"Authorization": f"Bearer {KEY}"})
     redis = redis_server.client()
     deadline = time.monotonic() + 60
@@ -288,3 +289,25 @@ def test_disconnect_cancels_a_non_streaming_request(stack):
         time.sleep(0.2)
     assert mine[0]["finish_reason"] == "cancelled"
     assert mine[0]["usage"]["completion_tokens"] < 400
+
+
+def test_files_belong_to_the_key_that_uploaded_them(stack, client):
+    _, gateway = stack
+    other = openai.OpenAI(api_key=HASHED_KEY, base_url=f"{gateway.url}/v1", max_retries=0)
+    line = {"custom_id": "a", "method": "POST", "url": "/v1/completions",
+            "body": {"model": MODEL, "prompt": "Hi", "max_tokens": 1}}
+    uploaded = client.files.create(file=("in.jsonl", json.dumps(line).encode()),
+                                   purpose="batch")
+    assert client.files.retrieve(uploaded.id).id == uploaded.id
+    assert uploaded.id in [f.id for f in client.files.list().data]
+    with pytest.raises(openai.NotFoundError):
+        other.files.retrieve(uploaded.id)
+    with pytest.raises(openai.NotFoundError):
+        other.files.content(uploaded.id)
+    with pytest.raises(openai.NotFoundError):
+        other.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions",
+                             completion_window="24h")
+    assert uploaded.id not in [f.id for f in other.files.list().data]
+    client.files.delete(uploaded.id)
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(uploaded.id)
