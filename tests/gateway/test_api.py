@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -61,17 +62,6 @@ def error_of(exc: openai.APIStatusError) -> dict:
 
 
 CHAT = [{"role": "user", "content": "Name a fruit."}]
-
-
-def test_gateway_never_imports_torch():
-    code = ("import sys; from worker.cli import build_parser; "
-            "from worker.commands.gateway import config_from; from gateway.app import create_app; "
-            "args = build_parser('gateway').parse_args(['gateway', '--no-auth']); "
-            "create_app(config_from(args)); print(sorted(m for m in sys.modules "
-            "if m.split('.')[0] in ('torch', 'gpu')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV,
-                         timeout=60, check=True).stdout
-    assert out.strip() == "[]"
 
 
 def test_models_health_metrics(stack, client):
@@ -311,3 +301,18 @@ def test_files_belong_to_the_key_that_uploaded_them(stack, client):
     client.files.delete(uploaded.id)
     with pytest.raises(openai.NotFoundError):
         client.files.retrieve(uploaded.id)
+
+
+def test_gateway_never_imports_torch(stack):
+    _, gateway = stack
+    maps = Path(f"/proc/{gateway.process.pid}/maps")
+    if maps.exists():  # the live gateway, after every test above (logprobs too): no torch
+        assert "torch" not in maps.read_text()
+    code = ("import sys; from worker.cli import build_parser; "
+            "from worker.commands.gateway import config_from; from gateway.app import create_app; "
+            "args = build_parser('gateway').parse_args(['gateway', '--no-auth']); "
+            "create_app(config_from(args)); print(sorted(m for m in sys.modules "
+            "if m.split('.')[0] in ('torch', 'gpu')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV,
+                         timeout=60, check=True).stdout
+    assert out.strip() == "[]"
