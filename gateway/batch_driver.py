@@ -15,6 +15,8 @@ import asyncio
 import json
 import time
 
+import structlog
+
 from gateway.batches import BatchStore, line_call, parse_input
 from gateway.completions import Call, ChoiceState, failure_status
 from gateway.errors import APIError, error_body
@@ -57,9 +59,7 @@ async def drive_forever(gateway: Gateway) -> None:
 
 
 def _error_logger():
-    import structlog
-
-    log = structlog.get_logger("orcd.gateway")
+    log = structlog.get_logger()
 
     def note(batch_id: str | None, exc: BaseException) -> None:
         log.warning("batch.driver_error", batch_id=batch_id, error=one_line(exc),
@@ -102,6 +102,11 @@ class BatchRun:
         answered = {int(k) for k in await gateway.redis.hkeys(
             gateway.keys.gateway_batch_results(self.batch_id))}
         submitted = int(fields.get("submitted", 0))
+        structlog.get_logger().info(
+            "batch.driving", batch_id=self.batch_id, lines=len(lines), submitted=submitted,
+            answered=len(answered),
+            narration=f"Driving batch {self.batch_id}: {len(lines)} lines, {submitted} "
+                      f"submitted and {len(answered)} answered before")
         try:
             # Lines submitted before a restart: follow them again from their first event.
             for number in range(submitted):
@@ -233,6 +238,12 @@ class BatchRun:
         if not await store.move(self.batch_id, "cancelled", "cancelled_at", "cancelling"):
             await store.move(self.batch_id, "completed", "completed_at", "in_progress",
                              "validating", "finalizing")
+        status = (await store.fields(self.batch_id))["status"]
+        structlog.get_logger().info(
+            "batch.finished", batch_id=self.batch_id, status=status, output=len(output),
+            errors=len(errors),
+            narration=f"Batch {self.batch_id} {status}: {len(output)} answers, "
+                      f"{len(errors)} errors")
         async with gateway.redis.pipeline(transaction=True) as pipe:
             pipe.srem(gateway.keys.gateway_active_batches, self.batch_id)
             pipe.delete(gateway.keys.gateway_batch_lease(self.batch_id))

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import anyio
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from redis.exceptions import RedisError
 
 from gateway.auth import Caller
 from gateway.errors import APIError, error_body
@@ -35,6 +36,7 @@ from gateway.translate import (
     now,
     usage,
 )
+from jobs.client import one_line
 from jobs.errors import JobTimeout
 from jobs.events import INVALID_JOB, INVALID_REQUEST, UNKNOWN_MODEL
 
@@ -285,6 +287,10 @@ async def stream(call: Call) -> AsyncIterator[str]:
         except JobTimeout:
             yield sse(error_body(504, f"no complete answer within {call.timeout_s:g} s; the "
                                  "jobs were cancelled", "timeout_s", "timeout"))
+            return
+        except RedisError as exc:  # Redis gone for longer than the reader's retries
+            yield sse(error_body(503, f"the job queue (Redis) is unavailable: "
+                                 f"{one_line(exc)}", None, "queue_unavailable"))
             return
         if call.include_usage:
             yield call.usage_chunk(states)

@@ -95,8 +95,16 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.app import create_app
+    from jobs.client import shown_url
+    from worker.log import configure_logging, get_logger
 
     config = config_from(args)
+    configure_logging("info")
+    auth = "no auth" if config.api_keys is None else f"{len(config.api_keys)} API keys"
+    get_logger().info("gateway.starting", host=args.host, port=args.port,
+                      gateway_id=config.gateway_id, auth=auth,
+                      narration=f"Gateway {config.gateway_id} on http://{args.host}:{args.port}"
+                                f"/v1 ({auth}), Redis {shown_url(args.redis)}")
     uvicorn.run(create_app(config, run_batches=args.batches), host=args.host, port=args.port, log_level=args.log_level,
                 access_log=False, timeout_graceful_shutdown=5)
     return 0
