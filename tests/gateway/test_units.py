@@ -197,3 +197,17 @@ def test_a_model_whose_workers_are_gone_is_503_an_unknown_one_404(redis_server):
     assert gone.headers["retry-after"]
     assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "model"
     assert redis.xlen(keys.jobs("gone-model")) == 0  # nothing was queued
+
+
+def test_the_command_refuses_to_start_without_keys_or_no_auth(tmp_path, monkeypatch, capsys):
+    from worker.cli import main
+
+    monkeypatch.delenv("ORCD_API_KEYS_FILE", raising=False)
+    assert main(["gateway"]) == 2
+    assert "--api-keys-file" in capsys.readouterr().err
+    keys = tmp_path / "keys"
+    keys.write_text("sk-x\n")
+    assert main(["gateway", "--no-auth", "--api-keys-file", str(keys)]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(["gateway", "--api-keys-file", str(tmp_path / "missing")]) == 2
+    assert "missing" in capsys.readouterr().err
