@@ -18,6 +18,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("gateway")]
 
 MODEL = "smollm2-135m"
 KEYS = Keys()
+KILLED_LINES = 12  # run two at a time, so that the kill lands mid-batch
 QUESTIONS = ["Name a fruit.", "Name a colour.", "Name a city.", "Name an animal."]
 
 
@@ -124,25 +125,25 @@ def test_gateway_killed_mid_batch_finishes_after_restart(stack):
     first = GatewayProcess(redis_server.url, directory, "gwb-killed", *options).wait_ready()
     client = openai.OpenAI(api_key="unused", base_url=f"{first.url}/v1", max_retries=0)
     try:
-        batch = start_batch(client, batch_file(20, 8))
+        batch = start_batch(client, batch_file(KILLED_LINES, 8))
         wait_until(client, batch.id, lambda b: 3 <= b.request_counts.completed)
     finally:
         first.kill()
     redis = redis_server.client()
     left = int(redis.hget(KEYS.gateway_batch(batch.id), "completed"))
-    assert left < 20, "the batch ended before the gateway was killed: nothing was tested"
+    assert left < KILLED_LINES, "the batch ended before the gateway was killed: nothing was tested"
     second = GatewayProcess(redis_server.url, directory, "gwb-restarted", *options,
                             port=first.port).wait_ready()
     try:
         batch = wait_until(client, batch.id, lambda b: b.status == "completed")
-        assert batch.request_counts.completed == 20 and batch.request_counts.failed == 0
+        assert batch.request_counts.completed == KILLED_LINES and batch.request_counts.failed == 0
         check_output(read_jsonl(client, batch.output_file_id), batch.id,
-                     {f"line-{n}" for n in range(20)})
+                     {f"line-{n}" for n in range(KILLED_LINES)})
         # Each line's job went on the queue once and ran once: one `done` per output stream.
-        for number in range(20):
+        for number in range(KILLED_LINES):
             events = redis.xrange(KEYS.out(f"{batch.id}-{number}-0"))
             kinds = [fields[b"event"] for _, fields in events]
             assert kinds.count(b"done") == 1 and kinds.count(b"started") == 1, (number, kinds)
-        assert int(redis.hget(KEYS.gateway_batch(batch.id), "submitted")) == 20
+        assert int(redis.hget(KEYS.gateway_batch(batch.id), "submitted")) == KILLED_LINES
     finally:
         second.stop()
