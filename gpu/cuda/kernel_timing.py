@@ -164,8 +164,16 @@ def time_others(copy_bw: float) -> list[dict]:
     us = _median_us(lambda i: silu(act_out[:1], gate_up[:1]), per_graph=50)
     rows.append({"kernel": "silu_mul", "shape": f"1x{ffn}", "batch": 1, "us": round(us, 2),
                  "GB_s": round(4 * 3 * ffn / us / 1e3, 1)})  # fmt: skip
+    rows.extend(time_attention(copy_bw, ((1, 2000), (8, 2000), (32, 512))))
+    return rows
+
+
+def time_attention(bw: float, cases) -> list[dict]:
+    """Decode attention on the 8B shape (32 query heads, 8 KV heads of 128, fp16 KV) per
+    (batch, context): the KV bytes it must read against the bandwidth `bw`."""
+    rows = []
     n_heads, n_kv, head_dim, block_size = 32, 8, 128, 16
-    for batch, context in ((1, 2000), (8, 2000), (32, 512)):
+    for batch, context in cases:
         n_blocks = batch * -(-context // block_size)
         shape = (n_blocks, block_size, n_kv, head_dim)
         k = torch.randn(shape, device="cuda").half()
@@ -181,7 +189,11 @@ def time_others(copy_bw: float) -> list[dict]:
         nbytes = 2 * k.numel() * 2
         rows.append({"kernel": "attention_decode_f16", "shape": f"ctx{context} 32/8x128",
                      "batch": batch, "us": round(us, 2), "GB_s": round(nbytes / us / 1e3, 1),
-                     "fraction_of_copy": round(nbytes / (us * 1e-6) / copy_bw, 3)})  # fmt: skip
+                     "fraction_of_copy": round(nbytes / (us * 1e-6) / bw, 3)})  # fmt: skip
+        print(f"attention b={batch:<3d} ctx={context:<5d} {us:8.1f} us "
+              f"{nbytes / us / 1e3:7.0f} GB/s ({100 * nbytes / (us * 1e-6) / bw:5.1f}% of read)",
+              flush=True)  # fmt: skip
+        del k, v
     return rows
 
 
@@ -190,6 +202,8 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--tcmm":  # --tcmm Q4_0,F16 1,8,64 [out.json]
         quants = [_T[q] for q in sys.argv[2].split(",")]
         rows = tcmm_table(quants, [int(b) for b in sys.argv[3].split(",")])
+        cases = [(b, ctx) for b in (64, 128, 256) for ctx in (512, 1024, 4096) if b * ctx <= 2**19]
+        rows += time_attention(read_bandwidth(), cases)
         if len(sys.argv) > 4:
             with open(sys.argv[4], "w") as f:
                 json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)

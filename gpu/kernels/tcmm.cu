@@ -42,9 +42,10 @@
 // Tc<T, GROUPED>: CHUNK = bytes of a full chunk as staged (GGUF blocks, or quants then scales
 // for the repacked types), PACKED_QB = quant bytes per 32-block in the repacked layout (0: GGUF
 // blocks), ALIGNED = rows and chunks start 16-byte aligned (no misalignment slack needed).
-// pair(s, k): elements k, k + 1 (k even, same block) of the chunk staged at s, as an fp16 pair
-// (low half = element k), each value exactly as loader/quants.py computes it in float32, then
-// rounded to fp16.
+// frag(s, k, lo, hi): a thread's share of one row in an mma A fragment: elements k, k + 1 (lo)
+// and k + 8, k + 9 (hi) of the chunk staged at s, k = 16 i + 2 t, so all four lie in one
+// 32-element block (one K-quant sub-block) and its scales are decoded once. Each value is
+// exactly what loader/quants.py computes in float32, then rounded to fp16 (low half = lower k).
 
 __device__ __forceinline__ float nib(u32 v, int shift) { return (float)((v >> shift) & 0xF); }
 
@@ -53,14 +54,20 @@ template <int T, bool GROUPED = false> struct Tc;
 template <> struct Tc<GGML_F16> {
     static constexpr int CHUNK = 2 * TC_KC, PACKED_QB = 0;
     static constexpr bool ALIGNED = true;
-    static __device__ __forceinline__ u32 pair(const u8* s, int k) { return *(const u32*)(s + 2 * k); }
+    static __device__ __forceinline__ void frag(const u8* s, int k, u32& lo, u32& hi) {
+        lo = *(const u32*)(s + 2 * k);
+        hi = *(const u32*)(s + 2 * k + 16);
+    }
 };
 template <> struct Tc<GGML_BF16> {
     static constexpr int CHUNK = 2 * TC_KC, PACKED_QB = 0;
     static constexpr bool ALIGNED = true;
-    static __device__ __forceinline__ u32 pair(const u8* s, int k) {
-        const u32 v = *(const u32*)(s + 2 * k);
+    static __device__ __forceinline__ u32 half2_of(u32 v) {
         return pack_f16x2(__uint_as_float(v << 16), __uint_as_float(v & 0xFFFF0000u));
+    }
+    static __device__ __forceinline__ void frag(const u8* s, int k, u32& lo, u32& hi) {
+        lo = half2_of(*(const u32*)(s + 2 * k));
+        hi = half2_of(*(const u32*)(s + 2 * k + 16));
     }
 };
 
@@ -69,98 +76,112 @@ template <> struct Tc<GGML_BF16> {
 template <bool GROUPED> struct Tc<GGML_Q4_0, GROUPED> {
     static constexpr int CHUNK = 8 * 16 + 16, PACKED_QB = 16;
     static constexpr bool ALIGNED = true;
-    static __device__ __forceinline__ u32 pair(const u8* s, int k) {
+    static __device__ __forceinline__ int at(int b, int i) {
+        return GROUPED ? 64 * (b >> 2) + 16 * (i >> 2) + 4 * (b & 3) + (i & 3) : 16 * b + i;
+    }
+    static __device__ __forceinline__ void frag(const u8* s, int k, u32& lo, u32& hi) {
         const int b = k >> 5, e = k & 31, i = e & 15, shift = 4 * (e >> 4);
-        const int off = GROUPED ? 64 * (b >> 2) + 16 * (i >> 2) + 4 * (b & 3) + (i & 3) : 16 * b + i;
-        const u32 v = ld_u16(s + off);
+        const u32 v0 = ld_u16(s + at(b, i)), v1 = ld_u16(s + at(b, i + 8));
         const float d = f16_to_f32(ld_u16(s + 128 + 2 * b));
-        return pack_f16x2(__fmul_rn(d, nib(v, shift) - 8.0f), __fmul_rn(d, nib(v, 8 + shift) - 8.0f));
+        lo = pack_f16x2(__fmul_rn(d, nib(v0, shift) - 8.0f), __fmul_rn(d, nib(v0, 8 + shift) - 8.0f));
+        hi = pack_f16x2(__fmul_rn(d, nib(v1, shift) - 8.0f), __fmul_rn(d, nib(v1, 8 + shift) - 8.0f));
     }
 };
 // Repacked Q8_0: 8 blocks' quants (32 bytes each), then their 8 fp16 scales.
 template <> struct Tc<GGML_Q8_0> {
     static constexpr int CHUNK = 8 * 32 + 16, PACKED_QB = 32;
     static constexpr bool ALIGNED = true;
-    static __device__ __forceinline__ u32 pair(const u8* s, int k) {
-        const int b = k >> 5;
-        const u32 v = ld_u16(s + k);  // 32 b + (k & 31)
-        const float d = f16_to_f32(ld_u16(s + 256 + 2 * b));
+    static __device__ __forceinline__ u32 two(u32 v, float d) {
         return pack_f16x2(__fmul_rn((float)(i8)(v & 0xFF), d), __fmul_rn((float)(i8)(v >> 8), d));
+    }
+    static __device__ __forceinline__ void frag(const u8* s, int k, u32& lo, u32& hi) {
+        const float d = f16_to_f32(ld_u16(s + 256 + 2 * (k >> 5)));
+        lo = two(ld_u16(s + k), d);  // byte 32 b + (k & 31) = k
+        hi = two(ld_u16(s + k + 8), d);
     }
 };
 template <> struct Tc<GGML_Q4_1> {
     static constexpr int CHUNK = 8 * 20, PACKED_QB = 0;
     static constexpr bool ALIGNED = false;
-    static __device__ __forceinline__ u32 pair(const u8* s, int k) {
+    static __device__ __forceinline__ void frag(const u8* s, int k, u32& lo, u32& hi) {
         const u8* b = s + 20 * (k >> 5);
         const int e = k & 31, shift = 4 * (e >> 4);
-        const u32 v = ld_u16(b + 4 + (e & 15));
+        const u32 v0 = ld_u16(b + 4 + (e & 15)), v1 = ld_u16(b + 12 + (e & 15));
         const float d = f16_to_f32(ld_u16(b)), m = f16_to_f32(ld_u16(b + 2));
-        return pack_f16x2(__fadd_rn(__fmul_rn(d, nib(v, shift)), m),
-                          __fadd_rn(__fmul_rn(d, nib(v, 8 + shift)), m));
+        lo = pack_f16x2(__fadd_rn(__fmul_rn(d, nib(v0, shift)), m), __fadd_rn(__fmul_rn(d, nib(v0, 8 + shift)), m));
+        hi = pack_f16x2(__fadd_rn(__fmul_rn(d, nib(v1, shift)), m), __fadd_rn(__fmul_rn(d, nib(v1, 8 + shift)), m));
     }
 };
-template <bool HAS_MIN> __device__ __forceinline__ u32 q5_pair(const u8* b, int e) {
-    constexpr int QH = HAS_MIN ? 4 : 2, QS = QH + 4;
-    const int shift = 4 * (e >> 4);
-    const u32 v = ld_u16(b + QS + (e & 15));
-    const u32 qh = ld_u32_a2(b + QH);
-    const float d = f16_to_f32(ld_u16(b));
-    const float q0 = nib(v, shift) + (float)(((qh >> e) & 1) << 4);
-    const float q1 = nib(v, 8 + shift) + (float)(((qh >> (e + 1)) & 1) << 4);
-    if (HAS_MIN) {
-        const float m = f16_to_f32(ld_u16(b + 2));
-        return pack_f16x2(__fadd_rn(__fmul_rn(d, q0), m), __fadd_rn(__fmul_rn(d, q1), m));
+// Q5_0 / Q5_1: element e's fifth bit is bit e of the block's 32-bit qh.
+template <bool HAS_MIN> struct Q5Legacy {
+    static constexpr int BYTES = HAS_MIN ? 24 : 22, QH = HAS_MIN ? 4 : 2, QS = QH + 4;
+    static constexpr int CHUNK = 8 * BYTES, PACKED_QB = 0;
+    static constexpr bool ALIGNED = false;
+    static __device__ __forceinline__ u32 two(u32 v, u32 qh, int e, int shift, float d, float m) {
+        const float q0 = nib(v, shift) + (float)(((qh >> e) & 1) << 4);
+        const float q1 = nib(v, 8 + shift) + (float)(((qh >> (e + 1)) & 1) << 4);
+        if (HAS_MIN) return pack_f16x2(__fadd_rn(__fmul_rn(d, q0), m), __fadd_rn(__fmul_rn(d, q1), m));
+        return pack_f16x2(__fmul_rn(d, q0 - 16.0f), __fmul_rn(d, q1 - 16.0f));
     }
-    return pack_f16x2(__fmul_rn(d, q0 - 16.0f), __fmul_rn(d, q1 - 16.0f));
-}
-template <> struct Tc<GGML_Q5_0> {
-    static constexpr int CHUNK = 8 * 22, PACKED_QB = 0;
-    static constexpr bool ALIGNED = false;
-    static __device__ __forceinline__ u32 pair(const u8* s, int k) { return q5_pair<false>(s + 22 * (k >> 5), k & 31); }
+    static __device__ __forceinline__ void frag(const u8* s, int k, u32& lo, u32& hi) {
+        const u8* b = s + BYTES * (k >> 5);
+        const int e = k & 31, shift = 4 * (e >> 4);
+        const u32 qh = ld_u32_a2(b + QH);
+        const float d = f16_to_f32(ld_u16(b)), m = HAS_MIN ? f16_to_f32(ld_u16(b + 2)) : 0.0f;
+        lo = two(ld_u16(b + QS + (e & 15)), qh, e, shift, d, m);
+        hi = two(ld_u16(b + QS + (e & 15) + 8), qh, e + 8, shift, d, m);
+    }
 };
-template <> struct Tc<GGML_Q5_1> {
-    static constexpr int CHUNK = 8 * 24, PACKED_QB = 0;
-    static constexpr bool ALIGNED = false;
-    static __device__ __forceinline__ u32 pair(const u8* s, int k) { return q5_pair<true>(s + 24 * (k >> 5), k & 31); }
-};
+template <> struct Tc<GGML_Q5_0> : Q5Legacy<false> {};
+template <> struct Tc<GGML_Q5_1> : Q5Legacy<true> {};
 // Q4_K / Q5_K: the chunk is one super-block; element k is l = k % 32 of sub-block j = k / 32.
-template <bool Q5> __device__ __forceinline__ u32 k4_pair(const u8* s, int k) {
-    const int j = k >> 5, l = k & 31, shift = 4 * (j & 1);
-    int sc, mn;
-    k4_scale_min(s + 4, j, &sc, &mn);
-    const float scale = __fmul_rn(f16_to_f32(ld_u16(s)), (float)sc);
-    const float min = __fmul_rn(f16_to_f32(ld_u16(s + 2)), (float)mn);
-    const u32 v = ld_u16(s + (Q5 ? 48 : 16) + 32 * (j >> 1) + l);
-    float q0 = nib(v, shift), q1 = nib(v, 8 + shift);
-    if (Q5) {
-        const u32 h = ld_u16(s + 16 + l);
-        q0 += (float)(((h >> j) & 1) << 4);
-        q1 += (float)(((h >> (8 + j)) & 1) << 4);
+template <bool Q5> struct K4Tc {
+    static constexpr int CHUNK = Q5 ? 176 : 144, PACKED_QB = 0;
+    static constexpr bool ALIGNED = true;
+    static __device__ __forceinline__ void frag(const u8* s, int k, u32& lo, u32& hi) {
+        const int j = k >> 5, l = k & 31, shift = 4 * (j & 1);
+        int sc, mn;
+        k4_scale_min(s + 4, j, &sc, &mn);
+        const float scale = __fmul_rn(f16_to_f32(ld_u16(s)), (float)sc);
+        const float min = __fmul_rn(f16_to_f32(ld_u16(s + 2)), (float)mn);
+        const u8* qs = s + (Q5 ? 48 : 16) + 32 * (j >> 1) + l;
+        u32 out[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const u32 v = ld_u16(qs + 8 * h);
+            float q0 = nib(v, shift), q1 = nib(v, 8 + shift);
+            if (Q5) {
+                const u32 bits = ld_u16(s + 16 + l + 8 * h);
+                q0 += (float)(((bits >> j) & 1) << 4);
+                q1 += (float)(((bits >> (8 + j)) & 1) << 4);
+            }
+            out[h] = pack_f16x2(__fsub_rn(__fmul_rn(scale, q0), min), __fsub_rn(__fmul_rn(scale, q1), min));
+        }
+        lo = out[0];
+        hi = out[1];
     }
-    return pack_f16x2(__fsub_rn(__fmul_rn(scale, q0), min), __fsub_rn(__fmul_rn(scale, q1), min));
-}
-template <> struct Tc<GGML_Q4_K> {
-    static constexpr int CHUNK = 144, PACKED_QB = 0;
-    static constexpr bool ALIGNED = true;
-    static __device__ __forceinline__ u32 pair(const u8* s, int k) { return k4_pair<false>(s, k); }
 };
-template <> struct Tc<GGML_Q5_K> {
-    static constexpr int CHUNK = 176, PACKED_QB = 0;
-    static constexpr bool ALIGNED = true;
-    static __device__ __forceinline__ u32 pair(const u8* s, int k) { return k4_pair<true>(s, k); }
-};
+template <> struct Tc<GGML_Q4_K> : K4Tc<false> {};
+template <> struct Tc<GGML_Q5_K> : K4Tc<true> {};
+// Q6_K: sub-block j = 4 h + q of 32; its 16-element halves have their own int8 scales.
 template <> struct Tc<GGML_Q6_K> {
     static constexpr int CHUNK = 210, PACKED_QB = 0;
     static constexpr bool ALIGNED = false;
-    static __device__ __forceinline__ u32 pair(const u8* s, int k) {
-        const int j = k >> 5, l = k & 31, h = j >> 2, q = j & 3;
-        const u32 lo = ld_u16(s + 64 * h + 32 * (q & 1) + l), hi = ld_u16(s + 128 + 32 * h + l);
-        const int shift = 4 * (q >> 1);
-        const int q0 = (int)(((lo >> shift) & 0xF) | (((hi >> (2 * q)) & 3) << 4)) - 32;
-        const int q1 = (int)(((lo >> (8 + shift)) & 0xF) | (((hi >> (8 + 2 * q)) & 3) << 4)) - 32;
-        const float scale = __fmul_rn(f16_to_f32(ld_u16(s + 208)), (float)(i8)s[192 + 2 * j + (l >> 4)]);
-        return pack_f16x2(__fmul_rn(scale, (float)q0), __fmul_rn(scale, (float)q1));
+    static __device__ __forceinline__ void frag(const u8* s, int k, u32& lo, u32& hi) {
+        const int j = k >> 5, l = k & 31, h = j >> 2, q = j & 3, shift = 4 * (q >> 1);
+        const float d = f16_to_f32(ld_u16(s + 208));
+        u32 out[2];
+#pragma unroll
+        for (int p = 0; p < 2; ++p) {
+            const int lp = l + 8 * p;
+            const u32 a = ld_u16(s + 64 * h + 32 * (q & 1) + lp), b = ld_u16(s + 128 + 32 * h + lp);
+            const int q0 = (int)(((a >> shift) & 0xF) | (((b >> (2 * q)) & 3) << 4)) - 32;
+            const int q1 = (int)(((a >> (8 + shift)) & 0xF) | (((b >> (8 + 2 * q)) & 3) << 4)) - 32;
+            const float scale = __fmul_rn(d, (float)(i8)s[192 + 2 * j + (lp >> 4)]);
+            out[p] = pack_f16x2(__fmul_rn(scale, (float)q0), __fmul_rn(scale, (float)q1));
+        }
+        lo = out[0];
+        hi = out[1];
     }
 };
 
@@ -281,10 +302,8 @@ __device__ __forceinline__ void tcmm_impl(
             u32 a[TC_MT][4];
 #pragma unroll
             for (int m = 0; m < TC_MT; ++m) {
-                a[m][0] = P::pair(rows[m][0], k);
-                a[m][1] = P::pair(rows[m][1], k);
-                a[m][2] = P::pair(rows[m][0], k + 8);
-                a[m][3] = P::pair(rows[m][1], k + 8);
+                P::frag(rows[m][0], k, a[m][0], a[m][2]);  // row g: k and k + 8
+                P::frag(rows[m][1], k, a[m][1], a[m][3]);  // row g + 8
             }
 #pragma unroll
             for (int n = 0; n < NT; ++n) {

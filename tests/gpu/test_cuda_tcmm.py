@@ -129,3 +129,37 @@ def test_tcmm_is_batch_invariant(qtype):
 def test_split_count_depends_on_shape_only():
     assert split_count(4096, 4096, 132) > 1
     assert split_count(128256, 4096, 132) == 1
+
+
+@pytest.mark.parametrize("hidden", [576, 4096, 4098])
+def test_rms_norm_half_output_is_the_float_output_rounded(hidden):
+    """The norms write the tensor cores' fp16 input themselves (vector and scalar kernels)."""
+    from gpu.cuda.norm import RMSNorm
+
+    norm = RMSNorm(hidden, 1e-5)
+    x, weight = torch.randn(5, hidden, device="cuda"), torch.randn(hidden, device="cuda")
+    out32 = nan_tensor(5, hidden)
+    out16 = torch.full((5, -(-hidden // 8) * 8), float("nan"), device="cuda").half()
+    norm(out32, x, weight)
+    norm(out16, x, weight)
+    assert torch.equal(out16[:, :hidden], out32.half())
+
+
+def test_tcmm_swiglu_half_output_is_the_float_output_rounded():
+    from gpu.cuda.qweights import QuantMatrix, fuse_swiglu
+
+    qtype, ffn, n_cols, n_seqs = _T.Q4_K, 96, 512, 9
+    rng = _rng("tc-swiglu-half")
+    parts = []
+    for _ in range(2):
+        mv = MatVec(qtype, ffn, n_cols)
+        parts.append(QuantMatrix(mv.pack(random_weight(qtype, ffn, n_cols, rng)), qtype, ffn,
+                                 n_cols, mv))  # fmt: skip
+    fused = fuse_swiglu(*parts).parts[0][0]
+    op, ws = _op(qtype, 2 * ffn, n_cols)
+    x16 = torch.randn(n_seqs, n_cols, device="cuda").half()
+    out32, out16 = nan_tensor(n_seqs, ffn), torch.full((n_seqs, ffn), float("nan"), device="cuda")
+    out16 = out16.half()
+    op(out32, x16, fused.raw, ws, swiglu=True)
+    op(out16, x16, fused.raw, ws, swiglu=True)
+    assert torch.equal(out16, out32.half())
