@@ -253,7 +253,7 @@ async def end_call(call: Call, states: list[ChoiceState]) -> None:
             call.gateway.metrics.completion_tokens.inc(used["completion_tokens"])
             if call.body.stream:
                 await call.gateway.limiter.release(call.caller, call.request_id)
-        except Exception:  # noqa: BLE001 - Redis gone: the cancel keys and leases expire
+        except Exception:  # noqa: BLE001 - Redis gone: jobs run to their end, leases expire
             pass
 
 
