@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.results_io import git_commit  # noqa: E402
-from gpu.backends.cuda_backend import CudaBackend  # noqa: E402
+from gpu.backends.cuda_backend import MATMUL_MODES, CudaBackend  # noqa: E402
 from gpu.batch import BatchPacker, ForwardBatch  # noqa: E402
 from gpu.cuda import driver  # noqa: E402
 from gpu.cuda.kernel_timing import copy_bandwidth, read_bandwidth  # noqa: E402
@@ -260,7 +260,7 @@ def run_batch(backend: CudaBackend, path: Path, shape: str, quant: str, batch_si
     row = {
         "device": torch.cuda.get_device_name(), "date": dt.date.today().isoformat(),
         "commit": COMMIT, "shape": shape, "quant": quant, "batch": batch_size,
-        "batch_invariant": backend.batch_invariant,
+        "matmul": backend.matmul, "batch_invariant": backend.batch_invariant,
         "prefill_tok_s": round(PROMPT_TOKENS / prefill_s, 1),
         **{f"pp{n}_tok_s": round(v, 1) for n, v in pp.items()},
         "decode_tok_s": round(decode_tok_s, 1), "floor_tok_s": round(floor, 1),
@@ -333,8 +333,8 @@ def main() -> None:
     parser.add_argument("--commit", default=None, help="commit id when .git is not at hand")
     parser.add_argument("--no-overlap", action="store_true",
                         help="decode with the engine's overlap off (gpu/engine.py)")  # fmt: skip
-    parser.add_argument("--no-batch-invariant", action="store_true",
-                        help="small batches on the matvec (cuda_backend.TC_MIN_BATCH)")
+    parser.add_argument("--matmul", default="tensor-cores", choices=list(MATMUL_MODES),
+                        help="the backend's matrix kernels (cuda_backend.MATMUL_MODES)")
     parser.add_argument("--pp", default="512",
                         help="prompt lengths timed once per model, e.g. 512,4096")
     args = parser.parse_args()
@@ -351,7 +351,7 @@ def main() -> None:
         path = synthetic_model(args.models_dir, shape, quant)
         batch_sizes = [int(b) for b in (batches or args.batches).split(",")]
         start = time.perf_counter()
-        backend = CudaBackend(path, batch_invariant=not args.no_batch_invariant)
+        backend = CudaBackend(path, matmul=args.matmul)
         load_s = time.perf_counter() - start
         freeze_startup_objects()  # as `orcd worker` does after loading
         pp = {int(n): prefill_tok_s(backend, int(n)) for n in args.pp.split(",") if n}

@@ -97,7 +97,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.in
 
 def make_backend(
     kind: str, gguf: GGUFFile, progress: Callable | None = None, dtype: str = "float32",
-    batch_invariant: bool = True,
+    matmul: str | None = None,
 ) -> Backend:  # fmt: skip
     """Build a backend by name: `torch` (reference, CPU), `cuda` (our kernels; needs a GPU) or
     `auto` (cuda when torch sees a GPU, else torch).
@@ -105,16 +105,16 @@ def make_backend(
     `dtype` is the weights' compute type on the torch backend: float32 is the reference;
     bfloat16 halves the bytes read per token (decode is memory-bound) at a small accuracy cost;
     int8 (per-row weight-only, bfloat16 activations) halves them again.
-    `batch_invariant` (cuda): one matrix kernel at every batch size, so a sequence's logits do
-    not depend on the rest of the batch (gpu/backends/cuda_backend.py); off, small batches take
-    the float32 matvec. The torch backend is batch-invariant either way.
+    `matmul` (cuda; None: its default): "matvec", "tensor-cores" or "auto", the decode step's
+    matrix kernels (gpu/backends/cuda_backend.py MATMUL_MODES); the torch backend has one.
     """
     if dtype not in DTYPES:
         raise RequestError(f"unknown dtype {dtype!r}; available: {', '.join(DTYPES)}")
     if kind == "cuda" or (kind == "auto" and torch.cuda.is_available()):
         from gpu.backends.cuda_backend import CudaBackend
 
-        return CudaBackend(gguf, progress=progress, batch_invariant=batch_invariant)
+        options = {} if matmul is None else {"matmul": matmul}
+        return CudaBackend(gguf, progress=progress, **options)
     if kind in ("auto", "torch"):
         from gpu.backends.torch_backend import TorchBackend
 
@@ -164,10 +164,11 @@ class Engine:
         check_finite: bool = True,
         faults: FaultInjector | None = None,
         batch_invariant: bool = True,
+        matmul: str | None = None,
     ) -> None:
         gguf = model if isinstance(model, GGUFFile) else open_gguf(_model_path(model))
         self.backend = backend if isinstance(backend, Backend) else make_backend(
-            backend, gguf, progress, dtype, batch_invariant
+            backend, gguf, progress, dtype, matmul
         )
         self.config = self.backend.config
         self.eos_token_ids = stop_token_ids_of(gguf)

@@ -8,12 +8,13 @@ LM head matvec.
 (Folding the norms into the matvecs was tried and measured slower on the 8B shape: bench/NOTES.md.)
 They are captured as one CUDA graph per batch-size bucket (1, 2, 4, ... padded) and attention
 split count, and replayed; padding rows write no KV (slot -1) and their logits are dropped.
-The matrix products run on the tensor cores (tcmm.cu: weights read once per 64 sequences, x
-rounded to fp16) from `tc_min_batch` sequences up, on the float32 matvec below it. In the
-batch-invariant mode (the default) `tc_min_batch` is 1: one kernel for every batch size, so a
-sequence's logits are bit-identical whatever else is in the batch. Without it, small batches
-take the matvec (float32 x) and large ones the tensor cores: faster at the crossover, but a
-sequence's logits then depend on which side of it the batch falls.
+The matrix products run on one of two kernels, chosen by `matmul` (MATMUL_MODES):
+"matvec" (float32 x, the weights read once per 8 sequences), "tensor-cores" (tcmm.cu: the
+weights read once per 64 sequences, x rounded to fp16, mma.sync) at every batch size, or
+"auto": the matvec below TC_MIN_BATCH sequences and the tensor cores from it. The first two
+are batch-invariant (one kernel at every batch size: a sequence's logits are bit-identical
+whatever else is in the batch); "auto" is not (a sequence's logits depend on which side of the
+crossover its batch falls).
 
 Prefill chunks and mixed batches take the prefill path: up to TC_PREFILL_MAX_TOKENS tokens, the
 same tensor-core matmuls; longer, each layer's weights are dequantised into an fp16 scratch for
@@ -38,6 +39,7 @@ from gpu.cuda.attention import PARTITION_TOKENS, DecodeAttention
 from gpu.cuda.decode_inputs import DecodeInputStager
 from gpu.cuda.driver import ensure_context, multiprocessor_count, programmatic_launches
 from gpu.cuda.embedding import DequantRows
+from gpu.cuda.errors import CudaError
 from gpu.cuda.norm import RMSNorm
 from gpu.cuda.prefill_attention import PrefillAttention, padded_head_dim
 from gpu.cuda.qweights import ProgressCallback, load_quant_weights
@@ -48,8 +50,11 @@ from gpu.rope import Rotary
 from loader.gguf_file import GGUFFile
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-# Outside the batch-invariant mode: the smallest batch that takes the tensor cores (below it the
-# matvec, float32 x, reads the weights once per 8 sequences and is faster).
+MATMUL_MODES = ("matvec", "tensor-cores", "auto")
+# The default stays the matvec until tcmm.cu has passed its GPU tests on the device (it was
+# written in session 7 while no device could be had: bench/NOTES.md); then "tensor-cores".
+DEFAULT_MATMUL = "matvec"
+# "auto": the smallest batch that takes the tensor cores (below it the matvec is faster).
 TC_MIN_BATCH = 8
 # Prefill and mixed batches of up to this many tokens run their matrix products on the tensor
 # cores too (the workspace is sized for it); longer ones dequantise each matrix for cuBLAS.
@@ -73,7 +78,7 @@ class CudaBackend(Backend):
         progress: ProgressCallback | None = None,
         use_graphs: bool = True,
         programmatic: bool = True,
-        batch_invariant: bool = True,
+        matmul: str = DEFAULT_MATMUL,
     ) -> None:
         ensure_context()
         with model_source(gguf_file_or_path) as (file, self.config):
@@ -93,8 +98,12 @@ class CudaBackend(Backend):
             c.n_heads, c.n_kv_heads, c.head_dim, c.rope.dim, c.rope.neox, KV_DTYPE
         )
         self.use_graphs = use_graphs
-        self.batch_invariant = batch_invariant
-        self.tc_min_batch = 1 if batch_invariant else TC_MIN_BATCH
+        if matmul not in MATMUL_MODES:
+            raise CudaError(f"unknown matmul mode {matmul!r}; available: {', '.join(MATMUL_MODES)}")
+        self.matmul = matmul
+        self.batch_invariant = matmul != "auto"
+        # Decode batches of at least this many sequences take the tensor cores.
+        self.tc_min_batch = {"matvec": 1 << 30, "tensor-cores": 1, "auto": TC_MIN_BATCH}[matmul]
         sm_count = multiprocessor_count()
         for linear in self.weights.linears():
             linear.tensor_core(sm_count)
@@ -284,7 +293,8 @@ class CudaBackend(Backend):
         self.embed.lookup(hidden, w.token_embd.raw, batch.token_ids)
         # Up to TC_PREFILL_MAX_TOKENS tokens (mixed batches, short chunks) on the tensor cores:
         # no fp16 copy of any weight; longer prompts dequantise each matrix for cuBLAS.
-        x16 = self._half_input(n) if n <= TC_PREFILL_MAX_TOKENS else None
+        tc = self.matmul != "matvec" and n <= TC_PREFILL_MAX_TOKENS
+        x16 = self._half_input(n) if tc else None
         for layer, (k_cache, v_cache) in zip(w.layers, self.kv_cache, strict=True):
             self.norm(x, hidden, layer.attn_norm)
             if x16 is not None:

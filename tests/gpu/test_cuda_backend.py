@@ -128,16 +128,16 @@ def test_logits_match_torch_backend(tmp_path_factory, record_property, shape_nam
     assert decode_err <= DECODE_TOL
 
 
-@pytest.mark.parametrize("invariant", [True, False], ids=["invariant", "crossover"])
+@pytest.mark.parametrize("matmul", ["tensor-cores", "auto", "matvec"])
 @pytest.mark.parametrize("quant", LLAMA_TYPES, ids=lambda t: t.name)
-def test_decode_of_64_sequences_matches_torch_backend(tmp_path_factory, quant, invariant):
-    """64 sequences decode together (the tensor cores) and one alone (tensor cores in the
-    batch-invariant mode, the matvec without it): logits as the torch backend's."""
+def test_decode_of_64_sequences_matches_torch_backend(tmp_path_factory, quant, matmul):
+    """64 sequences decode together and one alone, in each matmul mode (auto: the tensor cores
+    for the 64, the matvec alone): logits as the torch backend's."""
     from gpu.backends.cuda_backend import CudaBackend
     from gpu.backends.torch_backend import TorchBackend
 
     path = synthetic(tmp_path_factory, "smollm2-135m", quant)
-    ours, ref = CudaBackend(path, batch_invariant=invariant), TorchBackend(path)
+    ours, ref = CudaBackend(path, matmul=matmul), TorchBackend(path)
     n = 64
     for backend in (ours, ref):
         backend.allocate_kv(n * BLOCKS_PER_SEQ, BLOCK_SIZE)
@@ -159,14 +159,16 @@ def test_decode_of_64_sequences_matches_torch_backend(tmp_path_factory, quant, i
     assert err <= DECODE_TOL, err
 
 
-def test_decode_is_batch_invariant_and_graphs_replay_eager(tmp_path_factory):
+@pytest.mark.parametrize("matmul", ["matvec", "tensor-cores"])
+def test_decode_is_batch_invariant_and_graphs_replay_eager(tmp_path_factory, matmul):
     """A sequence's decode logits are bit-identical alone, in a batch of 3 (bucket 4, padded),
-    with graphs or without, with programmatic launches (Hopper) or plain stream order."""
+    with graphs or without, with programmatic launches (Hopper) or plain stream order, in both
+    batch-invariant matmul modes."""
     from gpu.backends.cuda_backend import CudaBackend
 
     path = synthetic(tmp_path_factory, "smollm2-135m", _T.Q4_K)
     modes = ((True, True), (False, True), (True, False))  # (graphs, programmatic)
-    backends = [CudaBackend(path, use_graphs=g, programmatic=p) for g, p in modes]
+    backends = [CudaBackend(path, use_graphs=g, programmatic=p, matmul=matmul) for g, p in modes]
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 2048, (n,), generator=gen).tolist() for n in (40, 3, 100)]
     results = []

@@ -18,11 +18,11 @@ def add_backend_options(parser: argparse.ArgumentParser, *, dtype_default: str =
                              "2%% of float32's perplexity), float32 (the reference), bfloat16 "
                              "(about 2x faster decode on CPU) or int8 (per-row weight-only, "
                              "bfloat16 activations, about 4x); the cuda backend ignores it")
-    parser.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True,
-                        help="cuda backend: one matrix kernel (the tensor cores) at every batch "
-                             "size, so a sequence's tokens do not depend on what else runs "
-                             "(default: on); --no-batch-invariant puts small batches on the "
-                             "float32 matvec")
+    parser.add_argument("--matmul", choices=["matvec", "tensor-cores", "auto"], default=None,
+                        help="cuda backend's matrix kernels: matvec (float32, the default), "
+                             "tensor-cores (fp16 inputs, weights read once per 64 sequences) or "
+                             "auto (matvec below 8 sequences, tensor cores above; the only mode "
+                             "in which a sequence's tokens may depend on what else runs)")
 
 
 def add_model_options(parser: argparse.ArgumentParser, *, engine: bool = True,
