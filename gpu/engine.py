@@ -163,7 +163,6 @@ class Engine:
         priority_aging_s: float = DEFAULT_PRIORITY_AGING_S,
         check_finite: bool = True,
         faults: FaultInjector | None = None,
-        batch_invariant: bool = True,
         matmul: str | None = None,
     ) -> None:
         gguf = model if isinstance(model, GGUFFile) else open_gguf(_model_path(model))

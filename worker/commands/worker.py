@@ -81,7 +81,6 @@ def run(args: argparse.Namespace) -> int:
                        dtype=args.dtype, kv_blocks=args.kv_blocks, session_ttl_s=args.session_ttl,
                        max_num_seqs=max(args.max_jobs, 1), overlap=args.overlap,
                        priority_aging_s=args.priority_aging,
-                       batch_invariant=args.batch_invariant,
                        matmul=args.matmul)
     freeze_startup_objects()  # the model stays for the process's life: out of the GC's scans
     config = WorkerConfig(
