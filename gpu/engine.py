@@ -327,6 +327,12 @@ class Engine:
             finite = torch.isfinite(logits).all(dim=-1)
             if not all(row.params.greedy for row in rows):
                 logits.masked_fill_(~finite.unsqueeze(-1), 0.0)
+            if finite.device.type != "cpu":
+                # Into pinned memory before the sampler's own copy back, on the same stream:
+                # once its ids are read, so is this, and no later step is waited for (a plain
+                # .tolist() at the read would wait for the step launched ahead).
+                host = torch.empty(finite.shape, dtype=torch.bool, pin_memory=True)
+                finite = host.copy_(finite, non_blocking=True)
         tokens = self.sampler.launch(logits, rows)
         for seq, n in schedule.items:
             seq.num_in_flight += n
