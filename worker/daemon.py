@@ -45,7 +45,7 @@ from jobs.events import (
     TOO_MANY_DELIVERIES,
     UNKNOWN_MODEL,
 )
-from jobs.keys import Keys
+from jobs.keys import GROUP, QUEUE_CONSUMER, Keys
 from tokenizer.errors import TokenizerError
 from worker.admission import DEFAULT_AGING_S, DEFAULT_WINDOW, Admission
 from worker.connection import RedisDown, RedisLink, connect
@@ -89,6 +89,7 @@ class WorkerConfig:
     priority_aging_s: float = DEFAULT_AGING_S  # seconds of waiting worth one priority level
     admission_window: int = DEFAULT_WINDOW  # queued entries per stream admission chooses from
     deadline_sweep_s: float = 1.0  # how often queued jobs past their deadline are answered
+    orphan_idle_s: float = 10.0  # an entry of ours we do not run, idle this long: re-queued
 
 
 @dataclass(slots=True)
@@ -129,6 +130,7 @@ class Worker:
                                    config.worker_id, window=config.admission_window,
                                    aging_s=config.priority_aging_s)
         self._next_sweep = 0.0
+        self._next_orphan_check = 0.0
         self._deadlines: dict[str, float] = {}  # running jobs that have a deadline (unix ms)
         self._polled: tuple[_PollPlan, list] | None = None  # reads sent with the last flush
         # Set while idle after a wait that saw nothing new: the next poll only waits again.
@@ -220,6 +222,8 @@ class Worker:
                 self.publisher.release_session(event.session_id, self.worker_id)
         self._maintain(time.monotonic())
         self._flush()
+        if not len(self.publisher) and time.monotonic() >= self._next_orphan_check:
+            self._requeue_orphans()
         for job_id, failure in self.publisher.pop_unwritable().items():
             self._unwritable(job_id, failure)
         for job_id in self.publisher.pop_refused_finals():
@@ -435,6 +439,34 @@ class Worker:
                 and not self.stopping:
             self._wait_idle(admitted.last_ids)
         return admitted.entries
+
+    def _requeue_orphans(self) -> None:
+        """Entries pending with this worker that it does not run (a read whose reply was lost
+        when Redis went away mid-call, so the job was never started) go back to the queue
+        consumer with their delivery count unchanged: admission hands them out again. Checked
+        only with the outbox empty, so an ended job's unwritten XACK is never mistaken."""
+        self._next_orphan_check = time.monotonic() + self.config.orphan_idle_s / 2
+        if not self.link.ready() or not self._groups_ready:
+            return
+        mine = {job.delivery.entry_id for job in self.active.values()}
+        idle_ms = int(self.config.orphan_idle_s * 1000)
+        try:
+            for stream in (self.consumer.shared, self.consumer.routed):
+                rows = self.link.call(self.redis.xpending_range, stream, GROUP, min="-",
+                                      max="+", count=256, consumername=self.worker_id,
+                                      idle=idle_ms)
+                orphans = [row["message_id"] for row in rows
+                           if row["message_id"].decode() not in mine]
+                if orphans:
+                    self.link.call(self.redis.xclaim, stream, GROUP, QUEUE_CONSUMER, idle_ms,
+                                   orphans, justid=True)
+                    self.log.warning(
+                        "job.requeued", stream=stream, count=len(orphans),
+                        narration=f"Put {len(orphans)} entries of {stream} back in the queue: "
+                        "they were delivered here but never started (a reply lost to Redis)",
+                    )
+        except (RedisDown, redis.ResponseError):
+            return
 
     def _wait_idle(self, last_ids: dict[str, str]) -> None:
         """Wait up to `block_ms` for a new entry; if none came, the next poll only waits."""

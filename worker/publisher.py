@@ -28,13 +28,14 @@ from worker.log import get_logger
 # stream holds no final event yet, and the entry is pending with this consumer at this
 # delivery count, or with nobody (Redis lost its pending list, or the entry). Otherwise
 # another worker has taken the job over: nothing is written and 0 comes back. Then the
-# output stream's TTL, XACK and XDEL, as `acknowledge`.
+# output stream's TTL, XACK and XDEL, as `acknowledge`. "No final yet" looks at the last 16
+# entries, not only the last: a flush replayed after its reply was lost (a Redis restart)
+# re-adds the step's `token` event after the final it had already written.
 # KEYS: job stream, output stream. ARGV: group, consumer, entry id, delivery count, event
 # name, data JSON, output TTL (s).
 _FINAL_IF_OWNER = """
-local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)[1]
-if last then
-  local fields = last[2]
+for _, entry in ipairs(redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 16)) do
+  local fields = entry[2]
   for i = 1, #fields, 2 do
     if fields[i] == 'event' and (fields[i + 1] == 'done' or fields[i + 1] == 'error') then
       return 0
