@@ -441,10 +441,13 @@ class Worker:
         return admitted.entries
 
     def _requeue_orphans(self) -> None:
-        """Entries pending with this worker that it does not run (a read whose reply was lost
-        when Redis went away mid-call, so the job was never started) go back to the queue
-        consumer with their delivery count unchanged: admission hands them out again. Checked
-        only with the outbox empty, so an ended job's unwritten XACK is never mistaken."""
+        """Entries pending with this worker id that this process does not run go back to the
+        queue consumer, where admission hands them out again: a read whose reply was lost
+        when Redis went away mid-call (never started), or jobs of an earlier process with the
+        same id (restarted at once, its heartbeat never gone, so nobody reclaimed them). The
+        XCLAIM counts a delivery: the next worker resumes after what was streamed, as after a
+        reclaim. Checked only with the outbox empty, so an ended job's unwritten XACK is never
+        mistaken for an orphan."""
         self._next_orphan_check = time.monotonic() + self.config.orphan_idle_s / 2
         if not self.link.ready() or not self._groups_ready:
             return
@@ -459,11 +462,12 @@ class Worker:
                            if row["message_id"].decode() not in mine]
                 if orphans:
                     self.link.call(self.redis.xclaim, stream, GROUP, QUEUE_CONSUMER, idle_ms,
-                                   orphans, justid=True)
+                                   orphans)
                     self.log.warning(
                         "job.requeued", stream=stream, count=len(orphans),
                         narration=f"Put {len(orphans)} entries of {stream} back in the queue: "
-                        "they were delivered here but never started (a reply lost to Redis)",
+                        "pending with this worker id, run by no one here (an earlier process "
+                        "of this id, or a reply lost to Redis)",
                     )
         except (RedisDown, redis.ResponseError):
             return
