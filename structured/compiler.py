@@ -49,6 +49,25 @@ def llg_tokenizer(tokenizer: GGUFTokenizer, vocab_size: int | None = None):
     return llguidance.LLTokenizer(wrapper, n_vocab=len(pieces), eos_token=end_ids)
 
 
+def after_tokens(grammar: Future, token_ids: list[int]) -> Future:
+    """A future of `grammar`'s matcher once it has consumed `token_ids` (a resumed job's tokens
+    streamed by an earlier attempt); it fails with GrammarError if the grammar rejects them."""
+    result: Future = Future()
+
+    def advance(done: Future) -> None:
+        try:
+            matcher = done.result()
+            for token_id in token_ids:
+                matcher.consume(token_id)
+        except Exception as exc:  # noqa: BLE001 - handed to whoever waits on the future
+            result.set_exception(exc)
+        else:
+            result.set_result(matcher)
+
+    grammar.add_done_callback(advance)
+    return result
+
+
 class GrammarCompiler:
     """Compiles `GrammarSpec`s for one tokenizer on a small thread pool; each spec is compiled
     once (kept for the `cache_size` most recently used), and every request gets its own matcher
