@@ -156,14 +156,28 @@ def apply_token_mask(logits: torch.Tensor, mask: TokenMask | None) -> torch.Tens
     when there is no mask). One upload of the bits for the batch."""
     if mask is None or not mask.rows:
         return logits
-    vocab_size = logits.shape[1]
-    bits = mask.bits.to(logits.device, non_blocking=True)
-    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
-    allowed = ((bits.unsqueeze(-1) >> shifts) & 1).bool().reshape(len(mask.rows), -1)
+    allowed = unpack_token_mask(mask.bits.to(logits.device, non_blocking=True), logits.shape[1])
+    if len(mask.rows) == logits.shape[0]:
+        return logits.masked_fill(~allowed, float("-inf"))
     index = torch.tensor(mask.rows, device=logits.device)
     masked = logits.clone()
-    masked[index] = logits[index].masked_fill(~allowed[:, :vocab_size], float("-inf"))
+    masked[index] = logits[index].masked_fill(~allowed, float("-inf"))
     return masked
+
+
+def unpack_token_mask(bits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[C, words] int32 bitmask -> [C, vocab_size] bool, through a table of each byte's 8 bits
+    (little-endian words: byte k of word w holds tokens 32w + 8k .. 32w + 8k + 7)."""
+    table = _BYTE_BITS.get(bits.device)
+    if table is None:
+        values = torch.arange(256, device=bits.device).unsqueeze(1)
+        table = _BYTE_BITS[bits.device] = ((values >> torch.arange(8, device=bits.device)) & 1
+                                           ).bool()  # fmt: skip
+    unpacked = table[bits.contiguous().view(torch.uint8).long()]
+    return unpacked.reshape(bits.shape[0], -1)[:, :vocab_size]
+
+
+_BYTE_BITS: dict[torch.device, torch.Tensor] = {}
 
 
 def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
