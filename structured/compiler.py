@@ -4,12 +4,14 @@ Compiling a JSON Schema takes under a millisecond to tens of milliseconds, a lar
 to a second: never on the engine's loop. The vocabulary goes to llguidance as each token's
 exact bytes (our `DecodeTable`: byte-level pieces decoded from the GPT-2 alphabet, SentencePiece
 "▁" as a space and `<0xNN>` as its byte), control and unknown tokens marked special (prefixed
-with 0xFF, llguidance's convention) so no grammar can spell them, and the model's
+with 0xFF, llguidance's convention; a SentencePiece `<0xFF>` byte token reads as special too,
+harmless: 0xFF never occurs in UTF-8 text) so no grammar can spell them, and the model's
 end-of-generation ids as the grammar's EOS: any of them may end an accepting output.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,6 +37,11 @@ def llg_tokenizer(tokenizer: GGUFTokenizer, vocab_size: int | None = None):
     end_ids = sorted(tokenizer.end_of_generation_ids)
     if not end_ids:
         raise GrammarError("the tokenizer declares no end-of-generation token for grammars")
+    # llguidance tokenizes text it forces (a literal, a fixed key) with this callback and needs
+    # ids whose bytes are exactly that text: a SentencePiece space prefix would shift them all.
+    encoder = tokenizer
+    if tokenizer.vocab.add_space_prefix:
+        encoder = GGUFTokenizer(dataclasses.replace(tokenizer.vocab, add_space_prefix=False))
 
     class _Vocabulary:  # what llguidance.TokenizerWrapper reads
         tokens = pieces
@@ -43,7 +50,7 @@ def llg_tokenizer(tokenizer: GGUFTokenizer, vocab_size: int | None = None):
         special_token_ids = sorted(tokenizer.special_ids)
 
         def __call__(self, text: str) -> list[int]:
-            return tokenizer.encode(text, add_special_tokens=False, parse_special=False)
+            return encoder.encode(text, add_special_tokens=False, parse_special=False)
 
     wrapper = llguidance.TokenizerWrapper(_Vocabulary())
     return llguidance.LLTokenizer(wrapper, n_vocab=len(pieces), eos_token=end_ids)
