@@ -49,6 +49,8 @@ class GrammarSpec:
             return cls("json_object", "")
         if kind == "json_schema":
             schema = response_format["json_schema"]["schema"]
+            if schema is True:  # JSON Schema's "anything": llguidance takes only objects
+                schema = {}
             # Key order kept: properties are generated in the order the schema lists them.
             return cls("json_schema", json.dumps(schema, separators=(",", ":")))
         if kind == "regex":
