@@ -144,7 +144,7 @@ def test_sampling_record_layout_matches_the_kernel():
     source = (ROOT / "gpu" / "kernels" / "sampling.cu").read_text()
     defines = {m[1]: int(m[2]) for m in re.finditer(r"#define (\w+) (\d+)\b", source)}
     names = [n for n in defines if re.fullmatch(r"(W|F)_[A-Z_]+", n)]
-    assert len(names) == 22
+    assert len(names) == 24
     for name in names:
         assert getattr(cuda_sampling, name) == defines[name], name
     assert cuda_sampling.ROW_WORDS == defines["ROW_WORDS"]
