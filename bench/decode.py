@@ -36,7 +36,7 @@ from bench.results_io import git_commit  # noqa: E402
 from gpu.backends.cuda_backend import CudaBackend  # noqa: E402
 from gpu.batch import BatchPacker, ForwardBatch  # noqa: E402
 from gpu.cuda import driver  # noqa: E402
-from gpu.cuda.kernel_timing import copy_bandwidth  # noqa: E402
+from gpu.cuda.kernel_timing import copy_bandwidth, read_bandwidth  # noqa: E402
 from gpu.cuda.kernels import TUNING_ENV  # noqa: E402
 from gpu.engine import Engine  # noqa: E402
 from gpu.request import Request, SamplingParams  # noqa: E402
@@ -149,14 +149,18 @@ def engine_decode(
     engine: Engine, vocab_size: int, batch_size: int
 ) -> tuple[float, int, int, float]:
     """`batch_size` greedy requests with distinct random prompts through the engine; returns
-    (seconds, tokens, steps, seconds waiting for ids) of the window from the step after which
-    every request has WARM_TOKENS tokens to the last step, when each has DECODE_TOKENS more.
+    (seconds, tokens, steps, seconds waiting for ids) of DECODE_TOKENS steps from the step after
+    which every request has WARM_TOKENS tokens. Prompts are admitted MAX_PREFILL_TOKENS at a
+    time, so no request may finish inside the window (max_tokens has slack) and every step of
+    it decodes all batch_size sequences; the requests are aborted after it.
     The wait is the time spent in PendingTokens.result(): the rest is the host's own work."""
     gen = torch.Generator().manual_seed(batch_size)
+    admit_steps = -(-batch_size * PROMPT_TOKENS // MAX_PREFILL_TOKENS)
     for i in range(batch_size):
         prompt = torch.randint(0, vocab_size, (PROMPT_TOKENS,), generator=gen).tolist()
         engine.add(Request(f"b{i}", prompt, SamplingParams(temperature=0.0),
-                           max_tokens=WARM_TOKENS + DECODE_TOKENS, ignore_eos=True))  # fmt: skip
+                           max_tokens=WARM_TOKENS + DECODE_TOKENS + admit_steps + 4,
+                           ignore_eos=True))  # fmt: skip
     counts = dict.fromkeys((f"b{i}" for i in range(batch_size)), 0)
     while min(counts.values()) < WARM_TOKENS:
         for out in engine.step():
@@ -176,20 +180,40 @@ def engine_decode(
     PendingTokens.result = timed_read  # this window only
     try:
         t0 = time.perf_counter()
-        while engine.has_work():
+        while steps < DECODE_TOKENS:
             tokens += sum(len(out.new_token_ids) for out in engine.step())
             steps += 1
         return time.perf_counter() - t0, tokens, steps, wait
     finally:
         PendingTokens.result = read
+        for i in range(batch_size):
+            engine.abort(f"b{i}")
+
+
+def prefill_tok_s(backend: CudaBackend, tokens: int) -> float:
+    """One sequence's prompt of `tokens` tokens in one forward (a warm-up first), tokens/s."""
+    tables = sequence_tables(2, tokens)
+    backend.allocate_kv(2 * len(tables[0]), BLOCK_SIZE)
+    prompt = torch.randint(0, backend.config.vocab_size, (tokens,),
+                           generator=torch.Generator().manual_seed(tokens)).tolist()  # fmt: skip
+    packer = BatchPacker(backend.device, backend.uploader())
+    for table in tables:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        prefill(backend, packer, prompt, [table])
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+    return tokens / seconds
 
 
 def run_batch(backend: CudaBackend, path: Path, shape: str, quant: str, batch_size: int,
-              copy_bw: float, load_s: float, overlap: bool) -> dict:  # fmt: skip
+              bandwidth: dict, load_s: float, overlap: bool, pp: dict) -> dict:  # fmt: skip
     """Prefill timing (one 512-token sequence), then batch_size sequences decode 128 tokens
     through the engine, then the device time of one decode step of that batch."""
     device, c = backend.device, backend.config
-    tables = sequence_tables(batch_size + 1, SEQ_TOKENS)  # the last: prefill warm-up only
+    read_bw, copy_bw = bandwidth["read"], bandwidth["copy"]
+    admit_steps = -(-batch_size * PROMPT_TOKENS // MAX_PREFILL_TOKENS)
+    tables = sequence_tables(batch_size + 1, SEQ_TOKENS + admit_steps + 4)  # last: warm-up only
     backend.allocate_kv(len(tables) * len(tables[0]), BLOCK_SIZE)
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, c.vocab_size, (PROMPT_TOKENS,), generator=gen).tolist()
@@ -206,11 +230,11 @@ def run_batch(backend: CudaBackend, path: Path, shape: str, quant: str, batch_si
     # lockstep and the window is batch_size sequences throughout.
     engine = Engine(path, backend=backend, kv_blocks=len(tables) * len(tables[0]),
                     block_size=BLOCK_SIZE, max_num_seqs=batch_size,
-                    max_batch_tokens=batch_size * PROMPT_TOKENS, overlap=overlap)  # fmt: skip
+                    max_batch_tokens=MAX_PREFILL_TOKENS, overlap=overlap)  # fmt: skip
     decode_s, decode_tokens, decode_steps, wait_s = engine_decode(engine, c.vocab_size, batch_size)
     if decode_tokens != DECODE_TOKENS * batch_size:
         raise RuntimeError(f"the engine's window held {decode_tokens} tokens, not "
-                           f"{DECODE_TOKENS} per sequence: the requests did not run in lockstep")  # fmt: skip
+                           f"{DECODE_TOKENS} per sequence: not every step decoded the batch")  # fmt: skip
     overlapped = engine.overlapped_steps
     del engine
     # The device time of one decode step of this batch, replayed over the KV the engine left
@@ -226,15 +250,26 @@ def run_batch(backend: CudaBackend, path: Path, shape: str, quant: str, batch_si
     kv_token_bytes = 2 * c.n_kv_heads * c.head_dim * 2 * c.n_layers
     mean_context = PROMPT_TOKENS + DECODE_TOKENS / 2
     step_bytes = backend.weights.matrix_bytes() + batch_size * mean_context * kv_token_bytes
-    floor = copy_bw / step_bytes * batch_size
+    floor = read_bw / step_bytes * batch_size  # a decode step only reads: the read-only floor
+    floor_copy = copy_bw / step_bytes * batch_size
     decode_tok_s = decode_tokens / decode_s
+    # Matrix FLOPs per step (2 per weight per sequence) over the device step, against the dense
+    # fp16 tensor-core peak: how compute-bound the step is.
+    params = sum(m.n_rows * m.n_cols for lin in backend.weights.linears() for m, _ in lin.parts)
+    tc_util = 2 * params * batch_size / (step_us * 1e-6) / dense_fp16_peak()
     row = {
         "device": torch.cuda.get_device_name(), "date": dt.date.today().isoformat(),
         "commit": COMMIT, "shape": shape, "quant": quant, "batch": batch_size,
+        "batch_invariant": backend.batch_invariant,
         "prefill_tok_s": round(PROMPT_TOKENS / prefill_s, 1),
+        **{f"pp{n}_tok_s": round(v, 1) for n, v in pp.items()},
         "decode_tok_s": round(decode_tok_s, 1), "floor_tok_s": round(floor, 1),
         "fraction_of_floor": round(decode_tok_s / floor, 3),
+        "floor_copy_tok_s": round(floor_copy, 1),
+        "step_floor_us": round(step_bytes / read_bw * 1e6, 1),
+        "tensor_core_util": round(tc_util, 3),
         "step_bytes": int(step_bytes), "copy_GB_s": round(copy_bw / 1e9, 1),
+        "read_GB_s": round(read_bw / 1e9, 1),
         "decode_path": "engine", "decode_overlap": overlap,
         "engine_steps": decode_steps, "overlapped_steps": overlapped,
         "engine_us_per_step": round(decode_s * 1e6 / decode_steps, 1),
@@ -258,6 +293,16 @@ def run_batch(backend: CudaBackend, path: Path, shape: str, quant: str, batch_si
 
 
 COMMIT = "unknown"
+MAX_PREFILL_TOKENS = 16384  # prompt tokens per engine step while the batch is admitted
+# Dense fp16 tensor-core peak (FLOP/s, no sparsity) by device name: H100 SXM and H200 alike.
+DENSE_FP16_PEAK = {"H100": 989e12, "H200": 989e12}
+
+
+def dense_fp16_peak() -> float:
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in DENSE_FP16_PEAK.items() if k in name), 989e12)
+
+
 # llama.cpp on the same H100 (docs/anchors.md, measured 2026-11-24): llama-bench tg128
 # (batch 1) and llama-batched-bench (8, 32, 64 sequences), and pp512. No llama.cpp runs here
 # (no network, no build on the device), so these are the anchors, quoted next to our numbers.
@@ -288,10 +333,15 @@ def main() -> None:
     parser.add_argument("--commit", default=None, help="commit id when .git is not at hand")
     parser.add_argument("--no-overlap", action="store_true",
                         help="decode with the engine's overlap off (gpu/engine.py)")  # fmt: skip
+    parser.add_argument("--no-batch-invariant", action="store_true",
+                        help="small batches on the matvec (cuda_backend.TC_MIN_BATCH)")
+    parser.add_argument("--pp", default="512",
+                        help="prompt lengths timed once per model, e.g. 512,4096")
     args = parser.parse_args()
     COMMIT = args.commit or git_commit()
-    copy_bw = copy_bandwidth()
-    print(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s (read + write)", flush=True)
+    bandwidth = {"read": read_bandwidth(), "copy": copy_bandwidth()}
+    print(f"read-only {bandwidth['read'] / 1e9:.0f} GB/s, copy {bandwidth['copy'] / 1e9:.0f} "
+          f"GB/s (read + write)", flush=True)  # fmt: skip
     rows = []
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"gpu_decode-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}.json"
@@ -301,12 +351,13 @@ def main() -> None:
         path = synthetic_model(args.models_dir, shape, quant)
         batch_sizes = [int(b) for b in (batches or args.batches).split(",")]
         start = time.perf_counter()
-        backend = CudaBackend(path)
+        backend = CudaBackend(path, batch_invariant=not args.no_batch_invariant)
         load_s = time.perf_counter() - start
         freeze_startup_objects()  # as `orcd worker` does after loading
+        pp = {int(n): prefill_tok_s(backend, int(n)) for n in args.pp.split(",") if n}
         for batch_size in batch_sizes:
-            row = run_batch(backend, path, shape, quant, batch_size, copy_bw, load_s,
-                            overlap=not args.no_overlap)  # fmt: skip
+            row = run_batch(backend, path, shape, quant, batch_size, bandwidth, load_s,
+                            overlap=not args.no_overlap, pp=pp)  # fmt: skip
             rows.append(row)
             print(json.dumps(row), flush=True)
             out.write_text(json.dumps(rows, indent=1) + "\n")  # kept if a later row fails
@@ -316,7 +367,7 @@ def main() -> None:
         torch.cuda.empty_cache()
     print(f"{'shape':14s} {'quant':5s} {'b':>3s} {'prefill':>9s} {'llama.cpp':>9s} "
           f"{'decode':>8s} {'llama.cpp':>9s} {'floor':>8s} {'frac':>6s} {'step us':>8s} "
-          f"{'plain us':>8s} {'gap us':>7s} {'host us':>8s} {'engine host':>11s} {'nodes/layer':>11s} {'overlap':>7s}")  # fmt: skip
+          f"{'plain us':>8s} {'gap us':>7s} {'host us':>8s} {'engine host':>11s} {'nodes/layer':>11s} {'overlap':>7s} {'tc util':>7s}")  # fmt: skip
     for r in rows:
         ref_pp, ref_tg = r["llama_cpp_prefill_tok_s"], r["llama_cpp_decode_tok_s"]
         print(f"{r['shape']:14s} {r['quant']:5s} {r['batch']:3d} {r['prefill_tok_s']:9.0f} "
@@ -326,7 +377,8 @@ def main() -> None:
               f"{r['gap_us_per_step']:7.0f} "
               f"{r['forward_host_us']:8.1f} {r['engine_host_us_per_step']:11.1f} "
               f"{r['graph_nodes_per_layer']:11.2f} "
-              f"{r['overlapped_steps']:3d}/{r['engine_steps']:<3d}")  # fmt: skip
+              f"{r['overlapped_steps']:3d}/{r['engine_steps']:<3d} "
+              f"{r['tensor_core_util']:7.1%}")  # fmt: skip
     print(f"wrote {out}")
 
 

@@ -106,21 +106,25 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.in
 
 
 def make_backend(
-    kind: str, gguf: GGUFFile, progress: Callable | None = None, dtype: str = "float32"
-) -> Backend:
+    kind: str, gguf: GGUFFile, progress: Callable | None = None, dtype: str = "float32",
+    batch_invariant: bool = True,
+) -> Backend:  # fmt: skip
     """Build a backend by name: `torch` (reference, CPU), `cuda` (our kernels; needs a GPU) or
     `auto` (cuda when torch sees a GPU, else torch).
 
     `dtype` is the weights' compute type on the torch backend: float32 is the reference;
     bfloat16 halves the bytes read per token (decode is memory-bound) at a small accuracy cost;
     int8 (per-row weight-only, bfloat16 activations) halves them again.
+    `batch_invariant` (cuda): one matrix kernel at every batch size, so a sequence's logits do
+    not depend on the rest of the batch (gpu/backends/cuda_backend.py); off, small batches take
+    the float32 matvec. The torch backend is batch-invariant either way.
     """
     if dtype not in DTYPES:
         raise RequestError(f"unknown dtype {dtype!r}; available: {', '.join(DTYPES)}")
     if kind == "cuda" or (kind == "auto" and torch.cuda.is_available()):
         from gpu.backends.cuda_backend import CudaBackend
 
-        return CudaBackend(gguf, progress=progress)
+        return CudaBackend(gguf, progress=progress, batch_invariant=batch_invariant)
     if kind in ("auto", "torch"):
         from gpu.backends.torch_backend import TorchBackend
 
@@ -158,7 +162,7 @@ class Engine:
         backend: str | Backend = "auto",
         kv_blocks: int | None = None,
         block_size: int = 16,
-        max_num_seqs: int = 64,
+        max_num_seqs: int = 256,
         max_batch_tokens: int = 512,
         max_sessions: int = 1024,
         session_ttl_s: float = DEFAULT_SESSION_TTL_S,
@@ -166,10 +170,11 @@ class Engine:
         progress: Callable | None = None,
         dtype: str = "float32",
         overlap: bool = True,
+        batch_invariant: bool = True,
     ) -> None:
         gguf = model if isinstance(model, GGUFFile) else open_gguf(_model_path(model))
         self.backend = backend if isinstance(backend, Backend) else make_backend(
-            backend, gguf, progress, dtype
+            backend, gguf, progress, dtype, batch_invariant
         )
         self.config = self.backend.config
         self.eos_token_ids = stop_token_ids_of(gguf)

@@ -49,7 +49,7 @@ class Schedule:
 class Scheduler:
     """Waiting and running queues over one `KVCache`."""
 
-    def __init__(self, kv: KVCache, *, max_num_seqs: int = 64, max_batch_tokens: int = 512,
+    def __init__(self, kv: KVCache, *, max_num_seqs: int = 256, max_batch_tokens: int = 512,
                  max_model_len: int = sys.maxsize):  # fmt: skip
         if max_batch_tokens < 1 or max_num_seqs < 1:
             raise ValueError("max_batch_tokens and max_num_seqs must be positive")

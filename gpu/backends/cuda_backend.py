@@ -8,9 +8,16 @@ LM head matvec.
 (Folding the norms into the matvecs was tried and measured slower on the 8B shape: bench/NOTES.md.)
 They are captured as one CUDA graph per batch-size bucket (1, 2, 4, ... padded) and attention
 split count, and replayed; padding rows write no KV (slot -1) and their logits are dropped.
+The matrix products run on the tensor cores (tcmm.cu: weights read once per 64 sequences, x
+rounded to fp16) from `tc_min_batch` sequences up, on the float32 matvec below it. In the
+batch-invariant mode (the default) `tc_min_batch` is 1: one kernel for every batch size, so a
+sequence's logits are bit-identical whatever else is in the batch. Without it, small batches
+take the matvec (float32 x) and large ones the tensor cores: faster at the crossover, but a
+sequence's logits then depend on which side of it the batch falls.
 
-Prefill chunks and mixed batches take the prefill path: each layer's weights are dequantised
-into an fp16 scratch for torch.matmul (cuBLAS), and attention is our causal flash-attention
+Prefill chunks and mixed batches take the prefill path: up to TC_PREFILL_MAX_TOKENS tokens, the
+same tensor-core matmuls; longer, each layer's weights are dequantised into an fp16 scratch for
+torch.matmul (cuBLAS), where a big GEMM wins. Attention is our causal flash-attention
 kernel over the paged KV (prefill_attention.cu: GQA, cached prefix, tensor cores); norms,
 RoPE + KV write, SiLU, the final norm and the LM head run our kernels too. The KV pool is
 fp16; the residual stream, norms, matvec sums and attention are float32; logits are float32.
@@ -29,17 +36,24 @@ from gpu.batch import ForwardBatch
 from gpu.cuda.activation import SiluMul
 from gpu.cuda.attention import PARTITION_TOKENS, DecodeAttention
 from gpu.cuda.decode_inputs import DecodeInputStager
-from gpu.cuda.driver import ensure_context, programmatic_launches
+from gpu.cuda.driver import ensure_context, multiprocessor_count, programmatic_launches
 from gpu.cuda.embedding import DequantRows
 from gpu.cuda.norm import RMSNorm
 from gpu.cuda.prefill_attention import PrefillAttention, padded_head_dim
 from gpu.cuda.qweights import ProgressCallback, load_quant_weights
 from gpu.cuda.rope_kv import RopeKVWrite
 from gpu.cuda.sampling import CudaSampler
+from gpu.cuda.tcmm import TcWorkspace, ToHalf
 from gpu.rope import Rotary
 from loader.gguf_file import GGUFFile
 
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# Outside the batch-invariant mode: the smallest batch that takes the tensor cores (below it the
+# matvec, float32 x, reads the weights once per 8 sequences and is faster).
+TC_MIN_BATCH = 8
+# Prefill and mixed batches of up to this many tokens run their matrix products on the tensor
+# cores too (the workspace is sized for it); longer ones dequantise each matrix for cuBLAS.
+TC_PREFILL_MAX_TOKENS = 256
 KV_DTYPE = torch.float16
 
 
@@ -59,6 +73,7 @@ class CudaBackend(Backend):
         progress: ProgressCallback | None = None,
         use_graphs: bool = True,
         programmatic: bool = True,
+        batch_invariant: bool = True,
     ) -> None:
         ensure_context()
         with model_source(gguf_file_or_path) as (file, self.config):
@@ -78,6 +93,13 @@ class CudaBackend(Backend):
             c.n_heads, c.n_kv_heads, c.head_dim, c.rope.dim, c.rope.neox, KV_DTYPE
         )
         self.use_graphs = use_graphs
+        self.batch_invariant = batch_invariant
+        self.tc_min_batch = 1 if batch_invariant else TC_MIN_BATCH
+        sm_count = multiprocessor_count()
+        for linear in self.weights.linears():
+            linear.tensor_core(sm_count)
+        self.to_half = ToHalf()
+        self._tc_workspace: TcWorkspace | None = None  # sized by allocate_kv
         # Gate and up of two types stay parts: those layers need the [n, 2 ffn] buffer and SiLU.
         self._fused_silu = all(layer.gate_up.interleaved for layer in self.weights.layers)
         # Decode kernels launch programmatically on Hopper (driver.programmatic_launches): each
@@ -112,6 +134,10 @@ class CudaBackend(Backend):
         # Widest block table a sequence can need; graphs index tables of exactly this width.
         self._table_width = -(-min(c.context_length, num_blocks * block_size) // block_size)
         n = BATCH_BUCKETS[-1]
+        rows = max(n, TC_PREFILL_MAX_TOKENS)
+        needs = [op.workspace_needs(rows) for lin in self.weights.linears() for op in lin.tc]
+        self._tc_workspace = TcWorkspace.sized(max(p for p, _ in needs), max(t for _, t in needs),
+                                               self.device)  # fmt: skip
         self._inputs = DecodeInputStager(n, self._table_width, self.device)
         self._logits = torch.zeros(n, c.vocab_size, dtype=torch.float32, device=self.device)
         self._graphs.clear()
@@ -151,6 +177,30 @@ class CudaBackend(Backend):
         gate_up = None if self._fused_silu else buffer(2 * c.ffn_size)
         self.embed.lookup(hidden, w.token_embd.raw, token_ids)  # after torch's input copies
         with programmatic_launches(self.programmatic):
+            if n >= self.tc_min_batch:
+                # fp16 inputs of the tensor-core matmuls: the norms write x16 themselves, the
+                # SwiGLU epilogue writes act16; only the attention output is rounded apart.
+                x16, act16 = self._half_input(n), self._half_input(n)
+                ws = self._tc_workspace
+                for layer, (k_cache, v_cache) in zip(w.layers, self.kv_cache, strict=True):
+                    self.norm(x16, hidden, layer.attn_norm)
+                    layer.qkv.tc_matmul(qkv, x16, ws)
+                    self.rope_kv(qkv, positions, slot_mapping, self.inv_freq, k_cache, v_cache)
+                    self.attention(attn, qkv, k_cache, v_cache, block_tables, context_lens,
+                                   max_context)  # fmt: skip
+                    self.to_half(x16, attn, c.q_size)
+                    layer.wo.tc_matmul(hidden, x16, ws, residual=True)
+                    self.norm(x16, hidden, layer.ffn_norm)
+                    if layer.gate_up.interleaved:
+                        layer.gate_up.tc_swiglu(act16, x16, ws)
+                    else:
+                        layer.gate_up.tc_matmul(gate_up, x16, ws)
+                        self.silu(act, gate_up)
+                        self.to_half(act16, act, c.ffn_size)
+                    layer.down.tc_matmul(hidden, act16, ws, residual=True)
+                self.norm(x16, hidden, w.output_norm)
+                w.output.tc_matmul(logits, x16, ws)
+                return
             for layer, (k_cache, v_cache) in zip(w.layers, self.kv_cache, strict=True):
                 self.norm(x, hidden, layer.attn_norm)
                 layer.qkv.matvec(qkv, x)
@@ -166,6 +216,25 @@ class CudaBackend(Backend):
                 layer.down.matvec(hidden, act, residual=True)
             self.norm(x, hidden, w.output_norm)
             w.output.matvec(logits, x)
+
+    # ----- tensor-core matrix products ------------------------------------------------------
+
+    def _half_input(self, n: int) -> torch.Tensor:
+        """The tensor cores' fp16 input for n rows, as wide as the widest x (16-byte rows)."""
+        c = self.config
+        width = -(-max(c.hidden_size, c.q_size, c.ffn_size) // 8) * 8
+        return torch.empty(n, width, dtype=torch.float16, device=self.device)
+
+    def _tc_linear(self, linear, y: torch.Tensor, x: torch.Tensor, x16: torch.Tensor,
+                   residual: bool = False) -> None:  # fmt: skip
+        """y = W x (+ bias) (+ y) on the tensor cores, x rounded into x16 first."""
+        self.to_half(x16, x, linear.parts[0][0].n_cols)
+        linear.tc_matmul(y, x16, self._tc_workspace, residual=residual)
+
+    def _tc_swiglu(self, linear, out: torch.Tensor, x: torch.Tensor, x16: torch.Tensor) -> None:
+        """out = silu(gate x) * (up x), interleaved gate.up, in the matmul's epilogue."""
+        self.to_half(x16, x, linear.parts[0][0].n_cols)
+        linear.tc_swiglu(out, x16, self._tc_workspace)
 
     def _decode_graphed(self, batch: ForwardBatch, max_context: int) -> torch.Tensor:
         """Stage the inputs into the static buffers (one launch, padding rows included), replay
@@ -213,15 +282,34 @@ class CudaBackend(Backend):
         act = torch.empty(n, c.ffn_size, dtype=torch.float32, device=self.device)
         attn = torch.empty(n, c.q_size, dtype=torch.float32, device=self.device)
         self.embed.lookup(hidden, w.token_embd.raw, batch.token_ids)
+        # Up to TC_PREFILL_MAX_TOKENS tokens (mixed batches, short chunks) on the tensor cores:
+        # no fp16 copy of any weight; longer prompts dequantise each matrix for cuBLAS.
+        x16 = self._half_input(n) if n <= TC_PREFILL_MAX_TOKENS else None
         for layer, (k_cache, v_cache) in zip(w.layers, self.kv_cache, strict=True):
             self.norm(x, hidden, layer.attn_norm)
-            qkv = F.linear(x.half(), layer.qkv.dense()).float()
-            if layer.qkv.bias is not None:
-                qkv += layer.qkv.bias
+            if x16 is not None:
+                qkv = torch.empty(n, layer.qkv.n_out, dtype=torch.float32, device=self.device)
+                self._tc_linear(layer.qkv, qkv, x, x16)
+            else:
+                qkv = F.linear(x.half(), layer.qkv.dense()).float()
+                if layer.qkv.bias is not None:
+                    qkv += layer.qkv.bias
             self.rope_kv(qkv, batch.positions, batch.slot_mapping, self.inv_freq, k_cache, v_cache)
             self.prefill_attention(attn, qkv, k_cache, v_cache, batch.block_tables,
                                    batch.query_start, batch.context_lens, batch.query_lens,
                                    batch.context_lens_host)  # fmt: skip
+            if x16 is not None:
+                self._tc_linear(layer.wo, hidden, attn, x16, residual=True)
+                self.norm(x, hidden, layer.ffn_norm)
+                if layer.gate_up.interleaved:
+                    self._tc_swiglu(layer.gate_up, act, x, x16)
+                else:
+                    gate_up = torch.empty(n, 2 * c.ffn_size, dtype=torch.float32,
+                                          device=self.device)  # fmt: skip
+                    self._tc_linear(layer.gate_up, gate_up, x, x16)
+                    self.silu(act, gate_up)
+                self._tc_linear(layer.down, hidden, act, x16, residual=True)
+                continue
             hidden += F.linear(attn.half(), layer.wo.dense()).float()
             self.norm(x, hidden, layer.ffn_norm)
             gate_up = F.linear(x.half(), layer.gate_up.dense()).float()

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from gpu.cuda.errors import CudaError, check_driver
-from gpu.cuda.launch import LaunchConfig
+from gpu.cuda.launch import STATIC_SHARED_LIMIT, LaunchConfig
 from gpu.cuda.nvrtc import KernelImage
 
 _state = threading.local()
@@ -180,6 +180,16 @@ class LaunchSite:
         self.name = name
         self.programmatic = programmatic
         self._config_ex: object | None = None
+        self._shared_allowed = STATIC_SHARED_LIMIT
+
+    def _allow_shared(self, nbytes: int) -> None:
+        """Over 48 KiB of dynamic shared memory a kernel must opt in (cuFuncSetAttribute), once
+        per size it grows to; the driver refuses sizes the device lacks (a CudaError)."""
+        driver = _driver()
+        attribute = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+        check_driver(driver.cuFuncSetAttribute(self._function, attribute, nbytes),
+                     f"cuFuncSetAttribute({self.name}, {nbytes} bytes of shared memory)")
+        self._shared_allowed = nbytes
 
     def launch(self, config: LaunchConfig, *args: int | float) -> None:
         """Launch on torch's current stream; pointers are passed as ints (0 for null)."""
@@ -189,6 +199,8 @@ class LaunchSite:
             cell.value = value
         gx, gy, gz = config.grid
         bx, by, bz = config.block
+        if config.shared_mem > self._shared_allowed:
+            self._allow_shared(config.shared_mem)
         if self.programmatic and getattr(_state, "programmatic", False):
             ex = self._config_ex
             if ex is None:

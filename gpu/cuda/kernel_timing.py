@@ -9,6 +9,7 @@ move (weights + activations), against a device-to-device copy measured in the sa
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import statistics
 import sys
@@ -57,6 +58,25 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / (us * 1e-6)
 
 
+def read_bandwidth() -> float:
+    """Read-only streaming (bandwidth.cu), bytes read per second: the floor of a kernel that
+    only reads, as a matrix product does."""
+    from gpu.cuda.kernels import launch_site
+    from gpu.cuda.launch import LaunchConfig
+
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda").random_()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    out = torch.zeros(4 * sms, dtype=torch.int32, device="cuda")
+    site = launch_site("bandwidth.cu", "read_stream", ("ptr", "i64", "ptr"))
+    config = LaunchConfig((4 * sms, 1, 1), (512, 1, 1))
+    us = _median_us(
+        lambda i: site.launch(config, src.data_ptr(), src.numel() // 16, out.data_ptr()),
+        per_graph=5, replays=10,
+    )
+    return src.numel() / (us * 1e-6)
+
+
+@functools.lru_cache(maxsize=2)  # a table times one shape at several batches
 def _weights(qtype: _T, n_rows: int, n_cols: int) -> list[torch.Tensor]:
     rng = np.random.default_rng(0)
     if qtype == _T.F16:
@@ -85,6 +105,47 @@ def time_matvec(qtype: _T, n_rows: int, n_cols: int, n_seqs: int, copy_bw: float
             "fraction_of_copy": round(nbytes / (us * 1e-6) / copy_bw, 3)}  # fmt: skip
 
 
+def time_tcmm(qtype: _T, n_rows: int, n_cols: int, n_seqs: int, read_bw: float) -> dict:
+    """One tensor-core matmul's time (tcmm.cu), x already fp16; bandwidth against read-only."""
+    from gpu.cuda.tcmm import TcWorkspace, TensorCoreMatmul
+
+    weights = _weights(qtype, n_rows, n_cols)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    op = TensorCoreMatmul(qtype, n_rows, n_cols, sms)
+    if op.row_bytes * n_rows != weights[0].numel():  # padded packed rows: time a padded copy
+        weights = [torch.zeros(op.row_bytes * n_rows, dtype=torch.uint8, device="cuda")
+                   for _ in weights]  # fmt: skip
+    ws = TcWorkspace.sized(*op.workspace_needs(n_seqs), torch.device("cuda"))
+    x16 = torch.randn(n_seqs, n_cols, device="cuda").half()
+    y = torch.empty(n_seqs, n_rows, device="cuda")
+    us = _median_us(lambda i: op(y, x16, weights[i % len(weights)], ws), per_graph=len(weights))
+    nbytes = weights[0].numel() + 2 * x16.numel() + 4 * y.numel()
+    tflops = 2 * n_rows * n_cols * n_seqs / (us * 1e-6) / 1e12
+    return {"kernel": f"tcmm_{op.stem}", "quant": qtype.name, "shape": f"{n_rows}x{n_cols}",
+            "batch": n_seqs, "us": round(us, 2), "GB_s": round(nbytes / us / 1e3, 1),
+            "fraction_of_read": round(nbytes / (us * 1e-6) / read_bw, 3),
+            "splits": op.splits, "tflops": round(tflops, 1)}  # fmt: skip
+
+
+def tcmm_table(quants: list[_T], batches: list[int]) -> list[dict]:
+    """matvec (8 sequences per launch, as the decode step runs it) against tcmm per batch."""
+    read_bw = read_bandwidth()
+    copy_bw = copy_bandwidth()
+    print(f"read-only {read_bw / 1e9:.0f} GB/s, copy {copy_bw / 1e9:.0f} GB/s (read + write)")
+    rows = []
+    for qtype in quants:
+        for n_rows, n_cols in ((4096, 4096), (28672, 4096), (4096, 14336)):
+            for b in batches:
+                tc = time_tcmm(qtype, n_rows, n_cols, b, read_bw)
+                mv = time_matvec(qtype, n_rows, n_cols, min(b, 8), copy_bw)
+                mv_us = mv["us"] * -(-b // 8)
+                rows.append({**tc, "matvec_us": round(mv_us, 2)})
+                print(f"{qtype.name:5s} {n_rows}x{n_cols} b={b:<3d} tcmm {tc['us']:8.1f} us "
+                      f"({100 * tc['fraction_of_read']:5.1f}% of read, {tc['tflops']:6.1f} TFLOP/s, "
+                      f"{tc['splits']} splits)  matvec {mv_us:8.1f} us", flush=True)  # fmt: skip
+    return rows
+
+
 def time_others(copy_bw: float) -> list[dict]:
     rows = []
     hidden, ffn = 4096, 14336
@@ -103,8 +164,16 @@ def time_others(copy_bw: float) -> list[dict]:
     us = _median_us(lambda i: silu(act_out[:1], gate_up[:1]), per_graph=50)
     rows.append({"kernel": "silu_mul", "shape": f"1x{ffn}", "batch": 1, "us": round(us, 2),
                  "GB_s": round(4 * 3 * ffn / us / 1e3, 1)})  # fmt: skip
+    rows.extend(time_attention(copy_bw, ((1, 2000), (8, 2000), (32, 512))))
+    return rows
+
+
+def time_attention(bw: float, cases) -> list[dict]:
+    """Decode attention on the 8B shape (32 query heads, 8 KV heads of 128, fp16 KV) per
+    (batch, context): the KV bytes it must read against the bandwidth `bw`."""
+    rows = []
     n_heads, n_kv, head_dim, block_size = 32, 8, 128, 16
-    for batch, context in ((1, 2000), (8, 2000), (32, 512)):
+    for batch, context in cases:
         n_blocks = batch * -(-context // block_size)
         shape = (n_blocks, block_size, n_kv, head_dim)
         k = torch.randn(shape, device="cuda").half()
@@ -120,12 +189,25 @@ def time_others(copy_bw: float) -> list[dict]:
         nbytes = 2 * k.numel() * 2
         rows.append({"kernel": "attention_decode_f16", "shape": f"ctx{context} 32/8x128",
                      "batch": batch, "us": round(us, 2), "GB_s": round(nbytes / us / 1e3, 1),
-                     "fraction_of_copy": round(nbytes / (us * 1e-6) / copy_bw, 3)})  # fmt: skip
+                     "fraction_of_copy": round(nbytes / (us * 1e-6) / bw, 3)})  # fmt: skip
+        print(f"attention b={batch:<3d} ctx={context:<5d} {us:8.1f} us "
+              f"{nbytes / us / 1e3:7.0f} GB/s ({100 * nbytes / (us * 1e-6) / bw:5.1f}% of read)",
+              flush=True)  # fmt: skip
+        del k, v
     return rows
 
 
 def main() -> None:
     torch.manual_seed(0)
+    if len(sys.argv) > 1 and sys.argv[1] == "--tcmm":  # --tcmm Q4_0,F16 1,8,64 [out.json]
+        quants = [_T[q] for q in sys.argv[2].split(",")]
+        rows = tcmm_table(quants, [int(b) for b in sys.argv[3].split(",")])
+        cases = [(b, ctx) for b in (64, 128, 256) for ctx in (512, 1024, 4096) if b * ctx <= 2**19]
+        rows += time_attention(read_bandwidth(), cases)
+        if len(sys.argv) > 4:
+            with open(sys.argv[4], "w") as f:
+                json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+        return
     copy_bw = copy_bandwidth()
     rows = []
     for qtype in (_T.Q4_0, _T.Q4_K, _T.Q8_0, _T.F16):

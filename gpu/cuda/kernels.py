@@ -15,6 +15,7 @@ from gpu.cuda.nvrtc import KERNEL_DIR, compile_file
 # accurate sin/cos of large angles; the rest gains nothing from it.
 KERNEL_OPTIONS: dict[str, tuple[str, ...]] = {
     "activation.cu": ("--use_fast_math",),
+    "bandwidth.cu": (),
     "attention.cu": ("--use_fast_math",),
     "decode_inputs.cu": (),
     "embedding.cu": (),
@@ -23,12 +24,14 @@ KERNEL_OPTIONS: dict[str, tuple[str, ...]] = {
     "prefill_attention.cu": ("--use_fast_math",),
     "rope_kv.cu": (),
     "sampling.cu": (),
+    "tcmm.cu": (),
 }
 
 # Files whose every kernel calls grid_dependency_sync()/wait before its first dependent access
 # (grid_dependency.cuh): their launch sites may launch programmatically (driver.LaunchSite).
 PROGRAMMATIC_FILES = frozenset(
-    {"activation.cu", "attention.cu", "embedding.cu", "matvec.cu", "norm.cu", "rope_kv.cu"}
+    {"activation.cu", "attention.cu", "embedding.cu", "matvec.cu", "norm.cu", "rope_kv.cu",
+     "tcmm.cu"}
 )
 
 

@@ -42,15 +42,19 @@ def _vector_ok(hidden: int, *tensors: torch.Tensor | None) -> bool:
 
 class RMSNorm:
     """out = h * rsqrt(mean(h^2) + eps) * weight with h = x, or h = x + residual written back
-    into residual (the residual stream's add fused in). The vector kernel runs wherever the rows
+    into residual (the residual stream's add fused in); out float32, or fp16 (rounded once, as
+    the tensor-core matmul takes its input). The vector kernel runs wherever the rows
     are float4-aligned (every buffer the backends make), the scalar one otherwise."""
 
     def __init__(self, hidden: int, eps: float) -> None:
         self.hidden, self.eps = hidden, eps
         self._sites = {
-            False: launch_site("norm.cu", "rms_norm_f32", _ARG_KINDS),
-            True: launch_site("norm.cu", "rms_norm_f32_vec", _ARG_KINDS),
-        }
+            (vector, half): launch_site(
+                "norm.cu", f"rms_norm_f32{'_vec' if vector else ''}{'_half' if half else ''}",
+                _ARG_KINDS,
+            )
+            for vector in (False, True) for half in (False, True)
+        }  # fmt: skip
 
     def __call__(
         self,
@@ -67,10 +71,13 @@ class RMSNorm:
         if residual is not None and (residual.shape[0] != n_rows
                                      or residual.shape[1] < self.hidden):  # fmt: skip
             raise CudaError(f"rms_norm: residual {tuple(residual.shape)} does not match x")
-        vector = _vector_ok(self.hidden, out, x, weight, residual)
-        self._sites[vector].launch(
+        half = out.dtype == torch.float16  # fp16 rows for the tensor-core matmul
+        vector = _vector_ok(self.hidden, out, x, weight, residual) and (
+            not half or (out.data_ptr() % 16 == 0 and (out.shape[0] < 2 or out.stride(0) % 8 == 0))
+        )
+        self._sites[vector, half].launch(
             rms_norm_launch_config(n_rows, self.hidden, vector),
-            pointer(out, "rms_norm out", torch.float32),
+            pointer(out, "rms_norm out", out.dtype if half else torch.float32),
             row_stride(out, "rms_norm out"),
             pointer(x, "rms_norm x", torch.float32),
             row_stride(x, "rms_norm x"),

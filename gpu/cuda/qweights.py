@@ -21,7 +21,7 @@ Norm weights, biases and RoPE factors are float32.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from gguf import GGMLQuantizationType
 from gpu.cuda.embedding import DequantRows
 from gpu.cuda.errors import CudaError
 from gpu.cuda.matvec import MATVEC_TYPES, MAX_SEQS, MatVec
+from gpu.cuda.tcmm import TcWorkspace, TensorCoreMatmul
 from loader.config import ModelConfig
 from loader.gguf_file import GGUFFile
 from loader.quants import dequantize
@@ -83,6 +84,7 @@ class FusedLinear:
     bias: torch.Tensor | None  # float32 [n_out]
     n_out: int
     interleaved: bool = False  # one matrix of (gate, up) row pairs: fuse_swiglu
+    tc: list[TensorCoreMatmul] = field(default_factory=list)  # per part: tensor_core()
 
     @property
     def nbytes(self) -> int:
@@ -107,6 +109,28 @@ class FusedLinear:
         for start in range(0, x.shape[0], MAX_SEQS):
             rows = slice(start, start + MAX_SEQS)
             matrix.matvec(out[rows], x[rows], matrix.raw, swiglu=True)
+
+    def tensor_core(self, sm_count: int) -> list[TensorCoreMatmul]:
+        """The parts' tensor-core products (built once; the split-K counts depend on sm_count)."""
+        if not self.tc:
+            self.tc = [TensorCoreMatmul(m.ggml_type, m.n_rows, m.n_cols, sm_count)
+                       for m, _ in self.parts]  # fmt: skip
+        return self.tc
+
+    def tc_matmul(self, y: torch.Tensor, x16: torch.Tensor, workspace: TcWorkspace,
+                  residual: bool = False) -> None:  # fmt: skip
+        """y[:, :n_out] = W x16 (+ bias) (+ y when `residual`) on the tensor cores, every row of
+        x16 in one launch per part (tensor_core() first)."""
+        for (matrix, col), op in zip(self.parts, self.tc, strict=True):
+            out = y[:, col : col + matrix.n_rows]
+            bias = None if self.bias is None else self.bias[col : col + matrix.n_rows]
+            op(out, x16, matrix.raw, workspace, bias=bias, residual=out if residual else None)
+
+    def tc_swiglu(self, out: torch.Tensor, x16: torch.Tensor, workspace: TcWorkspace) -> None:
+        """out[:, :n_out // 2] = silu(gate x16) * (up x16) on the tensor cores (interleaved)."""
+        if not self.interleaved:
+            raise CudaError("swiglu: this gate.up is not interleaved (parts of two types)")
+        self.tc[0](out, x16, self.parts[0][0].raw, workspace, swiglu=True)
 
     def dense(self) -> torch.Tensor:
         """[n_out, n_in] fp16 (prefill path); rows in this linear's order (interleaved ones
@@ -133,6 +157,11 @@ class QuantModel:
     output: FusedLinear  # when tied: token_embd's bytes, or a repacked copy (Q4_0/Q8_0)
     layers: list[QuantLayer]
     rope_freq_factors: torch.Tensor | None
+
+    def linears(self) -> list[FusedLinear]:
+        """Every matrix product of a decode step: the layers' four, then the LM head."""
+        out = [lin for lyr in self.layers for lin in (lyr.qkv, lyr.wo, lyr.gate_up, lyr.down)]
+        return out + [self.output]
 
     def matrix_bytes(self) -> int:
         """Bytes of matrices one decode step reads (the embedding table is only indexed)."""

@@ -1,5 +1,7 @@
 // RMSNorm of float32 rows, optionally fused with the residual add that precedes it:
 //   h = x (+ residual);  residual = h (when fused);  out = h * rsqrt(mean(h^2) + eps) * weight
+// out is float32, or fp16 in the *_half kernels (the tensor-core matmul's input: no separate
+// rounding kernel before it).
 // One CTA per row; the sum of squares is reduced in a fixed order (deterministic).
 //
 // rms_norm_f32_vec (hidden a multiple of 4, rows 16-byte aligned, hidden <= 4 * NORM_VEC * 1024):
@@ -11,10 +13,27 @@
 
 #define NORM_VEC 4  // float4s per thread at most (gpu/cuda/norm.py NORM_VEC)
 
-extern "C" __global__ void __launch_bounds__(1024) rms_norm_f32_vec(
-    float* __restrict__ out, int out_stride, const float* __restrict__ x, int x_stride,
-    float* __restrict__ residual, int residual_stride, const float* __restrict__ weight, int hidden,
-    float eps) {
+// Output rows: float32, or fp16 (HALF: the tensor-core matmul's input, x rounded once here).
+template <bool HALF> struct NormOut;
+template <> struct NormOut<false> {
+    typedef float T;
+    static __device__ __forceinline__ void store4(float* p, int i, float4 v) { ((float4*)p)[i] = v; }
+    static __device__ __forceinline__ void store(float* p, int i, float v) { p[i] = v; }
+};
+template <> struct NormOut<true> {
+    typedef u16 T;
+    static __device__ __forceinline__ void store4(u16* p, int i, float4 v) {
+        ((uint2*)p)[i] = make_uint2((u32)f32_to_f16(v.x) | ((u32)f32_to_f16(v.y) << 16),
+                                    (u32)f32_to_f16(v.z) | ((u32)f32_to_f16(v.w) << 16));
+    }
+    static __device__ __forceinline__ void store(u16* p, int i, float v) { p[i] = f32_to_f16(v); }
+};
+
+template <bool HALF>
+__device__ __forceinline__ void rms_norm_vec_impl(
+    typename NormOut<HALF>::T* __restrict__ out, int out_stride, const float* __restrict__ x,
+    int x_stride, float* __restrict__ residual, int residual_stride,
+    const float* __restrict__ weight, int hidden, float eps) {
     __shared__ float scratch[32];
     const int n4 = hidden >> 2;
     const float4* g4 = reinterpret_cast<const float4*>(weight);
@@ -45,20 +64,21 @@ extern "C" __global__ void __launch_bounds__(1024) rms_norm_f32_vec(
     }
     const float total = block_sum(sum_sq, scratch);
     const float inv_rms = rsqrtf(total / (float)hidden + eps);
-    float4* o4 = reinterpret_cast<float4*>(out + row * out_stride);
+    typename NormOut<HALF>::T* orow = out + row * out_stride;
 #pragma unroll
     for (int k = 0; k < NORM_VEC; ++k) {
         const int i = threadIdx.x + k * blockDim.x;
         if (i < n4)
-            o4[i] = make_float4(h[k].x * inv_rms * g[k].x, h[k].y * inv_rms * g[k].y,
-                                h[k].z * inv_rms * g[k].z, h[k].w * inv_rms * g[k].w);
+            NormOut<HALF>::store4(orow, i, make_float4(h[k].x * inv_rms * g[k].x, h[k].y * inv_rms * g[k].y,
+                                                       h[k].z * inv_rms * g[k].z, h[k].w * inv_rms * g[k].w));
     }
 }
 
-extern "C" __global__ void __launch_bounds__(1024) rms_norm_f32(
-    float* __restrict__ out, int out_stride, const float* __restrict__ x, int x_stride,
-    float* __restrict__ residual, int residual_stride, const float* __restrict__ weight, int hidden,
-    float eps) {
+template <bool HALF>
+__device__ __forceinline__ void rms_norm_impl(
+    typename NormOut<HALF>::T* __restrict__ out, int out_stride, const float* __restrict__ x,
+    int x_stride, float* __restrict__ residual, int residual_stride,
+    const float* __restrict__ weight, int hidden, float eps) {
     __shared__ float scratch[32];
     grid_dependency_sync();
     const i64 row = blockIdx.x;
@@ -75,9 +95,21 @@ extern "C" __global__ void __launch_bounds__(1024) rms_norm_f32(
     }
     const float total = block_sum(sum_sq, scratch);
     const float inv_rms = rsqrtf(total / (float)hidden + eps);
-    float* orow = out + row * out_stride;
+    typename NormOut<HALF>::T* orow = out + row * out_stride;
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
         const float h = rr ? rr[i] : xr[i];  // this thread wrote rr[i] itself above
-        orow[i] = h * inv_rms * weight[i];
+        NormOut<HALF>::store(orow, i, h * inv_rms * weight[i]);
     }
 }
+
+#define RMS_NORM_KERNEL(NAME, IMPL, HALF)                                                          \
+    extern "C" __global__ void __launch_bounds__(1024) NAME(                                      \
+        typename NormOut<HALF>::T* __restrict__ out, int out_stride, const float* __restrict__ x, \
+        int x_stride, float* __restrict__ residual, int residual_stride,                          \
+        const float* __restrict__ weight, int hidden, float eps) {                                \
+        IMPL<HALF>(out, out_stride, x, x_stride, residual, residual_stride, weight, hidden, eps); \
+    }
+RMS_NORM_KERNEL(rms_norm_f32_vec, rms_norm_vec_impl, false)
+RMS_NORM_KERNEL(rms_norm_f32_vec_half, rms_norm_vec_impl, true)
+RMS_NORM_KERNEL(rms_norm_f32, rms_norm_impl, false)
+RMS_NORM_KERNEL(rms_norm_f32_half, rms_norm_impl, true)

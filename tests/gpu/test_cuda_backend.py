@@ -128,6 +128,37 @@ def test_logits_match_torch_backend(tmp_path_factory, record_property, shape_nam
     assert decode_err <= DECODE_TOL
 
 
+@pytest.mark.parametrize("invariant", [True, False], ids=["invariant", "crossover"])
+@pytest.mark.parametrize("quant", LLAMA_TYPES, ids=lambda t: t.name)
+def test_decode_of_64_sequences_matches_torch_backend(tmp_path_factory, quant, invariant):
+    """64 sequences decode together (the tensor cores) and one alone (tensor cores in the
+    batch-invariant mode, the matvec without it): logits as the torch backend's."""
+    from gpu.backends.cuda_backend import CudaBackend
+    from gpu.backends.torch_backend import TorchBackend
+
+    path = synthetic(tmp_path_factory, "smollm2-135m", quant)
+    ours, ref = CudaBackend(path, batch_invariant=invariant), TorchBackend(path)
+    n = 64
+    for backend in (ours, ref):
+        backend.allocate_kv(n * BLOCKS_PER_SEQ, BLOCK_SIZE)
+    gen = torch.Generator().manual_seed(3)
+    vocab = ref.config.vocab_size
+    prompts = [torch.randint(0, vocab, (3 + i % 5,), generator=gen).tolist() for i in range(n)]
+    for first in range(0, n, 16):  # prefill, 16 sequences per call
+        seqs = [(i, prompts[i], 0) for i in range(first, first + 16)]
+        ours.forward(make_batch(seqs, "cuda"))
+        ref.forward(make_batch(seqs, "cpu"))
+    err = 0.0
+    for step in range(2):
+        tokens = torch.randint(0, vocab, (n,), generator=gen).tolist()
+        for group in (list(range(n)), [5]):
+            seqs = [(i, [tokens[i]], len(prompts[i]) + step) for i in group]
+            got = ours.forward(make_batch(seqs, "cuda")).clone()
+            want = ref.forward(make_batch(seqs, "cpu"))
+            err = max(err, max_rel_error(got, want))
+    assert err <= DECODE_TOL, err
+
+
 def test_decode_is_batch_invariant_and_graphs_replay_eager(tmp_path_factory):
     """A sequence's decode logits are bit-identical alone, in a batch of 3 (bucket 4, padded),
     with graphs or without, with programmatic launches (Hopper) or plain stream order."""

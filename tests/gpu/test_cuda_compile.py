@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 
 import pytest
+from gguf import GGMLQuantizationType
 
 from gpu.cuda import nvrtc
 from gpu.cuda.activation import THREADS, silu_mul_launch_config
@@ -313,3 +314,44 @@ def test_tuning_defines_override_only_declared_guarded_constants(kernel_cache):
     # The override reaches the code: the PTX changes with the value.
     tuned = hopper_ptx("matvec.cu", tuning_options("matvec.cu", spec))
     assert tuned != hopper_ptx("matvec.cu")
+
+
+@pytest.mark.parametrize("n_rows", [1, 127, 128, 4096, 28672, 128256])
+@pytest.mark.parametrize("n_seqs", [1, 7, 8, 9, 64, 65, 256])
+def test_tcmm_config_covers_rows_and_sequences_once(n_rows, n_seqs):
+    """Row tiles x sequence tiles cover every output once; K splits are non-empty and depend on
+    the shape and the device only (batch invariance); shared memory fits every Hopper CTA."""
+    from gpu.cuda.launch import OPT_IN_SHARED_LIMIT
+    from gpu.cuda.tcmm import (
+        CHUNK_BYTES,
+        NT_VARIANTS,
+        TC_BM,
+        TC_KC,
+        shared_bytes,
+        split_count,
+        tcmm_launch_config,
+    )  # fmt: skip
+
+    for n_cols in (576, 4096, 14336):
+        config, nt, splits = tcmm_launch_config("q4_k", n_rows, n_cols, n_seqs, 132)
+        gx, gy, gz = config.grid
+        assert (gx - 1) * TC_BM < n_rows <= gx * TC_BM
+        assert (gy - 1) * 8 * nt < n_seqs <= gy * 8 * nt
+        assert nt in (NT_VARIANTS[0], NT_VARIANTS[-1]) or 4 * nt < n_seqs <= 8 * nt
+        n_chunks = -(-n_cols // TC_KC)
+        per_split = -(-n_chunks // gz)
+        assert (gz - 1) * per_split < n_chunks  # the last split has chunks
+        assert splits == gz == split_count(n_rows, n_cols, 132)
+    for stem in CHUNK_BYTES:
+        for v in NT_VARIANTS:
+            assert shared_bytes(stem, v) <= OPT_IN_SHARED_LIMIT
+
+
+def test_tcmm_stems_cover_the_matvec_types():
+    from gpu.cuda.matvec import MATVEC_TYPES
+    from gpu.cuda.tcmm import CHUNK_BYTES, tc_stem
+
+    for qtype in MATVEC_TYPES:
+        assert tc_stem(qtype, 256 * 3) in CHUNK_BYTES
+    assert tc_stem(GGMLQuantizationType.Q4_0, 4096) == "q4_0x4"
+    assert tc_stem(GGMLQuantizationType.Q4_0, 96) == "q4_0"

@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     configure_logging()
     model = load_model(args.model, models_dir=args.models_dir, backend=args.backend,
-                       dtype=args.dtype)
+                       dtype=args.dtype, batch_invariant=args.batch_invariant)
     tokenizer, engine = model.tokenizer, model.engine
     if args.chat:
         messages = [{"role": "system", "content": args.system}] if args.system else []

@@ -18,6 +18,11 @@ def add_backend_options(parser: argparse.ArgumentParser, *, dtype_default: str =
                              "2%% of float32's perplexity), float32 (the reference), bfloat16 "
                              "(about 2x faster decode on CPU) or int8 (per-row weight-only, "
                              "bfloat16 activations, about 4x); the cuda backend ignores it")
+    parser.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True,
+                        help="cuda backend: one matrix kernel (the tensor cores) at every batch "
+                             "size, so a sequence's tokens do not depend on what else runs "
+                             "(default: on); --no-batch-invariant puts small batches on the "
+                             "float32 matvec")
 
 
 def add_model_options(parser: argparse.ArgumentParser, *, engine: bool = True,

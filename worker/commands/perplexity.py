@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     tokens = tokenizer.encode(text, add_special_tokens=True, parse_special=False)
     bos = tokenizer.bos_id if tokenizer.add_bos else None
     dtype = resolve_dtype(args.dtype, args.backend)
-    backend = make_backend(args.backend, gguf, dtype=dtype)
+    backend = make_backend(args.backend, gguf, dtype=dtype, batch_invariant=args.batch_invariant)
     bar = tqdm(total=len(tokens) // args.ctx, unit="chunk", file=sys.stderr,
                disable=args.json and not sys.stderr.isatty())
     estimate = None

@@ -72,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
         metrics.serve(args.metrics_port, args.metrics_host)
     model = load_model(args.model, models_dir=args.models_dir, backend=args.backend,
                        dtype=args.dtype, kv_blocks=args.kv_blocks, session_ttl_s=args.session_ttl,
-                       max_num_seqs=max(args.max_jobs, 1), overlap=args.overlap)
+                       max_num_seqs=max(args.max_jobs, 1), overlap=args.overlap,
+                       batch_invariant=args.batch_invariant)
     freeze_startup_objects()  # the model stays for the process's life: out of the GC's scans
     config = WorkerConfig(
         worker_id=args.worker_id or default_worker_id(),

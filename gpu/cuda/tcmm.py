@@ -1,0 +1,213 @@
+"""Tensor-core matmul over quantised weights (gpu/kernels/tcmm.cu): y[b] = W x[b] for many
+sequences per read of the weights, x in fp16.
+
+The weights are the matvec's (same bytes, same layout: GGUF blocks, or Q4_0/Q8_0 repacked by
+matvec.pack_rows), so one copy of each matrix serves both kernels. A CTA owns TC_BM rows and up
+to 64 sequences (n8 tiles: 1, 2, 4 or 8, the smallest that covers the batch; more sequences
+take more CTAs along grid y). K is split over grid z when the row tiles alone would leave the
+GPU idle; the split count is a function of the matrix shape and the device, never of the batch,
+so a sequence's result does not depend on what else is in the batch (batch invariance).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from gguf import GGMLQuantizationType
+
+from gpu.cuda.driver import LaunchSite
+from gpu.cuda.errors import CudaError
+from gpu.cuda.kernels import launch_site
+from gpu.cuda.launch import LaunchConfig, ceil_div, pointer, row_stride
+from gpu.cuda.matvec import MATVEC_TYPES, grouped, packed_row_bytes
+
+_T = GGMLQuantizationType
+
+TC_BM = 128  # tcmm.cu TC_BM: weight rows per CTA (4 warps x 2 m16 tiles)
+TC_KC = 256  # tcmm.cu TC_KC: K elements per chunk
+TC_THREADS = 128
+TC_XS = TC_KC + 8  # halves per staged x row
+NT_VARIANTS = (1, 2, 4, 8)  # n8 tiles per CTA: 8 to 64 sequences
+TILE_SEQS = 8 * NT_VARIANTS[-1]
+# Per kernel stem: (bytes of one row's staged chunk, chunk starts 16-byte aligned) -- tcmm.cu Tc<T>.
+CHUNK_BYTES: dict[str, tuple[int, bool]] = {
+    "f16": (512, True), "bf16": (512, True),
+    "q4_0": (144, True), "q4_0x4": (144, True), "q8_0": (272, True),
+    "q4_1": (160, False), "q5_0": (176, False), "q5_1": (192, False),
+    "q4_k": (144, True), "q5_k": (176, True), "q6_k": (210, False),
+}  # fmt: skip
+# CTAs the row tiles x K splits aim for, per multiprocessor: enough bytes in flight to keep the
+# memory busy at small batches (each CTA has two stages of TC_BM rows' chunks in flight).
+CTAS_PER_SM = 2
+_ARG_KINDS = ("ptr", "i32", "ptr", "i64", "ptr", "i32", "i32", "i32", "i32", "ptr", "ptr", "i32",
+              "i32", "i32", "ptr", "ptr")
+_HALF_ARG_KINDS = ("ptr", "i32", "ptr", "i32", "i32", "i32")
+HALF_THREADS = 256
+
+
+def tc_stem(ggml_type: GGMLQuantizationType | int, n_cols: int) -> str:
+    """The kernel stem of a weight type (q4_0x4: the matvec's 4-block group layout)."""
+    qtype = GGMLQuantizationType(ggml_type)
+    if qtype not in MATVEC_TYPES:
+        raise CudaError(f"tcmm: no kernel for {qtype.name} weights")
+    return "q4_0x4" if grouped(qtype, n_cols) else MATVEC_TYPES[qtype][0]
+
+
+def slot_bytes(stem: str) -> int:
+    """Shared-memory bytes per weight row per stage (tcmm.cu TcSlot)."""
+    chunk, aligned = CHUNK_BYTES[stem]
+    return (chunk + (15 if aligned else 31)) // 16 * 16
+
+
+def shared_bytes(stem: str, nt: int) -> int:
+    """Dynamic shared memory of one CTA: two stages of weight rows and of fp16 x."""
+    return 2 * TC_BM * slot_bytes(stem) + 2 * nt * 8 * TC_XS * 2
+
+
+def split_count(n_rows: int, n_cols: int, sm_count: int) -> int:
+    """K splits for a matrix: row tiles x splits close to CTAS_PER_SM per SM, every split
+    non-empty. Depends on the shape and the device only (batch invariance)."""
+    n_chunks = ceil_div(n_cols, TC_KC)
+    tiles = ceil_div(n_rows, TC_BM)
+    wanted = max(1, min(n_chunks, round(CTAS_PER_SM * sm_count / tiles)))
+    per_split = ceil_div(n_chunks, wanted)
+    return ceil_div(n_chunks, per_split)
+
+
+def tcmm_launch_config(
+    stem: str, n_rows: int, n_cols: int, n_seqs: int, sm_count: int
+) -> tuple[LaunchConfig, int, int]:
+    """(config, n8 tiles per CTA, K splits) for y[:n_seqs] = W x."""
+    if n_rows < 1 or n_seqs < 1:
+        raise CudaError(f"tcmm: {n_rows} rows, {n_seqs} sequences")
+    nt = next((v for v in NT_VARIANTS if 8 * v >= n_seqs), NT_VARIANTS[-1])
+    splits = split_count(n_rows, n_cols, sm_count)
+    grid = (ceil_div(n_rows, TC_BM), ceil_div(n_seqs, 8 * nt), splits)
+    return LaunchConfig(grid, (TC_THREADS, 1, 1), shared_bytes(stem, nt)), nt, splits
+
+
+@dataclass(slots=True)
+class TcWorkspace:
+    """Split-K partial sums (float32) and the per-tile tickets (int32, zero between launches:
+    the last CTA of a tile resets its own). One per backend, shared by every matmul of a step
+    (they run in stream order)."""
+
+    partials: torch.Tensor
+    tickets: torch.Tensor
+
+    @classmethod
+    def sized(cls, partial_floats: int, tickets: int, device: torch.device) -> TcWorkspace:
+        return cls(torch.empty(max(partial_floats, 1), dtype=torch.float32, device=device),
+                   torch.zeros(max(tickets, 1), dtype=torch.int32, device=device))  # fmt: skip
+
+
+class TensorCoreMatmul:
+    """One weight's tensor-core product; launch sites per n-tile variant, built on first use."""
+
+    def __init__(self, ggml_type: GGMLQuantizationType | int, n_rows: int, n_cols: int,
+                 sm_count: int) -> None:  # fmt: skip
+        qtype = GGMLQuantizationType(ggml_type)
+        self.stem = tc_stem(qtype, n_cols)
+        multiple = MATVEC_TYPES[qtype][1]
+        if n_cols % max(multiple, 32):
+            raise CudaError(f"tcmm {qtype.name}: {n_cols} columns is not a multiple of 32")
+        self.ggml_type, self.n_rows, self.n_cols = qtype, n_rows, n_cols
+        self.sm_count = sm_count
+        self.row_bytes = packed_row_bytes(qtype, n_cols)
+        self.splits = split_count(n_rows, n_cols, sm_count)
+        self._sites: dict[int, LaunchSite] = {}
+
+    def workspace_needs(self, max_seqs: int) -> tuple[int, int]:
+        """(partial floats, tickets) a launch of up to max_seqs sequences uses."""
+        tiles = ceil_div(self.n_rows, TC_BM) * ceil_div(max_seqs, TILE_SEQS)
+        partials = self.splits * max_seqs * self.n_rows if self.splits > 1 else 0
+        return partials, tiles if self.splits > 1 else 0
+
+    def __call__(
+        self,
+        y: torch.Tensor,
+        x16: torch.Tensor,
+        weight: torch.Tensor,
+        workspace: TcWorkspace,
+        bias: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None,
+        swiglu: bool = False,
+    ) -> torch.Tensor:
+        """y[b, :n_rows] = weight @ x16[b, :n_cols] (+ bias) (+ residual[b]); residual may be y.
+        `swiglu`: rows are interleaved (gate, up) pairs; y[b, :n_rows // 2] = silu(gate) * up,
+        float32 or fp16 (y's dtype: the next matmul's input)."""
+        y_half = y.dtype == torch.float16
+        if y_half and not swiglu:
+            raise CudaError("tcmm: an fp16 y is for the SwiGLU epilogue only")
+        n_seqs = x16.shape[0]
+        config, nt, splits = tcmm_launch_config(
+            self.stem, self.n_rows, self.n_cols, n_seqs, self.sm_count
+        )
+        n_out = self.n_rows // 2 if swiglu else self.n_rows
+        if swiglu and (self.n_rows % 2 or bias is not None or residual is not None):
+            raise CudaError(f"tcmm swiglu: {self.n_rows} rows (must be even), no bias/residual")
+        if x16.shape[1] < self.n_cols or y.shape[0] != n_seqs or y.shape[1] < n_out:
+            raise CudaError(
+                f"tcmm: x {tuple(x16.shape)} / y {tuple(y.shape)} do not fit "
+                f"{self.n_rows}x{self.n_cols} for {n_seqs} sequences"
+            )
+        if weight.numel() != self.n_rows * self.row_bytes:
+            raise CudaError(f"tcmm: weight has {weight.numel()} bytes, expected "
+                            f"{self.n_rows * self.row_bytes}")  # fmt: skip
+        if residual is not None and (residual.shape[0] != n_seqs or residual.shape[1] < self.n_rows):
+            raise CudaError(f"tcmm: residual {tuple(residual.shape)} does not match y")
+        if bias is not None and bias.numel() != self.n_rows:
+            raise CudaError(f"tcmm: bias has {bias.numel()} values for {self.n_rows} rows")
+        partials, tickets = self.workspace_needs(n_seqs)
+        if partials > workspace.partials.numel() or tickets > workspace.tickets.numel():
+            raise CudaError(f"tcmm: workspace too small for {n_seqs} sequences of "
+                            f"{self.n_rows}x{self.n_cols}")  # fmt: skip
+        site = self._sites.get(nt)
+        if site is None:
+            site = self._sites[nt] = launch_site("tcmm.cu", f"tcmm_{self.stem}_n{nt}", _ARG_KINDS)
+        site.launch(
+            config,
+            pointer(y, "tcmm y", y.dtype if y_half else torch.float32),
+            row_stride(y, "tcmm y"),
+            pointer(weight.view(-1), "tcmm weight", torch.uint8, align=16),
+            self.row_bytes,
+            pointer(x16, "tcmm x", torch.float16, align=16),
+            row_stride(x16, "tcmm x", multiple=8),
+            n_seqs,
+            self.n_rows,
+            self.n_cols,
+            pointer(bias, "tcmm bias", torch.float32, optional=True),
+            pointer(residual, "tcmm residual", torch.float32, optional=True),
+            0 if residual is None else row_stride(residual, "tcmm residual"),
+            int(swiglu),
+            int(y_half),
+            pointer(workspace.partials, "tcmm partials", torch.float32),
+            pointer(workspace.tickets, "tcmm tickets", torch.int32),
+        )
+        return y
+
+
+class ToHalf:
+    """x (float32 rows) -> fp16 rows, the tensor-core matmul's input."""
+
+    def __init__(self) -> None:
+        self._site: LaunchSite | None = None
+
+    def __call__(self, out: torch.Tensor, x: torch.Tensor, n_cols: int) -> torch.Tensor:
+        n_seqs = x.shape[0]
+        if n_cols % 4 or x.shape[1] < n_cols or out.shape[0] < n_seqs or out.shape[1] < n_cols:
+            raise CudaError(f"to_half: x {tuple(x.shape)} -> out {tuple(out.shape)}, {n_cols} columns")
+        if self._site is None:
+            self._site = launch_site("tcmm.cu", "tc_to_half", _HALF_ARG_KINDS)
+        grid = (ceil_div(n_cols // 4, HALF_THREADS), n_seqs, 1)
+        self._site.launch(
+            LaunchConfig(grid, (HALF_THREADS, 1, 1)),
+            pointer(out, "to_half out", torch.float16, align=8),
+            row_stride(out, "to_half out", multiple=4),
+            pointer(x, "to_half x", torch.float32, align=16),
+            row_stride(x, "to_half x", multiple=4),
+            n_seqs,
+            n_cols,
+        )
+        return out

@@ -1,0 +1,424 @@
+// Tensor-core matmul over quantised weights: y[b, n] = sum_k W[n, k] * x[b, k] (+ bias[n])
+// (+ residual[b, n]), or silu(gate) * up of interleaved gate/up rows (float32, or fp16 for the
+// next matmul's input: y_half, SwiGLU only), for many sequences per read
+// of the weights. The decode step's matrix products above the matvec's batch sizes
+// (gpu/cuda/tcmm.py says when), every GGUF type the CUDA backend keeps quantised.
+//
+// Work: a CTA of TC_WARPS warps owns TC_BM = 128 weight rows (a warp 32 of them: two m16 tiles)
+// and up to 64 sequences (NT n8 tiles), over a range of K in chunks of TC_KC = 256 elements (one
+// K-quant super-block, 8 legacy blocks). Per chunk the CTA copies the rows' raw bytes (GGUF
+// blocks or the matvec's repacked Q4_0/Q8_0 layout, quant_blocks.cuh) and the sequences' fp16 x
+// into shared memory with cp.async, two stages deep, so the next chunk's bytes are in flight
+// while this one computes. Each warp then builds its mma A fragments straight from the raw bytes
+// (dequantised in registers, never written back anywhere) and its B fragments from the staged x,
+// and issues mma.sync m16n8k16 (fp16 in, fp32 accumulate). The weights are read from memory once
+// per 64 sequences: more sequences cost tensor-core time, not bandwidth.
+//
+// x arrives as fp16 (tc_to_half, or a producer kernel that writes fp16): the only rounding this
+// path adds to the matvec's float32 arithmetic is x and the dequantised weights to fp16.
+//
+// Split K: small matrices leave too few CTAs to fill the GPU, so K is split over gridDim.z;
+// each split writes float32 partial sums to a workspace and the last CTA of a tile to arrive
+// (an atomic ticket) adds them in split order and runs the epilogue. The split count depends on
+// the matrix shape and the device only, never on the batch.
+//
+// Batch invariance: an output element is the same sequence of mmas over the same K chunks (the
+// mma's own summation of one element depends only on that element's row and column), then the
+// splits added in index order, then bias and residual: nothing depends on how many sequences
+// share the launch or which tile they land in. Sequences past n_seqs re-read the last one's x
+// (no branch in the loop) and are never stored.
+#include "quant_blocks.cuh"
+#include "grid_dependency.cuh"
+#include "mma.cuh"
+
+#define TC_KC 256   // K elements per chunk
+#define TC_WARPS 4
+#define TC_MT 2     // m16 tiles per warp
+#define TC_BM (16 * TC_MT * TC_WARPS)  // weight rows per CTA
+#define TC_THREADS (32 * TC_WARPS)
+#define TC_XS (TC_KC + 8)  // halves per staged x row: +16 bytes spreads rows over the banks
+
+// ---- raw bytes of one row's chunk, and the fp16 pairs of its elements ------------------------
+// Tc<T, GROUPED>: CHUNK = bytes of a full chunk as staged (GGUF blocks, or quants then scales
+// for the repacked types), PACKED_QB = quant bytes per 32-block in the repacked layout (0: GGUF
+// blocks), ALIGNED = rows and chunks start 16-byte aligned (no misalignment slack needed).
+// frag(s, k, lo, hi): a thread's share of one row in an mma A fragment: elements k, k + 1 (lo)
+// and k + 8, k + 9 (hi) of the chunk staged at s, k = 16 i + 2 t, so all four lie in one
+// 32-element block (one K-quant sub-block) and its scales are decoded once. Each value is
+// exactly what loader/quants.py computes in float32, then rounded to fp16 (low half = lower k).
+
+__device__ __forceinline__ float nib(u32 v, int shift) { return (float)((v >> shift) & 0xF); }
+
+template <int T, bool GROUPED = false> struct Tc;
+
+template <> struct Tc<GGML_F16> {
+    static constexpr int CHUNK = 2 * TC_KC, PACKED_QB = 0;
+    static constexpr bool ALIGNED = true;
+    static __device__ __forceinline__ void frag(const u8* s, int k, u32& lo, u32& hi) {
+        lo = *(const u32*)(s + 2 * k);
+        hi = *(const u32*)(s + 2 * k + 16);
+    }
+};
+template <> struct Tc<GGML_BF16> {
+    static constexpr int CHUNK = 2 * TC_KC, PACKED_QB = 0;
+    static constexpr bool ALIGNED = true;
+    static __device__ __forceinline__ u32 half2_of(u32 v) {
+        return pack_f16x2(__uint_as_float(v << 16), __uint_as_float(v & 0xFFFF0000u));
+    }
+    static __device__ __forceinline__ void frag(const u8* s, int k, u32& lo, u32& hi) {
+        lo = half2_of(*(const u32*)(s + 2 * k));
+        hi = half2_of(*(const u32*)(s + 2 * k + 16));
+    }
+};
+
+// Repacked Q4_0: 8 blocks' quants (16 bytes each; in 4-block groups lane-major when GROUPED:
+// byte i of block b at 64 (b / 4) + 16 (i / 4) + 4 (b % 4) + i % 4), then their 8 fp16 scales.
+template <bool GROUPED> struct Tc<GGML_Q4_0, GROUPED> {
+    static constexpr int CHUNK = 8 * 16 + 16, PACKED_QB = 16;
+    static constexpr bool ALIGNED = true;
+    static __device__ __forceinline__ int at(int b, int i) {
+        return GROUPED ? 64 * (b >> 2) + 16 * (i >> 2) + 4 * (b & 3) + (i & 3) : 16 * b + i;
+    }
+    static __device__ __forceinline__ void frag(const u8* s, int k, u32& lo, u32& hi) {
+        const int b = k >> 5, e = k & 31, i = e & 15, shift = 4 * (e >> 4);
+        const u32 v0 = ld_u16(s + at(b, i)), v1 = ld_u16(s + at(b, i + 8));
+        const float d = f16_to_f32(ld_u16(s + 128 + 2 * b));
+        lo = pack_f16x2(__fmul_rn(d, nib(v0, shift) - 8.0f), __fmul_rn(d, nib(v0, 8 + shift) - 8.0f));
+        hi = pack_f16x2(__fmul_rn(d, nib(v1, shift) - 8.0f), __fmul_rn(d, nib(v1, 8 + shift) - 8.0f));
+    }
+};
+// Repacked Q8_0: 8 blocks' quants (32 bytes each), then their 8 fp16 scales.
+template <> struct Tc<GGML_Q8_0> {
+    static constexpr int CHUNK = 8 * 32 + 16, PACKED_QB = 32;
+    static constexpr bool ALIGNED = true;
+    static __device__ __forceinline__ u32 two(u32 v, float d) {
+        return pack_f16x2(__fmul_rn((float)(i8)(v & 0xFF), d), __fmul_rn((float)(i8)(v >> 8), d));
+    }
+    static __device__ __forceinline__ void frag(const u8* s, int k, u32& lo, u32& hi) {
+        const float d = f16_to_f32(ld_u16(s + 256 + 2 * (k >> 5)));
+        lo = two(ld_u16(s + k), d);  // byte 32 b + (k & 31) = k
+        hi = two(ld_u16(s + k + 8), d);
+    }
+};
+template <> struct Tc<GGML_Q4_1> {
+    static constexpr int CHUNK = 8 * 20, PACKED_QB = 0;
+    static constexpr bool ALIGNED = false;
+    static __device__ __forceinline__ void frag(const u8* s, int k, u32& lo, u32& hi) {
+        const u8* b = s + 20 * (k >> 5);
+        const int e = k & 31, shift = 4 * (e >> 4);
+        const u32 v0 = ld_u16(b + 4 + (e & 15)), v1 = ld_u16(b + 12 + (e & 15));
+        const float d = f16_to_f32(ld_u16(b)), m = f16_to_f32(ld_u16(b + 2));
+        lo = pack_f16x2(__fadd_rn(__fmul_rn(d, nib(v0, shift)), m), __fadd_rn(__fmul_rn(d, nib(v0, 8 + shift)), m));
+        hi = pack_f16x2(__fadd_rn(__fmul_rn(d, nib(v1, shift)), m), __fadd_rn(__fmul_rn(d, nib(v1, 8 + shift)), m));
+    }
+};
+// Q5_0 / Q5_1: element e's fifth bit is bit e of the block's 32-bit qh.
+template <bool HAS_MIN> struct Q5Legacy {
+    static constexpr int BYTES = HAS_MIN ? 24 : 22, QH = HAS_MIN ? 4 : 2, QS = QH + 4;
+    static constexpr int CHUNK = 8 * BYTES, PACKED_QB = 0;
+    static constexpr bool ALIGNED = false;
+    static __device__ __forceinline__ u32 two(u32 v, u32 qh, int e, int shift, float d, float m) {
+        const float q0 = nib(v, shift) + (float)(((qh >> e) & 1) << 4);
+        const float q1 = nib(v, 8 + shift) + (float)(((qh >> (e + 1)) & 1) << 4);
+        if (HAS_MIN) return pack_f16x2(__fadd_rn(__fmul_rn(d, q0), m), __fadd_rn(__fmul_rn(d, q1), m));
+        return pack_f16x2(__fmul_rn(d, q0 - 16.0f), __fmul_rn(d, q1 - 16.0f));
+    }
+    static __device__ __forceinline__ void frag(const u8* s, int k, u32& lo, u32& hi) {
+        const u8* b = s + BYTES * (k >> 5);
+        const int e = k & 31, shift = 4 * (e >> 4);
+        const u32 qh = ld_u32_a2(b + QH);
+        const float d = f16_to_f32(ld_u16(b)), m = HAS_MIN ? f16_to_f32(ld_u16(b + 2)) : 0.0f;
+        lo = two(ld_u16(b + QS + (e & 15)), qh, e, shift, d, m);
+        hi = two(ld_u16(b + QS + (e & 15) + 8), qh, e + 8, shift, d, m);
+    }
+};
+template <> struct Tc<GGML_Q5_0> : Q5Legacy<false> {};
+template <> struct Tc<GGML_Q5_1> : Q5Legacy<true> {};
+// Q4_K / Q5_K: the chunk is one super-block; element k is l = k % 32 of sub-block j = k / 32.
+template <bool Q5> struct K4Tc {
+    static constexpr int CHUNK = Q5 ? 176 : 144, PACKED_QB = 0;
+    static constexpr bool ALIGNED = true;
+    static __device__ __forceinline__ void frag(const u8* s, int k, u32& lo, u32& hi) {
+        const int j = k >> 5, l = k & 31, shift = 4 * (j & 1);
+        int sc, mn;
+        k4_scale_min(s + 4, j, &sc, &mn);
+        const float scale = __fmul_rn(f16_to_f32(ld_u16(s)), (float)sc);
+        const float min = __fmul_rn(f16_to_f32(ld_u16(s + 2)), (float)mn);
+        const u8* qs = s + (Q5 ? 48 : 16) + 32 * (j >> 1) + l;
+        u32 out[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const u32 v = ld_u16(qs + 8 * h);
+            float q0 = nib(v, shift), q1 = nib(v, 8 + shift);
+            if (Q5) {
+                const u32 bits = ld_u16(s + 16 + l + 8 * h);
+                q0 += (float)(((bits >> j) & 1) << 4);
+                q1 += (float)(((bits >> (8 + j)) & 1) << 4);
+            }
+            out[h] = pack_f16x2(__fsub_rn(__fmul_rn(scale, q0), min), __fsub_rn(__fmul_rn(scale, q1), min));
+        }
+        lo = out[0];
+        hi = out[1];
+    }
+};
+template <> struct Tc<GGML_Q4_K> : K4Tc<false> {};
+template <> struct Tc<GGML_Q5_K> : K4Tc<true> {};
+// Q6_K: sub-block j = 4 h + q of 32; its 16-element halves have their own int8 scales.
+template <> struct Tc<GGML_Q6_K> {
+    static constexpr int CHUNK = 210, PACKED_QB = 0;
+    static constexpr bool ALIGNED = false;
+    static __device__ __forceinline__ void frag(const u8* s, int k, u32& lo, u32& hi) {
+        const int j = k >> 5, l = k & 31, h = j >> 2, q = j & 3, shift = 4 * (q >> 1);
+        const float d = f16_to_f32(ld_u16(s + 208));
+        u32 out[2];
+#pragma unroll
+        for (int p = 0; p < 2; ++p) {
+            const int lp = l + 8 * p;
+            const u32 a = ld_u16(s + 64 * h + 32 * (q & 1) + lp), b = ld_u16(s + 128 + 32 * h + lp);
+            const int q0 = (int)(((a >> shift) & 0xF) | (((b >> (2 * q)) & 3) << 4)) - 32;
+            const int q1 = (int)(((a >> (8 + shift)) & 0xF) | (((b >> (8 + 2 * q)) & 3) << 4)) - 32;
+            const float scale = __fmul_rn(d, (float)(i8)s[192 + 2 * j + (lp >> 4)]);
+            out[p] = pack_f16x2(__fmul_rn(scale, (float)q0), __fmul_rn(scale, (float)q1));
+        }
+        lo = out[0];
+        hi = out[1];
+    }
+};
+
+// Bytes of one row's slot in a stage: the chunk, plus 16 of slack where a row's chunk may start
+// misaligned (it is copied from the 16-byte boundary below it).
+template <int T, bool G> struct TcSlot {
+    static constexpr int BYTES = (Tc<T, G>::CHUNK + (Tc<T, G>::ALIGNED ? 15 : 31)) / 16 * 16;
+};
+
+// One stage's copies: the CTA's rows' chunk c (row bytes of the matvec layout) and its x chunk.
+// Returns nothing; records each row's offset of its first byte within the slot in `skew`.
+template <int T, bool G, int NT>
+__device__ __forceinline__ void tc_stage(u8* ws, u16* xs, u8* skew, const u8* __restrict__ weight,
+                                         i64 row_bytes, int row0, int n_rows, int n_cols, int c,
+                                         const u16* __restrict__ x, int x_stride, int seq0,
+                                         int n_seqs, bool weights, bool acts) {
+    typedef Tc<T, G> P;
+    constexpr int SLOT = TcSlot<T, G>::BYTES, WORDS = SLOT / 16;
+    const int elems = min(TC_KC, n_cols - c * TC_KC);
+    if (weights) {
+        const int n_blocks = n_cols / 32;  // 32-blocks per row (repacked types)
+        for (int i = threadIdx.x; i < TC_BM * WORDS; i += TC_THREADS) {
+            const int r = i / WORDS, w = i % WORDS;
+            const u8* row = weight + (i64)min(row0 + r, n_rows - 1) * row_bytes;
+            u8* dst = ws + r * SLOT + 16 * w;
+            if constexpr (P::PACKED_QB > 0) {
+                constexpr int QWORDS = 8 * P::PACKED_QB / 16;
+                const int nb = elems / 32;
+                if (w < QWORDS) {  // quants of the chunk's blocks
+                    if (16 * w < nb * P::PACKED_QB) cp_async_16(dst, row + (i64)c * 8 * P::PACKED_QB + 16 * w, 16);
+                } else if (w == QWORDS) {  // their scales: 16 bytes (rows are padded to 16)
+                    cp_async_16(dst, row + (i64)n_blocks * P::PACKED_QB + 16 * c, 16);
+                }
+            } else {
+                const i64 first = (i64)c * P::CHUNK;  // chunk c's first byte in the row
+                const int bytes = elems == TC_KC ? P::CHUNK : elems / 32 * (P::CHUNK / 8);
+                const unsigned long long start = (unsigned long long)(row + first);
+                const unsigned long long base = start & ~15ull;
+                const int n_words = (int)((start + bytes + 15 - base) >> 4);
+                // The last word reads only up to the chunk's end (src-size): never past the tensor.
+                const int left = (int)(start + bytes - (base + 16 * w));
+                if (w < n_words) cp_async_16(dst, (const void*)(base + 16 * w), min(16, left));
+                if (w == 0) skew[r] = (u8)(start - base);
+            }
+        }
+    }
+    if (acts) {
+        const int words = elems / 8;  // 16-byte words of fp16 x per sequence in this chunk
+        for (int i = threadIdx.x; i < NT * 8 * words; i += TC_THREADS) {
+            const int b = i / words, w = i % words;
+            const u16* src = x + (i64)min(seq0 + b, n_seqs - 1) * x_stride + c * TC_KC + 8 * w;
+            cp_async_16(xs + b * TC_XS + 8 * w, src, 16);
+        }
+    }
+}
+
+template <int T, bool G, int NT>
+__device__ __forceinline__ void tcmm_impl(
+    float* y, int y_stride, const u8* __restrict__ weight, i64 row_bytes, const u16* __restrict__ x,
+    int x_stride, int n_seqs, int n_rows, int n_cols, const float* __restrict__ bias,
+    const float* residual, int residual_stride, int swiglu, int y_half, float* partials,
+    int* tickets) {
+    typedef Tc<T, G> P;
+    constexpr int SLOT = TcSlot<T, G>::BYTES;
+    constexpr int W_STAGE = TC_BM * SLOT, X_STAGE = NT * 8 * TC_XS * 2;
+    extern __shared__ __align__(16) u8 smem[];
+    // Stage s: weights at s * W_STAGE, x at 2 * W_STAGE + s * X_STAGE (pointer arithmetic, not
+    // arrays indexed at run time: those would live on the stack).
+#define TC_W(s) (smem + (s) * W_STAGE)
+#define TC_X(s) ((u16*)(smem + 2 * W_STAGE + (s) * X_STAGE))
+    __shared__ u8 skew[2][TC_BM];
+    __shared__ int last_flag;
+
+    const int row0 = blockIdx.x * TC_BM, seq0 = blockIdx.y * NT * 8;
+    const int n_chunks = (n_cols + TC_KC - 1) / TC_KC, n_splits = gridDim.z;
+    const int per_split = (n_chunks + n_splits - 1) / n_splits;
+    const int c0 = blockIdx.z * per_split, c1 = min(n_chunks, c0 + per_split);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+
+    // The weights are constants: their first chunk is requested before the grid wait.
+    if (c0 < c1)
+        tc_stage<T, G, NT>(TC_W(0), TC_X(0), skew[0], weight, row_bytes, row0, n_rows, n_cols, c0, x,
+                           x_stride, seq0, n_seqs, true, false);
+    grid_dependency_sync();
+    if (c0 < c1)
+        tc_stage<T, G, NT>(TC_W(0), TC_X(0), skew[0], weight, row_bytes, row0, n_rows, n_cols, c0, x,
+                           x_stride, seq0, n_seqs, false, true);
+    cp_async_commit();
+
+    float acc[TC_MT][NT][4];
+#pragma unroll
+    for (int m = 0; m < TC_MT; ++m)
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[m][n][e] = 0.0f;
+
+    for (int c = c0; c < c1; ++c) {
+        const int cur = (c - c0) & 1;
+        if (c + 1 < c1)
+            tc_stage<T, G, NT>(TC_W(cur ^ 1), TC_X(cur ^ 1), skew[cur ^ 1], weight, row_bytes, row0,
+                               n_rows, n_cols, c + 1, x, x_stride, seq0, n_seqs, true, true);
+        cp_async_commit();
+        cp_async_wait<1>();  // this chunk's copies (the next chunk's stay in flight)
+        __syncthreads();
+        const u8* rows[TC_MT][2];
+#pragma unroll
+        for (int m = 0; m < TC_MT; ++m)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int r = warp * 16 * TC_MT + 16 * m + g + 8 * h;
+                rows[m][h] = TC_W(cur) + r * SLOT + (P::ALIGNED || P::PACKED_QB ? 0 : skew[cur][r]);
+            }
+        const u16* xs = TC_X(cur);
+        const int n16 = min(TC_KC, n_cols - c * TC_KC) / 16;
+        for (int ks = 0; ks < n16; ++ks) {
+            const int k = 16 * ks + 2 * t;
+            u32 a[TC_MT][4];
+#pragma unroll
+            for (int m = 0; m < TC_MT; ++m) {
+                P::frag(rows[m][0], k, a[m][0], a[m][2]);  // row g: k and k + 8
+                P::frag(rows[m][1], k, a[m][1], a[m][3]);  // row g + 8
+            }
+#pragma unroll
+            for (int n = 0; n < NT; ++n) {
+                const u16* xr = xs + (8 * n + g) * TC_XS + k;
+                const u32 b0 = *(const u32*)xr, b1 = *(const u32*)(xr + 8);
+#pragma unroll
+                for (int m = 0; m < TC_MT; ++m) mma_16816(acc[m][n], a[m], b0, b1);
+            }
+        }
+        __syncthreads();  // every warp is done with this stage before it is refilled
+    }
+    cp_async_wait<0>();
+#undef TC_W
+#undef TC_X
+
+    // The CTA's sums through shared memory, [sequence][row], so the stores below run along rows.
+    constexpr int CS = TC_BM + 4;
+    float* ct = (float*)smem;
+#pragma unroll
+    for (int m = 0; m < TC_MT; ++m)
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int r = warp * 16 * TC_MT + 16 * m + g + 8 * (e >> 1), b = 8 * n + 2 * t + (e & 1);
+                ct[b * CS + r] = acc[m][n][e];
+            }
+    __syncthreads();
+    const int n_tile_seqs = min(NT * 8, n_seqs - seq0), n_tile_rows = min(TC_BM, n_rows - row0);
+    if (n_splits > 1) {  // this split's partials; the last CTA of the tile adds them in order
+        for (int i = threadIdx.x; i < n_tile_seqs * TC_BM; i += TC_THREADS) {
+            const int b = i / TC_BM, r = i % TC_BM;
+            if (r < n_tile_rows)
+                partials[((i64)blockIdx.z * n_seqs + seq0 + b) * n_rows + row0 + r] = ct[b * CS + r];
+        }
+        __threadfence();
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            int* ticket = tickets + blockIdx.y * gridDim.x + blockIdx.x;
+            last_flag = atomicAdd(ticket, 1) == n_splits - 1;
+            if (last_flag) *ticket = 0;  // ready for the next launch
+        }
+        __syncthreads();
+        if (!last_flag) return;
+        __threadfence();
+        for (int i = threadIdx.x; i < n_tile_seqs * TC_BM; i += TC_THREADS) {
+            const int b = i / TC_BM, r = i % TC_BM;
+            if (r < n_tile_rows) {
+                float v = 0.0f;
+                for (int s = 0; s < n_splits; ++s)
+                    v += __ldcg(partials + ((i64)s * n_seqs + seq0 + b) * n_rows + row0 + r);
+                ct[b * CS + r] = v;
+            }
+        }
+        __syncthreads();
+    }
+    if (swiglu) {  // rows interleaved gate, up: y[b, row / 2] = silu(gate) * up
+        for (int i = threadIdx.x; i < n_tile_seqs * (TC_BM / 2); i += TC_THREADS) {
+            const int b = i / (TC_BM / 2), p = i % (TC_BM / 2);
+            if (2 * p + 1 < n_tile_rows) {
+                const float gate = ct[b * CS + 2 * p], up = ct[b * CS + 2 * p + 1];
+                const float v = gate / (1.0f + expf(-gate)) * up;
+                const i64 at = (i64)(seq0 + b) * y_stride + (row0 >> 1) + p;
+                if (y_half)  // the down projection's fp16 input, rounded once here
+                    ((u16*)y)[at] = f32_to_f16(v);
+                else
+                    y[at] = v;
+            }
+        }
+        return;
+    }
+    for (int i = threadIdx.x; i < n_tile_seqs * TC_BM; i += TC_THREADS) {
+        const int b = i / TC_BM, r = i % TC_BM, row = row0 + r;
+        if (r < n_tile_rows) {
+            float v = ct[b * CS + r];
+            if (bias) v += bias[row];
+            if (residual) v += residual[(i64)(seq0 + b) * residual_stride + row];
+            y[(i64)(seq0 + b) * y_stride + row] = v;
+        }
+    }
+}
+
+#define TCMM_KERNEL(NAME, T, G, NT)                                                               \
+    extern "C" __global__ void __launch_bounds__(TC_THREADS) tcmm_##NAME##_n##NT(                 \
+        float* y, int y_stride, const u8* weight, i64 row_bytes, const u16* x, int x_stride,      \
+        int n_seqs, int n_rows, int n_cols, const float* bias, const float* residual,             \
+        int residual_stride, int swiglu, int y_half, float* partials, int* tickets) {             \
+        tcmm_impl<T, G, NT>(y, y_stride, weight, row_bytes, x, x_stride, n_seqs, n_rows, n_cols,  \
+                            bias, residual, residual_stride, swiglu, y_half, partials, tickets);  \
+    }
+#define TCMM_TYPE(NAME, T, G) \
+    TCMM_KERNEL(NAME, T, G, 1) TCMM_KERNEL(NAME, T, G, 2) TCMM_KERNEL(NAME, T, G, 4) TCMM_KERNEL(NAME, T, G, 8)
+
+TCMM_TYPE(f16, GGML_F16, false)
+TCMM_TYPE(bf16, GGML_BF16, false)
+TCMM_TYPE(q4_0, GGML_Q4_0, false)
+TCMM_TYPE(q4_0x4, GGML_Q4_0, true)
+TCMM_TYPE(q4_1, GGML_Q4_1, false)
+TCMM_TYPE(q5_0, GGML_Q5_0, false)
+TCMM_TYPE(q5_1, GGML_Q5_1, false)
+TCMM_TYPE(q8_0, GGML_Q8_0, false)
+TCMM_TYPE(q4_k, GGML_Q4_K, false)
+TCMM_TYPE(q5_k, GGML_Q5_K, false)
+TCMM_TYPE(q6_k, GGML_Q6_K, false)
+
+// fp32 rows -> fp16 rows (round to nearest), the tensor-core matmul's input; 4 elements a thread.
+extern "C" __global__ void tc_to_half(u16* out, int out_stride, const float* x, int x_stride,
+                                      int n_seqs, int n_cols) {
+    grid_dependency_sync();
+    const int quads = n_cols / 4;
+    const int i = blockIdx.x * blockDim.x + threadIdx.x, b = blockIdx.y;
+    if (i >= quads || b >= n_seqs) return;
+    const float4 v = *(const float4*)(x + (i64)b * x_stride + 4 * i);
+    uint2 h;
+    h.x = pack_f16x2(v.x, v.y);
+    h.y = pack_f16x2(v.z, v.w);
+    *(uint2*)(out + (i64)b * out_stride + 4 * i) = h;
+}
