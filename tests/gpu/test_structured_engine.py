@@ -25,6 +25,8 @@ from tests.gpu.test_engine import assert_same_or_near_tie
 from tests.structured.schemas import SCHEMAS
 from tokenizer import load_tokenizer
 
+# One xdist worker runs the module: its batch is built once (~15 s on a quiet 2-core CPU).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("structured-engine")]
 SEEDS = (1, 2, 3, 4, 5)
 MAX_TOKENS = 64  # the longest of the 180 JSON outputs is ~40 tokens
 SYSTEM = "You are a JSON API. Reply with one JSON value only."
