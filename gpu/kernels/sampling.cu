@@ -1,11 +1,11 @@
 // Sampling on the device: one CTA of 1024 threads per row of the logits. Semantics and order are
 // gpu/sampler.py's (its docstring): a grammar's token bitmask (rows flagged F_MASK: disallowed
-// tokens become -inf, and stay -inf through every later step) -> penalties (repetition, HF rule, over prompt + output ids; then
-// presence/frequency, OpenAI rule, over output ids) -> logprobs = log_softmax of the penalised
-// logits -> greedy rows: argmax, lowest index on ties -> other rows: y = x / temperature, top-k,
-// top-p on the top-k-renormalised distribution, min-p, one draw. Every reduction is in a fixed
-// order or over integers (exact in any order): a row's result never depends on the other rows or
-// on the run.
+// tokens become -inf, and stay -inf through every later step) -> penalties (repetition, HF rule,
+// over prompt + output ids; then presence/frequency, OpenAI rule, over output ids) -> logprobs =
+// log_softmax of the penalised logits -> greedy rows: argmax, lowest index on ties -> other rows:
+// y = x / temperature, top-k, top-p on the top-k-renormalised distribution, min-p, one draw.
+// Every reduction is in a fixed order or over integers (exact in any order): a row's result never
+// depends on the other rows or on the run.
 //
 // Ranking: tokens are ranked by (value desc, index asc), encoded in one u64 "composite"
 //   order_key(value) << 32 | ~index, so "ranked at or before c" is ">= c" and the kept prefix of
@@ -444,7 +444,8 @@ __device__ void prepare_row(const float* x, float* w, int* cnt, int V, const int
                             const int* ids, int flags, const unsigned* mask) {
     const int begin = rec[W_IDS_BEGIN], output = rec[W_IDS_OUTPUT], end = rec[W_IDS_END];
     const bool counted = flags & F_OUTPUT_PENALTIES;
-    for_each_element(x, V, [&](float v, int i) { w[i] = allowed(mask, i) ? v : __int_as_float(0xff800000); });
+    const float minus_inf = __int_as_float((int)0xff800000u);
+    for_each_element(x, V, [&](float v, int i) { w[i] = allowed(mask, i) ? v : minus_inf; });
     for (int j = output + threadIdx.x; counted && j < end; j += THREADS) {
         const int id = ids[j];
         if (id >= 0 && id < V) cnt[id] = 0;
