@@ -108,6 +108,20 @@ def test_bad_masks_are_refused():
         Sampler()(logits, rows, TokenMask(torch.zeros(1, 4, dtype=torch.int32), (2,)))
 
 
+def test_cuda_records_flag_the_masked_rows_and_their_bitmask_row():
+    """The host side of the kernel's mask (CPU): F_MASK and the bitmask row in each masked row's
+    record, and the scratch rows the kernel copies a masked row into."""
+    from gpu.cuda.sampling import F_MASK, ROW_WORDS, W_FLAGS, W_MASK_ROW, CudaSampler
+
+    records, scratch = CudaSampler(seed=0)._pack(ROWS, VOCAB, {0: 0, 2: 1, 6: 2})
+    words = records[: len(ROWS) * ROW_WORDS].reshape(len(ROWS), ROW_WORDS)
+    assert [bool(w[W_FLAGS] & F_MASK) for w in words] == [i in (0, 2, 6) for i in range(7)]
+    assert words[[0, 2, 6], W_MASK_ROW].tolist() == [0, 1, 2] and scratch
+    plain = [SamplingRow(SamplingParams(seed=1))] * 2
+    assert CudaSampler(seed=0)._pack(plain, VOCAB, {1: 0})[1]
+    assert not CudaSampler(seed=0)._pack(plain, VOCAB, {})[1]
+
+
 # --- the CUDA kernel against the torch sampler (device) ---------------------------------------
 
 
