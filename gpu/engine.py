@@ -51,9 +51,9 @@ from gpu.sampler import PendingTokens, SamplingRow
 from gpu.scheduler import Schedule, Scheduler
 from gpu.sequence import Sequence, SequenceStatus
 from jobs.limits import DEFAULT_SESSION_TTL_S
+from jobs.response_format import GrammarError
 from loader.gguf_file import GGUFFile, open_gguf
 from loader.registry import resolve_model
-from structured.formats import GrammarError
 
 # End-of-generation token ids a GGUF may declare; any of them stops a request (unless
 # ignore_eos). Chat models often end turns with EOT (<|eot_id|>, <|im_end|>) rather than EOS.
@@ -350,8 +350,9 @@ class Engine:
                 continue
             try:
                 seq.matcher = future.result()
-            except Exception as exc:  # noqa: BLE001 - any failure to compile ends this request only
-                seq.status, seq.finish_reason, seq.error = SequenceStatus.FINISHED, "error", str(exc)
+            except Exception as exc:  # noqa: BLE001 - a failed compile ends this request only
+                seq.status, seq.finish_reason = SequenceStatus.FINISHED, "error"
+                seq.error = str(exc)
                 outputs.append(self._final_output(seq))
                 continue
             self.scheduler.add(seq)

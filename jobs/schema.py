@@ -25,6 +25,7 @@ from pydantic_core import PydanticCustomError
 
 from jobs.events import INVALID_JOB, INVALID_REQUEST
 from jobs.limits import SAMPLING_BOUNDS
+from jobs.response_format import GrammarError, GrammarSpec
 
 VERSION = 1
 # Raw size of one stream entry's `job` field; bigger entries are dead-lettered unparsed.
@@ -149,8 +150,6 @@ class Sampling(_Strict):
         reason (the worker answers such a job `invalid_request`)."""
         spec = grammar_spec(value)
         if spec is not None:
-            from structured.formats import GrammarError
-
             try:
                 spec.check()
             except GrammarError as exc:
@@ -159,12 +158,10 @@ class Sampling(_Strict):
         return value
 
 
-def grammar_spec(response_format: BaseModel | None):
-    """The `structured.GrammarSpec` of a response_format (None when it constrains nothing)."""
+def grammar_spec(response_format: BaseModel | None) -> GrammarSpec | None:
+    """The `GrammarSpec` of a response_format (None when it constrains nothing)."""
     if response_format is None:
         return None
-    from structured.formats import GrammarSpec
-
     return GrammarSpec.from_response_format(response_format.model_dump(by_alias=True))
 
 

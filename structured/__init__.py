@@ -8,12 +8,13 @@ with llguidance, and the per-sequence matchers that give the sampler its token b
     fill_bitmasks([(matcher, row)], bitmask)       # the next token's allowed set, 1 bit a token
     matcher.consume(token_id)
 
-A leaf like `tokenizer/`: no torch, no Redis. The contract (`jobs/schema.py`) checks grammars
-with `GrammarSpec.check`; the worker compiles them; the engine (`gpu/`) drives the matchers.
+On the floor of `tokenizer/`: no torch, no Redis. `GrammarSpec` and `GrammarError` live in the
+contract (`jobs/response_format.py`), which checks grammars at validation; the worker compiles
+them here; the engine (`gpu/`) drives the matchers.
 """
 
+from jobs.response_format import GrammarError, GrammarSpec
 from structured.compiler import GrammarCompiler, llg_tokenizer
-from structured.formats import GrammarError, GrammarSpec
 from structured.matcher import GrammarMatcher, bitmask_words, fill_bitmasks
 
 __all__ = [

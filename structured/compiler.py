@@ -16,7 +16,7 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from structured.formats import GrammarError, GrammarSpec
+from jobs.response_format import GrammarError, GrammarSpec
 from structured.matcher import GrammarMatcher
 from tokenizer.tokenizer import GGUFTokenizer
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from structured.formats import GrammarError
+from jobs.response_format import GrammarError
 
 
 def bitmask_words(vocab_size: int) -> int:

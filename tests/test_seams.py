@@ -22,7 +22,7 @@ from jobs.limits import SAMPLING_BOUNDS
 from jobs.schema import Sampling
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("jobs", "loader", "tokenizer", "gpu", "worker")
+PACKAGES = ("jobs", "loader", "tokenizer", "structured", "gpu", "worker")
 
 
 def _module_name(path: Path) -> str:

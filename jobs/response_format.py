@@ -1,4 +1,6 @@
-"""What a job constrains its output to, as plain data (`GrammarSpec`), and its llguidance grammar.
+"""What a job's `sampling.response_format` constrains its output to, as plain data
+(`GrammarSpec`), and its llguidance grammar: the contract checks it at validation (`check`, no
+vocabulary needed), `structured/` compiles it for a model's vocabulary.
 
 Kinds, from the wire's `sampling.response_format` (OpenAI's shapes plus two of ours):
   json_object  any JSON object;
