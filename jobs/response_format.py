@@ -16,6 +16,7 @@ small model given flexible whitespace can emit blanks until max_tokens runs out.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -85,8 +86,13 @@ class GrammarSpec:
             raise GrammarError(f"{self._what()}: {_one_line(str(exc))}") from None
 
     def check(self) -> str:
-        """Parse and validate without a vocabulary (fast: no token tables); returns the
-        llguidance grammar, raises GrammarError with llguidance's reason."""
+        """Parse and validate without a vocabulary (no token tables); returns the llguidance
+        grammar, raises GrammarError with llguidance's reason. Valid specs are remembered: a
+        batch sending one schema with every job pays its check once (~0.5 ms for a small
+        schema, ~100 ms for a 150 KB one on a 2-core CPU)."""
+        return _checked(self)
+
+    def _validated(self) -> str:
         from llguidance import LLMatcher
 
         grammar = self.llguidance_grammar()
@@ -98,6 +104,11 @@ class GrammarSpec:
     def _what(self) -> str:
         return {"json_object": "JSON object", "json_schema": "JSON Schema", "regex": "regex",
                 "grammar": "grammar"}[self.kind] + " rejected"  # fmt: skip
+
+
+@functools.lru_cache(maxsize=256)
+def _checked(spec: GrammarSpec) -> str:
+    return spec._validated()
 
 
 def _one_line(message: str) -> str:

@@ -130,7 +130,7 @@ class GrammarCompiler:
     def _compile(self, spec: GrammarSpec):
         from llguidance import LLMatcher
 
-        matcher = LLMatcher(self.tokenizer(), spec.llguidance_grammar(), log_level=0)
+        matcher = LLMatcher(self.tokenizer(), spec.check(), log_level=0)
         if matcher.is_error():
             raise GrammarError(f"{spec.kind} rejected: {matcher.get_error().strip()[:500]}")
         return matcher
