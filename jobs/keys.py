@@ -62,3 +62,44 @@ class Keys:
     @property
     def dead(self) -> str:
         return f"{self.prefix}:dead"
+
+    # ----- the HTTP gateway (`orcd gateway`) ------------------------------------------------
+
+    def gateway_rate(self, key_id: str, what: str, window: int) -> str:
+        """A per-API-key counter (`requests` or `tokens`) of one 60-second window."""
+        return f"{self.prefix}:gw:rate:{key_id}:{what}:{window}"
+
+    def gateway_streams(self, key_id: str) -> str:
+        """Sorted set: an API key's open streams, scored by when their lease runs out."""
+        return f"{self.prefix}:gw:streams:{key_id}"
+
+    def gateway_file(self, file_id: str) -> str:
+        """Hash: an uploaded or generated file's metadata (`meta`) and, in Redis, `content`."""
+        return f"{self.prefix}:gw:file:{file_id}"
+
+    @property
+    def gateway_files(self) -> str:
+        """Sorted set of file ids by creation time."""
+        return f"{self.prefix}:gw:files"
+
+    def gateway_batch(self, batch_id: str) -> str:
+        """Hash: a batch's state (`object` JSON, counters, submitted lines)."""
+        return f"{self.prefix}:gw:batch:{batch_id}"
+
+    def gateway_batch_results(self, batch_id: str) -> str:
+        """Hash: line index -> its result line (output or error file format), set once."""
+        return f"{self.prefix}:gw:batch:{batch_id}:results"
+
+    def gateway_batch_lease(self, batch_id: str) -> str:
+        """Key with TTL: the gateway driving the batch now."""
+        return f"{self.prefix}:gw:batch:{batch_id}:lease"
+
+    @property
+    def gateway_batches(self) -> str:
+        """Sorted set of batch ids by creation time."""
+        return f"{self.prefix}:gw:batches"
+
+    @property
+    def gateway_active_batches(self) -> str:
+        """Set of batch ids not yet in a final state: what drivers look for."""
+        return f"{self.prefix}:gw:batches:active"

@@ -22,7 +22,7 @@ from jobs.limits import SAMPLING_BOUNDS
 from jobs.schema import Sampling
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("jobs", "loader", "tokenizer", "structured", "gpu", "worker")
+PACKAGES = ("jobs", "loader", "tokenizer", "structured", "gpu", "worker", "gateway")
 
 
 def _module_name(path: Path) -> str:
@@ -78,6 +78,16 @@ def test_jobs_imports_nothing_of_the_layers_above():
         if module.split(".")[0] == "jobs":
             above = sorted(t for t in targets if t.split(".")[0] != "jobs")
             assert not above, f"{module} imports {above}"
+
+
+def test_gateway_stands_on_the_contract_alone():
+    """The gateway turns HTTP into jobs: it never reaches the engine or the worker daemon
+    (`orcd gateway` must not import torch; tests/gateway checks the process too)."""
+    graph = _imports()
+    for module, targets in graph.items():
+        if module.split(".")[0] == "gateway":
+            below = sorted(t for t in targets if t.split(".")[0] in ("gpu", "worker"))
+            assert not below, f"{module} imports {below}"
 
 
 def test_batch_packing_is_backend_neutral():

@@ -33,14 +33,19 @@ COMMANDS = {
     "status": "Workers, job streams, pending jobs, dead letters and sessions.",
     "batch": "Batch jobs through RQ: submit a JSONL file, follow progress, fetch results.",
     "demo": "A Redis, a worker and a two-turn chat with its narration, end to end.",
+    "gateway": "Serve an OpenAI-compatible HTTP API (chat, completions, batches) over the queue.",
 }
 INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every subcommand, or with `only` of that one alone: its module is then
+    the only one imported (`orcd gateway` must not import torch, which others load)."""
     parser = argparse.ArgumentParser(prog="orcd", description="GGUF inference worker.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in COMMANDS.items():
+        if only is not None and name != only:
+            continue
         module = importlib.import_module(f"worker.commands.{name}")
         command = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(command)
@@ -62,7 +67,9 @@ def describe_redis_error(exc: RedisError, url: str | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     name, url = "orcd", None
     try:
-        args = build_parser().parse_args(argv)
+        words = sys.argv[1:] if argv is None else argv
+        only = words[0] if words and words[0] in COMMANDS else None
+        args = build_parser(only).parse_args(argv)
         name, url = f"orcd {args.command}", getattr(args, "redis", None)
         return args.run(args) or 0
     except OrcdError as exc:

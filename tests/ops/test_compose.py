@@ -100,8 +100,8 @@ def test_gpu_worker_reserves_a_gpu_and_waits_for_a_healthy_redis(compose):
 
 
 def test_cpu_profile_runs_the_worker_without_a_gpu(compose):
-    assert active_services(compose, "cpu") == {"redis", "worker-cpu", "batch"}
-    assert active_services(compose, "gpu") == {"redis", "worker", "batch"}
+    assert active_services(compose, "cpu") == {"redis", "worker-cpu", "batch", "gateway"}
+    assert active_services(compose, "gpu") == {"redis", "worker", "batch", "gateway"}
     cpu = compose["services"]["worker-cpu"]
     assert "deploy" not in cpu and "torch" in cpu["command"]
     assert cpu["depends_on"]["redis"]["condition"] == "service_healthy"
@@ -121,12 +121,22 @@ def test_every_command_is_one_orcd_accepts(compose):
             assert int(grace.rstrip("s")) > args.grace
 
 
+def test_gateway_service_publishes_on_localhost_with_keys(compose):
+    gateway = compose["services"]["gateway"]
+    args = build_parser().parse_args(gateway["command"])
+    assert args.command == "gateway" and args.host == "0.0.0.0"  # inside its container
+    assert not args.no_auth and args.api_keys_file == "/etc/orcd/api-keys"
+    assert gateway["ports"] == [f"127.0.0.1:{args.port}:{args.port}"]
+    assert any(volume.endswith(":/etc/orcd/api-keys:ro") for volume in gateway["volumes"])
+    assert gateway["depends_on"]["redis"]["condition"] == "service_healthy"
+
+
 def test_dockerfile_installs_orcd_on_a_cuda_runtime_base():
     dockerfile = (ROOT / "Dockerfile").read_text()
     base = re.search(r"^ARG BASE_IMAGE=(\S+)", dockerfile, re.M).group(1)
     assert base.startswith("nvidia/cuda:") and "-runtime-" in base
     assert re.search(r"^FROM \$\{BASE_IMAGE\}", dockerfile, re.M)
-    for package in ("jobs", "worker", "gpu", "loader", "tokenizer"):
+    for package in ("jobs", "worker", "gpu", "loader", "tokenizer", "gateway"):
         assert f"COPY {package} ./{package}" in dockerfile
         assert (ROOT / package / "__init__.py").exists()
     assert 'ENTRYPOINT ["orcd"]' in dockerfile and "VOLUME" in dockerfile

@@ -53,7 +53,8 @@ def test_units_pass_systemd_analyze_verify(tmp_path):
     assert LOCAL_ORCD.exists()
     copy_units(tmp_path, str(LOCAL_ORCD))
     # An instance name makes verify load the template with %i = 0, as `systemctl start` would.
-    result = verify(tmp_path, "orcd-worker@0.service", "orcd-batch.service")
+    result = verify(tmp_path, "orcd-worker@0.service", "orcd-batch.service",
+                    "orcd-gateway.service")
     assert result.returncode == 0, result.stderr
     # verify exits 0 on unknown keys and bad values (it only warns): no output at all is the bar.
     assert result.stdout + result.stderr == ""
@@ -128,3 +129,26 @@ def test_batch_unit_runs_the_rq_worker():
     assert batch["Service.ExecStart"][0].split()[1:3] == ["batch", "worker"]
     assert batch["Service.EnvironmentFile"] == ["/etc/orcd/worker.env"]
     assert batch["Service.Restart"] == ["on-failure"]
+
+
+def test_gateway_unit_runs_the_gateway_with_keys_on_localhost():
+    gateway = unit("orcd-gateway.service")
+    env = dict(line.split("=", 1) for line in gateway["Service.Environment"])
+    example = dict(line.split("=", 1) for line in
+                   (UNITS / "gateway.env.example").read_text().splitlines()
+                   if line and not line.startswith("#"))
+    for values in (env, {**env, **example}):  # the unit's defaults, then the example's
+        args = []
+        for word in gateway["Service.ExecStart"][0].split()[1:]:
+            word = word.replace("%H", "host")
+            if word.startswith("${"):
+                args.append(values[word[2:-1]])
+            elif word.startswith("$"):
+                args.extend(values[word[1:]].split())
+            else:
+                args.append(word)
+        parsed = build_parser().parse_args(args)
+        assert parsed.command == "gateway" and parsed.host == "127.0.0.1"
+        assert parsed.api_keys_file == "/etc/orcd/api-keys" and not parsed.no_auth
+        assert parsed.gateway_id == "host-gateway"
+    assert gateway["Service.User"] == ["orcd"] and gateway["Service.Restart"] == ["on-failure"]
