@@ -7,10 +7,12 @@ and outputs into events; `orcd generate` does the same for a terminal.
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from jobs.errors import OrcdError
 from jobs.limits import SAMPLING_BOUNDS
+from structured.matcher import GrammarMatcher
 
 
 class RequestError(OrcdError):
@@ -61,6 +63,9 @@ class Request:
     stop_token_ids: frozenset[int] = frozenset()
     session_id: str | None = None
     ignore_eos: bool = False
+    # Output constrained to a grammar: its matcher (structured.GrammarMatcher), or a future of
+    # it while it compiles (GrammarCompiler.submit): the request waits unscheduled until then.
+    grammar: GrammarMatcher | Future[GrammarMatcher] | None = None
 
 
 @dataclass(slots=True)
@@ -80,7 +85,8 @@ class StepOutput:
     new_token_ids: list[int]
     logprobs: list[TokenLogprobs] | None = None
     num_cached_tokens: int = 0
-    finish_reason: str | None = None  # stop | length | abort
+    finish_reason: str | None = None  # stop | length | abort | error
+    error: str | None = None  # why, when finish_reason is error (a grammar that failed)
 
     @property
     def finished(self) -> bool:

@@ -136,7 +136,12 @@ class EventFollower:
 
 
 def encode_job(job: GenerationJob) -> str:
-    """The job's wire JSON. `parse_special` is written only when true, so that a job that does
-    not use it is read by workers that predate the field (they refuse unknown fields)."""
-    return job.model_dump_json(exclude_none=False,
-                               exclude=None if job.parse_special else {"parse_special"})
+    """The job's wire JSON. `parse_special` is written only when true and
+    `sampling.response_format` only when set, so that a job that does not use them is read by
+    workers that predate the fields (they refuse unknown fields)."""
+    exclude: dict = {}
+    if not job.parse_special:
+        exclude["parse_special"] = True
+    if job.sampling.response_format is None:
+        exclude["sampling"] = {"response_format"}
+    return job.model_dump_json(exclude_none=False, exclude=exclude or None)

@@ -30,6 +30,7 @@ import structlog
 from gpu.request import Request, RequestError, StepOutput
 from jobs.events import ENGINE_ERROR, INVALID_REQUEST, TOO_MANY_DELIVERIES, UNKNOWN_MODEL
 from jobs.keys import Keys
+from structured.compiler import GrammarCompiler, after_tokens
 from tokenizer.errors import TokenizerError
 from worker.connection import RedisDown, RedisLink, connect
 from worker.consumer import Consumer, Control, Entry, Rejection, parse_entry
@@ -84,6 +85,8 @@ class Worker:
         self.model = model
         self.engine = model.engine
         self.tokenizer = model.tokenizer
+        # Grammars of jobs with a response_format, compiled on their own threads.
+        self.grammars = GrammarCompiler(self.tokenizer, self.engine.config.vocab_size)
         self.config = config
         self.keys = Keys(config.prefix)
         self.worker_id = config.worker_id
@@ -125,6 +128,7 @@ class Worker:
 
     def close(self) -> None:
         remove_narration_sink(self._mirror)
+        self.grammars.close()
         structlog.contextvars.unbind_contextvars("worker_id", "model")
 
     def run(self) -> int:
@@ -394,12 +398,15 @@ class Worker:
         streamed = self._streamed(delivery)
         ended = None  # a resumed job whose earlier attempt had already reached its end
         try:
-            request = build_request(job, self.tokenizer, self.engine.max_model_len)
+            request = build_request(job, self.tokenizer, self.engine.max_model_len,
+                                    self.grammars)
             prompt_ids = request.prompt_token_ids
             active = ActiveJob.start(delivery, len(prompt_ids), self.tokenizer)
             if streamed is not None and streamed.token_ids:
                 active.resume(streamed)
                 request = resumed_request(request, streamed)
+                if request.grammar is not None:  # the matcher takes the tokens streamed before
+                    request.grammar = after_tokens(request.grammar, streamed.token_ids)
                 ended = self._resumed_end(active, request)
             if ended is None:
                 self.engine.add(request)
@@ -512,6 +519,10 @@ class Worker:
                 self._on_output(job, output)
 
     def _on_output(self, job: ActiveJob, output: StepOutput) -> None:
+        if output.finish_reason == "error":  # its grammar failed to compile or to go on
+            del self.active[job.job_id]
+            self._fail(job.delivery, INVALID_REQUEST, output.error or "grammar failed")
+            return
         first = job.first_token_at is None and bool(output.new_token_ids)
         for kind, data in job.push(output):
             if kind == "done":
