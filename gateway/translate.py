@@ -96,6 +96,8 @@ def chat_choices(req: ChatCompletionRequest, request_id: str, *,
                 for m in req.messages]
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     sampling = _sampling(req, req.max_completion_tokens or req.max_tokens, logprobs)
+    if req.response_format is not None:
+        sampling["response_format"] = req.response_format
     stream = req.stream or logprobs is not None  # logprobs ride on token events only
     return [Choice(i, _job(req, request_id, i, sampling, seed_offset=i,
                            default_priority=default_priority, stream=stream,

@@ -22,6 +22,14 @@ token has its next-step row dropped unread (its KV write lands in blocks it free
 waiting request gets its freed place one step later. Greedy and seeded rows give the same
 tokens either way.
 
+Grammars (a request's `grammar`): a request whose grammar still compiles waits outside the
+scheduler until its future resolves. Each step, the constrained rows get a token bitmask from
+their matchers (gpu/grammar_masks.py), applied by the sampler before penalties; the sampled
+token advances the matcher, and a grammar that is complete ends the request with `stop`. A
+step launched ahead runs its forward pass at once but samples only after the read, when the
+matchers have taken the previous tokens: the host fills the masks while the device runs that
+forward pass, so overlap stays on and costs the constrained rows only the mask fill.
+
 Failure isolation (gpu/faults.py): a request whose logits row is not finite (NaN or inf) ends
 alone with finish_reason `error` (its row is zeroed before sampling, so the others' draws go
 on); an error after which the device cannot be used (a sticky CUDA error) is raised from
@@ -32,6 +40,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,12 +50,14 @@ from gpu.backends.base import Backend
 from gpu.batch import BatchPacker, ForwardBatch
 from gpu.events import EngineEvent
 from gpu.faults import FaultInjector, is_device_lost
+from gpu.grammar_masks import GrammarMasks
 from gpu.kv_cache import KVCache, chain_key
 from gpu.request import DeviceLostError, Request, RequestError, StepOutput
 from gpu.sampler import PendingTokens, SamplingRow
 from gpu.scheduler import DEFAULT_PRIORITY_AGING_S, Schedule, Scheduler
 from gpu.sequence import Sequence, SequenceStatus
 from jobs.limits import DEFAULT_SESSION_TTL_S
+from jobs.response_format import GrammarError
 from loader.gguf_file import GGUFFile, open_gguf
 from loader.registry import resolve_model
 
@@ -62,14 +73,20 @@ DEFAULT_CPU_KV_BYTES = 1 << 30
 # for activations, the prefill scratch and CUDA graphs; `kv_blocks` (--kv-blocks) overrides.
 GPU_KV_FRACTION = 0.9
 GPU_RESERVE_BYTES = 2 << 30
+# With nothing else to run, how long a step waits for a compiling grammar before returning.
+GRAMMAR_WAIT_S = 0.01
 
 
 @dataclass(slots=True)
 class _Launched:
-    """A forward pass and its sampling, launched and not read yet."""
+    """A forward pass and its sampling, launched and not read yet. A step launched ahead with
+    constrained rows has `tokens` None until the engine samples it (its masks need the previous
+    step's tokens): `logits` and `rows` wait for that."""
 
     schedule: Schedule  # its sequences, their new tokens, and those it samples (`tokens` order)
-    tokens: PendingTokens
+    rows: list[SamplingRow]
+    logits: torch.Tensor | None = None
+    tokens: PendingTokens | None = None
     finite: torch.Tensor | None = None  # per sampled row: its logits were all finite
 
 
@@ -187,6 +204,8 @@ class Engine:
         self._packer = BatchPacker(self.backend.device, self.backend.uploader())
         self._sequences: dict[str, Sequence] = {}
         self._aborted: list[Sequence] = []
+        self._compiling: list[Sequence] = []  # waiting for their grammar's future
+        self.masks = GrammarMasks(self.config.vocab_size, pin=self.backend.device.type == "cuda")
         self.overlap = overlap  # launch the next decode step before reading this one's ids
         self._in_flight: _Launched | None = None  # launched by the last step(), read by the next
         self.overlapped_steps = 0  # steps launched ahead of the previous step's read
@@ -218,7 +237,11 @@ class Engine:
         request.sampling.validate()
         seq = Sequence(request=request, token_ids=prompt, num_prompt_tokens=len(prompt))
         self._sequences[request.request_id] = seq
-        self.scheduler.add(seq)
+        if isinstance(request.grammar, Future):
+            self._compiling.append(seq)
+        else:
+            seq.matcher = request.grammar
+            self.scheduler.add(seq)
 
     def abort(self, request_id: str, reason: str = "abort") -> bool:
         """Stop a request now and free its KV; its output, with `reason` as its finish reason
@@ -226,12 +249,17 @@ class Engine:
         seq = self._sequences.get(request_id)
         if seq is None or seq.status == SequenceStatus.FINISHED:
             return False
-        self.scheduler.finish(seq, reason)
+        if seq in self._compiling:  # never reached the scheduler
+            self._compiling.remove(seq)
+            seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
+        else:
+            self.scheduler.finish(seq, reason)
         self._aborted.append(seq)
         return True
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or bool(self._aborted) or self._in_flight is not None
+        return (self.scheduler.has_work() or bool(self._aborted) or bool(self._compiling)
+                or self._in_flight is not None)  # fmt: skip
 
     # ----- sessions and stats -----------------------------------------------------------------
 
@@ -287,6 +315,7 @@ class Engine:
     def _step(self) -> list[StepOutput]:
         outputs = [self._final_output(seq) for seq in self._aborted]
         self._aborted = []
+        outputs += self._admit_compiled()
         self.kv.expire_sessions()
         launched, self._in_flight = self._in_flight, None
         if launched is None:
@@ -304,6 +333,8 @@ class Engine:
             self._in_flight = self._launch_ahead(launched)
         try:
             outputs.extend(self._read(launched))
+            if self._in_flight is not None and self._in_flight.tokens is None:
+                self._sample(self._in_flight)  # its masks needed the tokens just read
         except BaseException:
             # The step launched ahead took its ids from the one that failed to read: drop it
             # too. Neither was counted, so the next step recomputes from the last read token.
@@ -313,13 +344,25 @@ class Engine:
             raise
         return outputs
 
-    def _launch(self, schedule: Schedule, batch: ForwardBatch) -> _Launched:
-        """The forward pass and the sampling of the scheduled sequences, nothing read back."""
+    def _launch(self, schedule: Schedule, batch: ForwardBatch, ahead: bool = False) -> _Launched:
+        """The forward pass and the sampling of the scheduled sequences, nothing read back. A
+        step launched `ahead` with constrained rows is sampled later (`_sample`)."""
+        rows = [self._sampling_row(seq) for seq in schedule.sampled]
         logits = self.backend.forward(batch)
         if self.faults.nan_requests:
             self.faults.poison(logits, [seq.request_id for seq in schedule.sampled])
-        rows = [self._sampling_row(seq) for seq in schedule.sampled]
-        finite = None
+        launched = _Launched(schedule, rows, logits)
+        if not (ahead and any(seq.matcher is not None for seq in schedule.sampled)):
+            self._sample(launched)
+        for seq, n in schedule.items:
+            seq.num_in_flight += n
+        for seq in schedule.sampled:
+            seq.num_pending += 1
+        return launched
+
+    def _sample(self, launched: _Launched) -> None:
+        """Sample a launched forward pass, constrained rows under their grammar's mask."""
+        logits, rows = launched.logits, launched.rows
         if self.check_finite:
             # One reduction on the device, read with the ids. Where a row is drawn at random,
             # a bad row is zeroed so that the sampler (a multinomial refuses NaN) serves the
@@ -333,12 +376,35 @@ class Engine:
                 # .tolist() at the read would wait for the step launched ahead).
                 host = torch.empty(finite.shape, dtype=torch.bool, pin_memory=True)
                 finite = host.copy_(finite, non_blocking=True)
-        tokens = self.sampler.launch(logits, rows)
-        for seq, n in schedule.items:
-            seq.num_in_flight += n
-        for seq in schedule.sampled:
-            seq.num_pending += 1
-        return _Launched(schedule, tokens, finite)
+            launched.finite = finite
+        mask = self.masks.build(launched.schedule.sampled)
+        launched.tokens = self.sampler.launch(logits, rows, mask)
+        launched.logits = None
+
+    def _admit_compiled(self) -> list[StepOutput]:
+        """Hand the requests whose grammar has compiled to the scheduler; a grammar that failed
+        ends its request with `error`. With nothing else to do, wait a little for one."""
+        if not self._compiling:
+            return []
+        if not (self.scheduler.has_work() or self._in_flight is not None):
+            wait([seq.request.grammar for seq in self._compiling], GRAMMAR_WAIT_S,
+                 FIRST_COMPLETED)  # fmt: skip
+        outputs, compiling = [], []
+        for seq in self._compiling:
+            future = seq.request.grammar
+            if not future.done():
+                compiling.append(seq)
+                continue
+            try:
+                seq.matcher = future.result()
+            except Exception as exc:  # noqa: BLE001 - a failed compile ends this request only
+                seq.status, seq.finish_reason = SequenceStatus.FINISHED, "error"
+                seq.error = str(exc)
+                outputs.append(self._final_output(seq))
+                continue
+            self.scheduler.add(seq)
+        self._compiling = compiling
+        return outputs
 
     def _read(self, launched: _Launched) -> list[StepOutput]:
         """Wait for a launched step's tokens; count its KV, append its tokens, check stops.
@@ -367,8 +433,9 @@ class Engine:
     def _fail(self, seq: Sequence, why: str) -> StepOutput:
         """End one request with finish_reason `error`; the others go on."""
         self.scheduler.finish(seq, "error")
+        seq.error = f"request {seq.request_id!r}: {why}"
         output = self._final_output(seq)
-        output.error = f"request {seq.request_id!r}: {why}"
+        output.engine_fault = True
         return output
 
     def _launch_ahead(self, launched: _Launched) -> _Launched | None:
@@ -386,7 +453,7 @@ class Engine:
             ids = ids[torch.tensor(rows, device=ids.device)]
         batch.token_ids = ids
         self.overlapped_steps += 1
-        return self._launch(schedule, batch)
+        return self._launch(schedule, batch, ahead=True)
 
     def _build_batch(self, schedule: Schedule) -> ForwardBatch:
         """The packed batch of a schedule; a pending token's id is a placeholder (0) for the
@@ -447,12 +514,12 @@ class Engine:
     def _append_token(self, seq: Sequence, token_id: int, logprobs) -> StepOutput:
         seq.token_ids.append(token_id)
         request = seq.request
-        reason = None
-        if token_id in request.stop_token_ids or (
+        reason = self._grammar_end(seq, token_id)
+        if reason is None and (token_id in request.stop_token_ids or (
             not request.ignore_eos and token_id in self.eos_token_ids
-        ):
+        )):
             reason = "stop"
-        elif seq.reaches_length(self.max_model_len):
+        elif reason is None and seq.reaches_length(self.max_model_len):
             reason = "length"
         output = StepOutput(
             request_id=seq.request_id,
@@ -462,9 +529,22 @@ class Engine:
         )
         if reason is not None:
             self.scheduler.finish(seq, reason)
-            output.finish_reason = reason
+            output.finish_reason, output.error = reason, seq.error
             self._forget(seq)
         return output
+
+    @staticmethod
+    def _grammar_end(seq: Sequence, token_id: int) -> str | None:
+        """Advance a constrained sequence's matcher: `stop` when its grammar is complete (no
+        token may follow), `error` when the matcher fails; None otherwise."""
+        if seq.matcher is None:
+            return None
+        try:
+            seq.matcher.consume(token_id)
+        except GrammarError as exc:
+            seq.error = str(exc)
+            return "error"
+        return "stop" if seq.matcher.finished else None
 
     def _forget(self, seq: Sequence) -> None:
         """A finished sequence leaves the engine, and its random state the sampler."""
@@ -478,6 +558,7 @@ class Engine:
             new_token_ids=[],
             num_cached_tokens=seq.num_cached_tokens,
             finish_reason=seq.finish_reason,
+            error=seq.error,
         )
 
 

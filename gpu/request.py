@@ -8,10 +8,12 @@ and outputs into events; `orcd generate` does the same for a terminal.
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from jobs.errors import OrcdError
 from jobs.limits import SAMPLING_BOUNDS
+from structured.matcher import GrammarMatcher
 
 
 class RequestError(OrcdError):
@@ -71,6 +73,9 @@ class Request:
     # `Scheduler.priority_aging_s` seconds since `arrival_time` (unix s; default: when made).
     priority: int = 0
     arrival_time: float = field(default_factory=time.time)
+    # Output constrained to a grammar: its matcher (structured.GrammarMatcher), or a future of
+    # it while it compiles (GrammarCompiler.submit): the request waits unscheduled until then.
+    grammar: GrammarMatcher | Future[GrammarMatcher] | None = None
 
 
 @dataclass(slots=True)
@@ -91,7 +96,8 @@ class StepOutput:
     logprobs: list[TokenLogprobs] | None = None
     num_cached_tokens: int = 0
     finish_reason: str | None = None  # stop | length | abort | deadline | error
-    error: str | None = None  # with finish_reason "error": why this request alone failed
+    error: str | None = None  # why, when finish_reason is error (NaN logits, a grammar that failed)
+    engine_fault: bool = False  # the error is the engine's (NaN logits), not the request's
 
     @property
     def finished(self) -> bool:

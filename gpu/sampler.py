@@ -1,6 +1,8 @@
 """Batched sampling on the logits' own device: one token id per row, plus logprobs on request.
 
 Order, as HF transformers and vLLM apply it:
+  0. a grammar's token mask (rows that have one): disallowed tokens become -inf, which every
+     later step keeps at -inf (so logprobs describe the constrained distribution);
   1. penalties on the raw logits: repetition (HF rule, prompt + output tokens), then presence
      and frequency (OpenAI rule, output tokens only);
   2. logprobs (when asked) = log_softmax of these penalised logits, before temperature and
@@ -30,11 +32,13 @@ from gpu.backends.base import (
     SampledToken,
     SamplingBatchError,
     SamplingRow,
+    TokenMask,
     check_sampling_batch,
 )
 from gpu.request import SamplingParams, TokenLogprobs
 
-__all__ = ["PendingTokens", "SampledToken", "Sampler", "SamplingRow", "make_generator"]
+__all__ = ["PendingTokens", "SampledToken", "Sampler", "SamplingRow", "TokenMask",
+           "apply_token_mask", "make_generator"]
 
 # A nucleus whose mass reaches top_p within float32 rounding of a softmax + cumsum counts as
 # reaching it: without this slack, ten tokens of 0.1 with top_p 0.6 keep seven, not six.
@@ -76,14 +80,18 @@ class Sampler:
     def release(self, request_id: str) -> None:
         self._request_generators.pop(request_id, None)
 
-    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[SampledToken]:
+    def __call__(
+        self, logits: torch.Tensor, rows: Sequence[SamplingRow], mask: TokenMask | None = None
+    ) -> list[SampledToken]:
         """Pick one token per row of `logits` [B, V] (float32); row i is sampled with rows[i]."""
-        return self.launch(logits, rows).result()
+        return self.launch(logits, rows, mask).result()
 
-    def launch(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> PendingTokens:
+    def launch(
+        self, logits: torch.Tensor, rows: Sequence[SamplingRow], mask: TokenMask | None = None
+    ) -> PendingTokens:
         """Choose the tokens (and their logprobs) on the device without reading them back."""
-        _check_batch(logits, rows)
-        logits = apply_penalties(logits.float(), rows)
+        _check_batch(logits, rows, mask)
+        logits = apply_penalties(apply_token_mask(logits.float(), mask), rows)
         token_ids = torch.empty(len(rows), dtype=torch.long, device=logits.device)
         greedy = [i for i, row in enumerate(rows) if row.params.greedy]
         sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
@@ -141,6 +149,35 @@ class Sampler:
                 generator = make_generator(self._seed, device)
             self._engine_generators[device] = generator
         return generator
+
+
+def apply_token_mask(logits: torch.Tensor, mask: TokenMask | None) -> torch.Tensor:
+    """The logits with each masked row's disallowed tokens at -inf (a new tensor; the same one
+    when there is no mask). One upload of the bits for the batch."""
+    if mask is None or not mask.rows:
+        return logits
+    allowed = unpack_token_mask(mask.bits.to(logits.device, non_blocking=True), logits.shape[1])
+    if len(mask.rows) == logits.shape[0]:
+        return logits.masked_fill(~allowed, float("-inf"))
+    index = torch.tensor(mask.rows, device=logits.device)
+    masked = logits.clone()
+    masked[index] = logits[index].masked_fill(~allowed, float("-inf"))
+    return masked
+
+
+def unpack_token_mask(bits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[C, words] int32 bitmask -> [C, vocab_size] bool, through a table of each byte's 8 bits
+    (little-endian words: byte k of word w holds tokens 32w + 8k .. 32w + 8k + 7)."""
+    table = _BYTE_BITS.get(bits.device)
+    if table is None:
+        values = torch.arange(256, device=bits.device).unsqueeze(1)
+        table = _BYTE_BITS[bits.device] = ((values >> torch.arange(8, device=bits.device)) & 1
+                                           ).bool()  # fmt: skip
+    unpacked = table[bits.contiguous().view(torch.uint8).long()]
+    return unpacked.reshape(bits.shape[0], -1)[:, :vocab_size]
+
+
+_BYTE_BITS: dict[torch.device, torch.Tensor] = {}
 
 
 def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
@@ -322,8 +359,10 @@ def _row_tensor(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, dtype=like.dtype, device=like.device).unsqueeze(1)
 
 
-def _check_batch(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
-    check_sampling_batch(logits, rows)
+def _check_batch(
+    logits: torch.Tensor, rows: Sequence[SamplingRow], mask: TokenMask | None
+) -> None:
+    check_sampling_batch(logits, rows, mask)
     for i, row in enumerate(rows):
         if row.params.seed is not None and row.request_id is None:
             raise SamplingBatchError(

@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 
 from gpu.request import Request
+from structured.matcher import GrammarMatcher
 
 
 class SequenceStatus(enum.Enum):
@@ -31,6 +32,8 @@ class Sequence:
     block_keys: list[int] = field(default_factory=list)  # prefix keys of registered blocks
     num_cached_tokens: int = 0  # reused from the prefix cache at (first) admission
     finish_reason: str | None = None
+    matcher: GrammarMatcher | None = None  # a constrained request's place in its grammar
+    error: str | None = None  # set with finish_reason "error"
 
     @property
     def request_id(self) -> str:

@@ -33,7 +33,7 @@ from jobs.keys import JOB_FIELD
 from jobs.limits import DEFAULT_MODEL
 from jobs.protocol import JobEvent, as_text, build_job, encode_job
 from jobs.redis_url import connect
-from jobs.schema import GenerationJob, describe_validation_error
+from jobs.schema import GenerationJob, describe_validation_error, validation_error_code
 
 QUEUE = "orcd-batch"
 WINDOW = 512  # output streams per XREAD; Redis takes thousands, but replies stay small
@@ -210,7 +210,7 @@ class BatchRunner:
             item.job = build_job(model=self.model, job_id=self._job_id(index, 1),
                                  sampling=sampling, stream=False, **fields)
         except (ValueError, TypeError) as exc:  # pydantic's ValidationError is a ValueError
-            self._fail(item, INVALID_JOB, describe_validation_error(exc))
+            self._fail(item, validation_error_code(exc), describe_validation_error(exc))
         return item
 
     def _submit(self, items: list[Item]) -> None:

@@ -73,6 +73,9 @@ class Done(_Event):
     usage: Usage
     timings: Timings
     metadata: dict[str, Any]
+    # Jobs with a response_format only: true when the output ended before its grammar was
+    # complete (max_tokens, a stop string, a cancel), so it may not parse.
+    partial: bool | None = None
 
 
 class Error(_Event):

@@ -140,12 +140,14 @@ class EventFollower:
 
 
 def encode_job(job: GenerationJob) -> str:
-    """The job's wire JSON. `parse_special` is written only when true, `deadline` and
-    `timeout_s` only when set, so that a job that does not use them is read by workers that
-    predate the fields (they refuse unknown fields); `priority` only when not 0, so that the
-    workers' admission script parses only the jobs that carry one."""
-    left_out = {name for name, unused in (("parse_special", not job.parse_special),
-                                           ("deadline", job.deadline is None),
-                                           ("timeout_s", job.timeout_s is None),
-                                           ("priority", job.priority == 0)) if unused}
-    return job.model_dump_json(exclude_none=False, exclude=left_out or None)
+    """The job's wire JSON. `parse_special` is written only when true, `deadline`,
+    `timeout_s` and `sampling.response_format` only when set, so that a job that does not use
+    them is read by workers that predate the fields (they refuse unknown fields); `priority`
+    only when not 0, so that the workers' admission script parses only the jobs that carry
+    one."""
+    exclude: dict = {name: True for name, unused in (
+        ("parse_special", not job.parse_special), ("deadline", job.deadline is None),
+        ("timeout_s", job.timeout_s is None), ("priority", job.priority == 0)) if unused}
+    if job.sampling.response_format is None:
+        exclude["sampling"] = {"response_format"}
+    return job.model_dump_json(exclude_none=False, exclude=exclude or None)

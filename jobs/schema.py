@@ -21,8 +21,11 @@ import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
+from jobs.events import INVALID_JOB, INVALID_REQUEST
 from jobs.limits import SAMPLING_BOUNDS
+from jobs.response_format import GrammarError, GrammarSpec
 
 VERSION = 1
 # Raw size of one stream entry's `job` field; bigger entries are dead-lettered unparsed.
@@ -32,9 +35,12 @@ MAX_MESSAGES = 1024
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_METADATA_BYTES = 64 * 1024
+MAX_GRAMMAR_CHARS = 256 * 1024  # a JSON Schema (as JSON), regex or grammar
 # A sanity bound only: the worker rejects max_tokens above its model's context.
 MAX_TOKENS_LIMIT = 1 << 20
 MAX_TIMEOUT_S = 7 * 24 * 3600.0  # timeout_s bound: a week
+# The pydantic error type of a response_format the grammar library refuses.
+GRAMMAR_ERROR_TYPE = "invalid_grammar"
 # Ids become parts of Redis keys: no spaces, no glob characters.
 ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 
@@ -59,6 +65,67 @@ def _bounded(name: str, default):
     return Field(default, le=bound.high, **low)
 
 
+class TextFormat(_Strict):
+    """No constraint (OpenAI's default)."""
+
+    type: Literal["text"]
+
+
+class JsonObjectFormat(_Strict):
+    """Any JSON object (OpenAI's JSON mode)."""
+
+    type: Literal["json_object"]
+
+
+class JsonSchemaSpec(_Strict):
+    """OpenAI's `json_schema` member: a named schema. `strict` is accepted for compatibility:
+    the output always follows the schema exactly, whatever it says."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = Field(None, max_length=4096)
+    # `schema` is a BaseModel attribute name: the field is schema_ on our side.
+    schema_: dict[str, Any] | bool = Field(alias="schema")
+    strict: bool | None = None
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, validate_by_name=True,
+                              validate_by_alias=True, serialize_by_alias=True)
+
+
+class JsonSchemaFormat(_Strict):
+    """Output that validates against a JSON Schema (OpenAI's structured outputs)."""
+
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+class RegexFormat(_Strict):
+    """Output that matches a regular expression as a whole (Rust regex syntax)."""
+
+    type: Literal["regex"]
+    pattern: str = Field(min_length=1, max_length=MAX_GRAMMAR_CHARS)
+
+
+class GrammarFormat(_Strict):
+    """Output derived from a context-free grammar: `ebnf` (Lark syntax, `start: ...`) or `gbnf`
+    (llama.cpp's, `root ::= ...`); exactly one."""
+
+    type: Literal["grammar"]
+    ebnf: str | None = Field(None, min_length=1, max_length=MAX_GRAMMAR_CHARS)
+    gbnf: str | None = Field(None, min_length=1, max_length=MAX_GRAMMAR_CHARS)
+
+    @model_validator(mode="after")
+    def _one_syntax(self) -> GrammarFormat:
+        if (self.ebnf is None) == (self.gbnf is None):
+            raise ValueError("exactly one of 'ebnf' and 'gbnf' must be given")
+        return self
+
+
+ResponseFormat = Annotated[
+    TextFormat | JsonObjectFormat | JsonSchemaFormat | RegexFormat | GrammarFormat,
+    Field(discriminator="type"),
+]
+
+
 class Sampling(_Strict):
     """Sampling and stopping controls; defaults as OpenAI's API (temperature 1, top_p 1)."""
 
@@ -75,6 +142,28 @@ class Sampling(_Strict):
         default_factory=list, max_length=MAX_STOP_STRINGS
     )
     logprobs: int | None = _bounded("logprobs", None)  # top-n per token; 0 = the chosen only
+    response_format: ResponseFormat | None = None  # None or text: unconstrained
+
+    @field_validator("response_format")
+    @classmethod
+    def _compilable(cls, value):
+        """A schema, regex or grammar the grammar library cannot use is refused here, with its
+        reason (the worker answers such a job `invalid_request`)."""
+        spec = grammar_spec(value)
+        if spec is not None:
+            try:
+                spec.check()
+            except GrammarError as exc:
+                raise PydanticCustomError(GRAMMAR_ERROR_TYPE, "{reason}", {"reason": str(exc)}
+                                          ) from None
+        return value
+
+
+def grammar_spec(response_format: BaseModel | None) -> GrammarSpec | None:
+    """The `GrammarSpec` of a response_format (None when it constrains nothing)."""
+    if response_format is None:
+        return None
+    return GrammarSpec.from_response_format(response_format.model_dump(by_alias=True))
 
 
 class GenerationJob(_Strict):
@@ -141,6 +230,17 @@ class EndSession(_Strict):
     v: Literal[1]
     op: Literal["end_session"]
     session_id: Id
+
+
+def validation_error_code(exc: Exception) -> str:
+    """The error code of a job that failed validation: `invalid_request` when only its grammar
+    was refused (a well-formed job the model cannot run), `invalid_job` otherwise."""
+    errors = getattr(exc, "errors", None)
+    if errors is not None and errors() and all(
+        error["type"] == GRAMMAR_ERROR_TYPE for error in errors()
+    ):
+        return INVALID_REQUEST
+    return INVALID_JOB
 
 
 def describe_validation_error(exc: Exception) -> str:

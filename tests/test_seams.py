@@ -22,7 +22,7 @@ from jobs.limits import SAMPLING_BOUNDS
 from jobs.schema import Sampling
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("jobs", "loader", "tokenizer", "gpu", "worker", "gateway")
+PACKAGES = ("jobs", "loader", "tokenizer", "structured", "gpu", "worker", "gateway")
 
 
 def _module_name(path: Path) -> str:
@@ -154,7 +154,7 @@ def test_sampling_record_layout_matches_the_kernel():
     source = (ROOT / "gpu" / "kernels" / "sampling.cu").read_text()
     defines = {m[1]: int(m[2]) for m in re.finditer(r"#define (\w+) (\d+)\b", source)}
     names = [n for n in defines if re.fullmatch(r"(W|F)_[A-Z_]+", n)]
-    assert len(names) == 22
+    assert len(names) == 24
     for name in names:
         assert getattr(cuda_sampling, name) == defines[name], name
     assert cuda_sampling.ROW_WORDS == defines["ROW_WORDS"]

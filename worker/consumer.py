@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from jobs.events import INVALID_JOB, INVALID_JSON, PAYLOAD_TOO_LARGE
 from jobs.keys import CONTROL_FIELD, GROUP, JOB_FIELD, Keys
 from jobs.keys import QUEUE_CONSUMER as QUEUE
-from jobs.schema import ID_PATTERN, MAX_JOB_BYTES, EndSession, GenerationJob
+from jobs.schema import ID_PATTERN, MAX_JOB_BYTES, EndSession, GenerationJob, validation_error_code
 from jobs.schema import describe_validation_error as describe
 from worker.job_runner import Delivery
 
@@ -115,7 +115,7 @@ def parse_entry(entry: Entry) -> Delivery | Control | Rejection:
     try:
         job = GenerationJob.model_validate_json(raw)
     except ValidationError as exc:
-        return Rejection(entry, INVALID_JOB, describe(exc), job_id, payload)
+        return Rejection(entry, validation_error_code(exc), describe(exc), job_id, payload)
     return Delivery(entry.stream, entry.entry_id, job, entry.attempt)
 
 

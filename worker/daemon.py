@@ -46,6 +46,7 @@ from jobs.events import (
     UNKNOWN_MODEL,
 )
 from jobs.keys import GROUP, QUEUE_CONSUMER, Keys
+from structured.compiler import GrammarCompiler, after_tokens
 from tokenizer.errors import TokenizerError
 from worker.admission import DEFAULT_AGING_S, DEFAULT_WINDOW, Admission
 from worker.connection import RedisDown, RedisLink, connect
@@ -117,6 +118,8 @@ class Worker:
         self.model = model
         self.engine = model.engine
         self.tokenizer = model.tokenizer
+        # Grammars of jobs with a response_format, compiled on their own threads.
+        self.grammars = GrammarCompiler(self.tokenizer, self.engine.config.vocab_size)
         self.config = config
         self.keys = Keys(config.prefix)
         self.worker_id = config.worker_id
@@ -169,6 +172,7 @@ class Worker:
 
     def close(self) -> None:
         remove_narration_sink(self._mirror)
+        self.grammars.close()
         structlog.contextvars.unbind_contextvars("worker_id", "model")
 
     def run(self) -> int:
@@ -570,7 +574,7 @@ class Worker:
         ended = None  # a resumed job whose earlier attempt had already reached its end
         try:
             request = build_request(job, self.tokenizer, self.engine.max_model_len,
-                                    delivery.enqueued_ms)
+                                    self.grammars, delivery.enqueued_ms)
             prompt_ids = request.prompt_token_ids
             active = ActiveJob.start(delivery, len(prompt_ids), self.tokenizer)
             active.deadline_ms = delivery.deadline_ms
@@ -579,6 +583,8 @@ class Worker:
             if streamed is not None and streamed.token_ids:
                 active.resume(streamed)
                 request = resumed_request(request, streamed)
+                if request.grammar is not None:  # the matcher takes the tokens streamed before
+                    request.grammar = after_tokens(request.grammar, streamed.token_ids)
                 ended = self._resumed_end(active, request)
             if ended is None:
                 self.engine.add(request)
@@ -691,7 +697,7 @@ class Worker:
             job = self.active.get(output.request_id)
             if job is None:
                 continue
-            if output.finish_reason == "error":
+            if output.finish_reason == "error" and output.engine_fault:
                 self._job_failed(job, output.error or "the engine failed this request")
                 continue
             try:
@@ -730,6 +736,10 @@ class Worker:
         self._completed()
 
     def _on_output(self, job: ActiveJob, output: StepOutput) -> None:
+        if output.finish_reason == "error":  # its grammar failed to compile or to go on
+            del self.active[job.job_id]
+            self._fail(job.delivery, INVALID_REQUEST, output.error or "grammar failed")
+            return
         first = job.first_token_at is None and bool(output.new_token_ids)
         for kind, data in job.push(output):
             if kind == "done":

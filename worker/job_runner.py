@@ -18,20 +18,24 @@ import time
 from dataclasses import dataclass, field
 
 from gpu.request import Request, RequestError, SamplingParams, StepOutput
-from jobs.schema import GenerationJob
+from jobs.schema import GenerationJob, grammar_spec
+from structured.compiler import GrammarCompiler
 from tokenizer.tokenizer import GGUFTokenizer
 from worker.text_stream import TextStream
 
 
 def build_request(job: GenerationJob, tokenizer: GGUFTokenizer, max_model_len: int,
+                  grammars: GrammarCompiler | None = None,
                   enqueued_ms: int | None = None) -> Request:
     """The engine request of a validated job: its prompt tokenized (chat template for
     `messages`, whose own text alone makes control tokens; raw text with special-token
     parsing off, so user text cannot forge control tokens; both parsed when the job sets
-    `parse_special`), its sampling, and the model's end-of-generation ids. Raises
-    `TokenizerError` or `RequestError` (max_tokens past the context) with a message for the
-    client. `enqueued_ms` (unix ms, from the stream entry's id) is when the request started
-    waiting: the engine ages its priority from then."""
+    `parse_special`), its sampling, the model's end-of-generation ids, and its
+    response_format's grammar submitted to `grammars` (the request carries the future; the
+    engine schedules it once compiled). Raises `TokenizerError` or `RequestError` (max_tokens
+    past the context, a response_format without a compiler) with a message for the client.
+    `enqueued_ms` (unix ms, from the stream entry's id) is when the request started waiting:
+    the engine ages its priority from then."""
     if job.messages is not None:
         _, prompt_ids = tokenizer.encode_chat(job.message_dicts(),
                                               parse_special=job.parse_special)
@@ -42,9 +46,15 @@ def build_request(job: GenerationJob, tokenizer: GGUFTokenizer, max_model_len: i
         raise RequestError(f"max_tokens {sampling.max_tokens} exceeds the context of "
                            f"{max_model_len} tokens")
     params = SamplingParams(**{name: getattr(sampling, name) for name in _SAMPLING_FIELDS})
+    spec = grammar_spec(sampling.response_format)
+    grammar = None
+    if spec is not None:
+        if grammars is None:
+            raise RequestError("response_format needs a grammar compiler; none was given")
+        grammar = grammars.submit(spec)
     request = Request(job.job_id, prompt_ids, params, max_tokens=sampling.max_tokens,
                       stop_token_ids=tokenizer.end_of_generation_ids,
-                      session_id=job.session_id, priority=job.priority)
+                      session_id=job.session_id, grammar=grammar, priority=job.priority)
     if enqueued_ms is not None:
         request.arrival_time = enqueued_ms / 1000
     return request
@@ -94,6 +104,7 @@ class ActiveJob:
     cancelled: bool = False
     finish_reason: str | None = None
     deadline_ms: float | None = None  # unix ms: the engine request is ended there
+    grammar_complete: bool = False  # a constrained job's engine output ended its grammar
 
     @classmethod
     def start(cls, delivery: Delivery, prompt_tokens: int, tokenizer: GGUFTokenizer
@@ -145,6 +156,7 @@ class ActiveJob:
         if self.pending_ids and (ending or len(self.pending_ids) >= self.job.stream_interval):
             events.extend(self._token_event())
         if output.finished:
+            self.grammar_complete = output.finish_reason == "stop" and not self.stop_string_hit
             self.finish_reason = self._final_reason(output.finish_reason)
             events.append(("done", self.done_payload(now)))
         return events
@@ -192,4 +204,6 @@ class ActiveJob:
                 if completion > 1 and decode_s > 0 else None,
             },
             "metadata": self.job.metadata,
-        }
+        } | ({"partial": not self.grammar_complete}
+             if self.job.sampling.response_format is not None
+             and self.job.sampling.response_format.type != "text" else {})

@@ -41,6 +41,19 @@ class SamplingRow:
 
 
 @dataclass(slots=True, frozen=True)
+class TokenMask:
+    """The tokens grammar-constrained rows may sample next: `bits` [C, words] int32 on the host,
+    one bit per token (bit `t % 32` of word `t // 32`, set = allowed; structured/matcher.py
+    fills it), its row k for the batch's row `rows[k]` (ascending). Rows not named are
+    unconstrained: no mask work for them. The sampler uploads `bits` in one copy and applies it
+    before penalties, top-k and top-p; `bits` must stay untouched until the call's result is
+    read (the engine alternates two buffers)."""
+
+    bits: torch.Tensor
+    rows: tuple[int, ...]
+
+
+@dataclass(slots=True, frozen=True)
 class SampledToken:
     """The chosen token of one row; `logprobs` is set when the row asked for them."""
 
@@ -76,8 +89,11 @@ class TokenSampler(Protocol):
     their device, read them later (overlapped decode), and own each request's random state,
     released when the request leaves the engine."""
 
-    def launch(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> PendingTokens:
-        """Choose the tokens (and requested logprobs) on the device without reading them."""
+    def launch(
+        self, logits: torch.Tensor, rows: Sequence[SamplingRow], mask: TokenMask | None = None
+    ) -> PendingTokens:
+        """Choose the tokens (and requested logprobs) on the device without reading them;
+        `mask` leaves the rows it names only their allowed tokens."""
         ...
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[SampledToken]:
@@ -89,13 +105,28 @@ class TokenSampler(Protocol):
         ...
 
 
-def check_sampling_batch(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
-    """The checks every sampler makes: one [B, V] row of logits per sampling row, and top-n
-    logprobs within the engine's bound."""
+def check_sampling_batch(
+    logits: torch.Tensor, rows: Sequence[SamplingRow], mask: TokenMask | None = None
+) -> None:
+    """The checks every sampler makes: one [B, V] row of logits per sampling row, top-n
+    logprobs within the engine's bound, and a mask that covers the vocabulary and names rows of
+    the batch in order."""
     if logits.dim() != 2 or logits.shape[0] != len(rows):
         raise SamplingBatchError(
             f"logits of shape {tuple(logits.shape)} do not match {len(rows)} rows"
         )
+    if mask is not None:
+        words = (logits.shape[1] + 31) // 32
+        if mask.bits.dtype != torch.int32 or tuple(mask.bits.shape) != (len(mask.rows), words):
+            raise SamplingBatchError(
+                f"token mask of {mask.bits.dtype} {tuple(mask.bits.shape)} for {len(mask.rows)} "
+                f"rows of {logits.shape[1]} tokens: want int32 ({len(mask.rows)}, {words})"
+            )
+        if list(mask.rows) != sorted(set(mask.rows)) or (
+            mask.rows and not 0 <= mask.rows[0] <= mask.rows[-1] < len(rows)
+        ):
+            raise SamplingBatchError(f"token mask rows {list(mask.rows)[:8]} are not ascending "
+                                     f"rows of a batch of {len(rows)}")
     bound = SAMPLING_BOUNDS["logprobs"]
     for i, row in enumerate(rows):
         if row.params.logprobs is not None and not bound.contains(row.params.logprobs):

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from gpu.backends.base import check_sampling_batch
+from gpu.backends.base import TokenMask, check_sampling_batch
 from gpu.cuda.driver import StreamEvent
 from gpu.cuda.errors import CudaError
 from gpu.cuda.kernels import launch_site
@@ -30,15 +30,15 @@ MAX_VOCAB = 1 << 22  # the kernel's index digits (2 x 11 bits)
 MAX_TOP_LOGPROBS = 20  # MAX_TOP
 ROW_WORDS = 16  # int32 words per row record (W_* in sampling.cu)
 OUT_WORDS = 44  # token, chosen logprob, top count, 20 (id, logprob) pairs
-_ARG_KINDS = ("ptr", "i32", "i32", "ptr", "ptr", "ptr", "ptr", "ptr")
+_ARG_KINDS = ("ptr", "i32", "i32", "ptr", "ptr", "ptr", "ptr", "ptr", "ptr", "i32")
 
 # Row record words and flags (sampling.cu's W_* and F_*).
 # tests/test_seams.py checks every one against the kernel's #defines.
 (W_FLAGS, W_TEMPERATURE, W_TOP_K, W_TOP_P_LO, W_TOP_P_HI, W_MIN_P, W_REPETITION, W_PRESENCE,
  W_FREQUENCY, W_LOGPROBS, W_KEY_LO, W_KEY_HI, W_IDS_BEGIN, W_IDS_OUTPUT,
- W_IDS_END) = range(15)  # fmt: skip
+ W_IDS_END, W_MASK_ROW) = range(16)  # fmt: skip
 F_GREEDY, F_TOP_P, F_TOP_P_BEST, F_MIN_P = 1, 2, 4, 8
-F_REPETITION, F_OUTPUT_PENALTIES, F_LOGPROBS = 16, 32, 64
+F_REPETITION, F_OUTPUT_PENALTIES, F_LOGPROBS, F_MASK = 16, 32, 64, 128
 _FLOAT_WORDS = [W_TEMPERATURE, W_MIN_P, W_REPETITION, W_PRESENCE, W_FREQUENCY]
 
 TOP_P_SLACK = np.float32(1e-6)  # gpu/sampler.py's _TOP_P_SLACK, subtracted in float32 as torch does
@@ -96,36 +96,48 @@ class CudaSampler:
         # call t, so call t's pinned records and outputs must survive one more launch.
         self._buffers: dict[tuple[torch.device, int], _Buffers] = {}
 
-    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[SampledToken]:
+    def __call__(
+        self, logits: torch.Tensor, rows: Sequence[SamplingRow], mask: TokenMask | None = None
+    ) -> list[SampledToken]:
         """Pick one token per row of `logits` [B, V] (float32, CUDA); row i is sampled with
         rows[i]."""
-        return self.launch(logits, rows).result()
+        return self.launch(logits, rows, mask).result()
 
     def release(self, request_id: str) -> None:
         """Nothing to forget: a request's draws depend only on its seed and output length."""
 
-    def launch(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> PendingTokens:
+    def launch(
+        self, logits: torch.Tensor, rows: Sequence[SamplingRow], mask: TokenMask | None = None
+    ) -> PendingTokens:
         """Launch the kernel and the copy back; the tokens are read by `result()`. Read a call's
-        result before the call after next: that one reuses its buffers (it raises otherwise)."""
-        return self._run(logits, rows, None)
+        result before the call after next: that one reuses its buffers (it raises otherwise).
+        `mask` (host bits, pinned) goes up in one copy; its rows are masked in the kernel."""
+        return self._run(logits, rows, None, mask)
 
-    def kept_mask(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    def kept_mask(
+        self, logits: torch.Tensor, rows: Sequence[SamplingRow], mask: TokenMask | None = None
+    ) -> torch.Tensor:
         """Debug: [B, V] uint8, 1 where a sampled row's filters keep the token, 0 where they drop
         it; greedy rows stay 2 (unwritten). Draws as a call does (the counter advances)."""
-        mask = torch.full(logits.shape, 2, dtype=torch.uint8, device=logits.device)
-        self._run(logits, rows, mask).result()
-        return mask
+        kept = torch.full(logits.shape, 2, dtype=torch.uint8, device=logits.device)
+        self._run(logits, rows, kept, mask).result()
+        return kept
 
     def _run(
-        self, logits: torch.Tensor, rows: Sequence[SamplingRow], kept: torch.Tensor | None
+        self, logits: torch.Tensor, rows: Sequence[SamplingRow], kept: torch.Tensor | None,
+        mask: TokenMask | None,
     ) -> PendingTokens:
-        check_sampling_batch(logits, rows)
+        check_sampling_batch(logits, rows, mask)
         num_rows, vocab_size = logits.shape
         device = logits.device
         if num_rows == 0:
             return PendingTokens(torch.empty(0, dtype=torch.int64, device=device), list)
         config = sampling_launch_config(num_rows, vocab_size)
-        records, needs_scratch = self._pack(rows, vocab_size)
+        mask_rows = {row: k for k, row in enumerate(mask.rows)} if mask is not None else {}
+        records, needs_scratch = self._pack(rows, vocab_size, mask_rows)
+        device_mask = None
+        if mask_rows:  # one copy for the batch (pinned host memory: asynchronous)
+            device_mask = mask.bits.to(device, non_blocking=True)
         self._calls += 1
         key = (device, self._calls & 1)
         buffers = self._buffers.get(key)
@@ -156,6 +168,8 @@ class CudaSampler:
             0 if counts is None else counts.data_ptr(),
             buffers.device_out.data_ptr(),
             0 if kept is None else pointer(kept, "sampling kept mask", torch.uint8, align=1),
+            0 if device_mask is None else device_mask.data_ptr(),
+            0 if device_mask is None else device_mask.shape[1],
         )
         # The next step's inputs, dense: a one-row column keeps its stride of OUT_WORDS under
         # a plain .to(), and the decode stager refuses it.
@@ -175,17 +189,23 @@ class CudaSampler:
 
         return PendingTokens(ids, read)
 
-    def _pack(self, rows: Sequence[SamplingRow], vocab_size: int) -> tuple[np.ndarray, bool]:
+    def _pack(
+        self, rows: Sequence[SamplingRow], vocab_size: int, mask_rows: dict[int, int]
+    ) -> tuple[np.ndarray, bool]:
         """Row records then every row's penalty token ids, as one int32 array (words built as
-        Python ints and floats per row, converted by numpy once)."""
+        Python ints and floats per row, converted by numpy once); whether the kernel needs its
+        scratch rows (penalties or a token mask)."""
         words: list[list[int]] = []
         floats: list[tuple[float, ...]] = []
         ids: list[Sequence[int]] = []
         offset = 0
         unseeded = 0
-        for row in rows:
+        for index, row in enumerate(rows):
             p = row.params
             flags = F_GREEDY if p.greedy else 0
+            mask_row = mask_rows.get(index)
+            if mask_row is not None:
+                flags |= F_MASK
             top_k = target = key = 0
             if not p.greedy:
                 top_k = p.top_k if 0 < p.top_k < vocab_size else 0
@@ -215,14 +235,14 @@ class CudaSampler:
                 offset += len(row.output_token_ids)
             words.append([flags, 0, top_k, target & 0xFFFF_FFFF, target >> 32, 0, 0, 0, 0,
                           p.logprobs or 0, key & 0xFFFF_FFFF, key >> 32, begin, output, offset,
-                          0])  # fmt: skip
+                          mask_row or 0])  # fmt: skip
             floats.append((p.temperature, p.min_p, p.repetition_penalty, p.presence_penalty,
                            p.frequency_penalty))  # fmt: skip
         header = np.array(words, dtype=np.uint32)
         header[:, _FLOAT_WORDS] = np.array(floats, dtype=np.float32).view(np.uint32)
         records = header.view(np.int32).reshape(-1)
         if not ids:
-            return records, False
+            return records, bool(mask_rows)
         token_ids = [np.asarray(seq, dtype=np.int32).reshape(-1) for seq in ids]
         return np.concatenate([records, *token_ids]), True
 

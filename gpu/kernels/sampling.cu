@@ -1,10 +1,11 @@
 // Sampling on the device: one CTA of 1024 threads per row of the logits. Semantics and order are
-// gpu/sampler.py's (its docstring): penalties (repetition, HF rule, over prompt + output ids; then
-// presence/frequency, OpenAI rule, over output ids) -> logprobs = log_softmax of the penalised
-// logits -> greedy rows: argmax, lowest index on ties -> other rows: y = x / temperature, top-k,
-// top-p on the top-k-renormalised distribution, min-p, one draw. Every reduction is in a fixed
-// order or over integers (exact in any order): a row's result never depends on the other rows or
-// on the run.
+// gpu/sampler.py's (its docstring): a grammar's token bitmask (rows flagged F_MASK: disallowed
+// tokens become -inf, and stay -inf through every later step) -> penalties (repetition, HF rule,
+// over prompt + output ids; then presence/frequency, OpenAI rule, over output ids) -> logprobs =
+// log_softmax of the penalised logits -> greedy rows: argmax, lowest index on ties -> other rows:
+// y = x / temperature, top-k, top-p on the top-k-renormalised distribution, min-p, one draw.
+// Every reduction is in a fixed order or over integers (exact in any order): a row's result never
+// depends on the other rows or on the run.
 //
 // Ranking: tokens are ranked by (value desc, index asc), encoded in one u64 "composite"
 //   order_key(value) << 32 | ~index, so "ranked at or before c" is ">= c" and the kept prefix of
@@ -55,6 +56,7 @@ typedef unsigned long long u64;
 #define W_IDS_BEGIN 12   // repetition ids: [begin, end); presence/frequency ids: [output, end)
 #define W_IDS_OUTPUT 13
 #define W_IDS_END 14
+#define W_MASK_ROW 15    // F_MASK: the row of the token bitmask (mask_words int32 words) to apply
 
 #define F_GREEDY 1
 #define F_TOP_P 2            // top-p with the mass bound in W_TOP_P_*
@@ -63,6 +65,7 @@ typedef unsigned long long u64;
 #define F_REPETITION 16
 #define F_OUTPUT_PENALTIES 32
 #define F_LOGPROBS 64
+#define F_MASK 128           // bit t % 32 of word t / 32 of its bitmask row set = token t allowed
 
 // Output records: token id, chosen logprob (float bits), top count, then (id, logprob) pairs.
 #define OUT_WORDS 44
@@ -430,12 +433,19 @@ __device__ u64 select_cut(Shared& s, const RowView& r, u64 set_cut, bool mass, u
 
 // ----- the row's steps ------------------------------------------------------------------------
 
-// Penalised copy of row x in w (the caller's logits stay untouched); cnt is scratch of V ints.
-__device__ void apply_penalties(const float* x, float* w, int* cnt, int V, const int* rec,
-                                const int* ids, int flags) {
+__device__ __forceinline__ bool allowed(const unsigned* mask, int i) {
+    return mask == nullptr || ((mask[i >> 5] >> (i & 31)) & 1u);
+}
+
+// Masked and penalised copy of row x in w (the caller's logits stay untouched); cnt is scratch
+// of V ints; mask is the row's bitmask (null: no mask). A masked token is -inf before the
+// penalties, and they keep it there (the repetition penalty skips it; -inf - c = -inf).
+__device__ void prepare_row(const float* x, float* w, int* cnt, int V, const int* rec,
+                            const int* ids, int flags, const unsigned* mask) {
     const int begin = rec[W_IDS_BEGIN], output = rec[W_IDS_OUTPUT], end = rec[W_IDS_END];
     const bool counted = flags & F_OUTPUT_PENALTIES;
-    for_each_element(x, V, [&](float v, int i) { w[i] = v; });
+    const float minus_inf = __int_as_float((int)0xff800000u);
+    for_each_element(x, V, [&](float v, int i) { w[i] = allowed(mask, i) ? v : minus_inf; });
     for (int j = output + threadIdx.x; counted && j < end; j += THREADS) {
         const int id = ids[j];
         if (id >= 0 && id < V) cnt[id] = 0;
@@ -445,7 +455,7 @@ __device__ void apply_penalties(const float* x, float* w, int* cnt, int V, const
         const float penalty = __int_as_float(rec[W_REPETITION]);
         for (int j = begin + threadIdx.x; j < end; j += THREADS) {
             const int id = ids[j];
-            if (id < 0 || id >= V) continue;
+            if (id < 0 || id >= V || !allowed(mask, id)) continue;
             const float v = x[id];
             w[id] = v > 0.0f ? __fdiv_rn(v, penalty) : __fmul_rn(v, penalty);
         }
@@ -526,21 +536,25 @@ __device__ float log_sum_exp_below_max(Shared& s, const RowView& r, u64 cut) {
 }
 
 // One row per CTA: see the top of the file. logits [B, V] (row stride), records from the host,
-// work/counts [B, V] scratch when a row has penalties (else null), out [B, OUT_WORDS], kept_out
-// [B, V] (debug, or null): the kept mask of each sampled row.
+// work/counts [B, V] scratch when a row has penalties or a mask (else null), out [B, OUT_WORDS],
+// kept_out [B, V] (debug, or null): the kept mask of each sampled row; token_mask [C,
+// mask_words] the bitmask rows of the F_MASK rows (null when none has one).
 extern "C" __global__ void __launch_bounds__(THREADS) sample_rows(
     const float* __restrict__ logits, int logits_stride, int V, const int* __restrict__ records,
     float* __restrict__ work, int* __restrict__ counts, int* __restrict__ out,
-    unsigned char* __restrict__ kept_out) {
+    unsigned char* __restrict__ kept_out, const unsigned* __restrict__ token_mask,
+    int mask_words) {
     __shared__ Shared s;
     const int row = blockIdx.x;
     const int* rec = records + (i64)row * ROW_WORDS;
     const int flags = rec[W_FLAGS];
     const float* x = logits + (i64)row * logits_stride;
-    if (flags & (F_REPETITION | F_OUTPUT_PENALTIES)) {
+    if (flags & (F_REPETITION | F_OUTPUT_PENALTIES | F_MASK)) {
         float* w = work + (i64)row * V;
-        apply_penalties(x, w, counts + (i64)row * V, V, rec, records + (i64)gridDim.x * ROW_WORDS,
-                        flags);
+        const unsigned* mask =
+            flags & F_MASK ? token_mask + (i64)rec[W_MASK_ROW] * mask_words : nullptr;
+        prepare_row(x, w, counts + (i64)row * V, V, rec, records + (i64)gridDim.x * ROW_WORDS,
+                    flags, mask);
         x = w;
     }
 

@@ -205,6 +205,28 @@ def test_request_errors(stack, client):
     assert set(response.json()["error"]) == ERROR_FIELDS
 
 
+def test_response_format_json_schema_and_refusals(client):
+    """OpenAI's structured outputs: the answer parses and follows the schema; a schema the
+    grammar library refuses is a 400 naming response_format and the reason."""
+    schema = {"type": "object", "additionalProperties": False, "required": ["city"],
+              "properties": {"city": {"type": "string", "maxLength": 20}}}
+    answer = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}],
+        temperature=0, max_tokens=32,
+        response_format={"type": "json_schema",
+                         "json_schema": {"name": "capital", "schema": schema, "strict": True}})
+    choice = answer.choices[0]
+    assert choice.finish_reason == "stop" and json.loads(choice.message.content) == {
+        "city": "Paris"}
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model=MODEL, messages=CHAT, max_tokens=4,
+            response_format={"type": "json_schema",
+                             "json_schema": {"name": "bad", "schema": {"type": "strin"}}})
+    error = error_of(caught.value)
+    assert error["param"] == "response_format" and "Invalid type: strin" in error["message"]
+
+
 def test_rate_limits(stack):
     _, gateway = stack
     limited = openai.OpenAI(api_key=LIMITED_KEY, base_url=f"{gateway.url}/v1", max_retries=0)

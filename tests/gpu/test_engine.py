@@ -284,7 +284,8 @@ def test_non_finite_logits_end_one_request_alone(backend):
         outputs += engine.step()
     poisoned = [o for o in outputs if o.request_id == "poisoned"]
     assert [o.finish_reason for o in poisoned] == ["error"]
-    assert "not finite" in poisoned[0].error and not poisoned[0].new_token_ids
+    assert "not finite" in poisoned[0].error and poisoned[0].engine_fault
+    assert not poisoned[0].new_token_ids
     for rid in ("a", "c", "d"):
         assert sum((o.new_token_ids for o in outputs if o.request_id == rid), []) == clean[rid]
     assert engine.stats().kv_blocks_used == 0

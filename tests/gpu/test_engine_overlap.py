@@ -153,10 +153,10 @@ def test_a_failed_read_drops_the_step_launched_on_it(backend):
     engine.add(greedy(p, "r", max_tokens=8))
     launch, calls = engine.sampler.launch, 0
 
-    def failing_third_launch(logits, rows):
+    def failing_third_launch(logits, rows, mask=None):
         nonlocal calls
         calls += 1
-        pending = launch(logits, rows)
+        pending = launch(logits, rows, mask)
         if calls == 3:
             pending._read = lambda: (_ for _ in ()).throw(RuntimeError("device lost"))
         return pending

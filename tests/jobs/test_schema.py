@@ -113,6 +113,7 @@ def test_parse_special_is_an_explicit_opt_in():
     # Written only when true: workers that predate the field read the other jobs.
     plain = build_job(model="smollm2-135m", prompt="Hi")
     assert "parse_special" not in json.loads(encode_job(plain))
+    assert "response_format" not in json.loads(encode_job(plain))["sampling"]
     opted = build_job(model="smollm2-135m", prompt="Hi", parse_special=True)
     assert json.loads(encode_job(opted))["parse_special"] is True
     assert GenerationJob.model_validate_json(encode_job(opted)) == opted

@@ -41,6 +41,19 @@ def test_generate_raw_length(default_model_path):
     assert out["finish_reason"] == "length" and len(out["token_ids"]) == 5
 
 
+def test_generate_with_a_response_format(default_model_path):
+    schema = {"type": "object", "additionalProperties": False, "required": ["city"],
+              "properties": {"city": {"type": "string", "maxLength": 20}}}
+    response_format = {"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}
+    result = orcd("generate", "--json", "--max-tokens", "24", "--response-format",
+                  json.dumps(response_format), "What is the capital of France?")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert json.loads(out["text"]) == {"city": "Paris"} and out["finish_reason"] == "stop"
+    bad = orcd("generate", "--response-format", '{"type": "regex", "pattern": "(?=x)"}', "hi")
+    assert bad.returncode == 2 and "look-around" in bad.stderr and "model.loaded" not in bad.stderr
+
+
 def test_generate_unknown_model_exit_2():
     result = orcd("generate", "--model", "nope", "hi")
     assert result.returncode == 2 and "unknown model 'nope'" in result.stderr

@@ -327,3 +327,36 @@ def test_an_entry_delivered_but_never_started_goes_back_to_the_queue(model, redi
         assert "job.requeued" in {f[b"event"].decode() for _, f in r.xrange(KEYS.narration)}
     finally:
         worker.close()
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
+          "properties": {"name": {"type": "string", "maxLength": 8},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 99}}}
+
+
+def test_response_format_jobs_parse_or_are_marked_partial_and_bad_grammars_fail(setup):
+    import jsonschema
+
+    worker, _, r = setup
+    json_schema = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    for job_id, response_format, max_tokens in [
+        ("rf-whole", json_schema, 40), ("rf-short", json_schema, 3),
+        ("rf-regex", {"type": "regex", "pattern": "(yes|no)"}, 5),
+        ("rf-bad", {"type": "json_schema", "json_schema": {"name": "b",
+                                                          "schema": {"type": "strin"}}}, 5),
+        ("rf-gbnf", {"type": "grammar", "gbnf": "root ::= missing"}, 5),
+    ]:
+        sampling = {"temperature": 0, "max_tokens": max_tokens,
+                    "response_format": response_format}
+        r.xadd(KEYS.jobs(MODEL), {"job": raw_job(job_id=job_id, sampling=sampling)})
+    ids = ("rf-whole", "rf-short", "rf-regex", "rf-bad", "rf-gbnf")
+    run_until(worker, lambda: all(final(r, job_id) for job_id in ids))
+    kind, done = final(r, "rf-whole")
+    assert (kind, done["finish_reason"], done["partial"]) == ("done", "stop", False)
+    jsonschema.validate(json.loads(done["text"]), PERSON)
+    assert done["text"] == "".join(d["text"] for k, d in events(r, "rf-whole") if k == "token")
+    kind, done = final(r, "rf-short")
+    assert (kind, done["finish_reason"], done["partial"]) == ("done", "length", True)
+    assert final(r, "rf-regex")[1]["text"] in ("yes", "no")
+    for job_id, reason in [("rf-bad", "Invalid type: strin"), ("rf-gbnf", "missing")]:
+        kind, data = final(r, job_id)
+        assert (kind, data["code"]) == ("error", "invalid_request") and reason in data["message"]
+    run_until(worker, lambda: not worker.engine.has_work())  # the step launched ahead of a stop

@@ -7,7 +7,12 @@ import json
 import sys
 import time
 
+from pydantic import ValidationError
+
 from gpu.request import Request, SamplingParams
+from jobs.errors import JobError
+from jobs.schema import Sampling, describe_validation_error, grammar_spec
+from structured import GrammarCompiler
 from worker.commands.options import add_model_options
 from worker.loaded_model import load_model
 from worker.log import configure_logging
@@ -35,10 +40,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stop string, not printed (repeatable)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object at the end instead of streaming")
+    parser.add_argument("--response-format", metavar="JSON",
+                        help="constrain the answer, as a job's sampling.response_format, e.g. "
+                        '\'{"type": "regex", "pattern": "(yes|no)"}\'')
 
 
 def run(args: argparse.Namespace) -> int:
     configure_logging()
+    spec = _grammar(args.response_format)  # refused before minutes of loading
     model = load_model(args.model, models_dir=args.models_dir, backend=args.backend,
                        dtype=args.dtype, matmul=args.matmul)
     tokenizer, engine = model.tokenizer, model.engine
@@ -52,9 +61,12 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
         repetition_penalty=args.repetition_penalty, seed=args.seed,
     )
+    grammar = None
+    if spec is not None:
+        grammar = GrammarCompiler(tokenizer, engine.config.vocab_size, threads=1).submit(spec)
     request = Request(
         "generate", prompt_ids, sampling, max_tokens=args.max_tokens,
-        stop_token_ids=tokenizer.end_of_generation_ids,
+        stop_token_ids=tokenizer.end_of_generation_ids, grammar=grammar,
     )
     stream = TextStream(tokenizer, args.stop)
     start = time.perf_counter()
@@ -68,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
                 first_token_at = time.perf_counter()
             token_ids += output.new_token_ids
             delta = stream.push(output.new_token_ids)
+            if output.finish_reason == "error":
+                raise JobError(f"response_format: {output.error}")
             if output.finished:
                 finish_reason = output.finish_reason
                 delta += stream.finish()
@@ -100,3 +114,16 @@ def run(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write("\n")
     return 0
+
+
+def _grammar(response_format: str | None):
+    """The GrammarSpec of --response-format, checked as the wire checks a job's (JobError)."""
+    if response_format is None:
+        return None
+    try:
+        value = json.loads(response_format)
+        sampling = Sampling.model_validate({"response_format": value})
+    except ValueError as exc:  # JSONDecodeError and pydantic's ValidationError
+        reason = describe_validation_error(exc) if isinstance(exc, ValidationError) else exc
+        raise JobError(f"--response-format: {reason}") from None
+    return grammar_spec(sampling.response_format)
