@@ -143,10 +143,12 @@ class CudaBackend(Backend):
         # Widest block table a sequence can need; graphs index tables of exactly this width.
         self._table_width = -(-min(c.context_length, num_blocks * block_size) // block_size)
         n = BATCH_BUCKETS[-1]
-        rows = max(n, TC_PREFILL_MAX_TOKENS)
-        needs = [op.workspace_needs(rows) for lin in self.weights.linears() for op in lin.tc]
-        self._tc_workspace = TcWorkspace.sized(max(p for p, _ in needs), max(t for _, t in needs),
-                                               self.device)  # fmt: skip
+        if self.matmul != "matvec":  # split-K partials: 59 MB on the 8B shape, so only if used
+            rows = max(n, TC_PREFILL_MAX_TOKENS)
+            needs = [op.workspace_needs(rows) for lin in self.weights.linears() for op in lin.tc]
+            self._tc_workspace = TcWorkspace.sized(
+                max(p for p, _ in needs), max(t for _, t in needs), self.device
+            )
         self._inputs = DecodeInputStager(n, self._table_width, self.device)
         self._logits = torch.zeros(n, c.vocab_size, dtype=torch.float32, device=self.device)
         self._graphs.clear()
