@@ -143,7 +143,7 @@ class CudaBackend(Backend):
         # Widest block table a sequence can need; graphs index tables of exactly this width.
         self._table_width = -(-min(c.context_length, num_blocks * block_size) // block_size)
         n = BATCH_BUCKETS[-1]
-        if self.matmul != "matvec":  # split-K partials: 59 MB on the 8B shape, so only if used
+        if self.matmul != "matvec":  # split-K partials: ~38 MB on the 8B shape, only if used
             rows = max(n, TC_PREFILL_MAX_TOKENS)
             needs = [op.workspace_needs(rows) for lin in self.weights.linears() for op in lin.tc]
             self._tc_workspace = TcWorkspace.sized(
