@@ -28,6 +28,7 @@ import redis
 import structlog
 
 from gpu.request import Request, RequestError, StepOutput
+from gpu.tensor_parallel import TensorParallelError
 from jobs.events import ENGINE_ERROR, INVALID_REQUEST, TOO_MANY_DELIVERIES, UNKNOWN_MODEL
 from jobs.keys import Keys
 from structured.compiler import GrammarCompiler, after_tokens
@@ -510,6 +511,10 @@ class Worker:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
+        except TensorParallelError:
+            # A rank is gone and the group with it: exit (non-zero) with the jobs unacknowledged,
+            # so the service manager restarts the worker and the jobs are reclaimed.
+            raise
         except Exception as exc:  # noqa: BLE001 - out of memory or a bug: fail the jobs, not the worker
             self._engine_failed(exc)
             return
