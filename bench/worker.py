@@ -1,5 +1,7 @@
 """Worker benchmarks: (1) events per second one worker's publisher writes to Redis, (2) end-
-to-end tokens/s through Redis versus calling the engine directly, same 8 concurrent jobs.
+to-end tokens/s through Redis versus calling the engine directly, same 8 concurrent jobs,
+(3) the worker loop's own cost while it serves them: host milliseconds per loop iteration
+outside `Engine.step()`, and Redis round trips and commands per iteration that stepped.
 
     .venv/bin/python -m bench.worker [--events 50000] [--max-tokens 64] [--repeats 3]
 
@@ -67,6 +69,86 @@ def redis_run(client: OrcdClient, max_tokens: int) -> tuple[int, float]:
     return tokens, time.perf_counter() - start
 
 
+class LoopMeter:
+    """Times a running worker's loop from outside: its iterations that stepped the engine
+    (host time outside the step), and their Redis round trips (each `execute_command` or pipeline `execute` of its
+    connection) and the commands Redis counted meanwhile (INFO stats, all clients: the
+    benchmark's own client polls too, so commands are an upper bound)."""
+
+    def __init__(self, worker: Worker, admin) -> None:
+        self.worker, self.admin = worker, admin
+        self.on = False
+        self.iterations = self.steps = self.round_trips = 0
+        self.loop_s = self.step_s = 0.0
+        self.stepping_round_trips = 0
+        iteration, step = worker.iteration, worker.engine.step
+
+        def timed_iteration():
+            # Only iterations that stepped count: an idle one waits on Redis by design.
+            start, steps, step_s, trips = (time.perf_counter(), self.steps, self.step_s,
+                                           self.round_trips)
+            iteration()
+            if self.on and self.steps > steps:
+                self.iterations += 1
+                self.loop_s += time.perf_counter() - start - (self.step_s - step_s)
+                self.stepping_round_trips += self.round_trips - trips
+
+        def timed_step():
+            start = time.perf_counter()
+            try:
+                return step()
+            finally:
+                if self.on:
+                    self.steps += 1
+                    self.step_s += time.perf_counter() - start
+
+        worker.iteration, worker.engine.step = timed_iteration, timed_step
+        client = worker.redis
+        command, pipeline = client.execute_command, client.pipeline
+
+        def counted_command(*args, **kwargs):
+            if self.on and threading.current_thread() is self.thread:
+                self.round_trips += 1
+            return command(*args, **kwargs)
+
+        def counted_pipeline(*args, **kwargs):
+            pipe = pipeline(*args, **kwargs)
+            execute = pipe.execute
+
+            def counted_execute(*a, **k):
+                if self.on and threading.current_thread() is self.thread:
+                    self.round_trips += 1
+                return execute(*a, **k)
+
+            pipe.execute = counted_execute
+            return pipe
+
+        client.execute_command, client.pipeline = counted_command, counted_pipeline
+        self.thread: threading.Thread | None = None
+
+    def _commands(self) -> int:
+        return int(self.admin.info("stats")["total_commands_processed"])
+
+    def start(self, thread: threading.Thread) -> None:
+        """Count from now on, the round trips made from `thread` (the worker's loop)."""
+        self.thread = thread
+        self.commands0 = self._commands()
+        self.on = True
+
+    def result(self) -> dict:
+        self.on = False
+        commands = self._commands() - self.commands0
+        steps = max(self.steps, 1)
+        return {
+            "loop_iterations_stepping": self.iterations,
+            "engine_steps": self.steps,
+            "host_ms_per_step": round(1e3 * self.loop_s / max(self.iterations, 1), 3),
+            "round_trips_per_step": round(self.stepping_round_trips / max(self.iterations, 1),
+                                          2),
+            "redis_commands_per_step": round(commands / steps, 1),
+        }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--events", type=int, default=50_000)
@@ -85,17 +167,20 @@ def main() -> None:
             model = load_model("smollm2-135m", progress=False)
             worker = Worker(load_model("smollm2-135m", progress=False), WorkerConfig(worker_id="bench", redis_url=server.url,
                                                 max_jobs=8))
+            loop = LoopMeter(worker, server.client())
             thread = threading.Thread(target=worker.run, daemon=True)
             thread.start()
             client = OrcdClient(server.url)
             direct_run(model, 4)  # warm-up both paths
             redis_run(client, 4)
             direct, through = [], []
+            loop.start(thread)
             for _ in range(args.repeats):  # interleaved: load on a shared machine hits both
                 tokens, seconds = direct_run(model, args.max_tokens)
                 direct.append(tokens / seconds)
                 tokens, seconds = redis_run(client, args.max_tokens)
                 through.append(tokens / seconds)
+            loop_costs = loop.result()
             worker.stop("benchmark over")
             thread.join(60)
         finally:
@@ -110,6 +195,7 @@ def main() -> None:
         "redis_median": round(statistics.median(through), 2),
         "overhead_pct": round(100 * (1 - statistics.median(through) /
                                      statistics.median(direct)), 2),
+        **loop_costs,
     }
     print(json.dumps(results, indent=2))
     print(write_result("worker", results))

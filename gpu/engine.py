@@ -29,6 +29,11 @@ token advances the matcher, and a grammar that is complete ends the request with
 step launched ahead runs its forward pass at once but samples only after the read, when the
 matchers have taken the previous tokens: the host fills the masks while the device runs that
 forward pass, so overlap stays on and costs the constrained rows only the mask fill.
+
+Failure isolation (gpu/faults.py): a request whose logits row is not finite (NaN or inf) ends
+alone with finish_reason `error` (its row is zeroed before sampling, so the others' draws go
+on); an error after which the device cannot be used (a sticky CUDA error) is raised from
+`step()` as `DeviceLostError`.
 """
 
 from __future__ import annotations
@@ -44,11 +49,12 @@ import torch
 from gpu.backends.base import Backend
 from gpu.batch import BatchPacker, ForwardBatch
 from gpu.events import EngineEvent
+from gpu.faults import FaultInjector, is_device_lost
 from gpu.grammar_masks import GrammarMasks
 from gpu.kv_cache import KVCache, chain_key
-from gpu.request import Request, RequestError, StepOutput
+from gpu.request import DeviceLostError, Request, RequestError, StepOutput
 from gpu.sampler import PendingTokens, SamplingRow
-from gpu.scheduler import Schedule, Scheduler
+from gpu.scheduler import DEFAULT_PRIORITY_AGING_S, Schedule, Scheduler
 from gpu.sequence import Sequence, SequenceStatus
 from jobs.limits import DEFAULT_SESSION_TTL_S
 from jobs.response_format import GrammarError
@@ -81,6 +87,7 @@ class _Launched:
     rows: list[SamplingRow]
     logits: torch.Tensor | None = None
     tokens: PendingTokens | None = None
+    finite: torch.Tensor | None = None  # per sampled row: its logits were all finite
 
 
 @dataclass(slots=True, frozen=True)
@@ -186,6 +193,9 @@ class Engine:
         progress: Callable | None = None,
         dtype: str = "float32",
         overlap: bool = True,
+        priority_aging_s: float = DEFAULT_PRIORITY_AGING_S,
+        check_finite: bool = True,
+        faults: FaultInjector | None = None,
         matmul: str | None = None,
         tensor_parallel: int = 1,
     ) -> None:
@@ -205,7 +215,7 @@ class Engine:
         self.max_model_len = min(self.config.context_length, kv_blocks * block_size)
         self.scheduler = Scheduler(
             self.kv, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens,
-            max_model_len=self.max_model_len,
+            max_model_len=self.max_model_len, priority_aging_s=priority_aging_s,
         )
         self.sampler = self.backend.make_sampler(seed)
         self._packer = BatchPacker(self.backend.device, self.backend.uploader())
@@ -216,6 +226,9 @@ class Engine:
         self.overlap = overlap  # launch the next decode step before reading this one's ids
         self._in_flight: _Launched | None = None  # launched by the last step(), read by the next
         self.overlapped_steps = 0  # steps launched ahead of the previous step's read
+        self.check_finite = check_finite  # end a request whose logits row is NaN/inf alone
+        self.faults = faults if faults is not None else FaultInjector.from_env()
+        self._lost: DeviceLostError | None = None  # sticky: every later step raises it
 
     # ----- requests ---------------------------------------------------------------------------
 
@@ -247,16 +260,17 @@ class Engine:
             seq.matcher = request.grammar
             self.scheduler.add(seq)
 
-    def abort(self, request_id: str) -> bool:
-        """Stop a request now and free its KV; its `abort` output comes with the next step."""
+    def abort(self, request_id: str, reason: str = "abort") -> bool:
+        """Stop a request now and free its KV; its output, with `reason` as its finish reason
+        (`abort`, or `deadline` for a request past its deadline), comes with the next step."""
         seq = self._sequences.get(request_id)
         if seq is None or seq.status == SequenceStatus.FINISHED:
             return False
         if seq in self._compiling:  # never reached the scheduler
             self._compiling.remove(seq)
-            seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
+            seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
         else:
-            self.scheduler.finish(seq, "abort")
+            self.scheduler.finish(seq, reason)
         self._aborted.append(seq)
         return True
 
@@ -300,7 +314,22 @@ class Engine:
         """Run one forward pass over what the scheduler picks; outputs of requests that moved.
 
         With overlap, the pass whose outputs this returns may have been launched by the previous
-        call, and this call may leave the next one launched (module docstring)."""
+        call, and this call may leave the next one launched (module docstring). Raises
+        `DeviceLostError`, then on every later call, once the device cannot be used."""
+        if self._lost is not None:
+            raise self._lost
+        try:
+            self.faults.on_step()
+            return self._step()
+        except Exception as exc:
+            if not is_device_lost(exc):
+                raise
+            lost = exc if isinstance(exc, DeviceLostError) else DeviceLostError(
+                f"device {self.backend.device} is unusable: {type(exc).__name__}: {exc}")
+            self._lost = lost
+            raise lost from (None if lost is exc else exc)
+
+    def _step(self) -> list[StepOutput]:
         outputs = [self._final_output(seq) for seq in self._aborted]
         self._aborted = []
         outputs += self._admit_compiled()
@@ -336,7 +365,10 @@ class Engine:
         """The forward pass and the sampling of the scheduled sequences, nothing read back. A
         step launched `ahead` with constrained rows is sampled later (`_sample`)."""
         rows = [self._sampling_row(seq) for seq in schedule.sampled]
-        launched = _Launched(schedule, rows, self.backend.forward(batch))
+        logits = self.backend.forward(batch)
+        if self.faults.nan_requests:
+            self.faults.poison(logits, [seq.request_id for seq in schedule.sampled])
+        launched = _Launched(schedule, rows, logits)
         if not (ahead and any(seq.matcher is not None for seq in schedule.sampled)):
             self._sample(launched)
         for seq, n in schedule.items:
@@ -347,8 +379,23 @@ class Engine:
 
     def _sample(self, launched: _Launched) -> None:
         """Sample a launched forward pass, constrained rows under their grammar's mask."""
+        logits, rows = launched.logits, launched.rows
+        if self.check_finite:
+            # One reduction on the device, read with the ids. Where a row is drawn at random,
+            # a bad row is zeroed so that the sampler (a multinomial refuses NaN) serves the
+            # others; greedy rows only take an argmax.
+            finite = torch.isfinite(logits).all(dim=-1)
+            if not all(row.params.greedy for row in rows):
+                logits.masked_fill_(~finite.unsqueeze(-1), 0.0)
+            if finite.device.type != "cpu":
+                # Into pinned memory before the sampler's own copy back, on the same stream:
+                # once its ids are read, so is this, and no later step is waited for (a plain
+                # .tolist() at the read would wait for the step launched ahead).
+                host = torch.empty(finite.shape, dtype=torch.bool, pin_memory=True)
+                finite = host.copy_(finite, non_blocking=True)
+            launched.finite = finite
         mask = self.masks.build(launched.schedule.sampled)
-        launched.tokens = self.sampler.launch(launched.logits, launched.rows, mask)
+        launched.tokens = self.sampler.launch(logits, rows, mask)
         launched.logits = None
 
     def _admit_compiled(self) -> list[StepOutput]:
@@ -383,6 +430,7 @@ class Engine:
         schedule = launched.schedule
         try:
             tokens = launched.tokens.result()
+            finite = launched.finite.tolist() if launched.finite is not None else None
         finally:
             _settle(schedule)
         for seq, n in schedule.items:
@@ -390,10 +438,22 @@ class Engine:
                 seq.num_computed += n
                 self._register_full_blocks(seq)
         outputs = []
-        for seq, token in zip(schedule.sampled, tokens, strict=True):
-            if seq.status == SequenceStatus.RUNNING:
+        for i, (seq, token) in enumerate(zip(schedule.sampled, tokens, strict=True)):
+            if seq.status != SequenceStatus.RUNNING:
+                continue
+            if finite is not None and not finite[i]:
+                outputs.append(self._fail(seq, "its logits are not finite (NaN or inf)"))
+            else:
                 outputs.append(self._append_token(seq, token.token_id, token.logprobs))
         return outputs
+
+    def _fail(self, seq: Sequence, why: str) -> StepOutput:
+        """End one request with finish_reason `error`; the others go on."""
+        self.scheduler.finish(seq, "error")
+        seq.error = f"request {seq.request_id!r}: {why}"
+        output = self._final_output(seq)
+        output.engine_fault = True
+        return output
 
     def _launch_ahead(self, launched: _Launched) -> _Launched | None:
         """Launch the step the scheduler plans ahead of `launched`'s read, its pending tokens

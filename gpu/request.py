@@ -7,6 +7,7 @@ and outputs into events; `orcd generate` does the same for a terminal.
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -17,6 +18,11 @@ from structured.matcher import GrammarMatcher
 
 class RequestError(OrcdError):
     """A request the engine cannot run (empty prompt, too long for the context, bad parameters)."""
+
+
+class DeviceLostError(OrcdError):
+    """The device cannot run anything more (a sticky CUDA error such as an illegal address):
+    the process must exit and be restarted; no request of it can be saved here."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -63,6 +69,10 @@ class Request:
     stop_token_ids: frozenset[int] = frozenset()
     session_id: str | None = None
     ignore_eos: bool = False
+    # Served first at admission, preempted last; a waiting request gains one level per
+    # `Scheduler.priority_aging_s` seconds since `arrival_time` (unix s; default: when made).
+    priority: int = 0
+    arrival_time: float = field(default_factory=time.time)
     # Output constrained to a grammar: its matcher (structured.GrammarMatcher), or a future of
     # it while it compiles (GrammarCompiler.submit): the request waits unscheduled until then.
     grammar: GrammarMatcher | Future[GrammarMatcher] | None = None
@@ -85,8 +95,9 @@ class StepOutput:
     new_token_ids: list[int]
     logprobs: list[TokenLogprobs] | None = None
     num_cached_tokens: int = 0
-    finish_reason: str | None = None  # stop | length | abort | error
-    error: str | None = None  # why, when finish_reason is error (a grammar that failed)
+    finish_reason: str | None = None  # stop | length | abort | deadline | error
+    error: str | None = None  # why, when finish_reason is error (NaN logits, a grammar that failed)
+    engine_fault: bool = False  # the error is the engine's (NaN logits), not the request's
 
     @property
     def finished(self) -> bool:

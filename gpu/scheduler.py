@@ -1,13 +1,15 @@
 """Continuous batching: which sequences run this step, with how many tokens each.
 
 Each step first gives every running sequence its next tokens (one for a decode, a chunk for
-an unfinished prefill), then admits waiting sequences first-come-first-served while the token
-budget, the sequence cap and the KV pool allow. Prompts are prefilled in chunks of at most the
-remaining budget, so a long prompt delays running decodes by at most one chunk per step.
-When KV blocks run out, the pool reclaims idle sessions and cached prefixes; if that is not
-enough, the most recently admitted running sequence is preempted: its blocks are freed and it
-goes back to the front of the queue to be recomputed later (its tokens are kept; nothing is
-dropped).
+an unfinished prefill), higher priorities first, then admits waiting sequences while the token
+budget, the sequence cap and the KV pool allow: the best score first, a request's `priority`
+plus one level per `priority_aging_s` seconds since it arrived (so a low priority is never
+starved; equal scores keep queue order, which is first come first served). Prompts are
+prefilled in chunks of at most the remaining budget, so a long prompt delays running decodes by
+at most one chunk per step. When KV blocks run out, the pool reclaims idle sessions and cached
+prefixes; if that is not enough, the running sequence of the lowest priority (the most recently
+admitted among equals) is preempted: its blocks are freed and it goes back to the front of the
+queue to be recomputed later (its tokens are kept; nothing is dropped).
 
 While a step is in flight (launched, its sampled ids not read yet), `schedule_ahead()` plans
 the next one, counting each sequence's tokens in flight and its pending token (vLLM's output
@@ -18,12 +20,15 @@ placeholders): the engine only splices the device ids into that step. It plans o
 from __future__ import annotations
 
 import sys
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
 from gpu.events import EngineEvent
 from gpu.kv_cache import KVCache
 from gpu.sequence import Sequence, SequenceStatus
+
+DEFAULT_PRIORITY_AGING_S = 1.0  # seconds of waiting worth one priority level
 
 
 @dataclass(slots=True)
@@ -50,9 +55,14 @@ class Scheduler:
     """Waiting and running queues over one `KVCache`."""
 
     def __init__(self, kv: KVCache, *, max_num_seqs: int = 256, max_batch_tokens: int = 512,
-                 max_model_len: int = sys.maxsize):  # fmt: skip
+                 max_model_len: int = sys.maxsize,
+                 priority_aging_s: float = DEFAULT_PRIORITY_AGING_S, clock=time.time):  # fmt: skip
         if max_batch_tokens < 1 or max_num_seqs < 1:
             raise ValueError("max_batch_tokens and max_num_seqs must be positive")
+        if priority_aging_s <= 0:
+            raise ValueError("priority_aging_s must be positive")
+        self.priority_aging_s = priority_aging_s
+        self._clock = clock
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_batch_tokens = max_batch_tokens
@@ -68,9 +78,26 @@ class Scheduler:
 
     # ----- one step ---------------------------------------------------------------------------
 
+    def score(self, seq: Sequence, now: float) -> float:
+        """A waiting sequence's claim to admission: its priority, aged by its wait."""
+        request = seq.request
+        return request.priority + (now - request.arrival_time) / self.priority_aging_s
+
+    def _next_waiting(self) -> Sequence:
+        """The waiting sequence of the best score; the first in queue order among equals."""
+        if len(self.waiting) == 1:
+            return self.waiting[0]
+        now = self._clock()
+        return max(self.waiting, key=lambda seq: self.score(seq, now))
+
     def schedule(self) -> Schedule:
         schedule = Schedule()
         budget = self.max_batch_tokens
+        # Higher priorities first (stable: admission order among equals), so that they get
+        # blocks and budget first and the victims of preemption come from the tail.
+        if any(seq.request.priority != self.running[0].request.priority
+               for seq in self.running):  # fmt: skip
+            self.running.sort(key=lambda seq: -seq.request.priority)
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
@@ -81,10 +108,10 @@ class Scheduler:
                 index += 1
             # else: seq itself was preempted and removed from running; same index is next
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+            seq = self._next_waiting()
             if not self._admit(seq, budget):
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             n = min(seq.num_uncomputed, budget)
             self.running.append(seq)
             schedule.items.append((seq, n))

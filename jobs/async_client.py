@@ -42,6 +42,7 @@ from jobs.events import Done
 from jobs.keys import CONTROL_FIELD, JOB_FIELD, Keys
 from jobs.limits import DEFAULT_MODEL
 from jobs.protocol import EventFollower, JobEvent, as_text, encode_job
+from jobs.queue import QueuePosition, position_in, read_pipeline, serving_rate
 from jobs.redis_url import connect_async
 from jobs.schema import EndSession
 
@@ -179,6 +180,25 @@ class AsyncOrcdClient:
 
     async def serving_workers(self, model: str = DEFAULT_MODEL) -> list[str]:
         return serving_workers(model, await self.workers())
+
+    async def queue_position(self, job_id: str, *, model: str = DEFAULT_MODEL
+                             ) -> QueuePosition | None:  # fmt: skip
+        """As `OrcdClient.queue_position`."""
+        workers = {w: info for w, info in (await self.workers()).items()
+                   if info.get("model") == model}
+        rate, aging = serving_rate(model, workers)
+        streams = [(self.keys.jobs(model), rate)] + [
+            (self.keys.routed(model, w), serving_rate(model, {w: info})[0])
+            for w, info in workers.items()]
+        for stream, stream_rate in streams:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                read_pipeline(pipe, stream)
+                replies = await pipe.execute(raise_on_error=False)
+            found = position_in(job_id, stream, replies, int(time.time() * 1000), aging,
+                                stream_rate)
+            if found is not None:
+                return found
+        return None
 
     async def end_session(self, session_id: str) -> bool:
         control = EndSession(v=1, op="end_session", session_id=session_id)

@@ -33,6 +33,7 @@ from jobs.events import Done
 from jobs.keys import CONTROL_FIELD, JOB_FIELD, Keys
 from jobs.limits import DEFAULT_MODEL
 from jobs.protocol import EventFollower, JobEvent, as_text, build_job, encode_job
+from jobs.queue import QueuePosition, position_in, read_pipeline, serving_rate
 from jobs.redis_url import connect
 from jobs.schema import EndSession, GenerationJob
 
@@ -360,6 +361,27 @@ class OrcdClient:
         # It may have run to its end while the streams were read.
         state = state_from_last(job_id, self.redis.xrevrange(out, count=1))
         return state or JobState(job_id, "unknown")
+
+    def queue_position(self, job_id: str, *, model: str = DEFAULT_MODEL
+                       ) -> QueuePosition | None:  # fmt: skip
+        """Where a job no worker has started yet stands: its position among the waiting jobs
+        of its stream (the model's shared one, or a live worker's routed one) and an ETA from
+        the workers' recent throughput (jobs/queue.py). None when it is not waiting (running,
+        finished, or unknown)."""
+        workers = {w: info for w, info in self.workers().items() if info.get("model") == model}
+        rate, aging = serving_rate(model, workers)
+        streams = [(self.keys.jobs(model), rate)] + [
+            (self.keys.routed(model, w), serving_rate(model, {w: info})[0])
+            for w, info in workers.items()]
+        for stream, stream_rate in streams:
+            pipe = self.redis.pipeline(transaction=False)
+            read_pipeline(pipe, stream)
+            replies = pipe.execute(raise_on_error=False)
+            found = position_in(job_id, stream, replies, int(time.time() * 1000), aging,
+                                stream_rate)
+            if found is not None:
+                return found
+        return None
 
     # ----- sessions ---------------------------------------------------------------------------
 

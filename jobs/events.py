@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 EVENT_KINDS = ("queued", "started", "token", "done", "error")
-FINISH_REASONS = ("stop", "length", "cancelled")
+FINISH_REASONS = ("stop", "length", "cancelled", "deadline")
 
 
 class _Event(BaseModel):
@@ -68,7 +68,7 @@ class Timings(_Event):
 class Done(_Event):
     """The job ended; `text` is always the whole answer of the final attempt."""
 
-    finish_reason: Literal["stop", "length", "cancelled"]
+    finish_reason: Literal["stop", "length", "cancelled", "deadline"]
     text: str
     usage: Usage
     timings: Timings
@@ -101,3 +101,4 @@ UNKNOWN_MODEL = "unknown_model"
 INVALID_REQUEST = "invalid_request"  # the model cannot run it: too long, bad template...
 TOO_MANY_DELIVERIES = "too_many_deliveries"
 ENGINE_ERROR = "engine_error"
+DEADLINE_EXCEEDED = "deadline_exceeded"  # still queued at its deadline: never started

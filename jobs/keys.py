@@ -11,6 +11,9 @@ from dataclasses import dataclass
 
 # Consumer group every worker of a model joins, on the shared and on the routed streams.
 GROUP = "workers"
+# The group's consumer holding queued jobs: delivered to the group, started by no worker yet
+# (workers choose among them by priority; see worker/admission.py).
+QUEUE_CONSUMER = "queued"
 # Stream entry fields.
 JOB_FIELD = "job"  # a job stream entry: GenerationJob JSON
 CONTROL_FIELD = "control"  # a routed stream entry: a control message for that worker (JSON)

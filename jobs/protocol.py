@@ -37,6 +37,8 @@ def build_job(
     priority: int = 0,
     metadata: dict | None = None,
     parse_special: bool = False,
+    deadline: int | None = None,
+    timeout_s: float | None = None,
     **sampling_fields: Any,
 ) -> GenerationJob:
     """A validated job; `sampling_fields` (temperature=..., max_tokens=...) override `sampling`."""
@@ -56,6 +58,8 @@ def build_job(
         "priority": priority,
         "metadata": metadata or {},
         "parse_special": parse_special,
+        "deadline": deadline,
+        "timeout_s": timeout_s,
     }
     # Validated through JSON so that the client refuses exactly what a worker would.
     return GenerationJob.model_validate_json(json.dumps(payload))
@@ -136,12 +140,14 @@ class EventFollower:
 
 
 def encode_job(job: GenerationJob) -> str:
-    """The job's wire JSON. `parse_special` is written only when true and
-    `sampling.response_format` only when set, so that a job that does not use them is read by
-    workers that predate the fields (they refuse unknown fields)."""
-    exclude: dict = {}
-    if not job.parse_special:
-        exclude["parse_special"] = True
+    """The job's wire JSON. `parse_special` is written only when true, `deadline`,
+    `timeout_s` and `sampling.response_format` only when set, so that a job that does not use
+    them is read by workers that predate the fields (they refuse unknown fields); `priority`
+    only when not 0, so that the workers' admission script parses only the jobs that carry
+    one."""
+    exclude: dict = {name: True for name, unused in (
+        ("parse_special", not job.parse_special), ("deadline", job.deadline is None),
+        ("timeout_s", job.timeout_s is None), ("priority", job.priority == 0)) if unused}
     if job.sampling.response_format is None:
         exclude["sampling"] = {"response_format"}
     return job.model_dump_json(exclude_none=False, exclude=exclude or None)

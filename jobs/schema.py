@@ -38,6 +38,7 @@ MAX_METADATA_BYTES = 64 * 1024
 MAX_GRAMMAR_CHARS = 256 * 1024  # a JSON Schema (as JSON), regex or grammar
 # A sanity bound only: the worker rejects max_tokens above its model's context.
 MAX_TOKENS_LIMIT = 1 << 20
+MAX_TIMEOUT_S = 7 * 24 * 3600.0  # timeout_s bound: a week
 # The pydantic error type of a response_format the grammar library refuses.
 GRAMMAR_ERROR_TYPE = "invalid_grammar"
 # Ids become parts of Redis keys: no spaces, no glob characters.
@@ -177,7 +178,14 @@ class GenerationJob(_Strict):
     sampling: Sampling = Field(default_factory=Sampling)
     stream: bool = True  # false: no `token` events, only `done`
     stream_interval: int = Field(1, ge=1, le=1024)  # tokens per `token` event
-    priority: int = Field(0, ge=-1000, le=1000)  # accepted; workers serve FCFS today
+    # Higher first, at admission and when the engine must preempt; a waiting job gains one
+    # level per second (worker --priority-aging), so none starves.
+    priority: int = Field(0, ge=-1000, le=1000)
+    # Unix time in ms, and/or seconds from enqueue (the stream entry's id): still queued then
+    # -> `error` deadline_exceeded, never started; running then -> `done` finish_reason
+    # `deadline`. With both, the earlier one counts.
+    deadline: int | None = Field(None, ge=0, le=1 << 53)
+    timeout_s: float | None = Field(None, gt=0, le=MAX_TIMEOUT_S)
     metadata: dict[str, Any] = Field(default_factory=dict)  # echoed in `done`
     # True: control-token text in `prompt` or message content is parsed as control tokens
     # (trusted input only). False: it is plain text; only a chat template's own text makes
@@ -203,6 +211,14 @@ class GenerationJob(_Strict):
         if size > MAX_METADATA_BYTES:
             raise ValueError(f"metadata is {size} bytes of JSON; the limit is {MAX_METADATA_BYTES}")
         return value
+
+    def deadline_ms(self, enqueued_ms: int) -> float | None:
+        """When the job must end (unix ms), given when it was enqueued; None: no deadline.
+        Not rounded: the workers' admission script computes the same sum."""
+        ends = [] if self.deadline is None else [float(self.deadline)]
+        if self.timeout_s is not None:
+            ends.append(enqueued_ms + self.timeout_s * 1000)
+        return min(ends) if ends else None
 
     def message_dicts(self) -> list[dict[str, str]]:
         return [message.model_dump() for message in self.messages or ()]

@@ -26,6 +26,7 @@ from pydantic import ValidationError
 
 from jobs.events import INVALID_JOB, INVALID_JSON, PAYLOAD_TOO_LARGE
 from jobs.keys import CONTROL_FIELD, GROUP, JOB_FIELD, Keys
+from jobs.keys import QUEUE_CONSUMER as QUEUE
 from jobs.schema import ID_PATTERN, MAX_JOB_BYTES, EndSession, GenerationJob, validation_error_code
 from jobs.schema import describe_validation_error as describe
 from worker.job_runner import Delivery
@@ -176,6 +177,9 @@ class Consumer:
             routed = self.keys.routed(self.model, worker_id)
             create_group(self.redis, routed)
             found = self._claim(routed, worker_id, capacity - len(claimed))
+            if len(claimed) + len(found) < capacity:  # queued there, not started by it
+                found += self._claim(routed, QUEUE, capacity - len(claimed) - len(found),
+                                     idle_ms=0, owner=worker_id)
             if len(claimed) + len(found) < capacity:
                 reply = self.redis.xreadgroup(GROUP, self.worker_id, {routed: ">"},
                                               count=capacity - len(claimed) - len(found))
@@ -195,7 +199,9 @@ class Consumer:
             consumers = self.redis.xinfo_consumers(stream, GROUP)
         except redis.ResponseError:  # no stream or no group yet
             return []
-        consumers = [c for c in consumers if _text(c["name"]) != self.worker_id]
+        # The admission queue's consumer (worker/admission.py) holds queued jobs, not a dead
+        # worker's: it has no heartbeat.
+        consumers = [c for c in consumers if _text(c["name"]) not in (self.worker_id, QUEUE)]
         names = [_text(c["name"]) for c in consumers]
         if not names:
             return []
@@ -234,9 +240,13 @@ class Consumer:
             pipe.exists(self.keys.worker(worker_id))
         return [w for w, live in zip(candidates, pipe.execute(), strict=True) if not live]
 
-    def _claim(self, stream: str, consumer: str, count: int) -> list[Entry]:
+    def _claim(self, stream: str, consumer: str, count: int, *, idle_ms: int | None = None,
+               owner: str | None = None) -> list[Entry]:
+        """Claim `consumer`'s entries idle `idle_ms` (default: the reclaim threshold) while
+        `owner`'s heartbeat (default: the consumer's) is absent."""
+        idle = self.reclaim_idle_ms if idle_ms is None else idle_ms
         rows = self.redis.xpending_range(stream, GROUP, min="-", max="+", count=count,
-                                         consumername=consumer, idle=self.reclaim_idle_ms)
+                                         consumername=consumer, idle=idle or None)
         if not rows:
             return []
         deliveries = {_text(row["message_id"]): row["times_delivered"] for row in rows}
@@ -244,8 +254,8 @@ class Consumer:
         # time was reset and this claim skips it (no double reclaim). XCLAIM counts a delivery.
         # Entries deleted while pending are dropped from the PEL and not returned (Redis 7).
         claimed = self._claim_if_dead(
-            keys=[stream, self.keys.worker(consumer)],
-            args=[GROUP, self.worker_id, self.reclaim_idle_ms, consumer, *deliveries],
+            keys=[stream, self.keys.worker(owner or consumer)],
+            args=[GROUP, self.worker_id, idle, consumer, *deliveries],
         )
         out = []
         for item in claimed or ():
@@ -253,7 +263,9 @@ class Consumer:
                 continue
             entry_id, flat = _text(item[0]), item[1]
             fields = {_text(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
-            out.append(Entry(stream, entry_id, fields, deliveries[entry_id] + 1, consumer))
+            # XCLAIM counted a delivery (of a queued entry too): the attempt is Redis's count.
+            out.append(Entry(stream, entry_id, fields, deliveries[entry_id] + 1,
+                             owner or consumer))
         return out
 
     def release(self, entries: list[tuple[str, str]]) -> None:

@@ -3,13 +3,23 @@
 A worker's life, one loop iteration at a time:
 
 1. poll: one pipeline reads the cancel keys of its running jobs and, while it has room
-   (`max_jobs`, and the engine admitted everything it was given), new entries of the model's
-   shared stream and of its own routed stream (XREADGROUP; blocking ~100 ms only when idle);
+   (`max_jobs`, and the engine admitted everything it was given), takes exactly as many queued
+   jobs as it has room for, best priority first (worker/admission.py); once a second it also
+   takes, room or not, queued jobs past their deadline and control messages; when idle and
+   nothing is queued it blocks ~100 ms on the streams for new entries;
 2. admit: validate each entry (bad ones to `orcd:dead`), skip jobs whose output already holds
-   `done`, tokenize, `Engine.add`, publish `queued` and `started`;
-3. step: one `Engine.step()`; each output becomes `token`/`done` events (`ActiveJob`);
+   `done`, answer jobs past their deadline with `deadline_exceeded`, tokenize, `Engine.add`,
+   publish `queued` and `started`;
+3. step: one `Engine.step()`; each output becomes `token`/`done` events (`ActiveJob`); a
+   running job past its deadline ends with finish_reason `deadline`;
 4. flush: every write of the iteration in one MULTI/EXEC, XACK after the job's last event;
 5. maintain: heartbeat every second, reclaim dead workers' jobs every few seconds.
+
+Failures: an error tied to one job (its logits not finite, its detokenising, its stop strings,
+its events) ends that job with `engine_error` and the others go on. An error that leaves the
+device unusable (`DeviceLostError`) makes the worker write what it can, hand its running jobs
+over (claimable at once, as a stop after the grace period does) and exit with status
+`EXIT_DEVICE_LOST`, for the service manager to restart it.
 
 Redis going away stops none of this but the reads: writes wait in the publisher until Redis
 is back. SIGTERM/SIGINT stop the reads; running jobs finish within the grace period, the rest
@@ -27,12 +37,18 @@ from dataclasses import dataclass
 import redis
 import structlog
 
-from gpu.request import Request, RequestError, StepOutput
-from gpu.tensor_parallel import TensorParallelError
-from jobs.events import ENGINE_ERROR, INVALID_REQUEST, TOO_MANY_DELIVERIES, UNKNOWN_MODEL
-from jobs.keys import Keys
+from gpu.request import DeviceLostError, Request, RequestError, StepOutput
+from jobs.events import (
+    DEADLINE_EXCEEDED,
+    ENGINE_ERROR,
+    INVALID_REQUEST,
+    TOO_MANY_DELIVERIES,
+    UNKNOWN_MODEL,
+)
+from jobs.keys import GROUP, QUEUE_CONSUMER, Keys
 from structured.compiler import GrammarCompiler, after_tokens
 from tokenizer.errors import TokenizerError
+from worker.admission import DEFAULT_AGING_S, DEFAULT_WINDOW, Admission
 from worker.connection import RedisDown, RedisLink, connect
 from worker.consumer import Consumer, Control, Entry, Rejection, parse_entry
 from worker.heartbeat import Heartbeat
@@ -47,9 +63,11 @@ from worker.log import (
 )
 from worker.metrics import WorkerMetrics
 from worker.narration import NarrationMirror, narrate_engine_event
-from worker.publisher import Publisher
+from worker.publisher import Publisher, Unwritable
 from worker.resume import Streamed, resumed_request, streamed_so_far
 from worker.systemd_notify import SystemdNotifier
+
+EXIT_DEVICE_LOST = 75  # EX_TEMPFAIL: the device failed; a restart (or another worker) serves on
 
 
 @dataclass(slots=True)
@@ -69,6 +87,20 @@ class WorkerConfig:
     max_deliveries: int = 3
     out_ttl_s: int = 3600  # output streams expire this long after done/error
     grace_s: float = 30.0  # SIGTERM: time given to running jobs
+    priority_aging_s: float = DEFAULT_AGING_S  # seconds of waiting worth one priority level
+    admission_window: int = DEFAULT_WINDOW  # queued entries per stream admission chooses from
+    deadline_sweep_s: float = 1.0  # how often queued jobs past their deadline are answered
+    orphan_idle_s: float = 10.0  # an entry of ours we do not run, idle this long: re-queued
+
+
+@dataclass(slots=True)
+class _PollPlan:
+    """One poll's reads: cancel flags of `running`, and admission of up to `capacity` jobs."""
+
+    running: list[str]
+    capacity: int
+    admit: bool
+    idle: bool = False  # nothing to step: wait for new entries if none is admitted
 
 
 def short(job_id: str) -> str:
@@ -97,11 +129,22 @@ class Worker:
         self.consumer = Consumer(client, self.keys, model.name, config.worker_id,
                                  reclaim_idle_ms=int(config.reclaim_idle_s * 1000))
         self.publisher = Publisher(self.link, self.keys, out_ttl_s=config.out_ttl_s)
+        self.admission = Admission(client, [self.consumer.routed, self.consumer.shared],
+                                   config.worker_id, window=config.admission_window,
+                                   aging_s=config.priority_aging_s)
+        self._next_sweep = 0.0
+        self._next_orphan_check = 0.0
+        self._deadlines: dict[str, float] = {}  # running jobs that have a deadline (unix ms)
+        self._polled: tuple[_PollPlan, list] | None = None  # reads sent with the last flush
+        # Set while idle after a wait that saw nothing new: the next poll only waits again.
+        self._quiet_since: dict[str, str] | None = None
+        self._completions: list[float] = []  # monotonic times of recent job ends (throughput)
         backend = self.engine.backend
         self.heartbeat = Heartbeat(
             self.keys, config.worker_id,
             {"model": model.name, "backend": backend.name, "device": str(backend.device),
-             "max_jobs": config.max_jobs, "load_seconds": round(model.load_seconds, 3)},
+             "max_jobs": config.max_jobs, "load_seconds": round(model.load_seconds, 3),
+             "priority_aging_s": config.priority_aging_s},
             interval_s=config.heartbeat_s, ttl_s=config.heartbeat_ttl_s,
         )
         self.active: dict[str, ActiveJob] = {}
@@ -145,10 +188,13 @@ class Worker:
                 f"{stats.block_size} tokens, up to {self.config.max_jobs} jobs at once",
                 kv_blocks=stats.kv_blocks_total, max_jobs=self.config.max_jobs,
             )
-            self.iteration()  # groups, a first read and the first heartbeat, from the loop
-            self.liveness.start()
-            while not self._finished():
-                self.iteration()
+            try:
+                self.iteration()  # groups, a first read and the first heartbeat, from the loop
+                self.liveness.start()
+                while not self._finished():
+                    self.iteration()
+            except DeviceLostError as exc:
+                return self._device_lost(exc)
             self._shutdown()
         finally:
             restore()
@@ -168,19 +214,28 @@ class Worker:
         entries = self._poll()
         if entries:
             self._admit(entries)
+        if self._deadlines:
+            self._check_deadlines()
         if self.engine.has_work():
             self._step()
         for event in self.engine.pop_events():
             narrate_engine_event(self.log, event)
             self.metrics.engine_event(event)
-        self.publisher.flush()
+            if event.kind in ("session_evicted", "session_expired") and event.session_id:
+                # The next turn must go to the shared stream, not to a worker without its KV.
+                self.publisher.release_session(event.session_id, self.worker_id)
+        self._maintain(time.monotonic())
+        self._flush()
+        if not len(self.publisher) and time.monotonic() >= self._next_orphan_check:
+            self._requeue_orphans()
+        for job_id, failure in self.publisher.pop_unwritable().items():
+            self._unwritable(job_id, failure)
         for job_id in self.publisher.pop_refused_finals():
             self.log.warning(
                 "job.lost", job_id=job_id,
                 narration=f"Job {short(job_id)} was taken over by another worker: its final "
                 "event from here was refused (the other attempt's stands)",
             )
-        self._maintain(time.monotonic())
         if not self.engine.has_work() and not self.link.up:
             time.sleep(min(self.link.seconds_to_retry(), self.config.block_ms / 1000) or 0.01)
 
@@ -304,41 +359,130 @@ class Worker:
             return 0
         return max(0, self.config.max_jobs - len(self.active))
 
-    def _poll(self) -> list[Entry]:
-        """Cancel flags of running jobs and new entries, in one round trip."""
-        if not self.link.ready():
-            return []
+    def _flush(self) -> None:
+        """Write the iteration's events; the next iteration's reads (cancel flags, admission)
+        ride in the same round trip when there is something to write."""
+        plan = self._plan_poll() if len(self.publisher) and self.link.ready() else None
+        if plan is None:
+            self.publisher.flush()
+            return
+        if self.publisher.flush(reads=lambda pipe: self._queue_poll(pipe, plan)):
+            self._polled = (plan, self.publisher.pop_reads())
+
+    def _plan_poll(self) -> _PollPlan | None:
+        """What the next poll reads: the cancel flags of the running jobs, and an admission
+        call when there is room (or a deadline sweep is due); None when nothing."""
         running = [job_id for job_id, job in self.active.items() if not job.cancelled]
         capacity = self._capacity()
-        if not running and not capacity:
+        now = time.monotonic()
+        # Room or not, queued jobs past their deadline and control messages are taken once
+        # in a while (the admission script hands them over whatever the capacity).
+        sweep = now >= self._next_sweep and self._groups_ready and not self.stopping
+        admit = bool(capacity) or sweep
+        if not running and not admit:
+            return None
+        idle = bool(capacity) and not self.engine.has_work() and not self.stopping
+        if admit and not (idle and self._quiet_since is not None and not sweep):
+            self._next_sweep = now + self.config.deadline_sweep_s
+        return _PollPlan(running, capacity, admit, idle)
+
+    def _queue_poll(self, pipe, plan: _PollPlan) -> int:
+        """Queue a plan's reads on a pipeline; returns how many commands."""
+        if plan.running:
+            pipe.mget([self.keys.cancel(job_id) for job_id in plan.running])
+        if plan.admit:
+            self.admission.queue(pipe, plan.capacity, int(time.time() * 1000),
+                                 idle=plan.idle)
+        return bool(plan.running) + plan.admit
+
+    def _poll(self) -> list[Entry]:
+        """Cancel flags of running jobs and the jobs to start: read with the last flush, or
+        in one round trip of their own; when idle and nothing is queued, a wait of up to
+        `block_ms` for the next entry."""
+        if self._polled is not None:
+            (plan, replies), self._polled = self._polled, None
+            return self._apply_poll(plan, replies)
+        if not self.link.ready():
             return []
-        block = None if self.engine.has_work() or self.stopping else self.config.block_ms
+        plan = self._plan_poll()
+        if plan is None:
+            return []
+        if plan.idle and not plan.running and self._quiet_since is not None \
+                and time.monotonic() < self._next_sweep:
+            self._wait_idle(self._quiet_since)  # nothing new since the last admission call
+            return []
         pipe = self.redis.pipeline(transaction=False)
-        if running:
-            pipe.mget([self.keys.cancel(job_id) for job_id in running])
-        if capacity:
-            # COUNT applies per stream: one read can bring up to twice `capacity`.
-            self.consumer.read_pipeline(pipe, capacity, block)
+        self._queue_poll(pipe, plan)
         try:
             replies = self.link.call(pipe.execute, raise_on_error=False)
         except RedisDown:
             return []
-        if running:
+        return self._apply_poll(plan, replies)
+
+    def _apply_poll(self, plan: _PollPlan, replies: list) -> list[Entry]:
+        replies = list(replies)
+        if plan.running:
             flags = replies.pop(0)
             if not isinstance(flags, Exception):
-                for job_id, flag in zip(running, flags, strict=True):
-                    if flag is not None:
-                        self._cancel(self.active[job_id])
-        if not capacity:
+                for job_id, flag in zip(plan.running, flags, strict=True):
+                    job = self.active.get(job_id)
+                    if flag is not None and job is not None and not job.cancelled:
+                        self._cancel(job)
+        if not plan.admit:
             return []
         reply = replies[0]
         if isinstance(reply, redis.ResponseError):
-            if "NOGROUP" in str(reply):  # the stream or group was deleted: create them again
-                self._groups_ready = False
+            if "NOGROUP" in str(reply) or "no such key" in str(reply).lower():
+                self._groups_ready = False  # the stream or group was deleted: create again
             else:
                 self.log.error("redis.read_failed", narration=f"Reading jobs failed: {reply}")
             return []
-        return self.consumer.entries_of(reply)
+        admitted = self.admission.parse(reply)
+        self._quiet_since = None
+        if not admitted.entries and plan.idle and not self.engine.has_work() \
+                and not self.stopping:
+            self._wait_idle(admitted.last_ids)
+        return admitted.entries
+
+    def _requeue_orphans(self) -> None:
+        """Entries pending with this worker id that this process does not run go back to the
+        queue consumer, where admission hands them out again: a read whose reply was lost
+        when Redis went away mid-call (never started), or jobs of an earlier process with the
+        same id (restarted at once, its heartbeat never gone, so nobody reclaimed them). The
+        XCLAIM counts a delivery: the next worker resumes after what was streamed, as after a
+        reclaim. Checked only with the outbox empty, so an ended job's unwritten XACK is never
+        mistaken for an orphan."""
+        self._next_orphan_check = time.monotonic() + self.config.orphan_idle_s / 2
+        if not self.link.ready() or not self._groups_ready:
+            return
+        mine = {job.delivery.entry_id for job in self.active.values()}
+        idle_ms = int(self.config.orphan_idle_s * 1000)
+        try:
+            for stream in (self.consumer.shared, self.consumer.routed):
+                rows = self.link.call(self.redis.xpending_range, stream, GROUP, min="-",
+                                      max="+", count=256, consumername=self.worker_id,
+                                      idle=idle_ms)
+                orphans = [row["message_id"] for row in rows
+                           if row["message_id"].decode() not in mine]
+                if orphans:
+                    self.link.call(self.redis.xclaim, stream, GROUP, QUEUE_CONSUMER, idle_ms,
+                                   orphans)
+                    self.log.warning(
+                        "job.requeued", stream=stream, count=len(orphans),
+                        narration=f"Put {len(orphans)} entries of {stream} back in the queue: "
+                        "pending with this worker id, run by no one here (an earlier process "
+                        "of this id, or a reply lost to Redis)",
+                    )
+        except (RedisDown, redis.ResponseError):
+            return
+
+    def _wait_idle(self, last_ids: dict[str, str]) -> None:
+        """Wait up to `block_ms` for a new entry; if none came, the next poll only waits."""
+        try:
+            arrived = self.link.call(self.admission.wait, last_ids, self.config.block_ms)
+        except RedisDown:
+            return
+        self._quiet_since = None if arrived else last_ids
 
     def _cancel(self, job: ActiveJob) -> None:
         job.cancelled = True
@@ -380,8 +524,35 @@ class Worker:
                 self._fail(delivery, UNKNOWN_MODEL,
                            f"model {job.model!r} is not served on this stream "
                            f"(worker serves {self.model.name!r})", dead=True)
+            elif self._past_deadline(delivery):
+                self._fail(delivery, DEADLINE_EXCEEDED,
+                           f"still queued at its deadline ({delivery.deadline_ms:.0f} ms "
+                           f"since the epoch, enqueued at {delivery.enqueued_ms}): never "
+                           "started")
             else:
                 self._start(delivery, log)
+
+    @staticmethod
+    def _past_deadline(delivery: Delivery) -> bool:
+        deadline = delivery.deadline_ms
+        return deadline is not None and time.time() * 1000 >= deadline
+
+    def _check_deadlines(self) -> None:
+        """End the running jobs past their deadline (finish_reason `deadline`). Only jobs
+        that have one are looked at: most have none, and this runs every step."""
+        now_ms = time.time() * 1000
+        for job_id, deadline_ms in list(self._deadlines.items()):
+            job = self.active.get(job_id)
+            if job is None:
+                del self._deadlines[job_id]  # ended meanwhile
+                continue
+            if now_ms >= deadline_ms and job.finish_reason is None and not job.cancelled:
+                del self._deadlines[job_id]
+                job.cancelled = True  # no cancel flag read for it any more
+                self.engine.abort(job.job_id, "deadline")
+                self.log.info("job.deadline", job_id=job.job_id, session_id=job.job.session_id,
+                              narration=f"Job {short(job.job_id)} reached its deadline: "
+                              "ending it (finish_reason deadline)")
 
     def _already_answered(self, deliveries: list[Delivery]) -> list[bool]:
         """Whether each job's output stream already ends with `done` (or `error`)."""
@@ -389,10 +560,13 @@ class Worker:
         for delivery in deliveries:
             pipe.xrevrange(self.keys.out(delivery.job.job_id), count=1)
         try:
-            replies = self.link.call(pipe.execute)
+            replies = self.link.call(pipe.execute, raise_on_error=False)
         except RedisDown:
             return [False] * len(deliveries)  # at worst an answer is computed twice
-        return [bool(r) and r[0][1].get(b"event") in (b"done", b"error") for r in replies]
+        # An error (a key of another type) counts as not answered: the job's own writes fail
+        # and end it (`_unwritable`).
+        return [isinstance(r, list) and bool(r) and r[0][1].get(b"event") in (b"done", b"error")
+                for r in replies]
 
     def _start(self, delivery: Delivery, log) -> None:
         job = delivery.job
@@ -400,9 +574,12 @@ class Worker:
         ended = None  # a resumed job whose earlier attempt had already reached its end
         try:
             request = build_request(job, self.tokenizer, self.engine.max_model_len,
-                                    self.grammars)
+                                    self.grammars, delivery.enqueued_ms)
             prompt_ids = request.prompt_token_ids
             active = ActiveJob.start(delivery, len(prompt_ids), self.tokenizer)
+            active.deadline_ms = delivery.deadline_ms
+            if active.deadline_ms is not None:
+                self._deadlines[job.job_id] = active.deadline_ms
             if streamed is not None and streamed.token_ids:
                 active.resume(streamed)
                 request = resumed_request(request, streamed)
@@ -443,7 +620,7 @@ class Worker:
             return None
         try:
             entries = self.link.call(self.redis.xrange, self.keys.out(delivery.job.job_id))
-        except RedisDown:
+        except (RedisDown, redis.ResponseError):
             return None
         return streamed_so_far(entries)
 
@@ -511,17 +688,52 @@ class Worker:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
-        except TensorParallelError:
-            # A rank is gone and the group with it: exit (non-zero) with the jobs unacknowledged,
-            # so the service manager restarts the worker and the jobs are reclaimed.
-            raise
+        except DeviceLostError:
+            raise  # nothing more can run here: run() hands the jobs over and exits
         except Exception as exc:  # noqa: BLE001 - out of memory or a bug: fail the jobs, not the worker
             self._engine_failed(exc)
             return
         for output in outputs:
             job = self.active.get(output.request_id)
-            if job is not None:
+            if job is None:
+                continue
+            if output.finish_reason == "error" and output.engine_fault:
+                self._job_failed(job, output.error or "the engine failed this request")
+                continue
+            try:
                 self._on_output(job, output)
+            except Exception as exc:  # noqa: BLE001 - this job's text or events: fail it alone
+                self._job_failed(job, f"{type(exc).__name__}: {exc}")
+
+    def _unwritable(self, job_id: str, failure: Unwritable) -> None:
+        """Redis refused a write to the job's output stream: no event of it can be read, so
+        the job ends here, dead-lettered with the reason, and its entry is acknowledged."""
+        job = self.active.pop(job_id, None)
+        if job is not None:
+            self.engine.abort(job_id)
+            stream, entry_id = job.delivery.stream, job.delivery.entry_id
+            payload = job.job.model_dump_json()
+            self._completed()
+        elif failure.stream is not None:
+            stream, entry_id, payload = failure.stream, failure.entry_id, ""
+        else:
+            return  # a late event of a job whose final went through
+        reason = f"{ENGINE_ERROR}: its output stream cannot be written: {failure.error}"
+        self.publisher.dead_letter(stream, entry_id, payload, reason, job_id)
+        self.publisher.acknowledge(stream, entry_id)
+        self.metrics.job_failed(ENGINE_ERROR)
+        self.log.error("job.unwritable", job_id=job_id, error=failure.error,
+                       narration=f"Failed job {short(job_id)}: Redis refused writing its "
+                       f"events ({failure.error}); dead-lettered, the others go on")
+
+    def _job_failed(self, job: ActiveJob, message: str) -> None:
+        """End one job with `engine_error` (its engine request aborted); the others go on."""
+        if job.job_id not in self.active:
+            return
+        self.engine.abort(job.job_id)
+        del self.active[job.job_id]
+        self._fail(job.delivery, ENGINE_ERROR, message)
+        self._completed()
 
     def _on_output(self, job: ActiveJob, output: StepOutput) -> None:
         if output.finish_reason == "error":  # its grammar failed to compile or to go on
@@ -558,6 +770,7 @@ class Worker:
         self._hold_session(job.job.session_id)
         del self.active[job.job_id]
         self.jobs_done += 1
+        self._completed()
         self.metrics.job_finished(job)
         total = time.monotonic() - job.started_at
         tokens = len(job.completion_ids)
@@ -580,7 +793,45 @@ class Worker:
             del self.active[job.job_id]
         self._drain_engine()
 
+    def _device_lost(self, exc: DeviceLostError) -> int:
+        """The device cannot run anything more: write what is queued, hand the running jobs
+        over (claimable at once by the others, whose reclaim resumes them after the tokens
+        already streamed), remove the heartbeat, and return EXIT_DEVICE_LOST."""
+        self.liveness.stop()
+        self.log.critical(
+            "worker.device_lost", error=str(exc),
+            narration=f"The device failed for good ({exc}): handing {len(self.active)} jobs "
+            f"over to other workers and exiting with status {EXIT_DEVICE_LOST} to be restarted",
+        )
+        entries = [(job.delivery.stream, job.delivery.entry_id) for job in self.active.values()]
+        self.active.clear()
+        give_up = time.monotonic() + 5.0
+        while not self.publisher.flush() and time.monotonic() < give_up:
+            time.sleep(max(0.05, self.link.seconds_to_retry()))
+        try:
+            if entries:
+                self.link.call(self.consumer.release, entries)
+            left = self.link.call(self.redis.xlen, self.consumer.routed)
+            self.link.call(self.heartbeat.remove, self.redis, keep_entry=left > 0)
+        except RedisDown:
+            pass  # the heartbeat expires and the jobs are reclaimed after --reclaim-idle
+        return EXIT_DEVICE_LOST
+
     # ----- upkeep -----------------------------------------------------------------------------
+
+    def _completed(self) -> None:
+        """Count a job's end for the throughput the heartbeat reports (queue ETAs use it)."""
+        now = time.monotonic()
+        self._completions.append(now)
+        if len(self._completions) > 256 or now - self._completions[0] > 60:
+            self._completions = [t for t in self._completions[-256:] if now - t <= 60]
+
+    def jobs_per_s(self, now: float) -> float:
+        """Jobs ended per second over the last minute (at most the last 256)."""
+        recent = [t for t in self._completions if now - t <= 60]
+        if not recent:
+            return 0.0
+        return len(recent) / max(now - recent[0], 1.0)
 
     def _maintain(self, now: float) -> None:
         # The liveness thread (started by run()) writes the heartbeat from the numbers handed
@@ -598,6 +849,7 @@ class Worker:
                 "kv_blocks_total": stats.kv_blocks_total,
                 "kv_blocks_cached": stats.kv_blocks_cached,
                 "sessions": stats.sessions,
+                "jobs_per_s": round(self.jobs_per_s(now), 3),
             }
             self.metrics.observe_engine(stats, len(self.active))
             self.liveness.update(live, f"{live['state']} {self.model.name}: {len(self.active)} "

@@ -25,14 +25,17 @@ from worker.text_stream import TextStream
 
 
 def build_request(job: GenerationJob, tokenizer: GGUFTokenizer, max_model_len: int,
-                  grammars: GrammarCompiler | None = None) -> Request:
+                  grammars: GrammarCompiler | None = None,
+                  enqueued_ms: int | None = None) -> Request:
     """The engine request of a validated job: its prompt tokenized (chat template for
     `messages`, whose own text alone makes control tokens; raw text with special-token
     parsing off, so user text cannot forge control tokens; both parsed when the job sets
     `parse_special`), its sampling, the model's end-of-generation ids, and its
     response_format's grammar submitted to `grammars` (the request carries the future; the
     engine schedules it once compiled). Raises `TokenizerError` or `RequestError` (max_tokens
-    past the context, a response_format without a compiler) with a message for the client."""
+    past the context, a response_format without a compiler) with a message for the client.
+    `enqueued_ms` (unix ms, from the stream entry's id) is when the request started waiting:
+    the engine ages its priority from then."""
     if job.messages is not None:
         _, prompt_ids = tokenizer.encode_chat(job.message_dicts(),
                                               parse_special=job.parse_special)
@@ -49,9 +52,12 @@ def build_request(job: GenerationJob, tokenizer: GGUFTokenizer, max_model_len: i
         if grammars is None:
             raise RequestError("response_format needs a grammar compiler; none was given")
         grammar = grammars.submit(spec)
-    return Request(job.job_id, prompt_ids, params, max_tokens=sampling.max_tokens,
-                   stop_token_ids=tokenizer.end_of_generation_ids, session_id=job.session_id,
-                   grammar=grammar)
+    request = Request(job.job_id, prompt_ids, params, max_tokens=sampling.max_tokens,
+                      stop_token_ids=tokenizer.end_of_generation_ids,
+                      session_id=job.session_id, grammar=grammar, priority=job.priority)
+    if enqueued_ms is not None:
+        request.arrival_time = enqueued_ms / 1000
+    return request
 
 
 # The wire's sampling fields that the engine's SamplingParams takes as they are.
@@ -71,6 +77,11 @@ class Delivery:
     def enqueued_ms(self) -> int:
         """When the client added it: a stream entry id starts with Redis's clock in ms."""
         return int(self.entry_id.split("-", 1)[0])
+
+    @property
+    def deadline_ms(self) -> float | None:
+        """When the job must end (unix ms; None: never), from `deadline` and `timeout_s`."""
+        return self.job.deadline_ms(self.enqueued_ms)
 
 
 @dataclass(slots=True)
@@ -92,6 +103,7 @@ class ActiveJob:
     stop_string_hit: bool = False
     cancelled: bool = False
     finish_reason: str | None = None
+    deadline_ms: float | None = None  # unix ms: the engine request is ended there
     grammar_complete: bool = False  # a constrained job's engine output ended its grammar
 
     @classmethod
@@ -167,6 +179,8 @@ class ActiveJob:
             return "stop"
         if engine_reason == "abort":
             return "cancelled"
+        if engine_reason == "deadline":
+            return "deadline"
         return engine_reason or "stop"
 
     def done_payload(self, now: float) -> dict:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -26,13 +28,14 @@ from worker.log import get_logger
 # stream holds no final event yet, and the entry is pending with this consumer at this
 # delivery count, or with nobody (Redis lost its pending list, or the entry). Otherwise
 # another worker has taken the job over: nothing is written and 0 comes back. Then the
-# output stream's TTL, XACK and XDEL, as `acknowledge`.
+# output stream's TTL, XACK and XDEL, as `acknowledge`. "No final yet" looks at the last 16
+# entries, not only the last: a flush replayed after its reply was lost (a Redis restart)
+# re-adds the step's `token` event after the final it had already written.
 # KEYS: job stream, output stream. ARGV: group, consumer, entry id, delivery count, event
 # name, data JSON, output TTL (s).
 _FINAL_IF_OWNER = """
-local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)[1]
-if last then
-  local fields = last[2]
+for _, entry in ipairs(redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 16)) do
+  local fields = entry[2]
   for i = 1, #fields, 2 do
     if fields[i] == 'event' and (fields[i + 1] == 'done' or fields[i + 1] == 'error') then
       return 0
@@ -53,11 +56,30 @@ redis.call('XDEL', KEYS[1], ARGV[3])
 return 1
 """
 
+# A session's routing key, deleted only while it still names this worker (another worker may
+# hold the session now). KEYS: the session key. ARGV: worker id.
+_DEL_IF_HOLDER = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
 NARRATION_MAXLEN = 10_000
 NARRATION_BUFFER = 10_000  # lines kept while Redis is away
 DEAD_MAXLEN = 100_000
 MAX_OPS_PER_FLUSH = 4096
 OUT_TTL_RUNNING_S = 24 * 3600  # an abandoned output stream still goes away eventually
+
+
+@dataclass(slots=True)
+class Unwritable:
+    """A write to a job's output stream that Redis refused; with the job entry when it was the
+    job's final event (the job has left the worker's running set then)."""
+
+    error: str
+    stream: str | None = None
+    entry_id: str | None = None
 
 
 class Publisher:
@@ -73,7 +95,10 @@ class Publisher:
         self._log = get_logger()
         self.events_published = 0
         self._final_script = link.redis.register_script(_FINAL_IF_OWNER)
+        self._release_script = link.redis.register_script(_DEL_IF_HOLDER)
         self.refused_finals: list[str] = []  # job ids whose final event another worker owns
+        self._reads: list | None = None  # replies of the reads sent with the last flush
+        self.unwritable: dict[str, Unwritable] = {}  # job id -> a write Redis refused
 
     def __len__(self) -> int:
         return len(self._ops)
@@ -101,6 +126,11 @@ class Publisher:
                 json.dumps(data, ensure_ascii=False), self.out_ttl_s)
         self._ops.append(("final", (stream, self.keys.out(job_id), job_id), {"args": args}))
 
+    def release_session(self, session_id: str, worker_id: str) -> None:
+        """Queue the deletion of a session's routing key if it still names `worker_id`: the
+        engine no longer holds the session's KV, so its next turn goes to the shared stream."""
+        self._ops.append(("release_session", (self.keys.session(session_id), worker_id), {}))
+
     def acknowledge(self, stream: str, entry_id: str, job_id: str | None = None) -> None:
         """The job's final event is queued before this: expire its output, XACK and XDEL the
         entry (deleting acknowledged entries keeps the job streams as long as their backlog)."""
@@ -126,16 +156,23 @@ class Publisher:
 
     # ----- sending ----------------------------------------------------------------------------
 
-    def flush(self) -> bool:
-        """Send what is queued; False (and everything kept) when Redis is away."""
+    def flush(self, reads: Callable[[redis.client.Pipeline], int] | None = None) -> bool:
+        """Send what is queued; False (and everything kept) when Redis is away. `reads`
+        queues read commands (returning how many) after the last writes, in the same round
+        trip; their replies are kept for `pop_reads` (none when nothing was written)."""
+        self._reads = None
         while self._ops:
             if not self.link.ready():
                 return False
             ops = [self._ops[i] for i in range(min(len(self._ops), MAX_OPS_PER_FLUSH))]
+            last = reads if len(ops) == len(self._ops) else None
             try:
-                results = self.link.call(self._send, ops)
+                results = self.link.call(self._send, ops, last)
             except RedisDown:
                 return False
+            if last is not None:
+                self._reads = results[len(ops):]
+                results = results[:len(ops)]
             for _ in ops:
                 self._ops.popleft()
             narration = sum(1 for _, args, _ in ops if args[0] == self.keys.narration)
@@ -145,27 +182,49 @@ class Publisher:
             self._report_errors(ops, results)
         return True
 
+    def pop_reads(self) -> list | None:
+        """Replies of the reads sent with the last flush (None if they were not sent)."""
+        reads, self._reads = self._reads, None
+        return reads
+
     def pop_refused_finals(self) -> list[str]:
         """Jobs whose final event was refused since the last call: another worker owns them."""
         refused, self.refused_finals = self.refused_finals, []
         return refused
 
-    def _send(self, ops: list[tuple[str, tuple, dict]]) -> list:
+    def _send(self, ops: list[tuple[str, tuple, dict]], reads=None) -> list:
         pipe = self.link.redis.pipeline(transaction=True)
         for method, args, kwargs in ops:
             if method == "final":
                 self._final_script(keys=list(args[:2]), args=list(kwargs["args"]), client=pipe)
+            elif method == "release_session":
+                self._release_script(keys=[args[0]], args=[args[1]], client=pipe)
             else:
                 getattr(pipe, method)(*args, **kwargs)
+        if reads is not None:
+            reads(pipe)
         # raise_on_error=False: a command refused by Redis (say WRONGTYPE on a key someone
         # else wrote) comes back as an exception object instead of failing the whole flush,
         # which would otherwise be retried forever.
         return pipe.execute(raise_on_error=False)
 
+    def pop_unwritable(self) -> dict[str, Unwritable]:
+        """Jobs whose output stream Redis refused a write to since the last call (say
+        WRONGTYPE: someone wrote another type under the key); the caller ends them."""
+        failed, self.unwritable = self.unwritable, {}
+        return failed
+
     def _report_errors(self, ops: list, results: list) -> None:
-        for (method, args, _), result in zip(ops, results, strict=False):
+        out_prefix = self.keys.out("")
+        for (method, args, kwargs), result in zip(ops, results, strict=False):
             if method == "final" and result == 0:
                 self.refused_finals.append(args[2])
+            elif isinstance(result, redis.ResponseError) and method == "final":
+                self.unwritable[args[2]] = Unwritable(str(result), args[0], kwargs["args"][2])
+            elif isinstance(result, redis.ResponseError) and method == "xadd" \
+                    and str(args[0]).startswith(out_prefix):
+                job_id = str(args[0])[len(out_prefix):]
+                self.unwritable.setdefault(job_id, Unwritable(str(result)))
             elif isinstance(result, redis.ResponseError):
                 self._log.error(
                     "redis.write_refused",

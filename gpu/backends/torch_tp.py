@@ -8,8 +8,9 @@ its shard: all-reduce after O and down, all-reduce of the vocabulary-split embed
 of the vocabulary-split logits.
 
 Failure: a rank that dies closes its gloo connections, so the next collective of every other
-rank fails. Rank 0 then stops the remaining ranks and raises `TensorParallelError` naming the
-dead ones (its caller exits non-zero); a worker rank exits non-zero. A rank that never joins is
+rank fails. Rank 0 then stops the remaining ranks and raises `RankLostError` (a
+`DeviceLostError`: the worker hands its jobs over and exits non-zero) naming the dead ones; a
+worker rank exits non-zero. A rank that never joins is
 noticed while rank 0 waits for the group (its exit code is polled).
 """
 
@@ -32,11 +33,17 @@ from gpu.backends.base import model_source
 from gpu.backends.torch_backend import TorchBackend
 from gpu.batch import ForwardBatch
 from gpu.int8_linear import linear
+from gpu.request import DeviceLostError
 from gpu.rope import Rotary
 from gpu.shard_weights import load_shard_weights
 from gpu.tensor_parallel import ShardPlan, TensorParallelError, shard_plan
 
 DEFAULT_TIMEOUT_S = 1800.0  # a collective's limit: covers the slowest rank loading its shard
+
+
+class RankLostError(TensorParallelError, DeviceLostError):
+    """A rank of the group died: nothing more can run, the process must exit and restart (the
+    worker hands its jobs over, as for a lost GPU)."""
 
 
 class TorchShard(TorchBackend):
@@ -178,7 +185,7 @@ class TensorParallelTorchBackend(TorchShard):
         while thread.is_alive():
             thread.join(0.1)
             if any(p.exitcode not in (None, 0) for p in self._ranks):
-                raise TensorParallelError("a tensor-parallel rank exited while the group formed")
+                raise RankLostError("a tensor-parallel rank exited while the group formed")
         if errors:
             raise errors[0]
 
@@ -188,7 +195,7 @@ class TensorParallelTorchBackend(TorchShard):
         dead = [f"rank {i + 1} (exit {p.exitcode})" for i, p in enumerate(self._ranks)
                 if p.exitcode not in (None, 0, -15)]  # fmt: skip
         who = ", ".join(dead) if dead else "no rank exited first"
-        raise TensorParallelError(
+        raise RankLostError(
             f"tensor-parallel group of {len(self._ranks) + 1} stopped: {who}; rank 0 saw: "
             f"{str(cause).splitlines()[0] if str(cause) else type(cause).__name__}"
         ) from cause
@@ -210,7 +217,7 @@ class TensorParallelTorchBackend(TorchShard):
 
     def _command(self, name: str, *args: Any) -> Any:
         if self._closed:
-            raise TensorParallelError("tensor-parallel group is closed")
+            raise RankLostError("tensor-parallel group is closed")
         try:
             _broadcast((name, *args))
             return getattr(super(), name)(*args)

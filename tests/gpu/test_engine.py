@@ -262,3 +262,52 @@ def test_default_kv_pool_from_free_gpu_memory(monkeypatch, backend):
         engine_module.default_kv_blocks(fake, 16)
     if backend.device.type == "cpu":
         assert engine_module.default_kv_blocks(backend, 16) == (1 << 30) // per_block
+
+
+def test_non_finite_logits_end_one_request_alone(backend):
+    """NaN logits for one request (injected) end it with `error`; the others, greedy and
+    sampled, get exactly the tokens they get without it; the engine goes on."""
+    from gpu.faults import FaultInjector
+
+    def batch():
+        ps = prompts(4, seed=7)
+        return [greedy(ps[0], "a"), greedy(ps[1], "poisoned"),
+                Request("c", ps[2], SamplingParams(temperature=0.8, seed=3), max_tokens=12,
+                        ignore_eos=True), greedy(ps[3], "d")]
+
+    clean, _, _, _ = run(make_engine(backend, faults=FaultInjector()), batch())
+    engine = make_engine(backend, faults=FaultInjector(nan_requests=frozenset({"poisoned"})))
+    outputs = []
+    for request in batch():
+        engine.add(request)
+    while engine.has_work():
+        outputs += engine.step()
+    poisoned = [o for o in outputs if o.request_id == "poisoned"]
+    assert [o.finish_reason for o in poisoned] == ["error"]
+    assert "not finite" in poisoned[0].error and poisoned[0].engine_fault
+    assert not poisoned[0].new_token_ids
+    for rid in ("a", "c", "d"):
+        assert sum((o.new_token_ids for o in outputs if o.request_id == rid), []) == clean[rid]
+    assert engine.stats().kv_blocks_used == 0
+
+
+def test_a_lost_device_is_sticky(backend):
+    from gpu.faults import FaultInjector
+    from gpu.request import DeviceLostError
+
+    engine = make_engine(backend, faults=FaultInjector(device_lost_after=2))
+    engine.add(greedy(prompts(1)[0], "r"))
+    engine.step()
+    engine.step()
+    for _ in range(2):
+        with pytest.raises(DeviceLostError, match="device lost after 2 steps"):
+            engine.step()
+
+
+def test_abort_with_a_reason(backend):
+    engine = make_engine(backend)
+    engine.add(greedy(prompts(1)[0], "r", max_tokens=50))
+    engine.step()
+    assert engine.abort("r", "deadline")
+    (output,) = engine.step()
+    assert output.finish_reason == "deadline" and engine.stats().kv_blocks_used == 0

@@ -141,5 +141,5 @@ def test_a_rank_that_never_joins_makes_the_launching_process_exit_non_zero(llama
     run = subprocess.run([sys.executable, "-c", script, str(llama_path)], capture_output=True,
                          text=True, timeout=60)  # fmt: skip
     assert run.returncode == 1
-    assert "TensorParallelError: a tensor-parallel rank exited while the group formed" in run.stderr
+    assert "RankLostError: a tensor-parallel rank exited while the group formed" in run.stderr
     assert time.monotonic() - started < 30  # not the 60 s timeout

@@ -117,3 +117,24 @@ def test_parse_special_is_an_explicit_opt_in():
     opted = build_job(model="smollm2-135m", prompt="Hi", parse_special=True)
     assert json.loads(encode_job(opted))["parse_special"] is True
     assert GenerationJob.model_validate_json(encode_job(opted)) == opted
+
+
+def test_deadline_and_timeout_fields():
+    import json
+
+    from jobs.protocol import build_job, encode_job
+    from jobs.schema import GenerationJob
+
+    plain = build_job(model="m", prompt="hi")
+    assert not {"deadline", "timeout_s", "priority"} & set(json.loads(encode_job(plain)))
+    job = build_job(model="m", prompt="hi", deadline=2_000, timeout_s=1.5, priority=3)
+    wire = json.loads(encode_job(job))
+    assert (wire["deadline"], wire["timeout_s"], wire["priority"]) == (2_000, 1.5, 3)
+    assert GenerationJob.model_validate_json(encode_job(job)) == job
+    assert job.deadline_ms(enqueued_ms=1_000) == 2_000  # the earlier of the two
+    assert job.deadline_ms(enqueued_ms=100) == 1_600
+    assert plain.deadline_ms(enqueued_ms=100) is None
+    for bad in ({"timeout_s": 0}, {"timeout_s": -1}, {"deadline": -5}, {"deadline": "5"}):
+        with pytest.raises(ValueError):
+            GenerationJob.model_validate_json(json.dumps(
+                {"v": 1, "job_id": "j", "model": "m", "prompt": "x", **bad}))

@@ -290,6 +290,43 @@ def test_a_redelivered_job_resumes_after_the_tokens_already_streamed(setup):
     assert 0 <= done["usage"]["cached_tokens"] <= done["usage"]["prompt_tokens"]
 
 
+def test_a_job_whose_events_cannot_be_written_fails_alone(setup):
+    """Someone wrote a string under a job's output key: Redis refuses its events (WRONGTYPE).
+    That job is dead-lettered with the reason and acknowledged; the job beside it finishes."""
+    worker, client, r = setup
+    r.set(KEYS.out("clobbered"), "not a stream")
+    bad = client.submit("The capital of France is", job_id="clobbered", max_tokens=6,
+                        temperature=0)
+    good = client.submit("Once upon a time", max_tokens=6, temperature=0)
+    run_until(worker, lambda: final(r, good) and not worker.active)
+    assert final(r, good)[0] == "done"
+    assert r.get(KEYS.out(bad)) == b"not a stream"
+    letters = [f for _, f in r.xrange(KEYS.dead)]
+    assert any(f[b"job_id"] == b"clobbered" and f[b"reason"].startswith(b"engine_error: its "
+               b"output stream cannot be written") for f in letters)
+    assert r.xpending(KEYS.jobs(MODEL), GROUP)["pending"] == 0
+
+
+def test_an_entry_delivered_but_never_started_goes_back_to_the_queue(model, redis_server):
+    """A read whose reply was lost (Redis gone mid-call) leaves an entry pending with a live
+    worker that never started it: the worker hands it back to the queue and then runs it."""
+    r = redis_server.client()
+    worker = Worker(model, WorkerConfig(worker_id="w1", redis_url=redis_server.url, block_ms=5,
+                                        orphan_idle_s=0.3))
+    worker._setup_groups()
+    client = OrcdClient(connection=r)
+    job_id = client.submit("The capital of France is", max_tokens=3, temperature=0)
+    r.xreadgroup(GROUP, "w1", {KEYS.jobs(MODEL): ">"})  # delivered to w1, reply "lost"
+    worker.open()
+    try:
+        time.sleep(0.4)
+        run_until(worker, lambda: final(r, job_id))
+        assert final(r, job_id)[0] == "done"
+        # Counted as a redelivery: what an earlier process of this id streamed is resumed.
+        assert [d["attempt"] for k, d in events(r, job_id) if k == "started"] == [2]
+        assert "job.requeued" in {f[b"event"].decode() for _, f in r.xrange(KEYS.narration)}
+    finally:
+        worker.close()
 PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
           "properties": {"name": {"type": "string", "maxLength": 8},
                          "age": {"type": "integer", "minimum": 0, "maximum": 99}}}

@@ -1,6 +1,6 @@
 """`orcd worker --tensor-parallel N` on the torch backend: a TP=2 worker answers a greedy job with
-the tokens a TP=1 worker gives; a dying rank makes the worker's loop raise with the job left
-unacknowledged (reclaimed elsewhere); the cuda backend and a bad size are refused by name."""
+the tokens a TP=1 worker gives; a dying rank ends the worker (EX_TEMPFAIL) with the job left
+unacknowledged, for another worker to reclaim; the cuda backend and a bad size are refused by name."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from jobs.keys import GROUP, Keys
 from loader.gguf_file import open_gguf
 from loader.synth import write_synthetic_gguf
 from tests.gpu.test_torch_tp import LLAMA, dies_at_first_forward
-from worker.daemon import Worker, WorkerConfig
+from worker.daemon import EXIT_DEVICE_LOST, Worker, WorkerConfig
 from worker.loaded_model import load_model
 
 KEYS = Keys()
@@ -72,20 +72,20 @@ def test_a_tp2_worker_answers_as_a_tp1_worker(model_path):
     assert answers[0] == answers[1] and len(answers[0]) == 6
 
 
-def test_a_dying_rank_stops_the_worker_with_its_job_unacknowledged(model_path):
+def test_a_dying_rank_ends_the_worker_with_its_job_handed_over(model_path):
     backend = TensorParallelTorchBackend(model_path, 2, threads_per_rank=1, timeout_s=60,
                                          rank_main=dies_at_first_forward)  # fmt: skip
     model = load_model("llama-narrow", models_dir=model_path.parent, backend=backend,
                        kv_blocks=64, progress=False)  # fmt: skip
-    worker, r = start_worker(model)
+    r = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    worker = Worker(model, WorkerConfig(worker_id="w1", block_ms=5), client=r)
+    worker._setup_groups()
     job_id = submit(r, model)
-    with pytest.raises(TensorParallelError, match=r"rank 1 \(exit 1\)"):
-        for _ in range(100):
-            worker.iteration()
-    worker.close()
-    # No final event (the step's events were not even flushed): nothing tells a client "done".
+    assert worker.run() == EXIT_DEVICE_LOST
+    # No final event: the job stays pending in the group, for another worker to reclaim.
     assert not {"done", "error"} & {e["event"] for e in events_of(r, job_id)}
-    assert r.xpending(KEYS.jobs(model.name), GROUP)["pending"] == 1  # reclaimed elsewhere
+    assert r.xpending(KEYS.jobs(model.name), GROUP)["pending"] == 1
+    assert not any(p.is_alive() for p in backend._ranks)
 
 
 def test_the_cuda_backend_and_bad_sizes_are_refused_by_name(model_path):

@@ -19,14 +19,16 @@ class WorkerProcess:
     with the engine's float32 reference (the command's own default is auto: int8 on a CPU)."""
 
     def __init__(self, url: str, worker_id: str, log_dir: Path, *extra: str,
-                 launcher: tuple[str, ...] = ("worker.cli",)) -> None:  # fmt: skip
+                 launcher: tuple[str, ...] = ("worker.cli",),
+                 env: dict[str, str] | None = None) -> None:  # fmt: skip
         """`launcher`: the module run with `-m` and its leading arguments (the real CLI, or a
-        test wrapper such as tests.worker.slow_worker)."""
+        test wrapper such as tests.worker.slow_worker); `env`: variables added to ours."""
         self.url, self.worker_id = url, worker_id
+        self.keys = Keys(extra[extra.index("--prefix") + 1]) if "--prefix" in extra else Keys()
         if "--dtype" not in extra:
             extra = ("--dtype", "float32", *extra)
         self.log_path = log_dir / f"{worker_id}.log"
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
         self.process = subprocess.Popen(
             [sys.executable, "-m", *launcher, "worker", "--redis", url, "--id", worker_id,
              "--heartbeat", "0.2", "--reclaim-idle", "1", "--kv-blocks", "512", *extra],
@@ -36,7 +38,7 @@ class WorkerProcess:
     def wait_ready(self, timeout: float = 90.0) -> WorkerProcess:
         r = connect(self.url)
         deadline = time.monotonic() + timeout
-        while not r.exists(Keys().worker(self.worker_id)):
+        while not r.exists(self.keys.worker(self.worker_id)):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"worker {self.worker_id} did not start:\n{self.log()}")
             time.sleep(0.05)

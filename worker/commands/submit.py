@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import TextIO
 
 from redis.exceptions import RedisError
@@ -115,6 +116,26 @@ def stream_answer(client: OrcdClient, job_id: str, timeout: float | None, out=sy
     return None
 
 
+def show_queue_position(client: OrcdClient, job_id: str, model: str, timeout: float | None,
+                        err=sys.stderr, poll_s: float = 0.5) -> None:
+    """While no worker has taken the job, say where it stands in the queue (on change)."""
+    shown = None
+    give_up = None if timeout is None else time.monotonic() + timeout
+    while not client.redis.exists(client.keys.out(job_id)):
+        place = client.queue_position(job_id, model=model)
+        if place is None:
+            return  # taken meanwhile (or not found): the stream says the rest
+        eta = f", ETA ~{place.eta_s:.0f} s" if place.eta_s is not None else ""
+        line = (f"queued: {place.position} job{'s' if place.position != 1 else ''} ahead, "
+                f"{place.waiting} waiting{eta}")
+        if line != shown:
+            print(line, file=err, flush=True)
+            shown = line
+        if give_up is not None and time.monotonic() >= give_up:
+            return
+        time.sleep(poll_s)
+
+
 def leave(client: OrcdClient, job_id: str, detach: bool) -> str:
     """Cancel the job we stop waiting for (unless `detach`); says what was done."""
     if detach:
@@ -150,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"job {job_id}", file=sys.stderr, flush=True)
         answer = Answer(sys.stdout)
         try:
+            show_queue_position(client, job_id, args.model, args.timeout)
             done = stream_answer(client, job_id, args.timeout, answer,
                                  reconnect_s=args.reconnect,
                                  on_disconnect=reconnect_note("submit", args.redis))

@@ -8,6 +8,7 @@ import socket
 import uuid
 
 from jobs.limits import DEFAULT_MODEL, DEFAULT_SESSION_TTL_S
+from worker.admission import DEFAULT_AGING_S
 from worker.commands.options import add_backend_options
 from worker.daemon import Worker, WorkerConfig
 from worker.loaded_model import freeze_startup_objects, load_model
@@ -58,6 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--session-ttl", type=float, default=DEFAULT_SESSION_TTL_S,
                         help="seconds an idle session keeps its KV and its routing key "
                         f"(default {DEFAULT_SESSION_TTL_S:.0f})")
+    parser.add_argument("--priority-aging", type=float, default=DEFAULT_AGING_S,
+                        help="seconds of waiting worth one priority level: a queued job "
+                        "overtakes one of a level higher that arrived that much later "
+                        f"(default {DEFAULT_AGING_S:g})")
     parser.add_argument("--metrics-port", type=int,
                         help="serve Prometheus metrics on this port (default: off)")
     parser.add_argument("--metrics-host", default="0.0.0.0",
@@ -70,12 +75,15 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(json=args.log_json)
     if args.max_jobs < 1:
         raise SystemExit("orcd worker: --max-jobs must be at least 1")
+    if not args.priority_aging > 0:
+        raise SystemExit("orcd worker: --priority-aging must be a positive number of seconds")
     metrics = WorkerMetrics()
     if args.metrics_port is not None:  # before loading the model: a taken port fails fast
         metrics.serve(args.metrics_port, args.metrics_host)
     model = load_model(args.model, models_dir=args.models_dir, backend=args.backend,
                        dtype=args.dtype, kv_blocks=args.kv_blocks, session_ttl_s=args.session_ttl,
                        max_num_seqs=max(args.max_jobs, 1), overlap=args.overlap,
+                       priority_aging_s=args.priority_aging,
                        matmul=args.matmul, tensor_parallel=args.tensor_parallel)
     freeze_startup_objects()  # the model stays for the process's life: out of the GC's scans
     config = WorkerConfig(
@@ -90,5 +98,6 @@ def run(args: argparse.Namespace) -> int:
         out_ttl_s=args.out_ttl,
         grace_s=args.grace,
         stall_timeout_s=args.stall_timeout,
+        priority_aging_s=args.priority_aging,
     )
     return Worker(model, config, metrics=metrics).run()
