@@ -17,6 +17,7 @@ noticed while rank 0 waits for the group (its exit code is polled).
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 import threading
 from collections.abc import Callable
@@ -98,7 +99,11 @@ def join_rank(
     rank: int, world_size: int, init_method: str, gguf_path: str, dtype: torch.dtype,
     threads: int, timeout_s: float,
 ) -> TorchShard:  # fmt: skip
-    """A worker rank's start: join the group, load the shard, meet at the barrier."""
+    """A worker rank's start: join the group, load the shard, meet at the barrier.
+
+    Ctrl-C reaches the whole process group from a terminal: a worker rank ignores it, so rank 0
+    decides (it drains, then stops the ranks); SIGTERM still ends it (rank 0's exit sends it)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     dist.init_process_group(
         "gloo", init_method=init_method, rank=rank, world_size=world_size,
