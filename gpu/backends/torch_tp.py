@@ -31,7 +31,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from gpu.backends.base import model_source
-from gpu.backends.torch_backend import TorchBackend
+from gpu.backends.torch_backend import KVNotAllocatedError, TorchBackend
 from gpu.batch import ForwardBatch
 from gpu.int8_linear import linear
 from gpu.request import DeviceLostError
@@ -212,7 +212,7 @@ class TensorParallelTorchBackend(TorchShard):
         if graceful:
             _broadcast(("stop",))
         for process in self._ranks:
-            process.join(timeout=10 if graceful else 0.5)
+            process.join(timeout=10 if graceful else 2)
             if process.is_alive():
                 process.terminate()
                 process.join()
@@ -226,13 +226,17 @@ class TensorParallelTorchBackend(TorchShard):
         try:
             _broadcast((name, *args))
             return getattr(super(), name)(*args)
-        except RuntimeError as exc:  # gloo's error when a peer's connection closed
+        except Exception as exc:  # noqa: BLE001 - gloo's error when a peer's connection closed,
+            # or rank 0 failing where the others go on: either way the ranks' collectives no
+            # longer pair up, so the group cannot be trusted with another step.
             self._fail(exc)
 
     def allocate_kv(self, num_blocks: int, block_size: int) -> None:
         self._command("allocate_kv", num_blocks, block_size)
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        if not self.kv_cache:  # checked before the ranks are told to run
+            raise KVNotAllocatedError("torch-tp backend: forward called before allocate_kv")
         return self._command("forward", batch)
 
     def close(self) -> None:
