@@ -96,3 +96,13 @@ def test_the_cuda_backend_and_bad_sizes_are_refused_by_name(model_path):
             make_backend("torch", gguf, tensor_parallel=0)
         with pytest.raises(TensorParallelError, match="does not divide its 4 KV heads"):
             Engine(gguf, backend="torch", tensor_parallel=3)
+
+
+def test_orcd_worker_refuses_tensor_parallel_on_cuda_in_one_line(model_path, capsys):
+    from worker.cli import main
+
+    code = main(["worker", "--model", "llama-narrow", "--models-dir", str(model_path.parent),
+                 "--backend", "cuda", "--tensor-parallel", "2"])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("orcd worker: error: tensor parallelism (2) exists only on the torch")
