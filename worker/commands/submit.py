@@ -118,11 +118,18 @@ def stream_answer(client: OrcdClient, job_id: str, timeout: float | None, out=sy
 
 def show_queue_position(client: OrcdClient, job_id: str, model: str, timeout: float | None,
                         err=sys.stderr, poll_s: float = 0.5) -> None:
-    """While no worker has taken the job, say where it stands in the queue (on change)."""
+    """While no worker has taken the job, say where it stands in the queue (on change).
+    Best effort: if Redis goes away meanwhile, the answer's stream (with its reconnection)
+    takes over at once."""
     shown = None
     give_up = None if timeout is None else time.monotonic() + timeout
-    while not client.redis.exists(client.keys.out(job_id)):
-        place = client.queue_position(job_id, model=model)
+    while True:
+        try:
+            if client.redis.exists(client.keys.out(job_id)):
+                return
+            place = client.queue_position(job_id, model=model)
+        except RedisError:
+            return
         if place is None:
             return  # taken meanwhile (or not found): the stream says the rest
         eta = f", ETA ~{place.eta_s:.0f} s" if place.eta_s is not None else ""
