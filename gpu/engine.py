@@ -114,7 +114,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.in
 
 def make_backend(
     kind: str, gguf: GGUFFile, progress: Callable | None = None, dtype: str = "float32",
-    matmul: str | None = None,
+    matmul: str | None = None, tensor_parallel: int = 1,
 ) -> Backend:  # fmt: skip
     """Build a backend by name: `torch` (reference, CPU), `cuda` (our kernels; needs a GPU) or
     `auto` (cuda when torch sees a GPU, else torch).
@@ -124,9 +124,25 @@ def make_backend(
     int8 (per-row weight-only, bfloat16 activations) halves them again.
     `matmul` (cuda; None: its default): "matvec", "tensor-cores" or "auto", the decode step's
     matrix kernels (gpu/backends/cuda_backend.py MATMUL_MODES); the torch backend has one.
+    `tensor_parallel` > 1 splits the torch backend over that many gloo processes
+    (gpu/backends/torch_tp.py); the cuda backend has no tensor parallelism yet and refuses it.
     """
     if dtype not in DTYPES:
         raise RequestError(f"unknown dtype {dtype!r}; available: {', '.join(DTYPES)}")
+    if tensor_parallel < 1:
+        raise RequestError(f"tensor-parallel size must be at least 1, got {tensor_parallel}")
+    if tensor_parallel > 1:
+        if kind == "cuda" or (kind == "auto" and torch.cuda.is_available()):
+            raise RequestError(
+                f"tensor parallelism ({tensor_parallel}) exists only on the torch backend (gloo "
+                "processes on the CPU); the cuda backend has no NCCL sharding yet: pass "
+                "--backend torch, or --tensor-parallel 1"
+            )
+        if kind not in ("auto", "torch"):
+            raise RequestError(f"unknown backend {kind!r}; available: auto, torch, cuda")
+        from gpu.backends.torch_tp import TensorParallelTorchBackend
+
+        return TensorParallelTorchBackend(gguf.path, tensor_parallel, dtype=DTYPES[dtype])
     if kind == "cuda" or (kind == "auto" and torch.cuda.is_available()):
         from gpu.backends.cuda_backend import CudaBackend
 
@@ -181,10 +197,11 @@ class Engine:
         check_finite: bool = True,
         faults: FaultInjector | None = None,
         matmul: str | None = None,
+        tensor_parallel: int = 1,
     ) -> None:
         gguf = model if isinstance(model, GGUFFile) else open_gguf(_model_path(model))
         self.backend = backend if isinstance(backend, Backend) else make_backend(
-            backend, gguf, progress, dtype, matmul
+            backend, gguf, progress, dtype, matmul, tensor_parallel
         )
         self.config = self.backend.config
         self.eos_token_ids = stop_token_ids_of(gguf)

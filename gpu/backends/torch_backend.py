@@ -59,15 +59,18 @@ class TorchBackend(Backend):
         self.rotary = Rotary(self.config.rope, self.weights.rope_freq_factors, self.device)
         self.kv_cache: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.block_size = 0
+        # The heads this process computes: all of them here, a tensor-parallel shard's share in
+        # `gpu.backends.torch_tp`, which also overrides the three collective points below.
+        self.n_heads, self.n_kv_heads = self.config.n_heads, self.config.n_kv_heads
 
     def kv_bytes_per_block(self, block_size: int) -> int:
         c = self.config
-        per_layer = 2 * block_size * c.n_kv_heads * c.head_dim * self.dtype.itemsize
+        per_layer = 2 * block_size * self.n_kv_heads * c.head_dim * self.dtype.itemsize
         return per_layer * c.n_layers
 
     def allocate_kv(self, num_blocks: int, block_size: int) -> None:
         c = self.config
-        shape = (num_blocks, block_size, c.n_kv_heads, c.head_dim)
+        shape = (num_blocks, block_size, self.n_kv_heads, c.head_dim)
         self.kv_cache = [
             (
                 torch.zeros(shape, dtype=self.dtype, device=self.device),
@@ -86,29 +89,40 @@ class TorchBackend(Backend):
         if not self.kv_cache:
             raise KVNotAllocatedError("torch backend: forward called before allocate_kv")
         c, w = self.config, self.weights
-        n_tokens = batch.num_tokens
+        n_tokens, n_heads, n_kv_heads = batch.num_tokens, self.n_heads, self.n_kv_heads
+        q_size, kv_size = n_heads * c.head_dim, n_kv_heads * c.head_dim
         cos, sin = self.rotary.cos_sin(batch.positions)
-        hidden = w.token_embd[batch.token_ids].float()  # the float32 residual stream, [T, h]
+        hidden = self._embed(batch.token_ids)  # the float32 residual stream, [T, h]
         for layer, (k_cache, v_cache) in zip(w.layers, self.kv_cache, strict=True):
             x = rms_norm(hidden, layer.attn_norm, c.rms_eps).to(self.dtype)
             qkv = linear(x, layer.wqkv, layer.bqkv)
             # Q and K heads are adjacent columns of the fused output: rotate them in one call.
-            qk, v = qkv.split([c.q_size + c.kv_size, c.kv_size], dim=-1)
-            qk = self.rotary.apply(
-                qk.view(n_tokens, c.n_heads + c.n_kv_heads, c.head_dim), cos, sin
-            )
-            q, k = qk.split([c.n_heads, c.n_kv_heads], dim=1)
-            v = v.view(n_tokens, c.n_kv_heads, c.head_dim)
+            qk, v = qkv.split([q_size + kv_size, kv_size], dim=-1)
+            qk = self.rotary.apply(qk.view(n_tokens, n_heads + n_kv_heads, c.head_dim), cos, sin)
+            q, k = qk.split([n_heads, n_kv_heads], dim=1)
+            v = v.view(n_tokens, n_kv_heads, c.head_dim)
             # Pool viewed as flat slots (block * block_size + offset): one scatter per layer.
-            k_cache.view(-1, c.n_kv_heads, c.head_dim).index_copy_(0, batch.slot_mapping, k)
-            v_cache.view(-1, c.n_kv_heads, c.head_dim).index_copy_(0, batch.slot_mapping, v)
+            k_cache.view(-1, n_kv_heads, c.head_dim).index_copy_(0, batch.slot_mapping, k)
+            v_cache.view(-1, n_kv_heads, c.head_dim).index_copy_(0, batch.slot_mapping, v)
             attn = self._attention(q, k_cache, v_cache, batch)
-            hidden = hidden + linear(attn.view(n_tokens, c.q_size), layer.wo).float()
+            hidden = hidden + self._sum_shards(linear(attn.view(n_tokens, q_size), layer.wo))
             x = rms_norm(hidden, layer.ffn_norm, c.rms_eps).to(self.dtype)
             gate, up = linear(x, layer.w_gate_up).chunk(2, dim=-1)
-            hidden = hidden + linear(F.silu(gate) * up, layer.w_down).float()
+            hidden = hidden + self._sum_shards(linear(F.silu(gate) * up, layer.w_down))
         x = rms_norm(hidden[batch.logits_indices], w.output_norm, c.rms_eps).to(self.dtype)
-        return linear(x, w.output).float()
+        return self._lm_head(x)
+
+    def _embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """The tokens' embedding rows as float32 [T, hidden]."""
+        return self.weights.token_embd[token_ids].float()
+
+    def _sum_shards(self, partial: torch.Tensor) -> torch.Tensor:
+        """A row-parallel matmul's output as float32: here already whole, nothing to sum."""
+        return partial.float()
+
+    def _lm_head(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 logits [L, vocab] of the final-normed rows."""
+        return linear(x, self.weights.output).float()
 
     def _attention(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch

@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"(default: $REDIS_URL or {DEFAULT_REDIS_URL})")
     parser.add_argument("--prefix", default="orcd", help="Redis key prefix (default: orcd)")
     add_backend_options(parser)
+    parser.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                        help="split the model over N processes (torch backend, gloo on the CPU; "
+                             "default 1); the cuda backend refuses N > 1 (no NCCL sharding yet)")
     parser.add_argument("--id", dest="worker_id", help="worker id (default: host-pid-random)")
     parser.add_argument("--max-jobs", type=int, default=16,
                         help="jobs running at once (default 16)")
@@ -81,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
                        dtype=args.dtype, kv_blocks=args.kv_blocks, session_ttl_s=args.session_ttl,
                        max_num_seqs=max(args.max_jobs, 1), overlap=args.overlap,
                        priority_aging_s=args.priority_aging,
-                       matmul=args.matmul)
+                       matmul=args.matmul, tensor_parallel=args.tensor_parallel)
     freeze_startup_objects()  # the model stays for the process's life: out of the GC's scans
     config = WorkerConfig(
         worker_id=args.worker_id or default_worker_id(),
