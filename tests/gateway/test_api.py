@@ -263,10 +263,16 @@ def test_deadline_is_504(client):
     assert error_of(caught.value)["code"] == "timeout"
 
 
+# An answer that cannot end before max_tokens (no end of text until 4,000 letters), so a
+# client that leaves early always leaves a running job behind: at temperature 1 an
+# unconstrained answer sometimes ended by itself within the client's patience.
+ENDLESS = {"type": "regex", "pattern": "[a-z]{4000}"}
+
+
 def test_disconnect_cancels_the_job(stack, direct):
     _, gateway = stack
     body = {"model": MODEL, "messages": CHAT, "max_tokens": 400, "stream": True,
-            "temperature": 1.0}
+            "temperature": 1.0, "response_format": ENDLESS}
     with httpx.Client(base_url=gateway.url, headers={"Authorization": f"Bearer {KEY}"},
                       timeout=60) as http:
         with http.stream("POST", "/v1/chat/completions", json=body) as response:
@@ -282,7 +288,7 @@ def test_disconnect_cancels_the_job(stack, direct):
 def test_disconnect_cancels_a_non_streaming_request(stack):
     redis_server, gateway = stack
     body = {"model": MODEL, "messages": CHAT, "max_tokens": 400, "temperature": 1.0,
-            "user": "leaves-early"}
+            "user": "leaves-early", "response_format": ENDLESS}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{gateway.url}/v1/chat/completions", json=body,
                    timeout=httpx.Timeout(60, read=1.5),  # the client gives up waiting
