@@ -98,8 +98,8 @@ def test_a_worker_that_lost_a_job_cannot_finish_it(server, order):
 
 def test_a_worker_stopped_with_no_grace_hands_its_jobs_over_at_once(server, tmp_path):
     """SIGTERM with --grace 0 and a job running (sent to that worker's own stream): the job
-    is released as it stops and the other worker starts it within 2 s, though --reclaim-idle
-    is 30 s."""
+    is released as it stops and the other worker starts it within 10 s, though --reclaim-idle
+    is 30 s (seconds, not the 30 a reclaim would take: 2 s was missed at load ~5)."""
     client = OrcdClient(server.url)
     options = ("--grace", "0", "--reclaim-idle", "30")
     leaving = WorkerProcess(server.url, "leaving", tmp_path, *options)
@@ -119,9 +119,9 @@ def test_a_worker_stopped_with_no_grace_hands_its_jobs_over_at_once(server, tmp_
         started = wait_for(
             lambda: any(e.kind == "started" and e.data["worker_id"] == "staying"
                         for e in events(client, job_id)),
-            10, "the second worker to start the job",
+            20, "the second worker to start the job",
         )
-        assert started - stopped_at < 2.0
+        assert started - stopped_at < 10.0
         done = client.wait(job_id, timeout=180)
         assert done.finish_reason in ("length", "stop")
         assert [e.kind for e in events(client, job_id)].count("done") == 1
