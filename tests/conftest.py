@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
 from loader.registry import ModelNotFoundError, resolve_model
+from tests.redis_server import RedisServer
 
 pytest_plugins = ("tests.measured",)  # the "measured" section of the summary
 
@@ -77,3 +79,12 @@ def smollm2_backend(default_model_path):
 
     return TorchBackend(default_model_path)
 
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A private redis-server on a free port (never the machine's own on 6379)."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.kill()

@@ -12,15 +12,6 @@ from tests.redis_server import RedisServer
 from tests.worker.workers import WorkerProcess
 
 
-@pytest.fixture
-def redis_server(tmp_path):
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    server = RedisServer(tmp_path).start()
-    yield server
-    server.kill()
-
-
 @pytest.fixture(scope="session")
 def worker_stack(tmp_path_factory, default_model_path):
     """(redis_server, directory) with one live worker; its Redis is shared, so tests use keys

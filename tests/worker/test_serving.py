@@ -11,7 +11,6 @@ import time
 
 import pytest
 
-from gpu.request import Request, SamplingParams
 from jobs import OrcdClient
 from jobs.errors import JobFailed
 from jobs.keys import JOB_FIELD, Keys
@@ -38,31 +37,6 @@ def server(tmp_path_factory):
     server = RedisServer(tmp_path_factory.mktemp("serving")).start()
     yield server
     server.kill()
-
-
-@pytest.fixture(scope="module")
-def reference():
-    """Greedy answers computed one at a time by the engine itself."""
-    try:
-        model = load_model(MODEL, kv_blocks=256, progress=False)
-    except Exception as exc:  # noqa: BLE001
-        pytest.skip(f"default model unavailable: {exc}")
-    cache: dict[tuple[str, int], str] = {}
-
-    def answer(prompt: str, max_tokens: int) -> str:
-        if (prompt, max_tokens) not in cache:
-            tokenizer, engine = model.tokenizer, model.engine
-            ids = tokenizer.encode(prompt, parse_special=False)
-            engine.add(Request("ref", ids, SamplingParams(temperature=0), max_tokens=max_tokens,
-                               stop_token_ids=tokenizer.end_of_generation_ids))
-            out: list[int] = []
-            while engine.has_work():
-                for step in engine.step():
-                    out += step.new_token_ids
-            cache[prompt, max_tokens] = tokenizer.decode(out, skip_special_tokens=True)
-        return cache[prompt, max_tokens]
-
-    return answer
 
 
 def events(client, job_id, keys=KEYS):

@@ -14,13 +14,11 @@ import time
 
 import pytest
 
-from gpu.request import Request, SamplingParams
 from jobs import OrcdClient
 from jobs.keys import Keys
 from jobs.protocol import JobEvent, build_job, encode_job
 from tests.redis_server import RedisServer
 from tests.worker.workers import WorkerProcess
-from worker.loaded_model import load_model
 
 pytestmark = pytest.mark.slow
 KEYS = Keys()
@@ -30,31 +28,6 @@ PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):",
 # The tests on the shared two-worker cluster (in order: one of them kills a worker) run on one
 # pytest-xdist worker, which starts the cluster once.
 CLUSTER = pytest.mark.xdist_group("worker-cluster")
-
-
-@pytest.fixture(scope="module")
-def reference():
-    """Greedy answers computed one at a time by the engine itself: the single-worker truth."""
-    try:
-        model = load_model(MODEL, kv_blocks=256, progress=False)
-    except Exception as exc:  # noqa: BLE001
-        pytest.skip(f"default model unavailable: {exc}")
-    cache: dict[tuple[str, int], str] = {}
-
-    def answer(prompt: str, max_tokens: int) -> str:
-        if (prompt, max_tokens) not in cache:
-            tokenizer, engine = model.tokenizer, model.engine
-            ids = tokenizer.encode(prompt, parse_special=False)
-            engine.add(Request("ref", ids, SamplingParams(temperature=0), max_tokens=max_tokens,
-                               stop_token_ids=tokenizer.end_of_generation_ids))
-            out: list[int] = []
-            while engine.has_work():
-                for step in engine.step():
-                    out += step.new_token_ids
-            cache[prompt, max_tokens] = tokenizer.decode(out, skip_special_tokens=True)
-        return cache[prompt, max_tokens]
-
-    return answer
 
 
 @pytest.fixture(scope="module")
