@@ -167,6 +167,33 @@ def matvec_launch_config(
     return LaunchConfig((-(-n_rows // rows), 1, 1), (32 * MATVEC_WARPS, 1, 1)), variant, rows
 
 
+def check_product_args(
+    what: str, ggml_type: GGMLQuantizationType, n_rows: int, n_cols: int, row_bytes: int,
+    y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    residual: torch.Tensor | None, swiglu: bool,
+) -> None:  # fmt: skip
+    """The shape checks of a matrix product launch (the matvec's and tcmm's): y[b] = W x[b]
+    (+ bias) (+ residual[b]), or SwiGLU of interleaved (gate, up) rows into y[b, :n_rows // 2]."""
+    n_seqs = x.shape[0]
+    n_out = n_rows // 2 if swiglu else n_rows
+    if swiglu and (n_rows % 2 or bias is not None or residual is not None):
+        raise CudaError(f"{what} swiglu: {n_rows} rows (must be even), no bias/residual")
+    if x.shape[1] < n_cols or y.shape[0] != n_seqs or y.shape[1] < n_out:
+        raise CudaError(
+            f"{what}: x {tuple(x.shape)} / y {tuple(y.shape)} do not fit "
+            f"{n_rows}x{n_cols} for {n_seqs} sequences"
+        )
+    if weight.numel() != n_rows * row_bytes:
+        raise CudaError(
+            f"{what}: weight has {weight.numel()} bytes, {n_rows} rows of "
+            f"{ggml_type.name} (matvec layout) need {n_rows * row_bytes}"
+        )
+    if residual is not None and (residual.shape[0] != n_seqs or residual.shape[1] < n_rows):
+        raise CudaError(f"{what}: residual {tuple(residual.shape)} does not match y")
+    if bias is not None and bias.numel() != n_rows:
+        raise CudaError(f"{what}: bias has {bias.numel()} values for {n_rows} rows")
+
+
 class MatVec:
     """One weight's matrix-vector product: a launch site per batch variant, built on first use."""
 
@@ -205,25 +232,8 @@ class MatVec:
         y[b, :n_rows // 2] = silu(gate) * up is written instead (no bias or residual)."""
         n_seqs = x.shape[0]
         config, variant, rows = matvec_launch_config(self.n_rows, n_seqs, self.stem, self.n_cols)
-        n_out = self.n_rows // 2 if swiglu else self.n_rows
-        if swiglu and (self.n_rows % 2 or bias is not None or residual is not None):
-            raise CudaError(f"matvec swiglu: {self.n_rows} rows (must be even), no bias/residual")
-        if x.shape[1] < self.n_cols or y.shape[0] != n_seqs or y.shape[1] < n_out:
-            raise CudaError(
-                f"matvec: x {tuple(x.shape)} / y {tuple(y.shape)} do not fit "
-                f"{self.n_rows}x{self.n_cols} for {n_seqs} sequences"
-            )
-        if weight.numel() != self.n_rows * self.row_bytes:
-            raise CudaError(
-                f"matvec: weight has {weight.numel()} bytes, {self.n_rows} rows of "
-                f"{self.ggml_type.name} (matvec layout) need {self.n_rows * self.row_bytes}"
-            )
-        if residual is not None and (
-            residual.shape[0] != n_seqs or residual.shape[1] < self.n_rows
-        ):
-            raise CudaError(f"matvec: residual {tuple(residual.shape)} does not match y")
-        if bias is not None and bias.numel() != self.n_rows:
-            raise CudaError(f"matvec: bias has {bias.numel()} values for {self.n_rows} rows")
+        check_product_args("matvec", self.ggml_type, self.n_rows, self.n_cols, self.row_bytes,
+                           y, x, weight, bias, residual, swiglu)  # fmt: skip
         site = self._sites.get((variant, rows))
         if site is None:
             name = f"matvec_{self.stem}_b{variant}_r{rows}"

@@ -20,7 +20,7 @@ from gpu.cuda.driver import LaunchSite
 from gpu.cuda.errors import CudaError
 from gpu.cuda.kernels import launch_site
 from gpu.cuda.launch import LaunchConfig, ceil_div, pointer, row_stride
-from gpu.cuda.matvec import MATVEC_TYPES, grouped, packed_row_bytes
+from gpu.cuda.matvec import MATVEC_TYPES, check_product_args, grouped, packed_row_bytes
 
 _T = GGMLQuantizationType
 
@@ -144,21 +144,8 @@ class TensorCoreMatmul:
         config, nt, splits = tcmm_launch_config(
             self.stem, self.n_rows, self.n_cols, n_seqs, self.sm_count
         )
-        n_out = self.n_rows // 2 if swiglu else self.n_rows
-        if swiglu and (self.n_rows % 2 or bias is not None or residual is not None):
-            raise CudaError(f"tcmm swiglu: {self.n_rows} rows (must be even), no bias/residual")
-        if x16.shape[1] < self.n_cols or y.shape[0] != n_seqs or y.shape[1] < n_out:
-            raise CudaError(
-                f"tcmm: x {tuple(x16.shape)} / y {tuple(y.shape)} do not fit "
-                f"{self.n_rows}x{self.n_cols} for {n_seqs} sequences"
-            )
-        if weight.numel() != self.n_rows * self.row_bytes:
-            raise CudaError(f"tcmm: weight has {weight.numel()} bytes, expected "
-                            f"{self.n_rows * self.row_bytes}")  # fmt: skip
-        if residual is not None and (residual.shape[0] != n_seqs or residual.shape[1] < self.n_rows):
-            raise CudaError(f"tcmm: residual {tuple(residual.shape)} does not match y")
-        if bias is not None and bias.numel() != self.n_rows:
-            raise CudaError(f"tcmm: bias has {bias.numel()} values for {self.n_rows} rows")
+        check_product_args("tcmm", self.ggml_type, self.n_rows, self.n_cols, self.row_bytes,
+                           y, x16, weight, bias, residual, swiglu)  # fmt: skip
         partials, tickets = self.workspace_needs(n_seqs)
         if partials > workspace.partials.numel() or tickets > workspace.tickets.numel():
             raise CudaError(f"tcmm: workspace too small for {n_seqs} sequences of "
