@@ -13,10 +13,13 @@ if [ -f /tmp/p1 ] && [ -f "$second" ]; then
 else
   echo "no first half in /tmp/p1: the real-model tests skip"
 fi
-timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider -p no:xdist tests/gpu \
+timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -p no:xdist tests/gpu \
   -k "not tcmm" 2>&1 | tail -25
-timeout 120 python3 bench/structured.py --commit "$commit" --out "$OUT" \
+timeout 100 python3 bench/structured.py --commit "$commit" --out "$OUT" \
   smollm2-135m:Q4_1@1,64 llama3-8b:Q4_0@1,64 2>&1 | grep -v '^{' | tail -12
-timeout 200 python3 bench/serve.py --backend cuda --shape llama3-8b --quant Q4_0 \
+timeout 170 python3 bench/serve.py --backend cuda --shape llama3-8b --quant Q4_0 \
   --clients 1,16,64,128 --redis-server .whl/bin/redis-server --json "$OUT/serve-llama3-8b.json" \
+  2>&1 | grep -v '^{' | tail -15
+timeout 110 python3 bench/serve.py --backend cuda --shape smollm2-135m --quant Q4_1 \
+  --clients 1,16,64,128 --redis-server .whl/bin/redis-server --json "$OUT/serve-smollm2.json" \
   2>&1 | grep -v '^{' | tail -15
