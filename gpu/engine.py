@@ -386,7 +386,10 @@ class Engine:
             # others; greedy rows only take an argmax.
             finite = torch.isfinite(logits).all(dim=-1)
             if not all(row.params.greedy for row in rows):
-                logits.masked_fill_(~finite.unsqueeze(-1), 0.0)
+                # The CUDA backend's logits are inference tensors (its forward runs in
+                # inference mode): an in-place write to them is allowed only inside it.
+                with torch.inference_mode():
+                    logits.masked_fill_(~finite.unsqueeze(-1), 0.0)
             if finite.device.type != "cpu":
                 # Into pinned memory before the sampler's own copy back, on the same stream:
                 # once its ids are read, so is this, and no later step is waited for (a plain

@@ -291,6 +291,23 @@ def test_non_finite_logits_end_one_request_alone(backend):
     assert engine.stats().kv_blocks_used == 0
 
 
+def test_sampled_rows_take_logits_made_in_inference_mode(monkeypatch, smollm2_backend):
+    """The CUDA backend's forward runs under torch.inference_mode, so its logits are inference
+    tensors: the engine's finite check must not write them in place outside it (it did, and
+    every step with a sampled row failed on the GPU)."""
+    forward = smollm2_backend.forward
+
+    def inference_forward(batch):
+        with torch.inference_mode():
+            return forward(batch)
+
+    monkeypatch.setattr(smollm2_backend, "forward", inference_forward)
+    request = Request("s", prompts(1, seed=5)[0], SamplingParams(temperature=0.8, seed=3),
+                      max_tokens=6, ignore_eos=True)  # fmt: skip
+    tokens, reasons, _, _ = run(make_engine(smollm2_backend), [request])
+    assert len(tokens["s"]) == 6 and reasons["s"] == "length"
+
+
 def test_a_lost_device_is_sticky(backend):
     from gpu.faults import FaultInjector
     from gpu.request import DeviceLostError
