@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import functools
 import json
+import os
 import statistics
 import sys
 
@@ -20,8 +21,10 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from gpu.cuda.activation import SiluMul
 from gpu.cuda.attention import DecodeAttention
+from gpu.cuda.kernels import TUNING_ENV
 from gpu.cuda.matvec import MatVec
 from gpu.cuda.norm import RMSNorm
+from gpu.cuda.tcmm import ctas_per_sm
 from loader.synth_blocks import random_blocks
 
 _T = GGMLQuantizationType
@@ -139,7 +142,9 @@ def tcmm_table(quants: list[_T], batches: list[int]) -> list[dict]:
                 tc = time_tcmm(qtype, n_rows, n_cols, b, read_bw)
                 mv = time_matvec(qtype, n_rows, n_cols, min(b, 8), copy_bw)
                 mv_us = mv["us"] * -(-b // 8)
-                rows.append({**tc, "matvec_us": round(mv_us, 2)})
+                rows.append({**tc, "matvec_us": round(mv_us, 2),
+                             "defines": os.environ.get(TUNING_ENV, ""),
+                             "ctas_per_sm": ctas_per_sm()})  # fmt: skip
                 print(f"{qtype.name:5s} {n_rows}x{n_cols} b={b:<3d} tcmm {tc['us']:8.1f} us "
                       f"({100 * tc['fraction_of_read']:5.1f}% of read, {tc['tflops']:6.1f} TFLOP/s, "
                       f"{tc['splits']} splits)  matvec {mv_us:8.1f} us", flush=True)  # fmt: skip
@@ -199,11 +204,14 @@ def time_attention(bw: float, cases) -> list[dict]:
 
 def main() -> None:
     torch.manual_seed(0)
-    if len(sys.argv) > 1 and sys.argv[1] == "--tcmm":  # --tcmm Q4_0,F16 1,8,64 [out.json]
+    # --tcmm Q4_0,F16 1,8,64 [out.json]: tcmm against the matvec, then decode attention;
+    # --tcmm-only: the matmuls alone (a sweep over ORCD_KERNEL_DEFINES / ORCD_TC_CTAS_PER_SM).
+    if len(sys.argv) > 1 and sys.argv[1] in ("--tcmm", "--tcmm-only"):
         quants = [_T[q] for q in sys.argv[2].split(",")]
         rows = tcmm_table(quants, [int(b) for b in sys.argv[3].split(",")])
         cases = [(b, ctx) for b in (64, 128, 256) for ctx in (512, 1024, 4096) if b * ctx <= 2**19]
-        rows += time_attention(read_bandwidth(), cases)
+        if sys.argv[1] == "--tcmm":
+            rows += time_attention(read_bandwidth(), cases)
         if len(sys.argv) > 4:
             with open(sys.argv[4], "w") as f:
                 json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)

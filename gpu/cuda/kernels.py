@@ -40,7 +40,10 @@ PROGRAMMATIC_FILES = frozenset(
 # in its file (a CPU test checks), the override is a -D option (so the on-disk cache keys on
 # it), and bench/decode.py records the variable in its JSON. Unset, the source's values hold.
 TUNING_ENV = "ORCD_KERNEL_DEFINES"
-TUNABLES: dict[str, frozenset[str]] = {"matvec.cu": frozenset({"MATVEC_PREFETCH_BYTES"})}
+TUNABLES: dict[str, frozenset[str]] = {
+    "matvec.cu": frozenset({"MATVEC_PREFETCH_BYTES"}),
+    "tcmm.cu": frozenset({"TC_UNROLL"}),
+}
 _TUNING_ITEM = re.compile(r"^([\w.]+\.cu):([A-Z][A-Z0-9_]*)=(-?[0-9]+)$")
 
 

@@ -11,6 +11,7 @@ so a sequence's result does not depend on what else is in the batch (batch invar
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,18 @@ CHUNK_BYTES: dict[str, tuple[int, bool]] = {
 # CTAs the row tiles x K splits aim for, per multiprocessor: enough bytes in flight to keep the
 # memory busy at small batches (each CTA has two stages of TC_BM rows' chunks in flight).
 CTAS_PER_SM = 2
+# A/B override of CTAS_PER_SM for benchmarks (recorded in bench/decode.py's JSON), like
+# kernels.TUNING_ENV for compile-time constants; unset, CTAS_PER_SM holds.
+CTAS_ENV = "ORCD_TC_CTAS_PER_SM"
+
+
+def ctas_per_sm() -> int:
+    value = os.environ.get(CTAS_ENV, "")
+    if not value:
+        return CTAS_PER_SM
+    if not value.isdigit() or int(value) < 1:
+        raise CudaError(f"{CTAS_ENV}={value!r}: want a positive integer")
+    return int(value)
 _ARG_KINDS = ("ptr", "i32", "ptr", "i64", "ptr", "i32", "i32", "i32", "i32", "ptr", "ptr", "i32",
               "i32", "i32", "ptr", "ptr")
 _HALF_ARG_KINDS = ("ptr", "i32", "ptr", "i32", "i32", "i32")
@@ -70,7 +83,7 @@ def split_count(n_rows: int, n_cols: int, sm_count: int) -> int:
     non-empty. Depends on the shape and the device only (batch invariance)."""
     n_chunks = ceil_div(n_cols, TC_KC)
     tiles = ceil_div(n_rows, TC_BM)
-    wanted = max(1, min(n_chunks, round(CTAS_PER_SM * sm_count / tiles)))
+    wanted = max(1, min(n_chunks, round(ctas_per_sm() * sm_count / tiles)))
     per_split = ceil_div(n_chunks, wanted)
     return ceil_div(n_chunks, per_split)
 

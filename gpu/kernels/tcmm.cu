@@ -37,6 +37,11 @@
 #define TC_BM (16 * TC_MT * TC_WARPS)  // weight rows per CTA
 #define TC_THREADS (32 * TC_WARPS)
 #define TC_XS (TC_KC + 8)  // halves per staged x row: +16 bytes spreads rows over the banks
+#ifndef TC_UNROLL  // tunable: gpu/cuda/kernels.py TUNABLES
+// k16 steps unrolled together: their fragment decodes (shared loads, ALU) are independent, so
+// unrolled the compiler can overlap them instead of waiting out each step's load latency.
+#define TC_UNROLL 4
+#endif
 
 // ---- raw bytes of one row's chunk, and the fp16 pairs of its elements ------------------------
 // Tc<T, GROUPED>: CHUNK = bytes of a full chunk as staged (GGUF blocks, or quants then scales
@@ -297,7 +302,11 @@ __device__ __forceinline__ void tcmm_impl(
             }
         const u16* xs = TC_X(cur);
         const int n16 = min(TC_KC, n_cols - c * TC_KC) / 16;
-        for (int ks = 0; ks < n16; ++ks) {
+        for (int ks0 = 0; ks0 < n16; ks0 += TC_UNROLL)  // n16 is even: K is whole 32-blocks
+#pragma unroll
+        for (int u = 0; u < TC_UNROLL; ++u) {
+            const int ks = ks0 + u;
+            if (TC_UNROLL > 2 && ks >= n16) break;
             const int k = 16 * ks + 2 * t;
             u32 a[TC_MT][4];
 #pragma unroll
