@@ -9,8 +9,8 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 timeout 70 python3 -m pytest -q -m gpu -p no:cacheprovider -p no:xdist tests/gpu/test_cuda_tcmm.py \
   tests/gpu/test_token_mask.py tests/gpu/test_cuda_sampler.py 2>&1 | tail -6
-for unroll in 1 4 8; do
-  for ctas in 2 4 8; do
+for unroll in ${UNROLLS:-1 4 8}; do
+  for ctas in ${CTAS:-2 4 8}; do
     echo "== TC_UNROLL=$unroll CTAS_PER_SM=$ctas"
     ORCD_KERNEL_DEFINES="tcmm.cu:TC_UNROLL=$unroll" ORCD_TC_CTAS_PER_SM=$ctas timeout 40 \
       python3 -m gpu.cuda.kernel_timing --tcmm-only Q4_0 1,64 "$OUT/sweep-u$unroll-c$ctas.json" 2>&1 \
