@@ -51,14 +51,21 @@ from loader.gguf_file import GGUFFile
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 MATMUL_MODES = ("matvec", "tensor-cores", "auto")
-# The default stays the matvec until tcmm.cu has passed its GPU tests on the device (it was
-# written in session 7 while no device could be had: bench/NOTES.md); then "tensor-cores".
-DEFAULT_MATMUL = "matvec"
-# "auto": the smallest batch that takes the tensor cores (below it the matvec is faster).
+# "auto" by default: on the H200 (2026-12-07, bench/results/tcmm-20261207-0543-h200.json) a
+# tcmm launch at 64 sequences took 4-11x less than the matvec's eight launches on the 8B
+# shapes, while at one sequence it took 2.3-2.8x more (latency-bound: bench/NOTES.md). Until
+# tcmm is as fast at one sequence, the default trades batch invariance for both speeds; the
+# batch-invariant modes stay a flag away.
+DEFAULT_MATMUL = "auto"
+# "auto": the smallest batch that takes the tensor cores. At 8 tcmm already beat the matvec on
+# every 8B Q4_0 shape (86.8 vs 164.6 us, 44.0 vs 145.6) and tied on F16 (148.7 vs 146.3, H200);
+# the crossover between 1 and 8 is not yet measured.
 TC_MIN_BATCH = 8
 # Prefill and mixed batches of up to this many tokens run their matrix products on the tensor
 # cores too (the workspace is sized for it); longer ones dequantise each matrix for cuBLAS.
-TC_PREFILL_MAX_TOKENS = 256
+# 64: tcmm at 256 tokens cost ~1 ms a layer on 8B Q4_0 (H200), more than the whole 512-token
+# prefill's 0.85 ms a layer through the scratch; at 64 it is ~0.35 ms.
+TC_PREFILL_MAX_TOKENS = 64
 KV_DTYPE = torch.float16
 
 

@@ -34,7 +34,10 @@ REGEXES = [r"(yes|no), [0-9]{3}", r"[A-Z][a-z]{2,6} [0-9]{1,2}(am|pm)", r"#[0-9a
 GRAMMARS = [
     ("gbnf", 'root ::= "The answer is " ("yes" | "no") "."',
      lambda text: re.fullmatch(r"The answer is (yes|no)\.", text) is not None),
-    ("gbnf", 'root ::= list\nlist ::= "[" (item ("," item)*)? "]"\nitem ::= [0-9] | list',
+    # Bounded (4 items, 2 levels): an unbounded list let a greedy model count digits until
+    # max_tokens ("1,2,...,9,1,2,...") on one machine's int8 numerics and not on another's.
+    ("gbnf", 'root ::= list\nlist ::= "[" (item ("," item){0,3})? "]"\nitem ::= [0-9] | inner\n'
+             'inner ::= "[" ([0-9] ("," [0-9]){0,3})? "]"',
      lambda text: _nested_digit_list(json.loads(text))),
     ("ebnf", 'start: word (" " word)~1..3 "!"\nword: /[a-z]{1,6}/',
      lambda text: re.fullmatch(r"[a-z]{1,6}( [a-z]{1,6}){1,3}!", text) is not None),

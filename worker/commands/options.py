@@ -19,10 +19,11 @@ def add_backend_options(parser: argparse.ArgumentParser, *, dtype_default: str =
                              "(about 2x faster decode on CPU) or int8 (per-row weight-only, "
                              "bfloat16 activations, about 4x); the cuda backend ignores it")
     parser.add_argument("--matmul", choices=["matvec", "tensor-cores", "auto"], default=None,
-                        help="cuda backend's matrix kernels: matvec (float32, the default), "
-                             "tensor-cores (fp16 inputs, weights read once per 64 sequences) or "
-                             "auto (matvec below 8 sequences, tensor cores above; the only mode "
-                             "in which a sequence's tokens may depend on what else runs)")
+                        help="cuda backend's matrix kernels: auto (the default: the float32 "
+                             "matvec below 8 sequences, tensor cores from 8; the only mode in "
+                             "which a sequence's tokens may depend on what else runs), matvec "
+                             "(float32, weights read once per 8 sequences) or tensor-cores "
+                             "(fp16 inputs, weights read once per 64 sequences)")
 
 
 def add_model_options(parser: argparse.ArgumentParser, *, engine: bool = True,
