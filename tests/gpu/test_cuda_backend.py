@@ -16,6 +16,7 @@ from gguf import GGMLQuantizationType
 
 from gpu.batch import ForwardBatch
 from loader.synth import SHAPES, write_synthetic_gguf
+from tests.gpu.packed_batch import packed_batch
 from tests.measured import MEASURED
 
 pytestmark = pytest.mark.gpu
@@ -34,31 +35,7 @@ def _device():
 
 
 def make_batch(seqs: list[tuple[int, list[int], int]], device: str) -> ForwardBatch:
-    """(sequence slot, new token ids, tokens already cached) per sequence; logits of each
-    sequence's rows, all of them."""
-    token_ids, positions, slots, tables, context_lens, query_start = [], [], [], [], [], [0]
-    for seq, new, cached in seqs:
-        blocks = list(range(seq * BLOCKS_PER_SEQ, (seq + 1) * BLOCKS_PER_SEQ))
-        for j, token in enumerate(new):
-            pos = cached + j
-            token_ids.append(token)
-            positions.append(pos)
-            slots.append(blocks[pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE)
-        query_start.append(query_start[-1] + len(new))
-        context_lens.append(cached + len(new))
-        used = -(-context_lens[-1] // BLOCK_SIZE)
-        tables.append(blocks[:used] + [-1] * (BLOCKS_PER_SEQ - used))
-
-    def tensor(values, dtype=torch.int64):
-        return torch.tensor(values, dtype=dtype, device=device)
-
-    return ForwardBatch(
-        token_ids=tensor(token_ids), positions=tensor(positions), slot_mapping=tensor(slots),
-        query_start=tensor(query_start), context_lens=tensor(context_lens),
-        block_tables=tensor(tables, torch.int32),
-        logits_indices=tensor(list(range(len(token_ids)))),
-        query_lens=[len(new) for _, new, _ in seqs], context_lens_host=context_lens,
-    )  # fmt: skip
+    return packed_batch(seqs, BLOCK_SIZE, BLOCKS_PER_SEQ, device)
 
 
 def max_rel_error(ours: torch.Tensor, ref: torch.Tensor) -> float:

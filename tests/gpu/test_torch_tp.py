@@ -19,6 +19,7 @@ from gpu.backends.torch_tp import TensorParallelTorchBackend, join_rank, receive
 from gpu.batch import ForwardBatch
 from gpu.tensor_parallel import TensorParallelError
 from loader.synth import SHAPES, write_synthetic_gguf
+from tests.gpu.packed_batch import packed_batch
 
 BLOCK_SIZE, BLOCKS_PER_SEQ, NUM_BLOCKS = 8, 4, 8
 ATOL = 1e-4  # fp32: the all-reduce sums the same products in another order
@@ -56,28 +57,7 @@ def llama_path(synthetic):
 
 def make_batch(sequences: list[tuple[int, list[int], int]]) -> ForwardBatch:
     """(sequence slot, new token ids, tokens already cached) packed; logits for every row."""
-    token_ids, positions, slots, query_start, context_lens, tables = [], [], [], [0], [], []
-    for seq, new_ids, cached in sequences:
-        blocks = list(range(seq * BLOCKS_PER_SEQ, (seq + 1) * BLOCKS_PER_SEQ))
-        for j, token in enumerate(new_ids):
-            pos = cached + j
-            token_ids.append(token)
-            positions.append(pos)
-            slots.append(blocks[pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE)
-        query_start.append(query_start[-1] + len(new_ids))
-        context_lens.append(cached + len(new_ids))
-        tables.append(blocks)
-    return ForwardBatch(
-        token_ids=torch.tensor(token_ids),
-        positions=torch.tensor(positions),
-        slot_mapping=torch.tensor(slots),
-        query_start=torch.tensor(query_start),
-        context_lens=torch.tensor(context_lens),
-        block_tables=torch.tensor(tables, dtype=torch.int32),
-        logits_indices=torch.arange(len(token_ids)),
-        query_lens=[len(s[1]) for s in sequences],
-        context_lens_host=context_lens,
-    )
+    return packed_batch(sequences, BLOCK_SIZE, BLOCKS_PER_SEQ)
 
 
 def test_two_ranks_give_the_single_process_logits(model_path):
