@@ -89,13 +89,15 @@ def split_count(n_rows: int, n_cols: int, sm_count: int) -> int:
 
 
 def tcmm_launch_config(
-    stem: str, n_rows: int, n_cols: int, n_seqs: int, sm_count: int
+    stem: str, n_rows: int, n_cols: int, n_seqs: int, sm_count: int, splits: int | None = None
 ) -> tuple[LaunchConfig, int, int]:
-    """(config, n8 tiles per CTA, K splits) for y[:n_seqs] = W x."""
+    """(config, n8 tiles per CTA, K splits) for y[:n_seqs] = W x; `splits`: the matrix's
+    split_count when the caller already holds it."""
     if n_rows < 1 or n_seqs < 1:
         raise CudaError(f"tcmm: {n_rows} rows, {n_seqs} sequences")
     nt = next((v for v in NT_VARIANTS if 8 * v >= n_seqs), NT_VARIANTS[-1])
-    splits = split_count(n_rows, n_cols, sm_count)
+    if splits is None:
+        splits = split_count(n_rows, n_cols, sm_count)
     grid = (ceil_div(n_rows, TC_BM), ceil_div(n_seqs, 8 * nt), splits)
     return LaunchConfig(grid, (TC_THREADS, 1, 1), shared_bytes(stem, nt)), nt, splits
 
@@ -155,7 +157,7 @@ class TensorCoreMatmul:
             raise CudaError("tcmm: an fp16 y is for the SwiGLU epilogue only")
         n_seqs = x16.shape[0]
         config, nt, splits = tcmm_launch_config(
-            self.stem, self.n_rows, self.n_cols, n_seqs, self.sm_count
+            self.stem, self.n_rows, self.n_cols, n_seqs, self.sm_count, self.splits
         )
         check_product_args("tcmm", self.ggml_type, self.n_rows, self.n_cols, self.row_bytes,
                            y, x16, weight, bias, residual, swiglu)  # fmt: skip
