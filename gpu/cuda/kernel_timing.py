@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from bench.results_io import git_commit
 from gpu.cuda.activation import SiluMul
 from gpu.cuda.attention import DecodeAttention
 from gpu.cuda.kernels import TUNING_ENV
@@ -214,7 +215,9 @@ def main() -> None:
             rows += time_attention(read_bandwidth(), cases)
         if len(sys.argv) > 4:
             with open(sys.argv[4], "w") as f:
-                json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+                json.dump({"device": torch.cuda.get_device_name(),
+                           "date": datetime.date.today().isoformat(), "commit": git_commit(),
+                           "rows": rows}, f, indent=1)  # fmt: skip
         return
     copy_bw = copy_bandwidth()
     rows = []
