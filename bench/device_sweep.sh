@@ -17,6 +17,12 @@ for unroll in ${UNROLLS:-1 4 8}; do
       | grep tcmm | sed 's/  matvec.*//'
   done
 done
+if [ -n "${NCU:-}" ] && command -v ncu >/dev/null; then  # why tcmm stalls: gate.up at 64 sequences
+  timeout 90 ncu --target-processes all -k regex:tcmm_q4_0 -c 2 --section WarpStateStats \
+    --section SchedulerStats --section Occupancy --section SpeedOfLight \
+    python3 -m gpu.cuda.kernel_timing --tcmm-only Q4_0 64 /tmp/ncu.json > "$OUT/ncu.txt" 2>&1
+  grep -E "tcmm_|Duration|Throughput|Issued|Eligible|Active Warps|Stall|Achieved|Theoretical Occ|Registers|Block Limit" "$OUT/ncu.txt" | head -60
+fi
 (cd "$OUT" && python3 -c "import json,glob; print(json.dumps([r for f in sorted(glob.glob('sweep-*.json')) for r in json.load(open(f))['rows']]))" > sweep.json && rm sweep-*.json)
 timeout 100 python3 bench/decode.py --commit "$commit" --out "$OUT" --pp 512 \
   llama3-8b:Q4_0@1,8,64,256 2>&1 | grep -v '^{' | tail -6
