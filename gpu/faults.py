@@ -85,7 +85,12 @@ class FaultInjector:
         self.steps += 1
 
     def poison(self, logits, request_ids: list[str]) -> None:
-        """Set the logits rows of the poisoned requests among `request_ids` to NaN."""
-        for row, request_id in enumerate(request_ids):
-            if request_id in self.nan_requests:
-                logits[row] = float("nan")
+        """Set the logits rows of the poisoned requests among `request_ids` to NaN. The CUDA
+        backend's logits are inference tensors: they take an in-place write only inside
+        inference mode (outside it, torch raises and the whole step failed on the GPU)."""
+        import torch
+
+        with torch.inference_mode():
+            for row, request_id in enumerate(request_ids):
+                if request_id in self.nan_requests:
+                    logits[row] = float("nan")

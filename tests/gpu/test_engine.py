@@ -308,6 +308,24 @@ def test_sampled_rows_take_logits_made_in_inference_mode(monkeypatch, smollm2_ba
     assert len(tokens["s"]) == 6 and reasons["s"] == "length"
 
 
+def test_injected_nan_reaches_logits_made_in_inference_mode(monkeypatch, smollm2_backend):
+    """Fault injection writes NaN into the CUDA backend's logits, which are inference tensors:
+    the write must happen inside inference mode (outside it, every step raised on the GPU)."""
+    from gpu.faults import FaultInjector
+
+    forward = smollm2_backend.forward
+
+    def inference_forward(batch):
+        with torch.inference_mode():
+            return forward(batch)
+
+    monkeypatch.setattr(smollm2_backend, "forward", inference_forward)
+    ps = prompts(2, seed=9)
+    engine = make_engine(smollm2_backend, faults=FaultInjector(nan_requests=frozenset({"bad"})))
+    tokens, reasons, _, _ = run(engine, [greedy(ps[0], "ok"), greedy(ps[1], "bad")])
+    assert reasons == {"ok": "length", "bad": "error"} and tokens["bad"] == []
+
+
 def test_a_lost_device_is_sticky(backend):
     from gpu.faults import FaultInjector
     from gpu.request import DeviceLostError
