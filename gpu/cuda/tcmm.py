@@ -28,7 +28,7 @@ _T = GGMLQuantizationType
 TC_BM = 128  # tcmm.cu TC_BM: weight rows per CTA (4 warps x 2 m16 tiles)
 TC_KC = 256  # tcmm.cu TC_KC: K elements per chunk
 TC_THREADS = 128
-TC_XS = TC_KC + 8  # halves per staged x row
+TC_XS = TC_KC + 16  # halves per staged x row
 NT_VARIANTS = (1, 2, 4, 8)  # n8 tiles per CTA: 8 to 64 sequences
 TILE_SEQS = 8 * NT_VARIANTS[-1]
 # Per kernel stem: (bytes of one row's staged chunk, chunk starts 16-byte aligned) -- tcmm.cu Tc<T>.

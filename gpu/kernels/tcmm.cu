@@ -9,9 +9,9 @@
 // K-quant super-block, 8 legacy blocks). Per chunk the CTA copies the rows' raw bytes (GGUF
 // blocks or the matvec's repacked Q4_0/Q8_0 layout, quant_blocks.cuh) and the sequences' fp16 x
 // into shared memory with cp.async, two stages deep, so the next chunk's bytes are in flight
-// while this one computes. Each warp then builds its mma A fragments straight from the raw bytes
-// (dequantised in registers, never written back anywhere) and its B fragments from the staged x,
-// and issues mma.sync m16n8k16 (fp16 in, fp32 accumulate). The weights are read from memory once
+// while this one computes. Each warp then builds its mma A fragments straight from the raw bytes,
+// a 32-block at a time (dequantised in registers, never written back anywhere; `octet` below),
+// its B fragments from the staged x, and issues mma.sync m16n8k16 (fp16 in, fp32 accumulate). The weights are read from memory once
 // per 64 sequences: more sequences cost tensor-core time, not bandwidth.
 //
 // x arrives as fp16 (tc_to_half, or a producer kernel that writes fp16): the only rounding this
@@ -36,34 +36,68 @@
 #define TC_MT 2     // m16 tiles per warp
 #define TC_BM (16 * TC_MT * TC_WARPS)  // weight rows per CTA
 #define TC_THREADS (32 * TC_WARPS)
-#define TC_XS (TC_KC + 8)  // halves per staged x row: +16 bytes spreads rows over the banks
+#define TC_XS (TC_KC + 16)  // halves per staged x row: a row is 8 banks on, so the 64-bit B
+                            // fragment loads of 4 rows x 4 lanes (a half-warp) hit 32 banks
 #ifndef TC_UNROLL  // tunable: gpu/cuda/kernels.py TUNABLES
-// k16 steps unrolled together: their fragment decodes (shared loads, ALU) are independent, so
-// unrolled the compiler can overlap them instead of waiting out each step's load latency.
-// 1 is what passed the GPU tests and was timed (2026-12-07, H200); 4 and 8 compile and await
-// bench/device_sweep.sh.
-#define TC_UNROLL 1
+// 32-blocks decoded together (each is two k16 mma steps): their fragment decodes (shared
+// loads, ALU) are independent, so unrolled the compiler overlaps them instead of waiting out
+// each block's load latency. The H100 sweep of 2026-12-07 (old per-k16 decode): 4 k16 steps
+// together took 116 us where 1 took 121 us (Q4_0 28672x4096, 64 sequences): 2 blocks here.
+#define TC_UNROLL 2
 #endif
 
 // ---- raw bytes of one row's chunk, and the fp16 pairs of its elements ------------------------
 // Tc<T, GROUPED>: CHUNK = bytes of a full chunk as staged (GGUF blocks, or quants then scales
 // for the repacked types), PACKED_QB = quant bytes per 32-block in the repacked layout (0: GGUF
 // blocks), ALIGNED = rows and chunks start 16-byte aligned (no misalignment slack needed).
-// frag(s, k, lo, hi): a thread's share of one row in an mma A fragment: elements k, k + 1 (lo)
-// and k + 8, k + 9 (hi) of the chunk staged at s, k = 16 i + 2 t, so all four lie in one
-// 32-element block (one K-quant sub-block) and its scales are decoded once. Each value is
-// exactly what loader/quants.py computes in float32, then rounded to fp16 (low half = lower k).
+//
+// octet(s, blk, t, a): lane t's eight elements of 32-block blk of the chunk staged at s, as fp16
+// pairs (low half = lower element): a[0] = elements 4t, 4t+1, a[1] = 4t+2, 4t+3, a[2] = 16+4t,
+// 17+4t, a[3] = 18+4t, 19+4t. The mma's K order is permuted to fit the blocks: in the block's
+// first k16 step lane t's A slots 2t, 2t+1, 2t+8, 2t+9 hold elements 4t .. 4t+3 (a[0], a[1]),
+// in the second elements 16+4t .. 19+4t (a[2], a[3]), and its B fragment is x[4t .. 4t+3] of the
+// same block half: one 64-bit shared load. The permutation is the same for every row, sequence
+// and batch (batch invariance), and a lane's four bytes of quants are one 32-bit load: with
+// Q4_0's nibble order (byte i holds elements i and i+16) they are all eight elements.
+// Each value is exactly what loader/quants.py computes in float32, then rounded to fp16: Q4_0 and
+// Q8_0 decode in fp16 pairs, (q - 8) * d and q * d, whose products are exact before their one
+// rounding (a 4- or 8-bit integer times an 11-bit significand), so they equal the float32 path.
 
 __device__ __forceinline__ float nib(u32 v, int shift) { return (float)((v >> shift) & 0xF); }
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 select) {
+    u32 r;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(select));
+    return r;
+}
+__device__ __forceinline__ u32 hsub2(u32 a, u32 b) {
+    u32 r;
+    asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+    return r;
+}
+__device__ __forceinline__ u32 hmul2(u32 a, u32 b) {
+    u32 r;
+    asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+    return r;
+}
+// Bytes 0, 1 (select 0x4140) or 2, 3 (0x4342) of v (each < 1024) as the fp16 pair 1024 + byte:
+// 0x64XX is 1024 + XX exactly.
+__device__ __forceinline__ u32 magic_pair(u32 v, u32 select) { return prmt(v, 0x64646464u, select); }
+// Four small integers (bytes of v, minus `bias` - 1024 by hsub2 with bias2) times d, as two
+// fp16 pairs: lo = bytes 0, 1, hi = bytes 2, 3.
+__device__ __forceinline__ void scaled_pairs(u32 v, u32 bias2, u32 d2, u32& lo, u32& hi) {
+    lo = hmul2(hsub2(magic_pair(v, 0x4140), bias2), d2);
+    hi = hmul2(hsub2(magic_pair(v, 0x4342), bias2), d2);
+}
 
 template <int T, bool GROUPED = false> struct Tc;
 
 template <> struct Tc<GGML_F16> {
     static constexpr int CHUNK = 2 * TC_KC, PACKED_QB = 0;
     static constexpr bool ALIGNED = true;
-    static __device__ __forceinline__ void frag(const u8* s, int k, u32& lo, u32& hi) {
-        lo = *(const u32*)(s + 2 * k);
-        hi = *(const u32*)(s + 2 * k + 16);
+    static __device__ __forceinline__ void octet(const u8* s, int blk, int t, u32* a) {
+        const uint2 v0 = *(const uint2*)(s + 64 * blk + 8 * t);
+        const uint2 v1 = *(const uint2*)(s + 64 * blk + 32 + 8 * t);
+        a[0] = v0.x; a[1] = v0.y; a[2] = v1.x; a[3] = v1.y;
     }
 };
 template <> struct Tc<GGML_BF16> {
@@ -72,51 +106,54 @@ template <> struct Tc<GGML_BF16> {
     static __device__ __forceinline__ u32 half2_of(u32 v) {
         return pack_f16x2(__uint_as_float(v << 16), __uint_as_float(v & 0xFFFF0000u));
     }
-    static __device__ __forceinline__ void frag(const u8* s, int k, u32& lo, u32& hi) {
-        lo = half2_of(*(const u32*)(s + 2 * k));
-        hi = half2_of(*(const u32*)(s + 2 * k + 16));
+    static __device__ __forceinline__ void octet(const u8* s, int blk, int t, u32* a) {
+        const uint2 v0 = *(const uint2*)(s + 64 * blk + 8 * t);
+        const uint2 v1 = *(const uint2*)(s + 64 * blk + 32 + 8 * t);
+        a[0] = half2_of(v0.x); a[1] = half2_of(v0.y); a[2] = half2_of(v1.x); a[3] = half2_of(v1.y);
     }
 };
 
 // Repacked Q4_0: 8 blocks' quants (16 bytes each; in 4-block groups lane-major when GROUPED:
 // byte i of block b at 64 (b / 4) + 16 (i / 4) + 4 (b % 4) + i % 4), then their 8 fp16 scales.
+// Lane t's bytes 4t .. 4t+3 are one word in both layouts (grouped: 4 lanes x 8 rows of a warp
+// share 8 banks, a 4-way conflict the plain layout does not have).
 template <bool GROUPED> struct Tc<GGML_Q4_0, GROUPED> {
     static constexpr int CHUNK = 8 * 16 + 16, PACKED_QB = 16;
     static constexpr bool ALIGNED = true;
-    static __device__ __forceinline__ int at(int b, int i) {
-        return GROUPED ? 64 * (b >> 2) + 16 * (i >> 2) + 4 * (b & 3) + (i & 3) : 16 * b + i;
-    }
-    static __device__ __forceinline__ void frag(const u8* s, int k, u32& lo, u32& hi) {
-        const int b = k >> 5, e = k & 31, i = e & 15, shift = 4 * (e >> 4);
-        const u32 v0 = ld_u16(s + at(b, i)), v1 = ld_u16(s + at(b, i + 8));
-        const float d = f16_to_f32(ld_u16(s + 128 + 2 * b));
-        lo = pack_f16x2(__fmul_rn(d, nib(v0, shift) - 8.0f), __fmul_rn(d, nib(v0, 8 + shift) - 8.0f));
-        hi = pack_f16x2(__fmul_rn(d, nib(v1, shift) - 8.0f), __fmul_rn(d, nib(v1, 8 + shift) - 8.0f));
+    static __device__ __forceinline__ void octet(const u8* s, int blk, int t, u32* a) {
+        const int at = GROUPED ? 64 * (blk >> 2) + 16 * t + 4 * (blk & 3) : 16 * blk + 4 * t;
+        const u32 v = ld_u32(s + at), d = ld_u16(s + 128 + 2 * blk);
+        const u32 d2 = d | (d << 16), bias2 = 0x64086408u;  // 1032 = 1024 + 8
+        scaled_pairs(v & 0x0F0F0F0Fu, bias2, d2, a[0], a[1]);         // low nibbles: 4t ..
+        scaled_pairs((v >> 4) & 0x0F0F0F0Fu, bias2, d2, a[2], a[3]);  // high: 16 + 4t ..
     }
 };
-// Repacked Q8_0: 8 blocks' quants (32 bytes each), then their 8 fp16 scales.
+// Repacked Q8_0: 8 blocks' quants (32 bytes each), then their 8 fp16 scales. A signed byte q
+// is 1024 + (q ^ 0x80) - 1152 exactly.
 template <> struct Tc<GGML_Q8_0> {
     static constexpr int CHUNK = 8 * 32 + 16, PACKED_QB = 32;
     static constexpr bool ALIGNED = true;
-    static __device__ __forceinline__ u32 two(u32 v, float d) {
-        return pack_f16x2(__fmul_rn((float)(i8)(v & 0xFF), d), __fmul_rn((float)(i8)(v >> 8), d));
-    }
-    static __device__ __forceinline__ void frag(const u8* s, int k, u32& lo, u32& hi) {
-        const float d = f16_to_f32(ld_u16(s + 256 + 2 * (k >> 5)));
-        lo = two(ld_u16(s + k), d);  // byte 32 b + (k & 31) = k
-        hi = two(ld_u16(s + k + 8), d);
+    static __device__ __forceinline__ void octet(const u8* s, int blk, int t, u32* a) {
+        const u32 v0 = ld_u32(s + 32 * blk + 4 * t) ^ 0x80808080u;
+        const u32 v1 = ld_u32(s + 32 * blk + 16 + 4 * t) ^ 0x80808080u;
+        const u32 d = ld_u16(s + 256 + 2 * blk), d2 = d | (d << 16), bias2 = 0x64806480u;
+        scaled_pairs(v0, bias2, d2, a[0], a[1]);
+        scaled_pairs(v1, bias2, d2, a[2], a[3]);
     }
 };
+// The legacy GGUF blocks start only 2-byte aligned (20-, 22- and 24-byte blocks): their words
+// are two 16-bit loads. Byte j of v: element 4t + j in its low nibble, 16 + 4t + j in its high.
 template <> struct Tc<GGML_Q4_1> {
     static constexpr int CHUNK = 8 * 20, PACKED_QB = 0;
     static constexpr bool ALIGNED = false;
-    static __device__ __forceinline__ void frag(const u8* s, int k, u32& lo, u32& hi) {
-        const u8* b = s + 20 * (k >> 5);
-        const int e = k & 31, shift = 4 * (e >> 4);
-        const u32 v0 = ld_u16(b + 4 + (e & 15)), v1 = ld_u16(b + 12 + (e & 15));
+    static __device__ __forceinline__ u32 two(u32 v, int shift, float d, float m) {
+        return pack_f16x2(__fadd_rn(__fmul_rn(d, nib(v, shift)), m), __fadd_rn(__fmul_rn(d, nib(v, shift + 8)), m));
+    }
+    static __device__ __forceinline__ void octet(const u8* s, int blk, int t, u32* a) {
+        const u8* b = s + 20 * blk;
         const float d = f16_to_f32(ld_u16(b)), m = f16_to_f32(ld_u16(b + 2));
-        lo = pack_f16x2(__fadd_rn(__fmul_rn(d, nib(v0, shift)), m), __fadd_rn(__fmul_rn(d, nib(v0, 8 + shift)), m));
-        hi = pack_f16x2(__fadd_rn(__fmul_rn(d, nib(v1, shift)), m), __fadd_rn(__fmul_rn(d, nib(v1, 8 + shift)), m));
+        const u32 v = ld_u32_a2(b + 4 + 4 * t);
+        a[0] = two(v, 0, d, m); a[1] = two(v, 16, d, m); a[2] = two(v, 4, d, m); a[3] = two(v, 20, d, m);
     }
 };
 // Q5_0 / Q5_1: element e's fifth bit is bit e of the block's 32-bit qh.
@@ -124,71 +161,74 @@ template <bool HAS_MIN> struct Q5Legacy {
     static constexpr int BYTES = HAS_MIN ? 24 : 22, QH = HAS_MIN ? 4 : 2, QS = QH + 4;
     static constexpr int CHUNK = 8 * BYTES, PACKED_QB = 0;
     static constexpr bool ALIGNED = false;
-    static __device__ __forceinline__ u32 two(u32 v, u32 qh, int e, int shift, float d, float m) {
-        const float q0 = nib(v, shift) + (float)(((qh >> e) & 1) << 4);
-        const float q1 = nib(v, 8 + shift) + (float)(((qh >> (e + 1)) & 1) << 4);
-        if (HAS_MIN) return pack_f16x2(__fadd_rn(__fmul_rn(d, q0), m), __fadd_rn(__fmul_rn(d, q1), m));
-        return pack_f16x2(__fmul_rn(d, q0 - 16.0f), __fmul_rn(d, q1 - 16.0f));
+    static __device__ __forceinline__ float value(u32 v, int shift, u32 qh, int e, float d, float m) {
+        const float q = nib(v, shift) + (float)(((qh >> e) & 1) << 4);
+        return HAS_MIN ? __fadd_rn(__fmul_rn(d, q), m) : __fmul_rn(d, q - 16.0f);
     }
-    static __device__ __forceinline__ void frag(const u8* s, int k, u32& lo, u32& hi) {
-        const u8* b = s + BYTES * (k >> 5);
-        const int e = k & 31, shift = 4 * (e >> 4);
-        const u32 qh = ld_u32_a2(b + QH);
+    // Bytes j, j + 1 of v: elements e, e + 1 (low nibbles, high = 0) or e + 16, e + 17.
+    static __device__ __forceinline__ u32 two(u32 v, int j, int high, u32 qh, int e, float d, float m) {
+        return pack_f16x2(value(v, 8 * j + 4 * high, qh, e, d, m), value(v, 8 * j + 8 + 4 * high, qh, e + 1, d, m));
+    }
+    static __device__ __forceinline__ void octet(const u8* s, int blk, int t, u32* a) {
+        const u8* b = s + BYTES * blk;
+        const u32 qh = ld_u32_a2(b + QH), v = ld_u32_a2(b + QS + 4 * t);
         const float d = f16_to_f32(ld_u16(b)), m = HAS_MIN ? f16_to_f32(ld_u16(b + 2)) : 0.0f;
-        lo = two(ld_u16(b + QS + (e & 15)), qh, e, shift, d, m);
-        hi = two(ld_u16(b + QS + (e & 15) + 8), qh, e + 8, shift, d, m);
+        const int e = 4 * t;
+        a[0] = two(v, 0, 0, qh, e, d, m); a[1] = two(v, 2, 0, qh, e + 2, d, m);
+        a[2] = two(v, 0, 1, qh, e + 16, d, m); a[3] = two(v, 2, 1, qh, e + 18, d, m);
     }
 };
 template <> struct Tc<GGML_Q5_0> : Q5Legacy<false> {};
 template <> struct Tc<GGML_Q5_1> : Q5Legacy<true> {};
-// Q4_K / Q5_K: the chunk is one super-block; element k is l = k % 32 of sub-block j = k / 32.
+// Q4_K / Q5_K: the chunk is one super-block; 32-block j is sub-block j: element l of it is byte
+// l of quant group j / 2, in its low (even j) or high nibbles, and its fifth bit (Q5_K) bit j of
+// qh byte l. Lane t's elements 4t .. and 16 + 4t .. are two words of the group.
 template <bool Q5> struct K4Tc {
     static constexpr int CHUNK = Q5 ? 176 : 144, PACKED_QB = 0;
     static constexpr bool ALIGNED = true;
-    static __device__ __forceinline__ void frag(const u8* s, int k, u32& lo, u32& hi) {
-        const int j = k >> 5, l = k & 31, shift = 4 * (j & 1);
+    static __device__ __forceinline__ float value(u32 v, u32 bits, int i, int j, int shift, float scale,
+                                                  float min) {
+        float q = nib(v, 8 * i + shift);
+        if (Q5) q += (float)(((bits >> (8 * i + j)) & 1) << 4);
+        return __fsub_rn(__fmul_rn(scale, q), min);
+    }
+    static __device__ __forceinline__ void octet(const u8* s, int j, int t, u32* a) {
         int sc, mn;
         k4_scale_min(s + 4, j, &sc, &mn);
         const float scale = __fmul_rn(f16_to_f32(ld_u16(s)), (float)sc);
         const float min = __fmul_rn(f16_to_f32(ld_u16(s + 2)), (float)mn);
-        const u8* qs = s + (Q5 ? 48 : 16) + 32 * (j >> 1) + l;
-        u32 out[2];
+        const u8* qs = s + (Q5 ? 48 : 16) + 32 * (j >> 1) + 4 * t;
+        const int shift = 4 * (j & 1);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-            const u32 v = ld_u16(qs + 8 * h);
-            float q0 = nib(v, shift), q1 = nib(v, 8 + shift);
-            if (Q5) {
-                const u32 bits = ld_u16(s + 16 + l + 8 * h);
-                q0 += (float)(((bits >> j) & 1) << 4);
-                q1 += (float)(((bits >> (8 + j)) & 1) << 4);
-            }
-            out[h] = pack_f16x2(__fsub_rn(__fmul_rn(scale, q0), min), __fsub_rn(__fmul_rn(scale, q1), min));
+            const u32 v = ld_u32(qs + 16 * h), bits = Q5 ? ld_u32(s + 16 + 4 * t + 16 * h) : 0u;
+            a[2 * h] = pack_f16x2(value(v, bits, 0, j, shift, scale, min), value(v, bits, 1, j, shift, scale, min));
+            a[2 * h + 1] = pack_f16x2(value(v, bits, 2, j, shift, scale, min), value(v, bits, 3, j, shift, scale, min));
         }
-        lo = out[0];
-        hi = out[1];
     }
 };
 template <> struct Tc<GGML_Q4_K> : K4Tc<false> {};
 template <> struct Tc<GGML_Q5_K> : K4Tc<true> {};
-// Q6_K: sub-block j = 4 h + q of 32; its 16-element halves have their own int8 scales.
+// Q6_K: 32-block j = 4 h + q; its 16-element halves have their own int8 scales. The 210-byte
+// super-blocks start only 2-byte aligned.
 template <> struct Tc<GGML_Q6_K> {
     static constexpr int CHUNK = 210, PACKED_QB = 0;
     static constexpr bool ALIGNED = false;
-    static __device__ __forceinline__ void frag(const u8* s, int k, u32& lo, u32& hi) {
-        const int j = k >> 5, l = k & 31, h = j >> 2, q = j & 3, shift = 4 * (q >> 1);
+    static __device__ __forceinline__ float value(u32 lo, u32 hi, int i, int shift, int q, float scale) {
+        const int v = (int)(((lo >> (8 * i + shift)) & 0xF) | (((hi >> (8 * i + 2 * q)) & 3) << 4)) - 32;
+        return __fmul_rn(scale, (float)v);
+    }
+    static __device__ __forceinline__ void octet(const u8* s, int j, int t, u32* a) {
+        const int h = j >> 2, q = j & 3, shift = 4 * (q >> 1);
         const float d = f16_to_f32(ld_u16(s + 208));
-        u32 out[2];
 #pragma unroll
-        for (int p = 0; p < 2; ++p) {
-            const int lp = l + 8 * p;
-            const u32 a = ld_u16(s + 64 * h + 32 * (q & 1) + lp), b = ld_u16(s + 128 + 32 * h + lp);
-            const int q0 = (int)(((a >> shift) & 0xF) | (((b >> (2 * q)) & 3) << 4)) - 32;
-            const int q1 = (int)(((a >> (8 + shift)) & 0xF) | (((b >> (8 + 2 * q)) & 3) << 4)) - 32;
-            const float scale = __fmul_rn(d, (float)(i8)s[192 + 2 * j + (lp >> 4)]);
-            out[p] = pack_f16x2(__fmul_rn(scale, (float)q0), __fmul_rn(scale, (float)q1));
+        for (int p = 0; p < 2; ++p) {  // elements 16 p + 4t ..
+            const u32 lo = ld_u32_a2(s + 64 * h + 32 * (q & 1) + 16 * p + 4 * t);
+            const u32 hi = ld_u32_a2(s + 128 + 32 * h + 16 * p + 4 * t);
+            const float scale = __fmul_rn(d, (float)(i8)s[192 + 2 * j + p]);
+            a[2 * p] = pack_f16x2(value(lo, hi, 0, shift, q, scale), value(lo, hi, 1, shift, q, scale));
+            a[2 * p + 1] = pack_f16x2(value(lo, hi, 2, shift, q, scale), value(lo, hi, 3, shift, q, scale));
         }
-        lo = out[0];
-        hi = out[1];
     }
 };
 
@@ -303,25 +343,30 @@ __device__ __forceinline__ void tcmm_impl(
                 rows[m][h] = TC_W(cur) + r * SLOT + (P::ALIGNED || P::PACKED_QB ? 0 : skew[cur][r]);
             }
         const u16* xs = TC_X(cur);
-        const int n16 = min(TC_KC, n_cols - c * TC_KC) / 16;
-        for (int ks0 = 0; ks0 < n16; ks0 += TC_UNROLL)  // n16 is even: K is whole 32-blocks
+        const int n32 = min(TC_KC, n_cols - c * TC_KC) / 32;  // K is whole 32-blocks
+        for (int blk0 = 0; blk0 < n32; blk0 += TC_UNROLL)
 #pragma unroll
         for (int u = 0; u < TC_UNROLL; ++u) {
-            const int ks = ks0 + u;
-            if (TC_UNROLL > 2 && ks >= n16) break;
-            const int k = 16 * ks + 2 * t;
-            u32 a[TC_MT][4];
+            const int blk = blk0 + u;
+            if (TC_UNROLL > 1 && blk >= n32) break;
+            u32 a[TC_MT][2][4];  // [m tile][row g, g + 8][octet]
 #pragma unroll
             for (int m = 0; m < TC_MT; ++m) {
-                P::frag(rows[m][0], k, a[m][0], a[m][2]);  // row g: k and k + 8
-                P::frag(rows[m][1], k, a[m][1], a[m][3]);  // row g + 8
+                P::octet(rows[m][0], blk, t, a[m][0]);
+                P::octet(rows[m][1], blk, t, a[m][1]);
             }
 #pragma unroll
-            for (int n = 0; n < NT; ++n) {
-                const u16* xr = xs + (8 * n + g) * TC_XS + k;
-                const u32 b0 = *(const u32*)xr, b1 = *(const u32*)(xr + 8);
+            for (int h = 0; h < 2; ++h) {  // the block's two k16 steps: elements 16 h + 4t ..
 #pragma unroll
-                for (int m = 0; m < TC_MT; ++m) mma_16816(acc[m][n], a[m], b0, b1);
+                for (int n = 0; n < NT; ++n) {
+                    const uint2 b = *(const uint2*)(xs + (8 * n + g) * TC_XS + 32 * blk + 16 * h + 4 * t);
+#pragma unroll
+                    for (int m = 0; m < TC_MT; ++m) {
+                        const u32 frag[4] = {a[m][0][2 * h], a[m][1][2 * h], a[m][0][2 * h + 1],
+                                             a[m][1][2 * h + 1]};
+                        mma_16816(acc[m][n], frag, b.x, b.y);
+                    }
+                }
             }
         }
         __syncthreads();  // every warp is done with this stage before it is refilled
