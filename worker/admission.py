@@ -27,6 +27,7 @@ from jobs.keys import GROUP
 from jobs.keys import QUEUE_CONSUMER as QUEUE
 from jobs.protocol import as_text
 from worker.consumer import Entry
+from worker.scripts import ScriptSet
 
 DEFAULT_AGING_S = 1.0  # seconds of waiting worth one priority level
 DEFAULT_WINDOW = 128  # queued entries per stream the script chooses from
@@ -138,7 +139,8 @@ class Admission:
     """The admission script over one worker's streams (routed first, then shared)."""
 
     def __init__(self, client: redis.Redis, streams: list[str], worker_id: str, *,
-                 window: int = DEFAULT_WINDOW, aging_s: float = DEFAULT_AGING_S) -> None:
+                 window: int = DEFAULT_WINDOW, aging_s: float = DEFAULT_AGING_S,
+                 scripts: ScriptSet | None = None) -> None:
         if aging_s <= 0:
             raise ValueError("priority aging must be a positive number of seconds per level")
         self.redis = client
@@ -146,15 +148,15 @@ class Admission:
         self.worker_id = worker_id
         self.window = window
         self.aging_ms = aging_s * 1000
-        self._script = client.register_script(_ADMIT)
+        self._script = (scripts if scripts is not None else ScriptSet(client)).add(_ADMIT)
 
     def queue(self, pipe: redis.client.Pipeline, capacity: int, now_ms: int, *,
               idle: bool = False) -> None:
         """Queue the admission of up to `capacity` jobs on `pipe` (read with `parse`); `idle`:
-        also the streams' last-delivered ids, for `wait`."""
-        self._script(keys=self.streams,
-                     args=[GROUP, self.worker_id, QUEUE, capacity, self.window, now_ms,
-                           self.aging_ms, int(idle)], client=pipe)  # fmt: skip
+        also the streams' last-delivered ids, for `wait`. Loads the script first if Redis may
+        lack it (worker/scripts.py): a connection error can come from here."""
+        self._script.queue(pipe, self.streams, [GROUP, self.worker_id, QUEUE, capacity,
+                                                self.window, now_ms, self.aging_ms, int(idle)])
 
     def parse(self, reply) -> Admitted:
         claimed, last = reply

@@ -2,8 +2,9 @@
 
 A worker's life, one loop iteration at a time:
 
-1. poll: one pipeline reads the cancel keys of its running jobs and, while it has room
-   (`max_jobs`, and the engine admitted everything it was given), takes exactly as many queued
+1. poll: one pipeline reads the cancel keys of its running jobs (every `cancel_check_s`, 50 ms,
+   not every step) and, while it has room (`max_jobs`, and the engine admitted everything it
+   was given), takes exactly as many queued
    jobs as it has room for, best priority first (worker/admission.py); once a second it also
    takes, room or not, queued jobs past their deadline and control messages; when idle and
    nothing is queued it blocks ~100 ms on the streams for new entries;
@@ -65,6 +66,7 @@ from worker.metrics import WorkerMetrics
 from worker.narration import NarrationMirror, narrate_engine_event
 from worker.publisher import Publisher, Unwritable
 from worker.resume import Streamed, resumed_request, streamed_so_far
+from worker.scripts import ScriptSet
 from worker.systemd_notify import SystemdNotifier
 
 EXIT_DEVICE_LOST = 75  # EX_TEMPFAIL: the device failed; a restart (or another worker) serves on
@@ -91,6 +93,7 @@ class WorkerConfig:
     admission_window: int = DEFAULT_WINDOW  # queued entries per stream admission chooses from
     deadline_sweep_s: float = 1.0  # how often queued jobs past their deadline are answered
     orphan_idle_s: float = 10.0  # an entry of ours we do not run, idle this long: re-queued
+    cancel_check_s: float = 0.05  # how often the running jobs' cancel keys are read
 
 
 @dataclass(slots=True)
@@ -128,12 +131,15 @@ class Worker:
         self.link = RedisLink(client, on_reconnect=self._on_reconnect)
         self.consumer = Consumer(client, self.keys, model.name, config.worker_id,
                                  reclaim_idle_ms=int(config.reclaim_idle_s * 1000))
-        self.publisher = Publisher(self.link, self.keys, out_ttl_s=config.out_ttl_s)
+        self.scripts = ScriptSet(client)  # Lua scripts of the loop's pipelines, by SHA
+        self.publisher = Publisher(self.link, self.keys, out_ttl_s=config.out_ttl_s,
+                                   scripts=self.scripts)
         self.admission = Admission(client, [self.consumer.routed, self.consumer.shared],
                                    config.worker_id, window=config.admission_window,
-                                   aging_s=config.priority_aging_s)
+                                   aging_s=config.priority_aging_s, scripts=self.scripts)
         self._next_sweep = 0.0
         self._next_orphan_check = 0.0
+        self._next_cancel_check = 0.0
         self._deadlines: dict[str, float] = {}  # running jobs that have a deadline (unix ms)
         self._polled: tuple[_PollPlan, list] | None = None  # reads sent with the last flush
         # Set while idle after a wait that saw nothing new: the next poll only waits again.
@@ -346,7 +352,8 @@ class Worker:
 
     def _on_reconnect(self) -> None:
         # A Redis restarted without persistence lost the groups: create them again (raw calls:
-        # the link is in the middle of its own call).
+        # the link is in the middle of its own call), and its scripts.
+        self.scripts.missing = True
         self.consumer.ensure_groups()
         self._groups_ready = True
         self.liveness.beat_soon()
@@ -372,9 +379,13 @@ class Worker:
     def _plan_poll(self) -> _PollPlan | None:
         """What the next poll reads: the cancel flags of the running jobs, and an admission
         call when there is room (or a deadline sweep is due); None when nothing."""
-        running = [job_id for job_id, job in self.active.items() if not job.cancelled]
-        capacity = self._capacity()
         now = time.monotonic()
+        running = []
+        if now >= self._next_cancel_check:
+            # Not every step: an MGET of every running job's key costs the loop ~2 µs a job.
+            running = [job_id for job_id, job in self.active.items() if not job.cancelled]
+            self._next_cancel_check = now + self.config.cancel_check_s
+        capacity = self._capacity()
         # Room or not, queued jobs past their deadline and control messages are taken once
         # in a while (the admission script hands them over whatever the capacity).
         sweep = now >= self._next_sweep and self._groups_ready and not self.stopping
@@ -412,9 +423,13 @@ class Worker:
             self._wait_idle(self._quiet_since)  # nothing new since the last admission call
             return []
         pipe = self.redis.pipeline(transaction=False)
-        self._queue_poll(pipe, plan)
+
+        def read() -> list:
+            self._queue_poll(pipe, plan)  # may load the admission script first
+            return pipe.execute(raise_on_error=False)
+
         try:
-            replies = self.link.call(pipe.execute, raise_on_error=False)
+            replies = self.link.call(read)
         except RedisDown:
             return []
         return self._apply_poll(plan, replies)
@@ -431,6 +446,8 @@ class Worker:
         if not plan.admit:
             return []
         reply = replies[0]
+        if self.scripts.refused(reply):
+            return []  # Redis lost the scripts (restarted): loaded again for the next poll
         if isinstance(reply, redis.ResponseError):
             if "NOGROUP" in str(reply) or "no such key" in str(reply).lower():
                 self._groups_ready = False  # the stream or group was deleted: create again

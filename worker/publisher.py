@@ -23,6 +23,7 @@ import redis
 from jobs.keys import DATA_FIELD, EVENT_FIELD, GROUP, Keys
 from worker.connection import RedisDown, RedisLink
 from worker.log import get_logger
+from worker.scripts import ScriptSet
 
 # A job's final event, written only by the worker that owns the job's delivery: the output
 # stream holds no final event yet, and the entry is pending with this consumer at this
@@ -65,6 +66,28 @@ end
 return 0
 """
 
+# A run of events (each to its job's output stream) in one call: one command, and their
+# names and data in one argument, instead of one XADD each, which costs the host loop ~15 µs
+# per event in redis-py (bench/NOTES.md "Worker host loop"). A refused XADD (WRONGTYPE...)
+# fails alone, as in a pipeline. The newline separates because JSON text never holds one raw.
+# KEYS: output streams. ARGV: the event and data field names, then "name\ndata\n" for each
+# key in turn. Returns {position (from 1), error} of each refused XADD.
+_XADD_EACH = """
+local blob, at, refused = ARGV[3], 1, {}
+for i, key in ipairs(KEYS) do
+  local name_end = string.find(blob, '\\n', at, true)
+  local data_end = string.find(blob, '\\n', name_end + 1, true)
+  local ok, err = pcall(redis.call, 'XADD', key, '*', ARGV[1], string.sub(blob, at, name_end - 1),
+                        ARGV[2], string.sub(blob, name_end + 1, data_end - 1))
+  if not ok then
+    refused[#refused + 1] = i
+    refused[#refused + 1] = type(err) == 'table' and err.err or tostring(err)
+  end
+  at = data_end + 1
+end
+return refused
+"""
+
 NARRATION_MAXLEN = 10_000
 NARRATION_BUFFER = 10_000  # lines kept while Redis is away
 DEAD_MAXLEN = 100_000
@@ -85,7 +108,8 @@ class Unwritable:
 class Publisher:
     """An ordered outbox of Redis writes; `flush()` sends it when Redis is there."""
 
-    def __init__(self, link: RedisLink, keys: Keys, *, out_ttl_s: int = 3600) -> None:
+    def __init__(self, link: RedisLink, keys: Keys, *, out_ttl_s: int = 3600,
+                 scripts: ScriptSet | None = None) -> None:
         self.link = link
         self.keys = keys
         self.out_ttl_s = out_ttl_s
@@ -94,8 +118,10 @@ class Publisher:
         self.narration_dropped = 0
         self._log = get_logger()
         self.events_published = 0
-        self._final_script = link.redis.register_script(_FINAL_IF_OWNER)
-        self._release_script = link.redis.register_script(_DEL_IF_HOLDER)
+        self.scripts = scripts if scripts is not None else ScriptSet(link.redis)
+        self._final_script = self.scripts.add(_FINAL_IF_OWNER)
+        self._release_script = self.scripts.add(_DEL_IF_HOLDER)
+        self._events_script = self.scripts.add(_XADD_EACH)
         self.refused_finals: list[str] = []  # job ids whose final event another worker owns
         self._reads: list | None = None  # replies of the reads sent with the last flush
         self.unwritable: dict[str, Unwritable] = {}  # job id -> a write Redis refused
@@ -111,8 +137,7 @@ class Publisher:
 
     def event(self, job_id: str, kind: str, data: dict[str, Any]) -> None:
         """Queue one event for `orcd:out:{job_id}`."""
-        fields = {EVENT_FIELD: kind, DATA_FIELD: json.dumps(data, ensure_ascii=False)}
-        self._ops.append(("xadd", (self.keys.out(job_id), fields), {}))
+        self._ops.append(("event", (self.keys.out(job_id), kind, _to_json(data)), {}))
 
     def opened(self, job_id: str) -> None:
         """A job's first event was queued: give its stream a long safety TTL."""
@@ -122,8 +147,7 @@ class Publisher:
               consumer: str, attempt: int) -> None:
         """Queue a job's `done` or `error` with its acknowledgement, written only if this
         consumer still owns the delivery (`_FINAL_IF_OWNER`): at most one final per job."""
-        args = (GROUP, consumer, entry_id, attempt, kind,
-                json.dumps(data, ensure_ascii=False), self.out_ttl_s)
+        args = (GROUP, consumer, entry_id, attempt, kind, _to_json(data), self.out_ttl_s)
         self._ops.append(("final", (stream, self.keys.out(job_id), job_id), {"args": args}))
 
     def release_session(self, session_id: str, worker_id: str) -> None:
@@ -173,11 +197,19 @@ class Publisher:
             if last is not None:
                 self._reads = results[len(ops):]
                 results = results[:len(ops)]
+                reads = None  # sent: not again with script calls sent again below
             for _ in ops:
                 self._ops.popleft()
+            # Script calls Redis refused with NOSCRIPT did nothing: sent again, first, with
+            # the scripts loaded (a job's final stays after its tokens, written just before).
+            again = {i for i, result in enumerate(results) if self.scripts.refused(result)}
+            if again:
+                self._ops.extendleft(ops[i] for i in sorted(again, reverse=True))
+                ops = [op for i, op in enumerate(ops) if i not in again]
+                results = [r for i, r in enumerate(results) if i not in again]
             narration = sum(1 for _, args, _ in ops if args[0] == self.keys.narration)
             self._narration_queued -= narration
-            self.events_published += sum(1 for op in ops if op[0] in ("xadd", "final"))
+            self.events_published += sum(1 for op in ops if op[0] in ("event", "xadd", "final"))
             self.events_published -= narration
             self._report_errors(ops, results)
         return True
@@ -193,12 +225,20 @@ class Publisher:
         return refused
 
     def _send(self, ops: list[tuple[str, tuple, dict]], reads=None) -> list:
+        """One MULTI/EXEC of `ops` (then `reads`); one result per op, then the reads'."""
         pipe = self.link.redis.pipeline(transaction=True)
-        for method, args, kwargs in ops:
-            if method == "final":
-                self._final_script(keys=list(args[:2]), args=list(kwargs["args"]), client=pipe)
+        commands = _commands(ops)
+        for first, count in commands:
+            method, args, kwargs = ops[first]
+            if method == "event":
+                run = ops[first:first + count]
+                blob = "".join(f"{args[1]}\n{args[2]}\n" for _, args, _ in run)
+                self._events_script.queue(pipe, [args[0] for _, args, _ in run],
+                                          [EVENT_FIELD, DATA_FIELD, blob])
+            elif method == "final":
+                self._final_script.queue(pipe, list(args[:2]), list(kwargs["args"]))
             elif method == "release_session":
-                self._release_script(keys=[args[0]], args=[args[1]], client=pipe)
+                self._release_script.queue(pipe, [args[0]], [args[1]])
             else:
                 getattr(pipe, method)(*args, **kwargs)
         if reads is not None:
@@ -206,7 +246,14 @@ class Publisher:
         # raise_on_error=False: a command refused by Redis (say WRONGTYPE on a key someone
         # else wrote) comes back as an exception object instead of failing the whole flush,
         # which would otherwise be retried forever.
-        return pipe.execute(raise_on_error=False)
+        replies = pipe.execute(raise_on_error=False)
+        results: list = []
+        for (first, count), reply in zip(commands, replies, strict=False):
+            if ops[first][0] == "event":
+                results.extend(_event_results(count, reply))
+            else:
+                results.append(reply)
+        return results + replies[len(commands):]
 
     def pop_unwritable(self) -> dict[str, Unwritable]:
         """Jobs whose output stream Redis refused a write to since the last call (say
@@ -221,8 +268,7 @@ class Publisher:
                 self.refused_finals.append(args[2])
             elif isinstance(result, redis.ResponseError) and method == "final":
                 self.unwritable[args[2]] = Unwritable(str(result), args[0], kwargs["args"][2])
-            elif isinstance(result, redis.ResponseError) and method == "xadd" \
-                    and str(args[0]).startswith(out_prefix):
+            elif isinstance(result, redis.ResponseError) and method == "event":
                 job_id = str(args[0])[len(out_prefix):]
                 self.unwritable.setdefault(job_id, Unwritable(str(result)))
             elif isinstance(result, redis.ResponseError):
@@ -231,3 +277,31 @@ class Publisher:
                     narration=f"Redis refused {method.upper()} {args[0]}: {result}",
                     command=method, key=str(args[0]), error=str(result),
                 )
+
+
+def _commands(ops: list[tuple[str, tuple, dict]]) -> list[tuple[int, int]]:
+    """(first op, op count) of each command a flush sends: a run of events is one command."""
+    commands: list[tuple[int, int]] = []
+    for i, (method, _, _) in enumerate(ops):
+        if method == "event" and commands and ops[commands[-1][0]][0] == "event":
+            commands[-1] = (commands[-1][0], commands[-1][1] + 1)
+        else:
+            commands.append((i, 1))
+    return commands
+
+
+def _event_results(count: int, reply) -> list:
+    """Per-event results of one `_XADD_EACH` call: True, or the error Redis gave that XADD
+    (the call's own error, a NOSCRIPT say, stands for every event of the run)."""
+    if isinstance(reply, Exception):
+        return [reply] * count
+    results: list = [True] * count
+    for i in range(0, len(reply), 2):
+        message = reply[i + 1]
+        results[reply[i] - 1] = redis.ResponseError(
+            message.decode() if isinstance(message, bytes) else str(message))
+    return results
+
+
+# One encoder for every event: json.dumps with an option builds a new one per call.
+_to_json = json.JSONEncoder(ensure_ascii=False).encode

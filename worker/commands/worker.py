@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-overlap", dest="overlap", action="store_false",
                         help="read each decode step's tokens before launching the next "
                         "(default: launch it first; the engine's overlap, for A/B runs)")
+    parser.add_argument("--cancel-check", type=float, default=0.05, metavar="S",
+                        help="seconds between reads of the running jobs' cancel keys "
+                        "(default 0.05: a cancel takes effect within that)")
     parser.add_argument("--grace", type=float, default=30.0,
                         help="seconds given to running jobs on SIGTERM (default 30)")
     parser.add_argument("--reclaim-idle", type=float, default=30.0,
@@ -99,5 +102,6 @@ def run(args: argparse.Namespace) -> int:
         grace_s=args.grace,
         stall_timeout_s=args.stall_timeout,
         priority_aging_s=args.priority_aging,
+        cancel_check_s=args.cancel_check,
     )
     return Worker(model, config, metrics=metrics).run()
