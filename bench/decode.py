@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.results_io import git_commit  # noqa: E402
-from gpu.backends.cuda_backend import MATMUL_MODES, CudaBackend  # noqa: E402
+from gpu.backends.cuda_backend import DEFAULT_MATMUL, MATMUL_MODES, CudaBackend  # noqa: E402
 from gpu.batch import BatchPacker, ForwardBatch  # noqa: E402
 from gpu.cuda import driver  # noqa: E402
 from gpu.cuda.kernel_timing import copy_bandwidth, read_bandwidth  # noqa: E402
@@ -335,8 +335,9 @@ def main() -> None:
     parser.add_argument("--commit", default=None, help="commit id when .git is not at hand")
     parser.add_argument("--no-overlap", action="store_true",
                         help="decode with the engine's overlap off (gpu/engine.py)")  # fmt: skip
-    parser.add_argument("--matmul", default="tensor-cores", choices=list(MATMUL_MODES),
-                        help="the backend's matrix kernels (cuda_backend.MATMUL_MODES)")
+    parser.add_argument("--matmul", default=DEFAULT_MATMUL, choices=list(MATMUL_MODES),
+                        help="the backend's matrix kernels (cuda_backend.MATMUL_MODES; default: "
+                        "the backend's own, what users get)")
     parser.add_argument("--pp", default="512",
                         help="prompt lengths timed once per model, e.g. 512,4096")
     args = parser.parse_args()

@@ -32,6 +32,10 @@ def machine() -> dict[str, object]:
 
 
 def git_commit() -> str:
+    """The commit measured: $ORCD_COMMIT where the caller knows it (the GPU machine's copy of
+    the tree carries a .git whose HEAD can be older than the files it runs), else git's HEAD."""
+    if os.environ.get("ORCD_COMMIT"):
+        return os.environ["ORCD_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,

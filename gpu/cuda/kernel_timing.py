@@ -207,6 +207,16 @@ def main() -> None:
     torch.manual_seed(0)
     # --tcmm Q4_0,F16 1,8,64 [out.json]: tcmm against the matvec, then decode attention;
     # --tcmm-only: the matmuls alone (a sweep over ORCD_KERNEL_DEFINES / ORCD_TC_CTAS_PER_SM).
+    if len(sys.argv) > 1 and sys.argv[1] == "--attention":  # [out.json]: decode attention alone
+        cases = [(1, 2000), (8, 2000), *((b, ctx) for b in (64, 128, 256)
+                                         for ctx in (512, 1024, 4096) if b * ctx <= 2**19)]
+        rows = time_attention(read_bandwidth(), cases)
+        if len(sys.argv) > 2:
+            with open(sys.argv[2], "w") as f:
+                json.dump({"device": torch.cuda.get_device_name(),
+                           "date": datetime.date.today().isoformat(), "commit": git_commit(),
+                           "defines": os.environ.get(TUNING_ENV, ""), "rows": rows}, f, indent=1)
+        return
     if len(sys.argv) > 1 and sys.argv[1] in ("--tcmm", "--tcmm-only"):
         quants = [_T[q] for q in sys.argv[2].split(",")]
         rows = tcmm_table(quants, [int(b) for b in sys.argv[3].split(",")])

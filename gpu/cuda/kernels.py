@@ -43,6 +43,7 @@ TUNING_ENV = "ORCD_KERNEL_DEFINES"
 TUNABLES: dict[str, frozenset[str]] = {
     "matvec.cu": frozenset({"MATVEC_PREFETCH_BYTES"}),
     "tcmm.cu": frozenset({"TC_UNROLL"}),
+    "attention.cu": frozenset({"ATTN_MIN_BLOCKS"}),
 }
 _TUNING_ITEM = re.compile(r"^([\w.]+\.cu):([A-Z][A-Z0-9_]*)=(-?[0-9]+)$")
 

@@ -31,6 +31,20 @@
 #define ATTN_PARTITION 64  // PARTITION_TOKENS in gpu/cuda/attention.py
 #define MAX_G 8            // query heads per kv head
 #define RED_FLOATS 4096    // shared floats for the phase-3 sums (16 KiB)
+#ifndef ATTN_MIN_BLOCKS  // tunable: gpu/cuda/kernels.py TUNABLES
+// CTAs an SM must hold at once (the register cap that follows: 65536 / (that x threads)). At 64+
+// sequences the kernel is many short CTAs, and with 113 registers (head_dim 128: 512 threads) an
+// SM held one: 571-598 GB/s, 18% of the read floor (H100, 2026-12-07). With phase 3 a head at a
+// time 3 fit in 40 registers (8 bytes spilled); 4 need 32 (112 bytes of spill loads).
+#define ATTN_MIN_BLOCKS 3
+#endif
+// Only the fp16 cache at head_dim <= 128: the others spill at 40 registers (f32 rows are twice
+// the registers, 32 lanes hold 4 tokens a thread), and keep 2 (<= 64 registers, no spill), or 1
+// for f32 rows at 32 lanes (which spill even at 64).
+template <typename CacheT, int LANES> struct MinBlocks {
+    static constexpr int value = sizeof(CacheT) == 2 && LANES <= 16 ? ATTN_MIN_BLOCKS
+                                 : sizeof(CacheT) == 4 && LANES == 32 ? 1 : 2;
+};
 
 // Row groups per CTA for LANES lanes per row (ATTENTION_THREADS / LANES in gpu/cuda/attention.py).
 template <int LANES> struct RowGroups { static constexpr int value = 512 / LANES < 32 ? 512 / LANES : 32; };
@@ -238,45 +252,33 @@ __device__ __forceinline__ void attention_decode_impl(
     }
     __syncthreads();
 
-    // Phase 3: P·V. acc[g][j] over this thread's tokens in order, then over row groups in order.
-    float acc[MAX_G][8];
+    // Phase 3: P·V, a query head at a time (8 accumulators live, not 8 per head: the register
+    // count sets how many CTAs an SM holds, and at 64+ sequences that sets the bandwidth).
+    // acc[j] over this thread's tokens in order, then over the row groups of a warp (same c,
+    // lanes LANES apart) in a fixed xor pattern, then over the warps in order (below).
+    const int warp = threadIdx.x >> 5;
+    for (int g0 = 0; g0 < G; g0 += GC) {
+        for (int g = g0; g < G && g < g0 + GC; ++g) {
+            float acc[8];
 #pragma unroll
-    for (int g = 0; g < MAX_G; ++g)
+            for (int j = 0; j < 8; ++j) acc[j] = 0.0f;
 #pragma unroll
-        for (int j = 0; j < 8; ++j) acc[g][j] = 0.0f;
+            for (int i = 0; i < TOK_PER_GROUP; ++i) {
+                float v[8];
+                vr[i].to_float(v);
+                const float p = p_s[g][gi + ROW_GROUPS * i];
 #pragma unroll
-    for (int i = 0; i < TOK_PER_GROUP; ++i) {
-        float v[8];
-        vr[i].to_float(v);
-        const int t_local = gi + ROW_GROUPS * i;
-#pragma unroll
-        for (int g = 0; g < MAX_G; ++g) {
-            if (g < G) {
-                const float p = p_s[g][t_local];
-#pragma unroll
-                for (int j = 0; j < 8; ++j) acc[g][j] = fmaf(p, v[j], acc[g][j]);
+                for (int j = 0; j < 8; ++j) acc[j] = fmaf(p, v[j], acc[j]);
             }
-        }
-    }
-    // The row groups of a warp (same c, lanes LANES apart) first, in a fixed xor pattern.
-#pragma unroll
-    for (int g = 0; g < MAX_G; ++g) {
-        if (g < G) {
 #pragma unroll
             for (int j = 0; j < 8; ++j)
 #pragma unroll
                 for (int off = 16; off >= LANES; off >>= 1)
-                    acc[g][j] += __shfl_xor_sync(0xFFFFFFFFu, acc[g][j], off);
-        }
-    }
-    const int warp = threadIdx.x >> 5;
-    for (int g0 = 0; g0 < G; g0 += GC) {
-#pragma unroll
-        for (int g = 0; g < MAX_G; ++g) {
-            if ((threadIdx.x & 31) < LANES && g >= g0 && g < g0 + GC && g < G) {
+                    acc[j] += __shfl_xor_sync(0xFFFFFFFFu, acc[j], off);
+            if ((threadIdx.x & 31) < LANES) {
                 float* dst = &red_s[warp][(g - g0) * DP + 8 * c];
-                reinterpret_cast<float4*>(dst)[0] = make_float4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
-                reinterpret_cast<float4*>(dst)[1] = make_float4(acc[g][4], acc[g][5], acc[g][6], acc[g][7]);
+                reinterpret_cast<float4*>(dst)[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+                reinterpret_cast<float4*>(dst)[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
             }
         }
         __syncthreads();
@@ -307,7 +309,7 @@ __device__ __forceinline__ void attention_decode_impl(
 }
 
 #define ATTENTION_DECODE(NAME, CACHE_T, LANES)                                                     \
-    extern "C" __global__ void __launch_bounds__(RowGroups<LANES>::value * LANES)                  \
+    extern "C" __global__ void __launch_bounds__(RowGroups<LANES>::value * LANES, MinBlocks<CACHE_T, LANES>::value)                  \
         attention_decode_##NAME##_l##LANES(                                                         \
             float* out, int out_stride, const float* q, int q_stride, const CACHE_T* k_cache,       \
             const CACHE_T* v_cache, const int* block_tables, int block_table_stride,                \
