@@ -38,7 +38,9 @@ from gpu.cuda.matvec import (
 from gpu.cuda.norm import NORM_VEC, rms_norm_launch_config
 from gpu.cuda.rope_kv import rope_kv_launch_config
 
-ARCHS = ("sm_80", "sm_90")
+# The lent GPUs are Hopper: sm_90 is compiled to a CUBIN (ptxas included), as they load it. For
+# sm_80 the front end is what can fail (an instruction or intrinsic newer than Ampere), so PTX
+# for compute_80 is enough and takes half the time (tcmm.cu 9.0 s vs 15.6 s on the CI's CPU).
 
 
 @pytest.fixture(scope="module")
@@ -54,12 +56,20 @@ def test_every_kernel_file_has_options():
     assert set(kernel_files()) == set(KERNEL_OPTIONS)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("filename", sorted(KERNEL_OPTIONS))
-def test_kernel_compiles_to_cubin(kernel_cache, filename, arch):
-    image = nvrtc.compile_file(filename, arch, KERNEL_OPTIONS[filename])
-    assert image.kind == "cubin" and image.target == arch
+def test_kernel_compiles_to_cubin(kernel_cache, filename):
+    image = nvrtc.compile_file(filename, "sm_90", KERNEL_OPTIONS[filename])
+    assert image.kind == "cubin" and image.target == "sm_90"
     assert image.code[:4] == b"\x7fELF"
+
+
+@pytest.mark.parametrize("filename", sorted(KERNEL_OPTIONS))
+def test_kernel_compiles_for_ampere(filename):
+    source = (nvrtc.KERNEL_DIR / filename).read_text()
+    ptx = nvrtc._compile(source, filename, nvrtc.included_headers(source),
+                         (*nvrtc.BASE_OPTIONS, *KERNEL_OPTIONS[filename],
+                          "--gpu-architecture=compute_80"), "ptx")  # fmt: skip
+    assert b".target sm_80" in ptx and b".entry " in ptx
 
 
 def test_second_compile_is_a_cache_hit(kernel_cache):
