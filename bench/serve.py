@@ -26,7 +26,8 @@ Reported per row: completion tokens/s, requests/s, TTFT p50/p99 (submit to first
 event), inter-token latency p50/p99 (gaps between a job's `token` events as this client
 receives them), queue time p50/p99 (`done.timings.queue_ms`: enqueue to start), errors, lost
 jobs (a submitted job without exactly one `done`), and for closed loops the worker overhead =
-1 - worker tok/s / engine tok/s. JSON in bench/results/serve-*.json.
+1 - worker tok/s / engine tok/s, and the engine's own TTFT p50/p99 (add to first token: what
+the worker's TTFT adds to). JSON in bench/results/serve-*.json.
 """
 
 from __future__ import annotations
@@ -96,8 +97,9 @@ def percentile(values: list[float], q: float) -> float | None:
 
 # ----- the engine phase -----------------------------------------------------------------------
 
-def engine_phase(args: argparse.Namespace) -> dict[str, float]:
-    """Completion tokens/s of `Engine` itself at each closed-loop C, same jobs (subprocess)."""
+def engine_phase(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Completion tokens/s and TTFT p50/p99 (add to first token) of `Engine` itself at each
+    closed-loop C, same jobs (subprocess)."""
     sys.path.insert(0, str(ROOT))
     from gpu.request import Request, SamplingParams
     from worker.loaded_model import load_model
@@ -119,10 +121,12 @@ def engine_phase(args: argparse.Namespace) -> dict[str, float]:
         queue = list(specs)
         follow: dict[str, tuple[JobSpec, list[int]]] = {}
         live: dict[str, tuple[JobSpec, list[int], bool]] = {}
+        added: dict[str, float] = {}
+        ttft: list[float] = []
         tokens = 0
 
         def add(spec: JobSpec, prompt: str, turn2: bool, clients=clients, live=live,
-                warm=warm) -> None:
+                warm=warm, added=added) -> None:
             request_id = f"e{clients}-{warm}-{spec.index}-{int(turn2)}"
             session = f"s{clients}-{warm}-{spec.index}" if spec.follow_up else None
             engine.add(Request(request_id, tokenizer.encode(prompt, parse_special=False),
@@ -130,6 +134,7 @@ def engine_phase(args: argparse.Namespace) -> dict[str, float]:
                                stop_token_ids=tokenizer.end_of_generation_ids,
                                session_id=session))
             live[request_id] = (spec, [], turn2)
+            added[request_id] = time.perf_counter()
 
         start = time.perf_counter()
         while queue or live:
@@ -143,6 +148,8 @@ def engine_phase(args: argparse.Namespace) -> dict[str, float]:
                     add(spec, spec.prompt, False)
             for output in engine.step():
                 spec, ids, turn2 = live[output.request_id]
+                if not ids and output.new_token_ids:
+                    ttft.append(1e3 * (time.perf_counter() - added[output.request_id]))
                 ids += output.new_token_ids
                 tokens += len(output.new_token_ids)
                 if output.finished:
@@ -151,8 +158,10 @@ def engine_phase(args: argparse.Namespace) -> dict[str, float]:
                         follow[output.request_id] = (spec, ids)
         if warm:
             continue
-        out[str(clients)] = tokens / (time.perf_counter() - start)
-        print(f"engine C={clients}: {out[str(clients)]:.1f} tok/s", file=sys.stderr)
+        out[str(clients)] = {"tok_s": tokens / (time.perf_counter() - start),
+                             "ttft_ms_p50": percentile(ttft, 50),
+                             "ttft_ms_p99": percentile(ttft, 99)}
+        print(f"engine C={clients}: {out[str(clients)]}", file=sys.stderr)
     return out
 
 
@@ -384,7 +393,7 @@ def main() -> int:
         if args.layers:
             synth += ["--layers", str(args.layers)]
         subprocess.run(orcd(*synth), check=True, env=env, cwd=ROOT)
-        engine_tok_s: dict[str, float] = {}
+        engine_rows: dict[str, dict[str, float]] = {}
         if not args.no_engine:
             phase = {"model_name": name, "models_dir": str(folder), "backend": args.backend,
                      "dtype": args.dtype, "kv_blocks": args.kv_blocks, "max_jobs": max_jobs,
@@ -394,7 +403,7 @@ def main() -> int:
             done = subprocess.run([sys.executable, str(Path(__file__).resolve()),
                                    "--engine-phase", json.dumps(phase)], check=True, env=env,
                                   cwd=ROOT, stdout=subprocess.PIPE, text=True)
-            engine_tok_s = json.loads(done.stdout.strip().splitlines()[-1])
+            engine_rows = json.loads(done.stdout.strip().splitlines()[-1])
         server, url = start_redis(binary, folder)
         log = (folder / "worker.log").open("w")
         worker_args = ["worker", "--model", name, "--models-dir", str(folder), "--redis", url,
@@ -422,11 +431,13 @@ def main() -> int:
                 row = {"mode": "closed", "clients": clients,
                        **load.run(clients, specs, None, args.seed)}
                 row["lost"] = load.exactly_one_done()
-                engine = engine_tok_s.get(str(clients))
+                engine = engine_rows.get(str(clients))
                 if engine:
-                    row["engine_tok_s"] = round(engine, 2)
+                    row["engine_tok_s"] = round(engine["tok_s"], 2)
+                    row["engine_ttft_ms_p50"] = round(engine["ttft_ms_p50"], 2)
+                    row["engine_ttft_ms_p99"] = round(engine["ttft_ms_p99"], 2)
                     row["worker_overhead_pct"] = round(
-                        100 * (1 - row["completion_tok_s"] / engine), 2)
+                        100 * (1 - row["completion_tok_s"] / engine["tok_s"]), 2)
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr)
             for rate in rates:

@@ -175,14 +175,14 @@ class CountedSteps:
 
 
 def worker_loop(model: LoadedModel, url: str, specs: list[JobSpec], clients: int,
-                max_jobs: int, profiler: cProfile.Profile | None) -> dict:
+                max_jobs: int, profiler: cProfile.Profile | None, **options) -> dict:
     """The jobs through a real `Worker` on `url`, `clients` in flight; only the worker's
     iterations are timed (and profiled), not the submissions."""
     import redis
 
     prefix = f"b{clients}"
     worker = Worker(model, WorkerConfig(worker_id="bench", redis_url=url, prefix=prefix,
-                                        max_jobs=max_jobs))
+                                        max_jobs=max_jobs, **options))
     steps = CountedSteps(model.engine)
     submitter, keys = redis.Redis.from_url(url), Keys(prefix)
     worker.open()
@@ -272,6 +272,8 @@ def main() -> None:
                         help="the stub device's time per step (default 0: host cost alone)")
     parser.add_argument("--max-jobs", type=int, help="worker max_jobs (default: the largest C, "
                         "as bench/serve.py)")
+    parser.add_argument("--cancel-check", type=float, help="the worker's cancel_check_s "
+                        "(default: its own)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3, help="runs per C; the median is "
                         "reported")
@@ -286,6 +288,7 @@ def main() -> None:
     prompt_range = tuple(int(x) for x in args.prompt_tokens.split(","))
     output_range = tuple(int(x) for x in args.output_tokens.split(","))
     max_jobs = args.max_jobs or max(clients_list)
+    options = {} if args.cancel_check is None else {"cancel_check_s": args.cancel_check}
     model = stub_model(args.step_ms / 1000, max_jobs)
     gc.collect()
     gc.freeze()  # as `orcd worker` does after loading
@@ -303,7 +306,8 @@ def main() -> None:
                 for _ in range(args.repeats):  # interleaved: a noisy machine hits both
                     alone = engine_loop(model, specs, clients)
                     profiler = cProfile.Profile() if args.profile else None
-                    served = worker_loop(model, server.url, specs, clients, max_jobs, profiler)
+                    served = worker_loop(model, server.url, specs, clients, max_jobs, profiler,
+                                         **options)
                     runs.append(summary(clients, alone, served))
                 row = median_row(runs)
                 if profiler is not None:
@@ -316,7 +320,7 @@ def main() -> None:
             server.kill()
     results = {"step_ms": args.step_ms, "prompt_tokens": prompt_range,
                "output_tokens": output_range, "jobs_per_client": args.jobs_per_client,
-               "repeats": args.repeats, "max_jobs": max_jobs, "profiled": args.profile, "rows": rows}
+               "repeats": args.repeats, "max_jobs": max_jobs, "worker_options": options, "profiled": args.profile, "rows": rows}
     for row in rows:
         for line in row.get("top_functions", []):
             print(f"C={row['clients']} {line}", file=sys.__stdout__)

@@ -15,7 +15,9 @@ with a `session_id` leaves its full blocks pinned for the session's next turn.
 Overlap (on by default): when every running sequence decodes and no waiting request can be
 admitted, a step first launches the *next* decode step, fed by this step's token ids still on
 the device, and only then reads this step's ids, so the device does not idle while the host
-reads ids, checks stops, streams and packs (bench/NOTES.md has the measured gap). The scheduler
+reads ids, checks stops, streams and packs (bench/NOTES.md has the measured gap). On a CPU
+backend, whose launch computes the step, a step that samples a request's first token is read
+before anything is launched ahead: that token would otherwise wait a step more. The scheduler
 plans that step (`Scheduler.schedule_ahead`, counting each sequence's tokens in flight and its
 pending token); the engine only splices the device ids in. A sequence that stops on this step's
 token has its next-step row dropped unread (its KV write lands in blocks it frees), and a
@@ -224,6 +226,9 @@ class Engine:
         self._compiling: list[Sequence] = []  # waiting for their grammar's future
         self.masks = GrammarMasks(self.config.vocab_size, pin=self.backend.device.type == "cuda")
         self.overlap = overlap  # launch the next decode step before reading this one's ids
+        # A CPU backend computes at launch: a step launched ahead of a read delays its tokens
+        # by a step, so one that samples a request's first token is read first (TTFT).
+        self._synchronous = self.backend.device.type == "cpu"
         self._in_flight: _Launched | None = None  # launched by the last step(), read by the next
         self.overlapped_steps = 0  # steps launched ahead of the previous step's read
         self.check_finite = check_finite  # end a request whose logits row is NaN/inf alone
@@ -346,7 +351,7 @@ class Engine:
                     outputs.append(self._final_output(seq))
                 return outputs
             launched = self._launch(schedule, self._build_batch(schedule))
-        if self.overlap:
+        if self.overlap and not (self._synchronous and _samples_first_token(launched)):
             self._in_flight = self._launch_ahead(launched)
         try:
             outputs.extend(self._read(launched))
@@ -580,6 +585,10 @@ class Engine:
             finish_reason=seq.finish_reason,
             error=seq.error,
         )
+
+
+def _samples_first_token(launched: _Launched) -> bool:
+    return any(not seq.num_output_tokens for seq in launched.schedule.sampled)
 
 
 def _settle(schedule: Schedule) -> None:

@@ -191,3 +191,18 @@ def test_full_load_with_a_queue_still_overlaps(backend):
     assert results[0] == results[1]
     assert {rid: len(t) for rid, t in results[0][0].items()} == lengths
     assert any(queued_overlaps)  # steps ran ahead while requests waited
+
+
+def test_a_cpu_backend_reads_a_first_token_before_launching_ahead(backend):
+    """On the CPU a launch computes the step: the step that samples a request's first token
+    is read before the next is launched (else the first token waits a decode step more);
+    the decode steps after it overlap as before. On a GPU nothing changes."""
+    engine = make_engine(backend, kv_blocks=64)
+    engine.add(greedy(prompts(1, seed=5)[0], "first", max_tokens=6))
+    outputs = engine.step()
+    assert [len(out.new_token_ids) for out in outputs] == [1]
+    cpu = backend.device.type == "cpu"
+    assert engine.overlapped_steps == (0 if cpu else 1)
+    tokens, reasons = drain(engine)
+    assert len(tokens["first"]) == 5 and reasons["first"] == "length"
+    assert engine.overlapped_steps > 0

@@ -31,7 +31,8 @@ def model():
 def setup(model):
     server = fakeredis.FakeServer()
     r = fakeredis.FakeRedis(server=server)
-    worker = Worker(model, WorkerConfig(worker_id="w1", block_ms=5, max_deliveries=3), client=r)
+    worker = Worker(model, WorkerConfig(worker_id="w1", block_ms=5, max_deliveries=3,
+                                        cancel_check_s=0), client=r)
     worker._setup_groups()
     worker.open()
     yield worker, OrcdClient(connection=r), r

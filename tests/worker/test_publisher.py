@@ -1,0 +1,53 @@
+"""The publisher against a real redis-server: a run of events in one call keeps their order
+and fails a refused XADD alone; scripts called by SHA survive Redis losing them (NOSCRIPT)."""
+
+from __future__ import annotations
+
+import json
+
+from jobs.keys import GROUP, Keys
+from worker.connection import RedisLink, connect
+from worker.publisher import Publisher
+
+KEYS = Keys("pub")
+
+
+def events(r, job_id):
+    return [(f[b"event"].decode(), json.loads(f[b"data"])) for _, f in r.xrange(KEYS.out(job_id))]
+
+
+def test_a_run_of_events_keeps_order_and_a_refused_one_fails_alone(redis_server):
+    r = connect(redis_server.url)
+    r.set(KEYS.out("clobbered"), "not a stream")
+    publisher = Publisher(RedisLink(r), KEYS)
+    for index in range(3):
+        for job_id in ("a", "clobbered", "b"):
+            publisher.event(job_id, "token", {"index": index, "text": "é\n\"x\""})
+    assert publisher.flush()
+    for job_id in ("a", "b"):
+        assert events(r, job_id) == [("token", {"index": i, "text": "é\n\"x\""})
+                                     for i in range(3)]
+    failed = publisher.pop_unwritable()
+    assert list(failed) == ["clobbered"] and "WRONGTYPE" in failed["clobbered"].error
+    assert r.get(KEYS.out("clobbered")) == b"not a stream"
+
+
+def test_a_final_refused_with_noscript_is_sent_again_after_its_tokens(redis_server):
+    r = connect(redis_server.url)
+    stream = KEYS.jobs("m")
+    r.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    entry_id = r.xadd(stream, {"job": "{}"}).decode()
+    r.xreadgroup(GROUP, "w1", {stream: ">"})
+    publisher = Publisher(RedisLink(r), KEYS)
+    publisher.event("j", "token", {"index": 0})
+    assert publisher.flush()  # the scripts are loaded now
+    r.script_flush()  # as a Redis restarted without persistence would have lost them
+    publisher.event("j", "token", {"index": 1})
+    publisher.final("j", "done", {"finish_reason": "stop"}, stream=stream, entry_id=entry_id,
+                    consumer="w1", attempt=1)
+    reads = []
+    assert publisher.flush(reads=lambda pipe: reads.append(pipe.ping()) or 1)
+    assert [kind for kind, _ in events(r, "j")] == ["token", "token", "done"]
+    assert len(reads) == 1 and publisher.pop_reads() == [True]  # the reads went once
+    assert r.xpending(stream, GROUP)["pending"] == 0 and r.xlen(stream) == 0
+    assert not publisher.pop_refused_finals() and not publisher.pop_unwritable()
