@@ -326,6 +326,30 @@ def test_injected_nan_reaches_logits_made_in_inference_mode(monkeypatch, smollm2
     assert reasons == {"ok": "length", "bad": "error"} and tokens["bad"] == []
 
 
+def test_stats_tell_waiting_for_budget_from_waiting_for_memory(smollm2_backend):
+    """A request that waits only for the step's token budget (a long prefill in chunks) fits;
+    one the KV pool or the running set cannot take does not: the worker's admission reads
+    this to decide whether to take more jobs from Redis."""
+    ps = prompts(3, seed=11)
+    long = [1] + [300 + i for i in range(200)]  # 13 blocks of 16
+    engine = make_engine(smollm2_backend, max_batch_tokens=64, kv_blocks=40, max_num_seqs=8)
+    engine.add(greedy(long, "long", max_tokens=2))
+    engine.add(greedy(ps[0], "short", max_tokens=2))
+    stats = engine.stats()
+    assert stats.waiting == 2 and stats.prompt_blocks_wanted == 13 + -(-len(ps[0]) // 16)
+    assert stats.waiting_fits
+    engine.step()  # the long prompt's first 64-token chunk: the short one still waits
+    stats = engine.stats()
+    assert stats.waiting == 1 and stats.waiting_fits
+    assert stats.prompt_blocks_wanted == 13 - 4 + -(-len(ps[0]) // 16)  # the rest of "long"
+    engine.add(greedy(long + long[1:], "huge", max_tokens=2))  # 26 blocks: 36 are free, but
+    assert not engine.stats().waiting_fits  # "long" still needs 9 of them
+    full = make_engine(smollm2_backend, max_batch_tokens=64, kv_blocks=40, max_num_seqs=1)
+    full.add(greedy(ps[1], "a"))
+    full.add(greedy(ps[2], "b"))
+    assert not full.stats().waiting_fits  # two for a running set of one
+
+
 def test_a_lost_device_is_sticky(backend):
     from gpu.faults import FaultInjector
     from gpu.request import DeviceLostError
