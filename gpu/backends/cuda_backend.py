@@ -57,16 +57,26 @@ MATMUL_MODES = ("matvec", "tensor-cores", "auto")
 # tcmm is as fast at one sequence, the default trades batch invariance for both speeds; the
 # batch-invariant modes stay a flag away.
 DEFAULT_MATMUL = "auto"
-# "auto": the smallest batch that takes the tensor cores. At 8 tcmm already beat the matvec on
-# every 8B Q4_0 shape (86.8 vs 164.6 us, 44.0 vs 145.6) and tied on F16 (148.7 vs 146.3, H200);
-# the crossover between 1 and 8 is not yet measured.
+# "auto": the smallest batch that takes the tensor cores. At 8 tcmm beats the matvec on every
+# 8B Q4_0 shape (H100, 2026-12-07: gate.up 50.4 vs 163.1 us, down 29.1 vs 143.5); the 8B step
+# at 8 sequences went from 526 tok/s (matvec, 2026-11-25) to 1,603. Models with a hidden size
+# below TC_SMALL_HIDDEN have matrices too small for a tcmm launch to pay at 8: SmolLM2-135M
+# (576) decoded 4,175 tok/s at 8 with tcmm against the matvec's 6,290 and 7,880 at 64 against
+# 8,162 (H100); tcmm gave 21,898 at 256. They switch at TC_MIN_BATCH_SMALL.
 TC_MIN_BATCH = 8
+TC_SMALL_HIDDEN = 2048
+TC_MIN_BATCH_SMALL = 128
 # Prefill and mixed batches of up to this many tokens run their matrix products on the tensor
 # cores too (the workspace is sized for it); longer ones dequantise each matrix for cuBLAS.
 # 64: tcmm at 256 tokens cost ~1 ms a layer on 8B Q4_0 (H200), more than the whole 512-token
 # prefill's 0.85 ms a layer through the scratch; at 64 it is ~0.35 ms.
 TC_PREFILL_MAX_TOKENS = 64
 KV_DTYPE = torch.float16
+
+
+def auto_tc_min_batch(hidden_size: int) -> int:
+    """The decode batch from which `auto` takes the tensor cores, for a model's hidden size."""
+    return TC_MIN_BATCH if hidden_size >= TC_SMALL_HIDDEN else TC_MIN_BATCH_SMALL
 
 
 def _bucket(n: int, buckets: tuple[int, ...]) -> int | None:
@@ -110,7 +120,8 @@ class CudaBackend(Backend):
         self.matmul = matmul
         self.batch_invariant = matmul != "auto"
         # Decode batches of at least this many sequences take the tensor cores.
-        self.tc_min_batch = {"matvec": 1 << 30, "tensor-cores": 1, "auto": TC_MIN_BATCH}[matmul]
+        self.tc_min_batch = {"matvec": 1 << 30, "tensor-cores": 1,
+                             "auto": auto_tc_min_batch(c.hidden_size)}[matmul]
         sm_count = multiprocessor_count()
         for linear in self.weights.linears():
             linear.tensor_core(sm_count)

@@ -366,3 +366,11 @@ def test_tcmm_stems_cover_the_matvec_types():
         assert tc_stem(qtype, 256 * 3) in CHUNK_BYTES
     assert tc_stem(GGMLQuantizationType.Q4_0, 4096) == "q4_0x4"
     assert tc_stem(GGMLQuantizationType.Q4_0, 96) == "q4_0"
+
+
+def test_auto_takes_the_tensor_cores_later_on_small_models():
+    from gpu.backends.cuda_backend import BATCH_BUCKETS, TC_MIN_BATCH_SMALL, auto_tc_min_batch
+
+    assert auto_tc_min_batch(4096) == auto_tc_min_batch(2048) == 8  # 8B, TinyLlama
+    assert auto_tc_min_batch(576) == auto_tc_min_batch(896) == 128  # SmolLM2-135M, Qwen2-0.5B
+    assert TC_MIN_BATCH_SMALL in BATCH_BUCKETS  # a graph bucket starts on the tensor cores
