@@ -614,9 +614,9 @@ class Worker:
             self._fail(delivery, INVALID_REQUEST, str(exc))
             return
         self.active[job.job_id] = active
-        self.publisher.opened(job.job_id)
         self.publisher.event(job.job_id, "queued", {
             "position": self.engine.stats().waiting - 1, "queue_depth": len(self.active)})
+        self.publisher.opened(job.job_id)  # after the first event: the stream exists then
         started = {"worker_id": self.worker_id, "attempt": delivery.attempt}
         if streamed is not None and streamed.token_ids:  # nothing streamed: a plain restart
             started["resumed_from"] = streamed.next_index

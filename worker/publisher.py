@@ -140,7 +140,9 @@ class Publisher:
         self._ops.append(("event", (self.keys.out(job_id), kind, _to_json(data)), {}))
 
     def opened(self, job_id: str) -> None:
-        """A job's first event was queued: give its stream a long safety TTL."""
+        """A job's first event was queued: give its stream a long safety TTL. Queue it after
+        that event: an EXPIRE on a stream that does not exist yet does nothing (it did, and
+        the output of a job whose worker died mid-run never expired)."""
         self._ops.append(("expire", (self.keys.out(job_id), OUT_TTL_RUNNING_S), {}))
 
     def final(self, job_id: str, kind: str, data: dict[str, Any], *, stream: str, entry_id: str,

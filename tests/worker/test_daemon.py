@@ -90,6 +90,20 @@ def test_a_job_streams_tokens_then_done(setup):
     assert b"job.started" in narration and b"job.finished" in narration
 
 
+def test_a_running_jobs_stream_has_the_safety_ttl(setup):
+    """Before its final event a job's output stream already expires (in a day): a worker that
+    dies mid-job without anyone finishing it leaves nothing forever. The EXPIRE must follow
+    the stream's first event: on a key that does not exist yet it does nothing."""
+    from worker.publisher import OUT_TTL_RUNNING_S
+
+    worker, client, r = setup
+    job_id = client.submit("The capital of France is", max_tokens=24, temperature=0)
+    run_until(worker, lambda: any(kind == "token" for kind, _ in events(r, job_id)))
+    assert 3600 < r.ttl(KEYS.out(job_id)) <= OUT_TTL_RUNNING_S
+    run_until(worker, lambda: final(r, job_id))
+    assert 0 < r.ttl(KEYS.out(job_id)) <= 3600
+
+
 def test_stream_interval_and_stream_false(setup):
     worker, client, r = setup
     coalesced = client.submit("Once upon a time", max_tokens=7, temperature=0, stream_interval=3)
