@@ -80,9 +80,9 @@ class Orcd:
 
 def _as_from_a_terminal() -> None:
     """A terminal's Ctrl-C reaches a process whose SIGINT is at its default and unblocked. A
-    child inherits an ignored or blocked SIGINT from the process that starts it, and in one CI
-    run (2026-12-07) all three Ctrl-C tests of one pytest-xdist worker waited out their 120 s
-    while they pass alone: the child starts as from a shell."""
+    child inherits an ignored SIGINT: a suite started in the background by a non-interactive
+    shell (`make test &`: bash ignores SIGINT in asynchronous jobs without job control) had all
+    three Ctrl-C tests wait out their 120 s (2026-12-07). The child starts as from a shell."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
