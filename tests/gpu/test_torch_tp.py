@@ -103,7 +103,9 @@ def test_a_rank_that_dies_stops_the_group_with_an_error_naming_it(llama_path):
         llama_path, 2, threads_per_rank=1, timeout_s=60, rank_main=dies_at_first_forward
     )
     tp.allocate_kv(NUM_BLOCKS, BLOCK_SIZE)
-    with pytest.raises(TensorParallelError, match=r"group of 2 stopped: rank 1 \(exit 1\)"):
+    # exit 1 from the exception, or -6: gloo may abort (SIGABRT) in the interpreter's exit while
+    # rank 0's collective is still open (seen once in CI, 2026-12-07)
+    with pytest.raises(TensorParallelError, match=r"group of 2 stopped: rank 1 \(exit (1|-6)\)"):
         tp.forward(make_batch([(0, [1, 2, 3], 0)]))
     assert all(not p.is_alive() for p in tp._ranks)
     with pytest.raises(TensorParallelError, match="closed"):
