@@ -103,20 +103,6 @@ class EngineStats:
     sessions: int
     running: int
     waiting: int
-    # KV blocks the prompts still need: the waiting requests' whole prompts (cached prefixes
-    # not deducted: an upper bound) and what running ones in the middle of their prefill have
-    # yet to allocate; with the running-set limit, whether the waiting ones wait for memory or
-    # only for the next steps' token budget.
-    prompt_blocks_wanted: int = 0
-    max_num_seqs: int = 0
-
-    @property
-    def waiting_fits(self) -> bool:
-        """The waiting requests fit in the free KV pool and the running set: they wait only
-        for the token budget of the next steps (prefill chunks), not for memory."""
-        free = self.kv_blocks_total - self.kv_blocks_used
-        return (self.running + self.waiting <= self.max_num_seqs
-                and self.prompt_blocks_wanted <= free)
 
 
 def stop_token_ids_of(gguf: GGUFFile) -> frozenset[int]:
@@ -325,11 +311,23 @@ class Engine:
             sessions=len(self.kv.sessions),
             running=len(self.scheduler.running),
             waiting=len(self.scheduler.waiting),
-            prompt_blocks_wanted=self._prompt_blocks_wanted(),
-            max_num_seqs=self.scheduler.max_num_seqs,
         )
 
-    def _prompt_blocks_wanted(self) -> int:
+    def waiting_fits(self) -> bool:
+        """Every waiting request fits in the running set and the free KV pool (True when none
+        waits): they wait only for the token budget of the next steps (prefill chunks), not
+        for memory. Counted only while something waits: the worker asks every iteration."""
+        scheduler = self.scheduler
+        if not scheduler.waiting:
+            return True
+        if len(scheduler.running) + len(scheduler.waiting) > scheduler.max_num_seqs:
+            return False
+        return self.prompt_blocks_wanted() <= self.kv.num_free
+
+    def prompt_blocks_wanted(self) -> int:
+        """KV blocks the prompts still need: the waiting requests' whole prompts (cached
+        prefixes not deducted: an upper bound) and what running ones in the middle of their
+        prefill have yet to allocate."""
         size = self.kv.block_size
         waiting = sum(-(-seq.num_tokens // size) for seq in self.scheduler.waiting)
         return waiting + sum(max(0, -(-seq.num_tokens // size) - len(seq.block_table))

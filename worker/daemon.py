@@ -362,8 +362,7 @@ class Worker:
     def _capacity(self) -> int:
         if self.stopping or not self._groups_ready:
             return 0
-        stats = self.engine.stats()
-        if stats.waiting and not stats.waiting_fits:
+        if not self.engine.waiting_fits():
             # What the engine cannot admit for want of memory (KV pool, running set) stays in
             # the stream for another worker. Requests that wait only for the token budget of
             # the next steps (a long prompt's prefill chunks) do not hold admission back: they

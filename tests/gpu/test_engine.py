@@ -291,10 +291,10 @@ def test_non_finite_logits_end_one_request_alone(backend):
     assert engine.stats().kv_blocks_used == 0
 
 
-def test_sampled_rows_take_logits_made_in_inference_mode(monkeypatch, smollm2_backend):
-    """The CUDA backend's forward runs under torch.inference_mode, so its logits are inference
-    tensors: the engine's finite check must not write them in place outside it (it did, and
-    every step with a sampled row failed on the GPU)."""
+@pytest.fixture
+def inference_backend(monkeypatch, smollm2_backend):
+    """smollm2_backend whose forward runs under torch.inference_mode, as the CUDA backend's
+    does: its logits are inference tensors, which refuse in-place writes outside it."""
     forward = smollm2_backend.forward
 
     def inference_forward(batch):
@@ -302,31 +302,31 @@ def test_sampled_rows_take_logits_made_in_inference_mode(monkeypatch, smollm2_ba
             return forward(batch)
 
     monkeypatch.setattr(smollm2_backend, "forward", inference_forward)
+    return smollm2_backend
+
+
+def test_sampled_rows_take_logits_made_in_inference_mode(inference_backend):
+    """The CUDA backend's forward runs under torch.inference_mode, so its logits are inference
+    tensors: the engine's finite check must not write them in place outside it (it did, and
+    every step with a sampled row failed on the GPU)."""
     request = Request("s", prompts(1, seed=5)[0], SamplingParams(temperature=0.8, seed=3),
                       max_tokens=6, ignore_eos=True)  # fmt: skip
-    tokens, reasons, _, _ = run(make_engine(smollm2_backend), [request])
+    tokens, reasons, _, _ = run(make_engine(inference_backend), [request])
     assert len(tokens["s"]) == 6 and reasons["s"] == "length"
 
 
-def test_injected_nan_reaches_logits_made_in_inference_mode(monkeypatch, smollm2_backend):
+def test_injected_nan_reaches_logits_made_in_inference_mode(inference_backend):
     """Fault injection writes NaN into the CUDA backend's logits, which are inference tensors:
     the write must happen inside inference mode (outside it, every step raised on the GPU)."""
     from gpu.faults import FaultInjector
 
-    forward = smollm2_backend.forward
-
-    def inference_forward(batch):
-        with torch.inference_mode():
-            return forward(batch)
-
-    monkeypatch.setattr(smollm2_backend, "forward", inference_forward)
     ps = prompts(2, seed=9)
-    engine = make_engine(smollm2_backend, faults=FaultInjector(nan_requests=frozenset({"bad"})))
+    engine = make_engine(inference_backend, faults=FaultInjector(nan_requests=frozenset({"bad"})))
     tokens, reasons, _, _ = run(engine, [greedy(ps[0], "ok"), greedy(ps[1], "bad")])
     assert reasons == {"ok": "length", "bad": "error"} and tokens["bad"] == []
 
 
-def test_stats_tell_waiting_for_budget_from_waiting_for_memory(smollm2_backend):
+def test_engine_tells_waiting_for_budget_from_waiting_for_memory(smollm2_backend):
     """A request that waits only for the step's token budget (a long prefill in chunks) fits;
     one the KV pool or the running set cannot take does not: the worker's admission reads
     this to decide whether to take more jobs from Redis."""
@@ -335,19 +335,19 @@ def test_stats_tell_waiting_for_budget_from_waiting_for_memory(smollm2_backend):
     engine = make_engine(smollm2_backend, max_batch_tokens=64, kv_blocks=40, max_num_seqs=8)
     engine.add(greedy(long, "long", max_tokens=2))
     engine.add(greedy(ps[0], "short", max_tokens=2))
-    stats = engine.stats()
-    assert stats.waiting == 2 and stats.prompt_blocks_wanted == 13 + -(-len(ps[0]) // 16)
-    assert stats.waiting_fits
+    assert engine.stats().waiting == 2
+    assert engine.prompt_blocks_wanted() == 13 + -(-len(ps[0]) // 16)
+    assert engine.waiting_fits()
     engine.step()  # the long prompt's first 64-token chunk: the short one still waits
-    stats = engine.stats()
-    assert stats.waiting == 1 and stats.waiting_fits
-    assert stats.prompt_blocks_wanted == 13 - 4 + -(-len(ps[0]) // 16)  # the rest of "long"
+    assert engine.stats().waiting == 1 and engine.waiting_fits()
+    assert engine.prompt_blocks_wanted() == 13 - 4 + -(-len(ps[0]) // 16)  # the rest of "long"
     engine.add(greedy(long + long[1:], "huge", max_tokens=2))  # 26 blocks: 36 are free, but
-    assert not engine.stats().waiting_fits  # "long" still needs 9 of them
+    assert not engine.waiting_fits()  # "long" still needs 9 of them
     full = make_engine(smollm2_backend, max_batch_tokens=64, kv_blocks=40, max_num_seqs=1)
+    assert full.waiting_fits()  # nothing waits
     full.add(greedy(ps[1], "a"))
     full.add(greedy(ps[2], "b"))
-    assert not full.stats().waiting_fits  # two for a running set of one
+    assert not full.waiting_fits()  # two for a running set of one
 
 
 def test_a_lost_device_is_sticky(backend):
