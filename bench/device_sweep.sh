@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: the tcmm tests at the source's defaults, then a sweep of the tensor-core
-# matmul's tunables (TC_UNROLL x ORCD_TC_CTAS_PER_SM) on the 8B shapes, then decode with
+# matmul's tunables (TC_UNROLL, 32-blocks decoded together since b8e250d, x
+# ORCD_TC_CTAS_PER_SM) on the 8B shapes, then decode with
 # the defaults against the matvec, and one Nsight Compute look at the slowest kernel.
 #   bench/device_sweep.sh COMMIT
 set -u
@@ -9,7 +10,7 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 timeout 70 python3 -m pytest -q -m gpu -p no:cacheprovider -p no:xdist tests/gpu/test_cuda_tcmm.py \
   tests/gpu/test_token_mask.py tests/gpu/test_cuda_sampler.py 2>&1 | tail -6
-for unroll in ${UNROLLS:-1 4 8}; do
+for unroll in ${UNROLLS:-1 2 4}; do
   for ctas in ${CTAS:-2 4 8}; do
     echo "== TC_UNROLL=$unroll CTAS_PER_SM=$ctas"
     ORCD_KERNEL_DEFINES="tcmm.cu:TC_UNROLL=$unroll" ORCD_TC_CTAS_PER_SM=$ctas timeout 40 \

@@ -203,31 +203,36 @@ def time_attention(bw: float, cases) -> list[dict]:
     return rows
 
 
+# Decode attention at many sequences: (sequences, context tokens), 8B shape, up to 2^19 tokens.
+MANY_SEQUENCES = [(b, ctx) for b in (64, 128, 256) for ctx in (512, 1024, 4096) if b * ctx <= 2**19]
+
+
+def write_rows(path: str, rows: list[dict], **extra: object) -> None:
+    """A run's rows as JSON, with the device, date, commit and kernel defines measured."""
+    with open(path, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(),
+                   "date": datetime.date.today().isoformat(), "commit": git_commit(),
+                   "defines": os.environ.get(TUNING_ENV, ""), **extra, "rows": rows},
+                  f, indent=1)  # fmt: skip
+
+
 def main() -> None:
     torch.manual_seed(0)
+    # --attention [out.json]: decode attention alone, at 1 and 8 sequences and at many;
     # --tcmm Q4_0,F16 1,8,64 [out.json]: tcmm against the matvec, then decode attention;
     # --tcmm-only: the matmuls alone (a sweep over ORCD_KERNEL_DEFINES / ORCD_TC_CTAS_PER_SM).
-    if len(sys.argv) > 1 and sys.argv[1] == "--attention":  # [out.json]: decode attention alone
-        cases = [(1, 2000), (8, 2000), *((b, ctx) for b in (64, 128, 256)
-                                         for ctx in (512, 1024, 4096) if b * ctx <= 2**19)]
-        rows = time_attention(read_bandwidth(), cases)
+    if len(sys.argv) > 1 and sys.argv[1] == "--attention":
+        rows = time_attention(read_bandwidth(), [(1, 2000), (8, 2000), *MANY_SEQUENCES])
         if len(sys.argv) > 2:
-            with open(sys.argv[2], "w") as f:
-                json.dump({"device": torch.cuda.get_device_name(),
-                           "date": datetime.date.today().isoformat(), "commit": git_commit(),
-                           "defines": os.environ.get(TUNING_ENV, ""), "rows": rows}, f, indent=1)
+            write_rows(sys.argv[2], rows)
         return
     if len(sys.argv) > 1 and sys.argv[1] in ("--tcmm", "--tcmm-only"):
         quants = [_T[q] for q in sys.argv[2].split(",")]
         rows = tcmm_table(quants, [int(b) for b in sys.argv[3].split(",")])
-        cases = [(b, ctx) for b in (64, 128, 256) for ctx in (512, 1024, 4096) if b * ctx <= 2**19]
         if sys.argv[1] == "--tcmm":
-            rows += time_attention(read_bandwidth(), cases)
+            rows += time_attention(read_bandwidth(), MANY_SEQUENCES)
         if len(sys.argv) > 4:
-            with open(sys.argv[4], "w") as f:
-                json.dump({"device": torch.cuda.get_device_name(),
-                           "date": datetime.date.today().isoformat(), "commit": git_commit(),
-                           "rows": rows}, f, indent=1)  # fmt: skip
+            write_rows(sys.argv[4], rows)
         return
     copy_bw = copy_bandwidth()
     rows = []
@@ -247,9 +252,7 @@ def main() -> None:
         print(f"{r['kernel']:22s} {r.get('quant', ''):5s} {r['shape']:18s} b={r['batch']:<2d} "
               f"{r['us']:8.2f} us {r['GB_s']:8.1f} GB/s {frac}")  # fmt: skip
     if len(sys.argv) > 1:
-        with open(sys.argv[1], "w") as f:
-            json.dump({"device": device, "date": date, "copy_GB_s": copy_bw / 1e9, "rows": rows},
-                      f, indent=1)  # fmt: skip
+        write_rows(sys.argv[1], rows, copy_GB_s=copy_bw / 1e9)
 
 
 if __name__ == "__main__":
