@@ -15,7 +15,13 @@ from gguf import GGMLQuantizationType
 
 from gpu.cuda import nvrtc
 from gpu.cuda.activation import THREADS, silu_mul_launch_config
-from gpu.cuda.attention import PARTITION_TOKENS, attention_launch_config, row_lanes
+from gpu.cuda.attention import (
+    PARTITION_TOKENS,
+    TARGET_CTAS_PER_SM,
+    attention_launch_config,
+    row_lanes,
+    splits_per_cta_for,
+)
 from gpu.cuda.decode_inputs import stage_launch_config
 from gpu.cuda.embedding import dequant_rows_launch_config
 from gpu.cuda.errors import CudaError
@@ -216,9 +222,50 @@ def test_rope_kv_config():
      (2000, -(-2000 // PARTITION_TOKENS))]
 )
 def test_attention_config_splits_by_fixed_partitions(max_context, splits):
-    launch = attention_launch_config(3, 32, 8, max_context)
+    launch = attention_launch_config(3, 32, 8, max_context, sm_count=132, splits_per_cta=1)
     assert launch.n_splits == splits
     assert launch.decode.grid == (8, 3, splits)
+
+
+@pytest.mark.parametrize("num_seqs", [1, 8, 64, 256])
+@pytest.mark.parametrize("max_context", [1, 65, 512, 2000, 4096, 32768])
+@pytest.mark.parametrize("sm_count", [1, 132])
+def test_attention_runs_cover_every_split_once(num_seqs, max_context, sm_count):
+    """A CTA walks splits [z * per_cta, min((z + 1) * per_cta, n_splits)): every split of the
+    fixed partition in exactly one non-empty run, the runs of a pair as even as they can be,
+    and runs longer than one split only where that keeps ~TARGET_CTAS_PER_SM CTAs per SM (or one
+    CTA per pair)."""
+    launch = attention_launch_config(num_seqs, 32, 8, max_context, sm_count=sm_count)
+    n_splits, per_cta = launch.n_splits, launch.splits_per_cta
+    assert n_splits == -(-max_context // PARTITION_TOKENS)
+    assert 1 <= per_cta <= n_splits
+    runs = [range(z * per_cta, min(z * per_cta + per_cta, n_splits))
+            for z in range(launch.decode.grid[2])]  # fmt: skip
+    assert all(runs) and [s for run in runs for s in run] == list(range(n_splits))
+    assert len(runs[-1]) > per_cta - len(runs)  # 8 splits in 2 runs: 4 + 4, never 7 + 1
+    pairs = 8 * num_seqs
+    if per_cta > 1:  # longer runs only where the grid would otherwise pass the target
+        assert pairs * n_splits >= TARGET_CTAS_PER_SM * sm_count
+        assert pairs * launch.decode.grid[2] <= max(pairs, 2 * TARGET_CTAS_PER_SM * sm_count)
+    assert launch.decode.grid[:2] == (8, num_seqs)
+
+
+def test_attention_splits_per_cta_picks():
+    """Worked cases on 132 SMs (the 8B shape: 8 kv heads): batch 1 keeps one split per CTA (its
+    parallelism is the splits), many sequences walk several."""
+    assert splits_per_cta_for(8, 32, 132) == 1  # 1 x 2,000 tokens
+    assert splits_per_cta_for(64 * 8, 8, 132) == 4  # 64 x 512: two CTAs of 4 per pair
+    assert splits_per_cta_for(256 * 8, 64, 132) == 64  # 256 x 4,096: one CTA per pair
+    assert splits_per_cta_for(64 * 8, 1, 132) == 1
+
+
+def test_attention_config_pins_splits_per_cta():
+    for per_cta, z in ((1, 32), (2, 16), (3, 11), (8, 4), (32, 1), (100, 1)):
+        launch = attention_launch_config(1, 32, 8, 2000, sm_count=132, splits_per_cta=per_cta)
+        assert launch.decode.grid == (8, 1, z) and launch.n_splits == 32
+        assert launch.splits_per_cta == min(per_cta, 32)
+    with pytest.raises(CudaError):
+        attention_launch_config(1, 32, 8, 2000, sm_count=132, splits_per_cta=0)
 
 
 @pytest.mark.parametrize(("head_dim", "lanes", "threads"),
@@ -227,7 +274,7 @@ def test_attention_config_splits_by_fixed_partitions(max_context, splits):
 def test_attention_row_lanes_and_threads(head_dim, lanes, threads):
     """Row groups of `lanes` threads, at most 32 of them and 512 threads (attention.cu)."""
     assert row_lanes(head_dim) == lanes
-    launch = attention_launch_config(1, 32, 8, 600, head_dim)
+    launch = attention_launch_config(1, 32, 8, 600, head_dim, sm_count=132)
     assert launch.decode.block == (threads, 1, 1)
     assert launch.decode.grid == (8, 1, 10)
 
@@ -241,9 +288,9 @@ def test_attention_refuses_head_dim_out_of_range():
 
 def test_attention_config_refuses_bad_groups():
     with pytest.raises(CudaError):
-        attention_launch_config(1, 30, 8, 10)  # not a whole group
+        attention_launch_config(1, 30, 8, 10, sm_count=132)  # not a whole group
     with pytest.raises(CudaError):
-        attention_launch_config(1, 32, 2, 10)  # 16 query heads per kv head
+        attention_launch_config(1, 32, 2, 10, sm_count=132)  # 16 query heads per kv head
 
 
 def test_launch_config_checks_limits():

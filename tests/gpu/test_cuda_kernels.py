@@ -338,6 +338,88 @@ def test_decode_attention_is_batch_invariant():
         assert torch.equal(alone[0], full[i])
 
 
+# Contexts around the 64-token split: one token, one split short / exact / one over, a few
+# splits, many (32 splits: runs of 2, 3 and 8 leave a short last run).
+SPLIT_RUN_CONTEXTS = [1, 63, 64, 65, 200, 2000]
+SPLITS_PER_CTA = [1, 2, 3, 8]
+
+
+def _decode_batch(n_heads, n_kv_heads, head_dim, block_size, contexts, cache_dtype,
+                  table_columns=0):  # fmt: skip
+    """Random q, a paged cache and its tables (widened to `table_columns` with -1 padding, as
+    the engine's graphs see them), the contexts as a device tensor."""
+    k_cache, v_cache, tables = paged_cache(n_kv_heads, head_dim, block_size, contexts, cache_dtype)
+    if table_columns > tables.shape[1]:
+        pad = torch.full((len(contexts), table_columns - tables.shape[1]), -1, dtype=torch.int32,
+                         device="cuda")  # fmt: skip
+        tables = torch.cat([tables, pad], dim=1)
+    q = torch.randn(len(contexts), n_heads * head_dim, device="cuda")
+    lens = torch.tensor(contexts, dtype=torch.int64, device="cuda")
+    return q, k_cache, v_cache, tables, lens
+
+
+@pytest.mark.parametrize("splits_per_cta", SPLITS_PER_CTA)
+@pytest.mark.parametrize(("n_heads", "n_kv_heads", "head_dim", "cache_dtype"), [
+    (32, 8, 128, torch.float16),  # the 8B shape: 16 lanes, 512 threads, ATTN_MIN_BLOCKS
+    (14, 2, 64, torch.float32),  # 8 lanes, 256 threads
+    (8, 1, 256, torch.float16),  # 32 lanes: 4 tokens a thread
+], ids=["f16-128", "f32-64", "f16-256"])  # fmt: skip
+def test_decode_attention_walks_split_runs(n_heads, n_kv_heads, head_dim, cache_dtype,
+                                           splits_per_cta):  # fmt: skip
+    """A CTA walking runs of 1, 2, 3 or 8 splits: every output written and equal to the
+    reference, for sequences of every length around a split in one batch; also with the grid
+    sized for a longer context than any (a graph's bucket), where whole runs are past the end."""
+    block_size = 16
+    q, k_cache, v_cache, tables, lens = _decode_batch(
+        n_heads, n_kv_heads, head_dim, block_size, SPLIT_RUN_CONTEXTS, cache_dtype,
+        table_columns=4096 // block_size,
+    )  # fmt: skip
+    n_seqs = len(SPLIT_RUN_CONTEXTS)
+    ref = attention_reference(q, k_cache, v_cache, tables, [1] * n_seqs, SPLIT_RUN_CONTEXTS,
+                              n_heads)  # fmt: skip
+    op = DecodeAttention(n_heads, n_kv_heads, head_dim, block_size, cache_dtype)
+    op.splits_per_cta = splits_per_cta
+    for max_context in (max(SPLIT_RUN_CONTEXTS), 4096):
+        out = nan_tensor(n_seqs, n_heads * head_dim)
+        op(out, q, k_cache, v_cache, tables, lens, max_context)
+        assert rel_error(out, ref) <= FP32_TOL, f"max_context {max_context}"
+        assert not op._counters.any()  # every pair's last CTA reset its ticket counter
+
+
+def test_decode_attention_bits_do_not_depend_on_runs_or_batch():
+    """Batch invariance with runs: a sequence's output is torch.equal whatever the splits per
+    CTA (pinned or the launcher's pick), the batch around it (alone, in its batch, in a batch of
+    64 where the launcher walks many splits per CTA) and the grid's max context."""
+    n_heads, n_kv_heads, head_dim, block_size = 32, 8, 128, 16
+    contexts = SPLIT_RUN_CONTEXTS
+    n_seqs, width = len(contexts), n_heads * head_dim
+    q, k_cache, v_cache, tables, lens = _decode_batch(
+        n_heads, n_kv_heads, head_dim, block_size, contexts, torch.float16,
+        table_columns=4096 // block_size,
+    )  # fmt: skip
+    op = DecodeAttention(n_heads, n_kv_heads, head_dim, block_size, torch.float16)
+    base = nan_tensor(n_seqs, width)
+    op.splits_per_cta = 1
+    op(base, q, k_cache, v_cache, tables, lens, max(contexts))
+    for splits_per_cta in (*SPLITS_PER_CTA, None):
+        op.splits_per_cta = splits_per_cta
+        for max_context in (max(contexts), 4096):
+            out = nan_tensor(n_seqs, width)
+            op(out, q, k_cache, v_cache, tables, lens, max_context)
+            assert torch.equal(out, base), f"{splits_per_cta} per CTA, max_context {max_context}"
+        for i, context in enumerate(contexts):  # alone: fewer splits, a single one for i < 3
+            alone = nan_tensor(1, width)
+            op(alone, q[i : i + 1], k_cache, v_cache, tables[i : i + 1], lens[i : i + 1], context)
+            assert torch.equal(alone[0], base[i]), f"{splits_per_cta} per CTA, context {context}"
+    # 64 sequences over the same blocks (each row a copy of one of the six): the launcher's
+    # pick walks several splits per CTA there.
+    rows = torch.arange(64, device="cuda") % n_seqs
+    big = nan_tensor(64, width)
+    op.splits_per_cta = None
+    op(big, q[rows], k_cache, v_cache, tables[rows], lens[rows], max(contexts))
+    assert torch.equal(big, base[rows])
+
+
 # --- decode input staging -----------------------------------------------------------------------
 
 from gpu.cuda.decode_inputs import DecodeInputStager  # noqa: E402
