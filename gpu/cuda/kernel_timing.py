@@ -21,7 +21,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from bench.results_io import git_commit
 from gpu.cuda.activation import SiluMul
-from gpu.cuda.attention import DecodeAttention
+from gpu.cuda.attention import DecodeAttention, attention_launch_config
 from gpu.cuda.kernels import TUNING_ENV
 from gpu.cuda.matvec import MatVec
 from gpu.cuda.norm import RMSNorm
@@ -174,11 +174,13 @@ def time_others(copy_bw: float) -> list[dict]:
     return rows
 
 
-def time_attention(bw: float, cases) -> list[dict]:
+def time_attention(bw: float, cases, splits_per_cta: int | None = None) -> list[dict]:
     """Decode attention on the 8B shape (32 query heads, 8 KV heads of 128, fp16 KV) per
-    (batch, context): the KV bytes it must read against the bandwidth `bw`."""
+    (batch, context): the KV bytes it must read against the bandwidth `bw`. `splits_per_cta`
+    pins the splits a CTA walks (None: the launcher's pick, recorded in each row)."""
     rows = []
     n_heads, n_kv, head_dim, block_size = 32, 8, 128, 16
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     for batch, context in cases:
         n_blocks = batch * -(-context // block_size)
         shape = (n_blocks, block_size, n_kv, head_dim)
@@ -189,16 +191,20 @@ def time_attention(bw: float, cases) -> list[dict]:
         q = torch.randn(batch, n_heads * head_dim, device="cuda")
         o = torch.empty_like(q)
         attn = DecodeAttention(n_heads, n_kv, head_dim, block_size, torch.float16)
+        attn.splits_per_cta = splits_per_cta
+        per_cta = attention_launch_config(batch, n_heads, n_kv, context, head_dim, sm_count=sms,
+                                          splits_per_cta=splits_per_cta).splits_per_cta  # fmt: skip
         us = _median_us(
             lambda i, op=attn, a=(o, q, k, v, tables, lens, context): op(*a), per_graph=20
         )
         nbytes = 2 * k.numel() * 2
         rows.append({"kernel": "attention_decode_f16", "shape": f"ctx{context} 32/8x128",
                      "batch": batch, "us": round(us, 2), "GB_s": round(nbytes / us / 1e3, 1),
-                     "fraction_of_copy": round(nbytes / (us * 1e-6) / bw, 3)})  # fmt: skip
+                     "fraction_of_copy": round(nbytes / (us * 1e-6) / bw, 3),
+                     "splits_per_cta": per_cta, "pinned": splits_per_cta is not None})  # fmt: skip
         print(f"attention b={batch:<3d} ctx={context:<5d} {us:8.1f} us "
-              f"{nbytes / us / 1e3:7.0f} GB/s ({100 * nbytes / (us * 1e-6) / bw:5.1f}% of read)",
-              flush=True)  # fmt: skip
+              f"{nbytes / us / 1e3:7.0f} GB/s ({100 * nbytes / (us * 1e-6) / bw:5.1f}% of read) "
+              f"{per_cta} splits per CTA", flush=True)  # fmt: skip
         del k, v
     return rows
 
@@ -219,12 +225,23 @@ def write_rows(path: str, rows: list[dict], **extra: object) -> None:
 def main() -> None:
     torch.manual_seed(0)
     # --attention [out.json]: decode attention alone, at 1 and 8 sequences and at many;
+    # --attention-runs 1,2,4,8 [out.json]: the same cases with the splits a CTA walks pinned to
+    #   each value in turn, then the launcher's pick (a sweep for TARGET_CTAS_PER_SM);
     # --tcmm Q4_0,F16 1,8,64 [out.json]: tcmm against the matvec, then decode attention;
     # --tcmm-only: the matmuls alone (a sweep over ORCD_KERNEL_DEFINES / ORCD_TC_CTAS_PER_SM).
+    attention_cases = [(1, 2000), (8, 2000), *MANY_SEQUENCES]
     if len(sys.argv) > 1 and sys.argv[1] == "--attention":
-        rows = time_attention(read_bandwidth(), [(1, 2000), (8, 2000), *MANY_SEQUENCES])
+        rows = time_attention(read_bandwidth(), attention_cases)
         if len(sys.argv) > 2:
             write_rows(sys.argv[2], rows)
+        return
+    if len(sys.argv) > 2 and sys.argv[1] == "--attention-runs":
+        read_bw = read_bandwidth()
+        rows = []
+        for per_cta in [*(int(n) for n in sys.argv[2].split(",")), None]:
+            rows += time_attention(read_bw, attention_cases, per_cta)
+        if len(sys.argv) > 3:
+            write_rows(sys.argv[3], rows)
         return
     if len(sys.argv) > 1 and sys.argv[1] in ("--tcmm", "--tcmm-only"):
         quants = [_T[q] for q in sys.argv[2].split(",")]
