@@ -48,6 +48,9 @@ class ForwardBatch:
     logits_indices: torch.Tensor  # [L] rows of the packed batch whose logits are wanted
     query_lens: list[int]  # host copies, for backends that loop over sequences
     context_lens_host: list[int]
+    # Engine-only, for a step launched ahead: [2P] int64, the packed places of its P pending
+    # tokens then the rows of the previous step's sampled ids they take (gpu/engine.py).
+    splice: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -87,24 +90,28 @@ class BatchPacker:
         context_lens: list[int],
         block_tables: list[list[int]],
         logits_indices: list[int],
+        splice: list[int] = (),
     ) -> ForwardBatch:
-        """One step's batch; block table rows are padded with -1 to the widest."""
+        """One step's batch; block table rows are padded with -1 to the widest. `splice`
+        rides in the same copy (ForwardBatch.splice)."""
         n_seqs = len(query_lens)
         width = max(map(len, block_tables), default=0)
-        shape = (len(token_ids), n_seqs, len(logits_indices), width)
+        shape = (len(token_ids), n_seqs, len(logits_indices), width, len(splice))
         self._turn ^= 1
         slot = self._slots[self._turn]
         views = slot.prepare(shape, self.device) if self._on_gpu else _PackSlot.fresh(shape)
         words, tables, fields = views
         words[:] = [*token_ids, *positions, *slot_mapping, 0, *itertools.accumulate(query_lens),
-                    *context_lens, *logits_indices]  # fmt: skip
+                    *context_lens, *logits_indices, *splice]  # fmt: skip
         tables.fill(-1)
         for row, table in zip(tables, block_tables, strict=True):
             row[: len(table)] = table
         if self._on_gpu:
             slot.upload()
+        *fields, spliced = fields
         return ForwardBatch(*fields, query_lens=list(query_lens),
-                            context_lens_host=list(context_lens))  # fmt: skip
+                            context_lens_host=list(context_lens),
+                            splice=spliced if splice else None)  # fmt: skip
 
 
 class _PackSlot:
@@ -121,42 +128,43 @@ class _PackSlot:
         self._views: tuple | None = None
 
     @staticmethod
-    def layout(shape: tuple[int, int, int, int]) -> tuple[int, int]:
+    def layout(shape: tuple[int, int, int, int, int]) -> tuple[int, int]:
         """(int64 words, total bytes): tokens, positions, slots, query_start, context, logits
-        rows as int64, then the [seqs, width] int32 block tables."""
-        n_tokens, n_seqs, n_logits, width = shape
-        words = 3 * n_tokens + 2 * n_seqs + 1 + n_logits
+        rows, splice as int64, then the [seqs, width] int32 block tables."""
+        n_tokens, n_seqs, n_logits, width, n_splice = shape
+        words = 3 * n_tokens + 2 * n_seqs + 1 + n_logits + n_splice
         return words, 8 * words + 4 * n_seqs * width
 
     @staticmethod
-    def views(buffer: torch.Tensor, shape: tuple[int, int, int, int]) -> tuple:
-        """The ForwardBatch tensor fields (token_ids .. logits_indices) as views of `buffer`."""
-        n_tokens, n_seqs, n_logits, width = shape
+    def views(buffer: torch.Tensor, shape: tuple[int, int, int, int, int]) -> tuple:
+        """The ForwardBatch tensor fields (token_ids .. logits_indices, then splice) as views
+        of `buffer`."""
+        n_tokens, n_seqs, n_logits, width, n_splice = shape
         n_words, nbytes = _PackSlot.layout(shape)
         words = buffer[: 8 * n_words].view(torch.int64)
-        sizes = (n_tokens, n_tokens, n_tokens, n_seqs + 1, n_seqs, n_logits)
+        sizes = (n_tokens, n_tokens, n_tokens, n_seqs + 1, n_seqs, n_logits, n_splice)
         fields, start = [], 0
         for size in sizes:
             fields.append(words[start : start + size])
             start += size
         tables = buffer[8 * n_words : nbytes].view(torch.int32).view(n_seqs, width)
-        return (*fields[:5], tables, fields[5])
+        return (*fields[:5], tables, fields[5], fields[6])
 
     @staticmethod
-    def fresh(shape: tuple[int, int, int, int]) -> tuple:
+    def fresh(shape: tuple[int, int, int, int, int]) -> tuple:
         n_words, nbytes = _PackSlot.layout(shape)
         host = torch.empty(nbytes, dtype=torch.uint8)
         return _PackSlot._numpy_views(host, shape) + (_PackSlot.views(host, shape),)
 
     @staticmethod
-    def _numpy_views(host: torch.Tensor, shape: tuple[int, int, int, int]) -> tuple:
+    def _numpy_views(host: torch.Tensor, shape: tuple[int, int, int, int, int]) -> tuple:
         n_words, nbytes = _PackSlot.layout(shape)
         array = host.numpy()
         words = array[: 8 * n_words].view(np.int64)
         tables = array[8 * n_words : nbytes].view(np.int32).reshape(shape[1], shape[3])
         return words, tables
 
-    def prepare(self, shape: tuple[int, int, int, int], device: torch.device) -> tuple:
+    def prepare(self, shape: tuple[int, int, int, int, int], device: torch.device) -> tuple:
         """(int64 numpy words, int32 numpy tables, device fields) for `shape`, once the last
         upload from this slot's staging buffer has run."""
         if self.copied is not None:

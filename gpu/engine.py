@@ -12,17 +12,19 @@ KV pool) -> one forward call over the packed batch -> sample on the backend's de
 token ids (and requested logprobs) come back. Aborts and finishes free KV at once; a request
 with a `session_id` leaves its full blocks pinned for the session's next turn.
 
-Overlap (on by default): when every running sequence decodes and no waiting request can be
-admitted, a step first launches the *next* decode step, fed by this step's token ids still on
-the device, and only then reads this step's ids, so the device does not idle while the host
-reads ids, checks stops, streams and packs (bench/NOTES.md has the measured gap). On a CPU
-backend, whose launch computes the step, a step that samples a request's first token is read
-before anything is launched ahead: that token would otherwise wait a step more. The scheduler
-plans that step (`Scheduler.schedule_ahead`, counting each sequence's tokens in flight and its
-pending token); the engine only splices the device ids in. A sequence that stops on this step's
-token has its next-step row dropped unread (its KV write lands in blocks it frees), and a
-waiting request gets its freed place one step later. Greedy and seeded rows give the same
-tokens either way.
+Overlap (on by default): a step first launches the *next* step, fed by this step's token ids
+still on the device, and only then reads this step's ids, so the device does not idle while the
+host reads ids, checks stops, streams and packs (bench/NOTES.md has the measured gap). The
+scheduler plans that step (`Scheduler.schedule_ahead`, counting each sequence's tokens in
+flight and its pending token): the pending tokens' decodes and, on a GPU (`prefill_ahead`),
+the next prefill chunks and the admission of waiting requests too, since under load something
+is nearly always waiting or half-prefilled; the engine splices the device ids into the pending
+tokens' places. On a CPU backend, whose launch computes the step, a step launched ahead decodes
+only, and a step that samples a request's first token is read before anything is launched
+ahead: that token would otherwise wait a step more. A sequence that stops on this step's token
+has its next-step row dropped unread (its KV write lands in blocks it frees), and its place
+goes to a waiting request one step later. Greedy and seeded rows give the same tokens either
+way.
 
 Grammars (a request's `grammar`): a request whose grammar still compiles waits outside the
 scheduler until its future resolves. Each step, the constrained rows get a token bitmask from
@@ -200,6 +202,7 @@ class Engine:
         faults: FaultInjector | None = None,
         matmul: str | None = None,
         tensor_parallel: int = 1,
+        prefill_ahead: bool | None = None,
     ) -> None:
         gguf = model if isinstance(model, GGUFFile) else open_gguf(_model_path(model))
         self.backend = backend if isinstance(backend, Backend) else make_backend(
@@ -229,6 +232,12 @@ class Engine:
         # A CPU backend computes at launch: a step launched ahead of a read delays its tokens
         # by a step, so one that samples a request's first token is read first (TTFT).
         self._synchronous = self.backend.device.type == "cpu"
+        # Whether a step launched ahead also admits waiting requests and runs prefill chunks.
+        # On a GPU it does: under load (a queue worker at 64 jobs) something waits or is in
+        # the middle of its prompt most steps, and a step that cannot be launched ahead leaves
+        # the device idle while the host reads, streams and packs. On the CPU, where a launch
+        # computes, a prefill launched ahead only delays the decodes' tokens.
+        self.prefill_ahead = not self._synchronous if prefill_ahead is None else prefill_ahead
         self._in_flight: _Launched | None = None  # launched by the last step(), read by the next
         self.overlapped_steps = 0  # steps launched ahead of the previous step's read
         self.check_finite = check_finite  # end a request whose logits row is NaN/inf alone
@@ -486,23 +495,35 @@ class Engine:
     def _launch_ahead(self, launched: _Launched) -> _Launched | None:
         """Launch the step the scheduler plans ahead of `launched`'s read, its pending tokens
         spliced in from the device; None where the scheduler plans none."""
-        schedule = self.scheduler.schedule_ahead()
+        schedule = self.scheduler.schedule_ahead(prefill=self.prefill_ahead)
         if schedule is None:
             return None
-        batch = self._build_batch(schedule)
-        # Every sequence of a step planned ahead has one new token: its pending one.
         row_of = {id(seq): i for i, seq in enumerate(launched.schedule.sampled)}
-        rows = [row_of[id(seq)] for seq, _ in schedule.items]
+        # The places in the packed batch of the pending tokens (a decode's one token, after
+        # any prefill chunks packed before it) and the rows of `launched`'s ids they take.
+        places, rows, place = [], [], 0
+        for seq, n in schedule.items:
+            place += n
+            if seq.num_pending:
+                places.append(place - 1)
+                rows.append(row_of[id(seq)])
         ids = launched.tokens.ids
-        if rows != list(range(ids.shape[0])):
-            ids = ids[torch.tensor(rows, device=ids.device)]
-        batch.token_ids = ids
+        decodes_only = place == len(places)
+        identity = rows == list(range(ids.shape[0]))
+        # The index rides in the batch's own upload: a tensor built from a list here would be
+        # a pageable copy, which waits for the step in flight.
+        splice = [] if decodes_only and identity else places + rows
+        batch = self._build_batch(schedule, splice)
+        if decodes_only:  # the ids are the batch's tokens
+            batch.token_ids = ids if identity else ids[batch.splice[len(rows):]]
+        elif rows:
+            batch.token_ids[batch.splice[: len(rows)]] = ids[batch.splice[len(rows):]]
         self.overlapped_steps += 1
         return self._launch(schedule, batch, ahead=True)
 
-    def _build_batch(self, schedule: Schedule) -> ForwardBatch:
+    def _build_batch(self, schedule: Schedule, splice: list[int] = ()) -> ForwardBatch:
         """The packed batch of a schedule; a pending token's id is a placeholder (0) for the
-        caller to replace with the device's."""
+        caller to replace with the device's (`splice`: the index it needs, ForwardBatch)."""
         token_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -525,7 +546,7 @@ class Engine:
                 logits_indices.append(len(token_ids) - 1)
         tables = [seq.block_table for seq, _ in schedule.items]
         return self._packer.pack(
-            token_ids, positions, slots, query_lens, context_lens, tables, logits_indices
+            token_ids, positions, slots, query_lens, context_lens, tables, logits_indices, splice
         )
 
     def _register_full_blocks(self, seq: Sequence) -> None:

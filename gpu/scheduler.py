@@ -13,8 +13,9 @@ queue to be recomputed later (its tokens are kept; nothing is dropped).
 
 While a step is in flight (launched, its sampled ids not read yet), `schedule_ahead()` plans
 the next one, counting each sequence's tokens in flight and its pending token (vLLM's output
-placeholders): the engine only splices the device ids into that step. It plans only what
-`schedule()` would pick once the ids are read, so the two give the same tokens.
+placeholders): decodes of the pending tokens, the next prefill chunks and admissions, by the
+same rules as `schedule()`; the engine splices the device ids into the pending tokens' rows.
+A sequence's tokens do not depend on which step computes them, so the two give the same tokens.
 """
 
 from __future__ import annotations
@@ -121,34 +122,62 @@ class Scheduler:
         ]
         return schedule
 
-    def schedule_ahead(self) -> Schedule | None:
-        """The step after the one in flight, planned before its ids are read: each running
-        sequence's next token is its pending one. None where `schedule()` would pick another
-        step once the ids are read (a waiting request it would admit, a sequence outside the
-        step in flight or in the middle of its prompt, a block only preemption can free) or
-        where a sequence's sampling reads every id on the host (penalties).
+    def schedule_ahead(self, prefill: bool = True) -> Schedule | None:
+        """The step after the one in flight, planned before its ids are read: a running
+        sequence with a pending token (sampled, not read) decodes it; one in the middle of its
+        prompt gets its next chunk; then waiting requests are admitted while the token budget, the
+        running set and the pool allow, as `schedule()` would. None where only `schedule()` can
+        plan the step: a running sequence that needs blocks only preemption can free, or a
+        pending token whose sampling reads every id on the host (penalties). Without `prefill`
+        (decodes only), also where a running sequence has no pending token or a request waits
+        that could be admitted.
 
         A sequence that stops on length with its pending token is left out; one that stops on
-        a stop token is known only at the read, and the engine drops its row then."""
-        if self.waiting and len(self.running) < self.max_num_seqs:
+        a stop token is known only at the read, and the engine drops its row then (its budget
+        and its place go to the queue one step later than `schedule()` would give them)."""
+        if not prefill and self.waiting and len(self.running) < self.max_num_seqs:
             return None  # with max_num_seqs running, schedule() admits nobody either
         schedule = Schedule()
+        budget = self.max_batch_tokens
         for seq in self.running:
-            if not seq.num_pending or seq.request.sampling.needs_output_ids:
-                return None
-            if seq.reaches_length(self.max_model_len, seq.num_pending):
-                continue
+            if budget <= 0:
+                break
             start = seq.num_computed + seq.num_in_flight
-            n = seq.num_tokens + seq.num_pending - start
+            if seq.num_pending:
+                # Its prompt is done and the token sampled in flight is its only new one.
+                if seq.request.sampling.needs_output_ids:
+                    return None
+                if seq.reaches_length(self.max_model_len, seq.num_pending):
+                    continue
+                n = seq.num_tokens + seq.num_pending - start
+            elif not prefill:
+                return None
+            else:
+                n = min(seq.num_tokens - start, budget)  # the next chunk of known tokens
+                if n <= 0:
+                    continue
             need = self._blocks_needed(seq, start + n - seq.num_computed)
             blocks = self.kv.allocate(need) if need else []
             if blocks is None:
                 return None  # schedule() would preempt: let it
             seq.block_table.extend(blocks)
             schedule.items.append((seq, n))
-        if not schedule or schedule.num_tokens > self.max_batch_tokens:
+            budget -= n
+        while prefill and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self._next_waiting()
+            if not self._admit(seq, budget):
+                break
+            self.waiting.remove(seq)
+            n = min(seq.num_uncomputed, budget)
+            self.running.append(seq)
+            schedule.items.append((seq, n))
+            budget -= n
+        if not schedule:
             return None
-        schedule.sampled = [seq for seq, _ in schedule.items]
+        schedule.sampled = [
+            seq for seq, n in schedule.items
+            if seq.num_computed + seq.num_in_flight + n == seq.num_tokens + seq.num_pending
+        ]  # fmt: skip
         return schedule
 
     def _blocks_needed(self, seq: Sequence, n: int) -> int:

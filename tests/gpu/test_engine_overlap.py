@@ -206,3 +206,53 @@ def test_a_cpu_backend_reads_a_first_token_before_launching_ahead(backend):
     tokens, reasons = drain(engine)
     assert len(tokens["first"]) == 5 and reasons["first"] == "length"
     assert engine.overlapped_steps > 0
+
+
+def test_prefill_and_admissions_launched_ahead_match_sync(backend):
+    """`prefill_ahead` (the GPU default, forced here on the CPU too): a step launched ahead also
+    runs the next prefill chunks and admits waiting requests. Long prompts in chunks of a small
+    token budget, arrivals while steps are in flight, a stop on a pending token, a seeded row
+    and a session's second turn: the same tokens, finish reasons and cache hits as without
+    overlap, every block back, and steps launched ahead while a prompt was half done or a
+    request waited."""
+    ps = prompts(6, seed=19)
+    long_prompt = ps[0] * 4  # 4 chunks of the 32-token budget, at least
+    free = run(make_engine(backend, kv_blocks=96, overlap=False, max_batch_tokens=32),
+               [greedy(ps[1], "s", max_tokens=10)])[0]["s"]  # fmt: skip
+    stop_at = free[3]
+    results, prefilling_overlaps = [], []
+    for overlap in (True, False):
+        engine = make_engine(backend, kv_blocks=96, overlap=overlap, max_batch_tokens=32,
+                             prefill_ahead=True)  # fmt: skip
+        engine.add(greedy(ps[1], "s", max_tokens=10, stop_token_ids=frozenset({stop_at})))
+        engine.add(greedy(long_prompt, "long", max_tokens=6))
+        engine.add(Request("seeded", ps[2], SEEDED, max_tokens=9, ignore_eos=True))
+        arrivals = {2: [greedy(ps[3], "late", max_tokens=5)],
+                    4: [greedy(ps[4] * 2, "later", max_tokens=7, session_id="t")]}
+
+        def after_step(e=engine, arrivals=arrivals, steps=[0]):  # noqa: B006 - a counter per engine
+            steps[0] += 1
+            for request in arrivals.pop(steps[0], []):
+                e.add(request)
+            busy = e.scheduler.waiting or any(
+                seq.num_computed + seq.num_in_flight < seq.num_prompt_tokens
+                for seq in e.scheduler.running)  # fmt: skip
+            prefilling_overlaps.append(bool(busy and e._in_flight is not None))
+
+        tokens, reasons = drain(engine, after_step)
+        turn2 = ps[4] * 2 + tokens["later"] + [900, 901]
+        out2, reasons2, cached, _ = run(engine, [greedy(turn2, "turn2", session_id="t")])
+        results.append((dict(tokens), reasons, out2, reasons2, cached))
+        assert engine.end_session("t")
+        assert engine.stats().kv_blocks_used == 0 and engine.kv.num_free == engine.kv.num_blocks
+    assert results[0] == results[1]
+    tokens, reasons = results[0][:2]
+    assert reasons["s"] == "stop" and tokens["s"] == free[: free.index(stop_at) + 1]
+    assert [len(tokens[r]) for r in ("long", "seeded", "late", "later")] == [6, 9, 5, 7]
+    assert results[0][4]["turn2"] >= 16  # the session's blocks were reused
+    assert any(prefilling_overlaps)
+
+
+def test_prefill_ahead_is_on_for_gpus_only(backend):
+    engine = make_engine(backend, kv_blocks=16)
+    assert engine.prefill_ahead == (backend.device.type != "cpu")
