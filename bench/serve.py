@@ -26,8 +26,10 @@ Reported per row: completion tokens/s, requests/s, TTFT p50/p99 (submit to first
 event), inter-token latency p50/p99 (gaps between a job's `token` events as this client
 receives them), queue time p50/p99 (`done.timings.queue_ms`: enqueue to start), errors, lost
 jobs (a submitted job without exactly one `done`), and for closed loops the worker overhead =
-1 - worker tok/s / engine tok/s, and the engine's own TTFT p50/p99 (add to first token: what
-the worker's TTFT adds to). JSON in bench/results/serve-*.json.
+1 - worker tok/s / engine tok/s, the engine's own TTFT p50/p99 (add to first token: what
+the worker's TTFT adds to), its inter-token latency p50/p99 (gaps between a request's tokens
+as `Engine.step()` returns them) and step time p50/p99, and the client's ITL p99 over the
+engine's. JSON in bench/results/serve-*.json.
 """
 
 from __future__ import annotations
@@ -122,7 +124,10 @@ def engine_phase(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         follow: dict[str, tuple[JobSpec, list[int]]] = {}
         live: dict[str, tuple[JobSpec, list[int], bool]] = {}
         added: dict[str, float] = {}
+        last_token: dict[str, float] = {}
         ttft: list[float] = []
+        itl: list[float] = []  # gaps between a request's tokens as step() returns them
+        steps: list[float] = []  # step() durations (ms)
         tokens = 0
 
         def add(spec: JobSpec, prompt: str, turn2: bool, clients=clients, live=live,
@@ -146,10 +151,18 @@ def engine_phase(args: argparse.Namespace) -> dict[str, dict[str, float]]:
                 else:
                     spec = queue.pop(0)
                     add(spec, spec.prompt, False)
-            for output in engine.step():
+            began = time.perf_counter()
+            outputs = engine.step()
+            now = time.perf_counter()
+            steps.append(1e3 * (now - began))
+            for output in outputs:
                 spec, ids, turn2 = live[output.request_id]
                 if not ids and output.new_token_ids:
-                    ttft.append(1e3 * (time.perf_counter() - added[output.request_id]))
+                    ttft.append(1e3 * (now - added[output.request_id]))
+                elif output.new_token_ids:
+                    itl.append(1e3 * (now - last_token[output.request_id]))
+                if output.new_token_ids:
+                    last_token[output.request_id] = now
                 ids += output.new_token_ids
                 tokens += len(output.new_token_ids)
                 if output.finished:
@@ -160,7 +173,11 @@ def engine_phase(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             continue
         out[str(clients)] = {"tok_s": tokens / (time.perf_counter() - start),
                              "ttft_ms_p50": percentile(ttft, 50),
-                             "ttft_ms_p99": percentile(ttft, 99)}
+                             "ttft_ms_p99": percentile(ttft, 99),
+                             "itl_ms_p50": percentile(itl, 50),
+                             "itl_ms_p99": percentile(itl, 99),
+                             "step_ms_p50": percentile(steps, 50),
+                             "step_ms_p99": percentile(steps, 99)}
         print(f"engine C={clients}: {out[str(clients)]}", file=sys.stderr)
     return out
 
@@ -436,6 +453,13 @@ def main() -> int:
                     row["engine_tok_s"] = round(engine["tok_s"], 2)
                     row["engine_ttft_ms_p50"] = round(engine["ttft_ms_p50"], 2)
                     row["engine_ttft_ms_p99"] = round(engine["ttft_ms_p99"], 2)
+                    for key in ("itl_ms_p50", "itl_ms_p99", "step_ms_p50", "step_ms_p99"):
+                        if engine.get(key) is not None:
+                            row[f"engine_{key}"] = round(engine[key], 2)
+                    if engine.get("itl_ms_p99"):
+                        # The client's ITL tail against the engine's own (same jobs, same C).
+                        row["itl_p99_vs_engine"] = round(row["itl_ms_p99"]
+                                                         / engine["itl_ms_p99"], 2)
                     row["worker_overhead_pct"] = round(
                         100 * (1 - row["completion_tok_s"] / engine["tok_s"]), 2)
                 rows.append(row)
@@ -472,15 +496,17 @@ def main() -> int:
 
 def table(rows: list[dict]) -> str:
     head = ("| mode | C / rate | jobs | tok/s | engine tok/s | overhead | req/s | TTFT p50/p99 ms "
-            "| ITL p50/p99 ms | queue p50/p99 ms | errors | lost |")
-    lines = [head, "|" + "---|" * 12]
+            "| ITL p50/p99 ms | engine ITL p50/p99 ms | queue p50/p99 ms | errors | lost |")
+    lines = [head, "|" + "---|" * 13]
     for row in rows:
         load = row.get("clients", row.get("rate"))
         lines.append(
             f"| {row['mode']} | {load} | {row['jobs']} | {row['completion_tok_s']} | "
             f"{row.get('engine_tok_s', '')} | {row.get('worker_overhead_pct', '')} | "
             f"{row['req_s']} | {row['ttft_ms_p50']} / {row['ttft_ms_p99']} | "
-            f"{row['itl_ms_p50']} / {row['itl_ms_p99']} | {row['queue_ms_p50']} / "
+            f"{row['itl_ms_p50']} / {row['itl_ms_p99']} | "
+            f"{row.get('engine_itl_ms_p50', '')} / {row.get('engine_itl_ms_p99', '')} | "
+            f"{row['queue_ms_p50']} / "
             f"{row['queue_ms_p99']} | {row['errors']} | {row['lost']} |")
     return "\n".join(lines)
 
