@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The second device call of a session (after bench/device_tc.sh, whose call left the first
 # half of the SmolLM2 file in /tmp/p1): the whole GPU test suite on the real model, then the
-# structured-output and serving-under-load benchmarks (JOBS jobs per client, default 12: the
+# structured-output (SKIP_STRUCTURED=1: not) and serving-under-load benchmarks (JOBS jobs per client, default 12: the
 # 4 of serve.py's default made 0.2-14 s runs whose overhead moved by 5-10 points from run to
 # run, H100 2026-12-07). Each part has its own time limit.
 #   bench/device_rest.sh COMMIT [SECOND_HALF]
@@ -17,7 +17,7 @@ else
 fi
 timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -p no:xdist tests/gpu \
   -k "not tcmm" 2>&1 | tail -25
-timeout 100 python3 bench/structured.py --commit "$commit" --out "$OUT" \
+[ -z "${SKIP_STRUCTURED:-}" ] && timeout 100 python3 bench/structured.py --commit "$commit" --out "$OUT" \
   smollm2-135m:Q4_1@1,64 llama3-8b:Q4_0@1,64 2>&1 | grep -v '^{' | tail -12
 timeout 220 python3 bench/serve.py --backend cuda --shape llama3-8b --quant Q4_0 \
   --clients 1,16,64,128 --jobs-per-client "${JOBS:-12}" --redis-server .whl/bin/redis-server \
