@@ -28,8 +28,8 @@ receives them), queue time p50/p99 (`done.timings.queue_ms`: enqueue to start), 
 jobs (a submitted job without exactly one `done`), and for closed loops the worker overhead =
 1 - worker tok/s / engine tok/s, the engine's own TTFT p50/p99 (add to first token: what
 the worker's TTFT adds to), its inter-token latency p50/p99 (gaps between a request's tokens
-as `Engine.step()` returns them) and step time p50/p99, and the client's ITL p99 over the
-engine's. JSON in bench/results/serve-*.json.
+as `Engine.step()` returns them), step time p50/p99 and its steps (of which with a prompt
+chunk: eager, no CUDA graph), and the client's ITL p99 over the engine's. JSON in bench/results/serve-*.json.
 """
 
 from __future__ import annotations
@@ -142,6 +142,7 @@ def engine_phase(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             added[request_id] = time.perf_counter()
 
         start = time.perf_counter()
+        launched, prefills = engine.launched_steps, engine.prefill_steps
         while queue or live:
             while len(live) < clients and (follow or queue):
                 if follow:
@@ -177,7 +178,9 @@ def engine_phase(args: argparse.Namespace) -> dict[str, dict[str, float]]:
                              "itl_ms_p50": percentile(itl, 50),
                              "itl_ms_p99": percentile(itl, 99),
                              "step_ms_p50": percentile(steps, 50),
-                             "step_ms_p99": percentile(steps, 99)}
+                             "step_ms_p99": percentile(steps, 99),
+                             "steps": engine.launched_steps - launched,
+                             "prefill_steps": engine.prefill_steps - prefills}
         print(f"engine C={clients}: {out[str(clients)]}", file=sys.stderr)
     return out
 
@@ -453,7 +456,8 @@ def main() -> int:
                     row["engine_tok_s"] = round(engine["tok_s"], 2)
                     row["engine_ttft_ms_p50"] = round(engine["ttft_ms_p50"], 2)
                     row["engine_ttft_ms_p99"] = round(engine["ttft_ms_p99"], 2)
-                    for key in ("itl_ms_p50", "itl_ms_p99", "step_ms_p50", "step_ms_p99"):
+                    for key in ("itl_ms_p50", "itl_ms_p99", "step_ms_p50", "step_ms_p99",
+                                "steps", "prefill_steps"):
                         if engine.get(key) is not None:
                             row[f"engine_{key}"] = round(engine[key], 2)
                     if engine.get("itl_ms_p99"):

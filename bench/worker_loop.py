@@ -123,13 +123,13 @@ class StubBackend(Backend):
         return self._sampler
 
 
-def stub_model(step_s: float, max_jobs: int) -> LoadedModel:
+def stub_model(step_s: float, max_jobs: int, prefill_ahead: bool) -> LoadedModel:
     path = resolve_model(MODEL)
     with open_gguf(path) as gguf:
         tokenizer = GGUFTokenizer.from_metadata(gguf.metadata)
     word_ids = [tokenizer.encode(" " + word, parse_special=False)[-1] for word in WORDS]
     engine = Engine(path, backend=StubBackend(path, word_ids, step_s), kv_blocks=65536,
-                    max_num_seqs=max_jobs)
+                    max_num_seqs=max_jobs, prefill_ahead=prefill_ahead)
     return LoadedModel(MODEL, path, engine, tokenizer, 0.0)
 
 
@@ -275,6 +275,9 @@ def main() -> None:
     parser.add_argument("--cancel-check", type=float, help="the worker's cancel_check_s "
                         "(default: its own)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--decode-ahead-only", action="store_true",
+                        help="with --step-ms: steps launched ahead decode only (the engine "
+                        "before prefill_ahead)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per C; the median is "
                         "reported")
     parser.add_argument("--profile", action="store_true", help="cProfile the worker's loop")
@@ -289,7 +292,10 @@ def main() -> None:
     output_range = tuple(int(x) for x in args.output_tokens.split(","))
     max_jobs = args.max_jobs or max(clients_list)
     options = {} if args.cancel_check is None else {"cancel_check_s": args.cancel_check}
-    model = stub_model(args.step_ms / 1000, max_jobs)
+    # With a device time per step the stub stands for a GPU: steps launched ahead run prefill
+    # chunks and admissions too, as on a GPU (Engine.prefill_ahead), unless --decode-ahead-only.
+    prefill_ahead = args.step_ms > 0 and not args.decode_ahead_only
+    model = stub_model(args.step_ms / 1000, max_jobs, prefill_ahead)
     gc.collect()
     gc.freeze()  # as `orcd worker` does after loading
     rows = []
@@ -318,7 +324,8 @@ def main() -> None:
                       file=sys.__stdout__, flush=True)
         finally:
             server.kill()
-    results = {"step_ms": args.step_ms, "prompt_tokens": prompt_range,
+    results = {"step_ms": args.step_ms, "prefill_ahead": prefill_ahead,
+               "prompt_tokens": prompt_range,
                "output_tokens": output_range, "jobs_per_client": args.jobs_per_client,
                "repeats": args.repeats, "max_jobs": max_jobs, "worker_options": options, "profiled": args.profile, "rows": rows}
     for row in rows:

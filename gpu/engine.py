@@ -240,6 +240,8 @@ class Engine:
         self.prefill_ahead = not self._synchronous if prefill_ahead is None else prefill_ahead
         self._in_flight: _Launched | None = None  # launched by the last step(), read by the next
         self.overlapped_steps = 0  # steps launched ahead of the previous step's read
+        self.launched_steps = 0  # forward passes launched
+        self.prefill_steps = 0  # of which with a prompt chunk (not a CUDA graph's decode)
         self.check_finite = check_finite  # end a request whose logits row is NaN/inf alone
         self.faults = faults if faults is not None else FaultInjector.from_env()
         self._lost: DeviceLostError | None = None  # sticky: every later step raises it
@@ -399,6 +401,8 @@ class Engine:
         """The forward pass and the sampling of the scheduled sequences, nothing read back. A
         step launched `ahead` with constrained rows is sampled later (`_sample`)."""
         rows = [self._sampling_row(seq) for seq in schedule.sampled]
+        self.launched_steps += 1
+        self.prefill_steps += schedule.num_tokens > len(schedule.items)
         logits = self.backend.forward(batch)
         if self.faults.nan_requests:
             self.faults.poison(logits, [seq.request_id for seq in schedule.sampled])
