@@ -104,11 +104,12 @@ def engine_phase(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     closed-loop C, same jobs (subprocess)."""
     sys.path.insert(0, str(ROOT))
     from gpu.request import Request, SamplingParams
-    from worker.loaded_model import load_model
+    from worker.loaded_model import load_model, prepare_decode
 
     model = load_model(args.model_name, models_dir=args.models_dir, backend=args.backend,
                        dtype=args.dtype, kv_blocks=args.kv_blocks, progress=False,
                        max_num_seqs=args.max_jobs)
+    prepare_decode(model, progress=False)  # as `orcd worker` does at start-up
     engine, tokenizer = model.engine, model.tokenizer
     out = {}
     for clients in [0, *args.client_list]:  # 0: a warm-up (compiles, captures), not reported

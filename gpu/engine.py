@@ -344,6 +344,13 @@ class Engine:
         return waiting + sum(max(0, -(-seq.num_tokens // size) - len(seq.block_table))
                              for seq in self.scheduler.running)
 
+    def prepare_decode(self, progress: Callable[[int, int], None] | None = None) -> int:
+        """Build now what decode steps up to `max_num_seqs` sequences and the longest sequence
+        would otherwise build on first use, in the middle of serving (the CUDA backend's
+        graphs, `Backend.prepare_decode`); returns how many. Call before the first step."""
+        return self.backend.prepare_decode(self.scheduler.max_num_seqs, self.max_model_len,
+                                           progress)  # fmt: skip
+
     # ----- the step ---------------------------------------------------------------------------
 
     def step(self) -> list[StepOutput]:

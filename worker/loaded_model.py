@@ -105,6 +105,34 @@ def load_model(
     return LoadedModel(name, path, engine, tokenizer, seconds, dtype)
 
 
+def prepare_decode(model: LoadedModel, progress: bool = True) -> int:
+    """Capture the engine's decode graphs before serving (`Engine.prepare_decode`), with a
+    progress bar on a terminal and a log line; returns how many."""
+    bar = tqdm(total=0, unit="graph", desc=f"Capturing {model.name}'s decode graphs",
+               delay=1.0, leave=False, disable=not progress or not sys.stderr.isatty(),
+               file=sys.stderr)  # fmt: skip
+
+    def on_progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    start = time.perf_counter()
+    try:
+        count = model.engine.prepare_decode(on_progress)
+    finally:
+        bar.close()
+    if count:
+        seconds = time.perf_counter() - start
+        get_logger(model=model.name).info(
+            "model.graphs_captured", graphs=count, seconds=round(seconds, 3),
+            narration=f"Captured {count} decode graphs of {model.name} in {seconds:.2f} s "
+            f"(batches up to {model.engine.scheduler.max_num_seqs} sequences, contexts up to "
+            f"{model.engine.max_model_len} tokens), so no step waits for one while serving",
+        )
+    return count
+
+
 def freeze_startup_objects() -> int:
     """Take what exists after start-up (modules, the model, the tokenizer: they live as long as
     the process) out of the cyclic collector's scans; returns how many objects that is.

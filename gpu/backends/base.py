@@ -184,6 +184,13 @@ class Backend(ABC):
         """The sampler for this backend's logits; `seed` seeds the draws of rows without a seed
         of their own."""
 
+    def prepare_decode(self, max_seqs: int, max_context: int,
+                       progress: Callable[[int, int], None] | None = None) -> int:  # fmt: skip
+        """Build ahead of time what decode steps of up to `max_seqs` sequences and
+        `max_context` tokens would otherwise build on first use (the CUDA backend's graphs);
+        returns how many were built. Nothing to build by default."""
+        return 0
+
     def uploader(self) -> DeviceUploader | None:
         """How the engine's packed batches reach the device: None on the CPU (the tensors are
         used in place), the driver's copy and events on a GPU."""

@@ -27,6 +27,7 @@ fp16; the residual stream, norms, matvec sums and attention are float32; logits 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +82,12 @@ def auto_tc_min_batch(hidden_size: int) -> int:
 
 def _bucket(n: int, buckets: tuple[int, ...]) -> int | None:
     return next((b for b in buckets if b >= n), None)
+
+
+def _split_level(max_context: int) -> int:
+    """log2 of the attention splits a decode graph is captured for: the power of two at or
+    above the context's PARTITION_TOKENS partitions."""
+    return (-(-max_context // PARTITION_TOKENS) - 1).bit_length()
 
 
 class CudaBackend(Backend):
@@ -265,13 +272,36 @@ class CudaBackend(Backend):
         self.to_half(x16, x, linear.parts[0][0].n_cols)
         linear.tc_swiglu(out, x16, self._tc_workspace)
 
+    @torch.inference_mode()
+    def prepare_decode(self, max_seqs: int, max_context: int,
+                       progress: Callable[[int, int], None] | None = None) -> int:  # fmt: skip
+        """Capture every decode graph that steps of up to `max_seqs` sequences and `max_context`
+        tokens can use: one per (batch bucket, power-of-two count of attention splits). Captured
+        on first use instead, each stalls every running sequence for the capture (tens of ms);
+        a serving run that grows its batch and contexts meets dozens of them (the ITL tail).
+        Before any step runs: the static inputs are reset to padding rows (no KV write)."""
+        if not (self.use_graphs and self.kv_cache):
+            return 0
+        top = _bucket(min(max_seqs, BATCH_BUCKETS[-1]), BATCH_BUCKETS)
+        context = min(max_context, self._table_width * self.block_size)
+        keys = [(bucket, 1 << level) for bucket in BATCH_BUCKETS if bucket <= top
+                for level in range(_split_level(context) + 1)]  # fmt: skip
+        todo = [key for key in keys if key not in self._graphs]
+        self._inputs.reset()
+        for done, (bucket, splits) in enumerate(todo):
+            graph_context = min(splits * PARTITION_TOKENS, self._table_width * self.block_size)
+            self._graphs[(bucket, splits)] = self._capture(bucket, graph_context)
+            if progress is not None:
+                progress(done + 1, len(todo))
+        return len(todo)
+
     def _decode_graphed(self, batch: ForwardBatch, max_context: int) -> torch.Tensor:
         """Stage the inputs into the static buffers (one launch, padding rows included), replay
         the bucket's graph (captured on first use). Host time here is idle GPU time: the engine
         waits for each step's ids (bench/host_step.py)."""
         n = batch.num_seqs
         bucket = _bucket(n, BATCH_BUCKETS)
-        splits = 1 << (-(-max_context // PARTITION_TOKENS) - 1).bit_length()
+        splits = 1 << _split_level(max_context)
         self._inputs.stage(bucket, batch.token_ids, batch.positions, batch.slot_mapping,
                            batch.context_lens, batch.block_tables)  # fmt: skip
         key = (bucket, splits)

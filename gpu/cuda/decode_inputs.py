@@ -31,11 +31,17 @@ class DecodeInputStager:
     def __init__(self, cap: int, table_width: int, device: torch.device) -> None:
         self.cap, self.table_width = cap, table_width
         self.rows = torch.zeros(4, cap, dtype=torch.int64, device=device)
-        self.rows[2].fill_(-1)
-        self.rows[3].fill_(1)
         self.tables = torch.zeros(cap, table_width, dtype=torch.int32, device=device)
+        self.reset()
         self._rows_ptr, self._tables_ptr = self.rows.data_ptr(), self.tables.data_ptr()
         self._site = launch_site("decode_inputs.cu", "stage_decode_inputs", _ARG_KINDS)
+
+    def reset(self) -> None:
+        """Every row a padding row (slot -1: no KV write; one token of context in block 0)."""
+        self.rows.zero_()
+        self.rows[2].fill_(-1)
+        self.rows[3].fill_(1)
+        self.tables[:, 0] = 0
 
     def stage(
         self,

@@ -169,6 +169,41 @@ def test_decode_is_batch_invariant_and_graphs_replay_eager(tmp_path_factory, mat
         assert torch.equal(results[1], results[2 * mode + 1])
 
 
+def test_decode_graphs_captured_ahead_equal_graphs_captured_on_first_use(tmp_path_factory):
+    """prepare_decode captures every (batch bucket, split count) graph before any step, with
+    no KV written (the cache stays zero); the steps after it capture nothing more and give
+    the bits of graphs captured on first use."""
+    from gpu.backends.cuda_backend import CudaBackend
+
+    path = synthetic(tmp_path_factory, "smollm2-135m", _T.Q4_0)
+    ahead, lazy = CudaBackend(path), CudaBackend(path)
+    for backend in (ahead, lazy):
+        backend.allocate_kv(4 * BLOCKS_PER_SEQ, BLOCK_SIZE)
+    progress = []
+    count = ahead.prepare_decode(3, BLOCKS_PER_SEQ * BLOCK_SIZE,
+                                 lambda done, total: progress.append((done, total)))  # fmt: skip
+    assert count == 3 * 2  # buckets 1, 2, 4 x splits 1, 2 (128 tokens: two 64-token splits)
+    assert progress[-1] == (count, count) and len(ahead._graphs) == count
+    assert all(not k.any() and not v.any() for k, v in ahead.kv_cache)
+    assert ahead.prepare_decode(3, BLOCKS_PER_SEQ * BLOCK_SIZE) == 0  # nothing left to capture
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 2048, (n,), generator=gen).tolist() for n in (40, 3, 90)]
+    results = []
+    for backend in (ahead, lazy):
+        for seq, prompt in enumerate(prompts):
+            backend.forward(make_batch([(seq, prompt, 0)], "cuda"))
+        steps = []
+        for cached in range(2):
+            steps.append(backend.forward(make_batch(
+                [(s, [7 + s], len(p) + cached) for s, p in enumerate(prompts)], "cuda")).clone())
+            steps.append(backend.forward(make_batch([(1, [9], len(prompts[1]) + cached + 1)],
+                                                    "cuda")).clone())  # fmt: skip
+        results.append(steps)
+    assert len(ahead._graphs) == count  # every step replayed a graph captured ahead
+    for got, want in zip(*results, strict=True):
+        assert torch.equal(got, want)
+
+
 def test_engine_batched_equals_unbatched(tmp_path_factory):
     from gpu.backends.cuda_backend import CudaBackend
     from gpu.engine import Engine

@@ -370,3 +370,10 @@ def test_abort_with_a_reason(backend):
     assert engine.abort("r", "deadline")
     (output,) = engine.step()
     assert output.finish_reason == "deadline" and engine.stats().kv_blocks_used == 0
+
+
+def test_prepare_decode_builds_nothing_on_the_torch_backend():
+    from gpu.backends.torch_backend import TorchBackend
+
+    engine = make_engine(TorchBackend(resolve_model("smollm2-135m")), kv_blocks=16)
+    assert engine.prepare_decode() == 0

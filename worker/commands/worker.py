@@ -11,7 +11,7 @@ from jobs.limits import DEFAULT_MODEL, DEFAULT_SESSION_TTL_S
 from worker.admission import DEFAULT_AGING_S
 from worker.commands.options import add_backend_options
 from worker.daemon import Worker, WorkerConfig
-from worker.loaded_model import freeze_startup_objects, load_model
+from worker.loaded_model import freeze_startup_objects, load_model, prepare_decode
 from worker.log import configure_logging
 from worker.metrics import WorkerMetrics
 
@@ -41,6 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-overlap", dest="overlap", action="store_false",
                         help="read each decode step's tokens before launching the next "
                         "(default: launch it first; the engine's overlap, for A/B runs)")
+    parser.add_argument("--no-graph-warmup", dest="graph_warmup", action="store_false",
+                        help="capture each CUDA graph of the decode step on first use instead "
+                        "of at start-up (default: all of them at start-up, a few seconds, so "
+                        "that no step stalls the running jobs for a capture)")
     parser.add_argument("--cancel-check", type=float, default=0.05, metavar="S",
                         help="seconds between reads of the running jobs' cancel keys "
                         "(default 0.05: a cancel takes effect within that)")
@@ -88,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
                        max_num_seqs=max(args.max_jobs, 1), overlap=args.overlap,
                        priority_aging_s=args.priority_aging,
                        matmul=args.matmul, tensor_parallel=args.tensor_parallel)
+    if args.graph_warmup:
+        prepare_decode(model)
     freeze_startup_objects()  # the model stays for the process's life: out of the GC's scans
     config = WorkerConfig(
         worker_id=args.worker_id or default_worker_id(),
