@@ -44,6 +44,21 @@ CTAS_PER_SM = 2
 # A/B override of CTAS_PER_SM for benchmarks (recorded in bench/decode.py's JSON), like
 # kernels.TUNING_ENV for compile-time constants; unset, CTAS_PER_SM holds.
 CTAS_ENV = "ORCD_TC_CTAS_PER_SM"
+# Warps along the sequences for 4+ n tiles (tcmm.cu WN): 1 (4 warps a CTA, each all of the
+# CTA's sequences) or 2 (8 warps, each half of them: twice the warps per SM to hide latency,
+# twice the dequantisation work). Same bits either way. `ORCD_TC_WARPS_N` overrides.
+WARPS_N = 1
+WARPS_N_ENV = "ORCD_TC_WARPS_N"
+WARPS_N_MIN_TILES = 4  # the _w2 kernels exist for n tiles 4 and 8
+
+
+def warps_n() -> int:
+    value = os.environ.get(WARPS_N_ENV, "")
+    if not value:
+        return WARPS_N
+    if value not in ("1", "2"):
+        raise CudaError(f"{WARPS_N_ENV}={value!r}: want 1 or 2")
+    return int(value)
 
 
 def ctas_per_sm() -> int:
@@ -89,17 +104,20 @@ def split_count(n_rows: int, n_cols: int, sm_count: int) -> int:
 
 
 def tcmm_launch_config(
-    stem: str, n_rows: int, n_cols: int, n_seqs: int, sm_count: int, splits: int | None = None
+    stem: str, n_rows: int, n_cols: int, n_seqs: int, sm_count: int, splits: int | None = None,
+    wn: int = 1,
 ) -> tuple[LaunchConfig, int, int]:
     """(config, n8 tiles per CTA, K splits) for y[:n_seqs] = W x; `splits`: the matrix's
-    split_count when the caller already holds it."""
+    split_count when the caller already holds it; `wn`: warps along the sequences (1 below
+    WARPS_N_MIN_TILES n tiles, whatever is asked)."""
     if n_rows < 1 or n_seqs < 1:
         raise CudaError(f"tcmm: {n_rows} rows, {n_seqs} sequences")
     nt = next((v for v in NT_VARIANTS if 8 * v >= n_seqs), NT_VARIANTS[-1])
     if splits is None:
         splits = split_count(n_rows, n_cols, sm_count)
     grid = (ceil_div(n_rows, TC_BM), ceil_div(n_seqs, 8 * nt), splits)
-    return LaunchConfig(grid, (TC_THREADS, 1, 1), shared_bytes(stem, nt)), nt, splits
+    threads = TC_THREADS * (wn if nt >= WARPS_N_MIN_TILES else 1)
+    return LaunchConfig(grid, (threads, 1, 1), shared_bytes(stem, nt)), nt, splits
 
 
 @dataclass(slots=True)
@@ -131,6 +149,7 @@ class TensorCoreMatmul:
         self.sm_count = sm_count
         self.row_bytes = packed_row_bytes(qtype, n_cols)
         self.splits = split_count(n_rows, n_cols, sm_count)
+        self.wn = warps_n()
         self._sites: dict[int, LaunchSite] = {}
 
     def workspace_needs(self, max_seqs: int) -> tuple[int, int]:
@@ -157,7 +176,7 @@ class TensorCoreMatmul:
             raise CudaError("tcmm: an fp16 y is for the SwiGLU epilogue only")
         n_seqs = x16.shape[0]
         config, nt, splits = tcmm_launch_config(
-            self.stem, self.n_rows, self.n_cols, n_seqs, self.sm_count, self.splits
+            self.stem, self.n_rows, self.n_cols, n_seqs, self.sm_count, self.splits, self.wn
         )
         check_product_args("tcmm", self.ggml_type, self.n_rows, self.n_cols, self.row_bytes,
                            y, x16, weight, bias, residual, swiglu)  # fmt: skip
@@ -167,7 +186,9 @@ class TensorCoreMatmul:
                             f"{self.n_rows}x{self.n_cols}")  # fmt: skip
         site = self._sites.get(nt)
         if site is None:
-            site = self._sites[nt] = launch_site("tcmm.cu", f"tcmm_{self.stem}_n{nt}", _ARG_KINDS)
+            suffix = "_w2" if self.wn == 2 and nt >= WARPS_N_MIN_TILES else ""
+            site = self._sites[nt] = launch_site("tcmm.cu", f"tcmm_{self.stem}_n{nt}{suffix}",
+                                                 _ARG_KINDS)  # fmt: skip
         site.launch(
             config,
             pointer(y, "tcmm y", y.dtype if y_half else torch.float32),

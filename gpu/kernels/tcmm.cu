@@ -35,7 +35,7 @@
 #define TC_WARPS 4
 #define TC_MT 2     // m16 tiles per warp
 #define TC_BM (16 * TC_MT * TC_WARPS)  // weight rows per CTA
-#define TC_THREADS (32 * TC_WARPS)
+#define TC_THREADS (32 * TC_WARPS)     // threads per CTA of one warp per row group (WN = 1)
 #define TC_XS (TC_KC + 16)  // halves per staged x row: a row is 8 banks on, so the 64-bit B
                             // fragment loads of 4 rows x 4 lanes (a half-warp) hit 32 banks
 #ifndef TC_UNROLL  // tunable: gpu/cuda/kernels.py TUNABLES
@@ -240,7 +240,7 @@ template <int T, bool G> struct TcSlot {
 
 // One stage's copies: the CTA's rows' chunk c (row bytes of the matvec layout) and its x chunk.
 // Returns nothing; records each row's offset of its first byte within the slot in `skew`.
-template <int T, bool G, int NT>
+template <int T, bool G, int NT, int THREADS>
 __device__ __forceinline__ void tc_stage(u8* ws, u16* xs, u8* skew, const u8* __restrict__ weight,
                                          i64 row_bytes, int row0, int n_rows, int n_cols, int c,
                                          const u16* __restrict__ x, int x_stride, int seq0,
@@ -250,7 +250,7 @@ __device__ __forceinline__ void tc_stage(u8* ws, u16* xs, u8* skew, const u8* __
     const int elems = min(TC_KC, n_cols - c * TC_KC);
     if (weights) {
         const int n_blocks = n_cols / 32;  // 32-blocks per row (repacked types)
-        for (int i = threadIdx.x; i < TC_BM * WORDS; i += TC_THREADS) {
+        for (int i = threadIdx.x; i < TC_BM * WORDS; i += THREADS) {
             const int r = i / WORDS, w = i % WORDS;
             const u8* row = weight + (i64)min(row0 + r, n_rows - 1) * row_bytes;
             u8* dst = ws + r * SLOT + 16 * w;
@@ -277,7 +277,7 @@ __device__ __forceinline__ void tc_stage(u8* ws, u16* xs, u8* skew, const u8* __
     }
     if (acts) {
         const int words = elems / 8;  // 16-byte words of fp16 x per sequence in this chunk
-        for (int i = threadIdx.x; i < NT * 8 * words; i += TC_THREADS) {
+        for (int i = threadIdx.x; i < NT * 8 * words; i += THREADS) {
             const int b = i / words, w = i % words;
             const u16* src = x + (i64)min(seq0 + b, n_seqs - 1) * x_stride + c * TC_KC + 8 * w;
             cp_async_16(xs + b * TC_XS + 8 * w, src, 16);
@@ -285,7 +285,12 @@ __device__ __forceinline__ void tc_stage(u8* ws, u16* xs, u8* skew, const u8* __
     }
 }
 
-template <int T, bool G, int NT>
+// WN: warps along the sequences. With WN = 2 the CTA has 8 warps, warp w taking row group
+// w % 4 and n tiles (w / 4) NT/2 .. : each warp's rows are decoded by two warps (twice the
+// dequantisation ALU work) and the SM holds twice the warps to hide the latencies with. An
+// output element is the same mmas over the same K in the same order either way: the bits do
+// not depend on WN.
+template <int T, bool G, int NT, int WN>
 __device__ __forceinline__ void tcmm_impl(
     float* y, int y_stride, const u8* __restrict__ weight, i64 row_bytes, const u16* __restrict__ x,
     int x_stride, int n_seqs, int n_rows, int n_cols, const float* __restrict__ bias,
@@ -306,30 +311,32 @@ __device__ __forceinline__ void tcmm_impl(
     const int n_chunks = (n_cols + TC_KC - 1) / TC_KC, n_splits = gridDim.z;
     const int per_split = (n_chunks + n_splits - 1) / n_splits;
     const int c0 = blockIdx.z * per_split, c1 = min(n_chunks, c0 + per_split);
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    constexpr int THREADS = TC_THREADS * WN, NTW = NT / WN;  // n tiles per warp
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int warp = (threadIdx.x >> 5) % TC_WARPS, n_base = (threadIdx.x >> 5) / TC_WARPS * NTW;
 
     // The weights are constants: their first chunk is requested before the grid wait.
     if (c0 < c1)
-        tc_stage<T, G, NT>(TC_W(0), TC_X(0), skew[0], weight, row_bytes, row0, n_rows, n_cols, c0, x,
+        tc_stage<T, G, NT, THREADS>(TC_W(0), TC_X(0), skew[0], weight, row_bytes, row0, n_rows, n_cols, c0, x,
                            x_stride, seq0, n_seqs, true, false);
     grid_dependency_sync();
     if (c0 < c1)
-        tc_stage<T, G, NT>(TC_W(0), TC_X(0), skew[0], weight, row_bytes, row0, n_rows, n_cols, c0, x,
+        tc_stage<T, G, NT, THREADS>(TC_W(0), TC_X(0), skew[0], weight, row_bytes, row0, n_rows, n_cols, c0, x,
                            x_stride, seq0, n_seqs, false, true);
     cp_async_commit();
 
-    float acc[TC_MT][NT][4];
+    float acc[TC_MT][NTW][4];
 #pragma unroll
     for (int m = 0; m < TC_MT; ++m)
 #pragma unroll
-        for (int n = 0; n < NT; ++n)
+        for (int n = 0; n < NTW; ++n)
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[m][n][e] = 0.0f;
 
     for (int c = c0; c < c1; ++c) {
         const int cur = (c - c0) & 1;
         if (c + 1 < c1)
-            tc_stage<T, G, NT>(TC_W(cur ^ 1), TC_X(cur ^ 1), skew[cur ^ 1], weight, row_bytes, row0,
+            tc_stage<T, G, NT, THREADS>(TC_W(cur ^ 1), TC_X(cur ^ 1), skew[cur ^ 1], weight, row_bytes, row0,
                                n_rows, n_cols, c + 1, x, x_stride, seq0, n_seqs, true, true);
         cp_async_commit();
         cp_async_wait<1>();  // this chunk's copies (the next chunk's stay in flight)
@@ -358,8 +365,8 @@ __device__ __forceinline__ void tcmm_impl(
 #pragma unroll
             for (int h = 0; h < 2; ++h) {  // the block's two k16 steps: elements 16 h + 4t ..
 #pragma unroll
-                for (int n = 0; n < NT; ++n) {
-                    const uint2 b = *(const uint2*)(xs + (8 * n + g) * TC_XS + 32 * blk + 16 * h + 4 * t);
+                for (int n = 0; n < NTW; ++n) {
+                    const uint2 b = *(const uint2*)(xs + (8 * (n_base + n) + g) * TC_XS + 32 * blk + 16 * h + 4 * t);
 #pragma unroll
                     for (int m = 0; m < TC_MT; ++m) {
                         const u32 frag[4] = {a[m][0][2 * h], a[m][1][2 * h], a[m][0][2 * h + 1],
@@ -381,16 +388,17 @@ __device__ __forceinline__ void tcmm_impl(
 #pragma unroll
     for (int m = 0; m < TC_MT; ++m)
 #pragma unroll
-        for (int n = 0; n < NT; ++n)
+        for (int n = 0; n < NTW; ++n)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const int r = warp * 16 * TC_MT + 16 * m + g + 8 * (e >> 1), b = 8 * n + 2 * t + (e & 1);
+                const int r = warp * 16 * TC_MT + 16 * m + g + 8 * (e >> 1);
+                const int b = 8 * (n_base + n) + 2 * t + (e & 1);
                 ct[b * CS + r] = acc[m][n][e];
             }
     __syncthreads();
     const int n_tile_seqs = min(NT * 8, n_seqs - seq0), n_tile_rows = min(TC_BM, n_rows - row0);
     if (n_splits > 1) {  // this split's partials; the last CTA of the tile adds them in order
-        for (int i = threadIdx.x; i < n_tile_seqs * TC_BM; i += TC_THREADS) {
+        for (int i = threadIdx.x; i < n_tile_seqs * TC_BM; i += THREADS) {
             const int b = i / TC_BM, r = i % TC_BM;
             if (r < n_tile_rows)
                 partials[((i64)blockIdx.z * n_seqs + seq0 + b) * n_rows + row0 + r] = ct[b * CS + r];
@@ -405,7 +413,7 @@ __device__ __forceinline__ void tcmm_impl(
         __syncthreads();
         if (!last_flag) return;
         __threadfence();
-        for (int i = threadIdx.x; i < n_tile_seqs * TC_BM; i += TC_THREADS) {
+        for (int i = threadIdx.x; i < n_tile_seqs * TC_BM; i += THREADS) {
             const int b = i / TC_BM, r = i % TC_BM;
             if (r < n_tile_rows) {
                 float v = 0.0f;
@@ -417,7 +425,7 @@ __device__ __forceinline__ void tcmm_impl(
         __syncthreads();
     }
     if (swiglu) {  // rows interleaved gate, up: y[b, row / 2] = silu(gate) * up
-        for (int i = threadIdx.x; i < n_tile_seqs * (TC_BM / 2); i += TC_THREADS) {
+        for (int i = threadIdx.x; i < n_tile_seqs * (TC_BM / 2); i += THREADS) {
             const int b = i / (TC_BM / 2), p = i % (TC_BM / 2);
             if (2 * p + 1 < n_tile_rows) {
                 const float gate = ct[b * CS + 2 * p], up = ct[b * CS + 2 * p + 1];
@@ -431,7 +439,7 @@ __device__ __forceinline__ void tcmm_impl(
         }
         return;
     }
-    for (int i = threadIdx.x; i < n_tile_seqs * TC_BM; i += TC_THREADS) {
+    for (int i = threadIdx.x; i < n_tile_seqs * TC_BM; i += THREADS) {
         const int b = i / TC_BM, r = i % TC_BM, row = row0 + r;
         if (r < n_tile_rows) {
             float v = ct[b * CS + r];
@@ -442,16 +450,19 @@ __device__ __forceinline__ void tcmm_impl(
     }
 }
 
-#define TCMM_KERNEL(NAME, T, G, NT)                                                               \
-    extern "C" __global__ void __launch_bounds__(TC_THREADS) tcmm_##NAME##_n##NT(                 \
+#define TCMM_KERNEL(NAME, T, G, NT, WN, SUFFIX)                                                   \
+    extern "C" __global__ void __launch_bounds__(TC_THREADS * WN) tcmm_##NAME##_n##NT##SUFFIX(    \
         float* y, int y_stride, const u8* weight, i64 row_bytes, const u16* x, int x_stride,      \
         int n_seqs, int n_rows, int n_cols, const float* bias, const float* residual,             \
         int residual_stride, int swiglu, int y_half, float* partials, int* tickets) {             \
-        tcmm_impl<T, G, NT>(y, y_stride, weight, row_bytes, x, x_stride, n_seqs, n_rows, n_cols,  \
-                            bias, residual, residual_stride, swiglu, y_half, partials, tickets);  \
+        tcmm_impl<T, G, NT, WN>(y, y_stride, weight, row_bytes, x, x_stride, n_seqs, n_rows,      \
+                                n_cols, bias, residual, residual_stride, swiglu, y_half, partials, \
+                                tickets);                                                         \
     }
-#define TCMM_TYPE(NAME, T, G) \
-    TCMM_KERNEL(NAME, T, G, 1) TCMM_KERNEL(NAME, T, G, 2) TCMM_KERNEL(NAME, T, G, 4) TCMM_KERNEL(NAME, T, G, 8)
+// 8-warp variants (_w2) for the larger n-tile counts only (gpu/cuda/tcmm.py WARPS_N).
+#define TCMM_TYPE(NAME, T, G)                                                                    \
+    TCMM_KERNEL(NAME, T, G, 1, 1, ) TCMM_KERNEL(NAME, T, G, 2, 1, ) TCMM_KERNEL(NAME, T, G, 4, 1, ) \
+    TCMM_KERNEL(NAME, T, G, 8, 1, ) TCMM_KERNEL(NAME, T, G, 4, 2, _w2) TCMM_KERNEL(NAME, T, G, 8, 2, _w2)
 
 TCMM_TYPE(f16, GGML_F16, false)
 TCMM_TYPE(bf16, GGML_BF16, false)

@@ -403,6 +403,9 @@ def test_tcmm_config_covers_rows_and_sequences_once(n_rows, n_seqs):
     for stem in CHUNK_BYTES:
         for v in NT_VARIANTS:
             assert shared_bytes(stem, v) <= OPT_IN_SHARED_LIMIT
+    for wn in (1, 2):  # eight warps (WN = 2) only where tcmm.cu has _w2 kernels: 4+ n tiles
+        config, nt, _ = tcmm_launch_config("q4_0", n_rows, 4096, n_seqs, 132, wn=wn)
+        assert config.block[0] == (256 if wn == 2 and nt >= 4 else 128)
 
 
 def test_tcmm_stems_cover_the_matvec_types():

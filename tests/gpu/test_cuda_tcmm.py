@@ -126,6 +126,34 @@ def test_tcmm_is_batch_invariant(qtype):
             assert torch.equal(other, results[0]), (n_rows, n_cols)
 
 
+@pytest.mark.parametrize("qtype", list(MATVEC_TYPES), ids=lambda t: t.name)
+def test_eight_warp_variant_gives_the_same_bits(qtype, monkeypatch):
+    """WN = 2 (two warps along the sequences, `ORCD_TC_WARPS_N=2`) against WN = 1: bit-identical
+    at every batch that reaches the 8-warp kernels (4 and 8 n tiles), with epilogues, on a
+    split-K shape and a single-split one; NaN-poisoned outputs all written."""
+    from gpu.cuda import tcmm
+
+    for n_rows, n_cols in ((203, 1024), (4096, 512)):
+        raw = random_weight(qtype, n_rows, n_cols, _rng("tc-w2", qtype, n_rows))
+        weight = MatVec(qtype, n_rows, n_cols).pack(raw)
+        bias = torch.randn(n_rows, device="cuda")
+        for n_seqs in (17, 33, 64, 100, 256):
+            x16 = torch.randn(n_seqs, n_cols, device="cuda").half()
+            residual = torch.randn(n_seqs, n_rows, device="cuda")
+            outs = []
+            for wn in ("1", "2"):
+                monkeypatch.setenv(tcmm.WARPS_N_ENV, wn)
+                op, ws = _op(qtype, n_rows, n_cols)
+                assert op.wn == int(wn)
+                y = nan_tensor(n_seqs, n_rows)
+                op(y, x16, weight, ws, bias=bias, residual=residual)
+                assert not torch.isnan(y).any()
+                outs.append(y)
+            assert torch.equal(outs[0], outs[1]), (n_rows, n_cols, n_seqs)
+            ref = _reference(raw, qtype, n_rows, n_cols, x16) + bias.double() + residual.double()
+            assert rel_error(outs[1], ref) <= FP16_TOL
+
+
 def test_split_count_depends_on_shape_only():
     assert split_count(4096, 4096, 132) > 1
     assert split_count(128256, 4096, 132) == 1
