@@ -38,7 +38,7 @@ from gpu.batch import BatchPacker, ForwardBatch  # noqa: E402
 from gpu.cuda import driver  # noqa: E402
 from gpu.cuda.kernel_timing import copy_bandwidth, read_bandwidth  # noqa: E402
 from gpu.cuda.kernels import TUNING_ENV  # noqa: E402
-from gpu.cuda.tcmm import ctas_per_sm  # noqa: E402
+from gpu.cuda.tcmm import ctas_per_sm, warps_n  # noqa: E402
 from gpu.engine import Engine  # noqa: E402
 from gpu.request import Request, SamplingParams  # noqa: E402
 from gpu.sampler import PendingTokens  # noqa: E402
@@ -286,6 +286,7 @@ def run_batch(backend: CudaBackend, path: Path, shape: str, quant: str, batch_si
         "graph_nodes_per_step": nodes,
         "kernel_defines": os.environ.get(TUNING_ENV, ""),  # compile-time overrides, if any
         "tc_ctas_per_sm": ctas_per_sm(),
+        "tc_warps_n": warps_n(),
         "graph_nodes_per_layer": round((nodes - 3) / c.n_layers, 2),
         "load_s": round(load_s, 1),
         "llama_cpp_decode_tok_s": LLAMA_CPP.get((shape, quant, batch_size)),

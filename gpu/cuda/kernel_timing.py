@@ -25,7 +25,7 @@ from gpu.cuda.attention import DecodeAttention, attention_launch_config
 from gpu.cuda.kernels import TUNING_ENV
 from gpu.cuda.matvec import MatVec
 from gpu.cuda.norm import RMSNorm
-from gpu.cuda.tcmm import ctas_per_sm
+from gpu.cuda.tcmm import ctas_per_sm, warps_n
 from loader.synth_blocks import random_blocks
 
 _T = GGMLQuantizationType
@@ -145,7 +145,7 @@ def tcmm_table(quants: list[_T], batches: list[int]) -> list[dict]:
                 mv_us = mv["us"] * -(-b // 8)
                 rows.append({**tc, "matvec_us": round(mv_us, 2),
                              "defines": os.environ.get(TUNING_ENV, ""),
-                             "ctas_per_sm": ctas_per_sm()})  # fmt: skip
+                             "ctas_per_sm": ctas_per_sm(), "warps_n": warps_n()})  # fmt: skip
                 print(f"{qtype.name:5s} {n_rows}x{n_cols} b={b:<3d} tcmm {tc['us']:8.1f} us "
                       f"({100 * tc['fraction_of_read']:5.1f}% of read, {tc['tflops']:6.1f} TFLOP/s, "
                       f"{tc['splits']} splits)  matvec {mv_us:8.1f} us", flush=True)  # fmt: skip
