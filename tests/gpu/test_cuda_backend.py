@@ -204,6 +204,45 @@ def test_decode_graphs_captured_ahead_equal_graphs_captured_on_first_use(tmp_pat
         assert torch.equal(got, want)
 
 
+def test_engine_steps_launched_ahead_with_prefill_match_sync(tmp_path_factory):
+    """The engine on the CUDA backend (prefill_ahead on by default there): prompts in chunks of
+    a 32-token budget, requests arriving while steps are in flight, a CUDA graph per decode
+    bucket; the same greedy tokens as without overlap, every block back, and steps launched
+    ahead that carried prefill chunks or admissions."""
+    from gpu.backends.cuda_backend import CudaBackend
+    from gpu.engine import Engine
+    from gpu.request import Request, SamplingParams
+
+    path = synthetic(tmp_path_factory, "smollm2-135m", _T.Q4_0)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 2048, (n,), generator=gen).tolist()
+               for n in (70, 5, 33, 100, 12, 48)]  # fmt: skip
+    results, prefill_ahead = [], []
+    for overlap in (True, False):
+        engine = Engine(path, backend=CudaBackend(path), kv_blocks=64, max_batch_tokens=32,
+                        overlap=overlap)  # fmt: skip
+        assert engine.prefill_ahead
+        tokens: dict[str, list[int]] = {}
+        pending = list(enumerate(prompts))
+        steps = 0
+        while pending or engine.has_work():
+            if pending and steps % 3 == 0:  # an arrival every third step, steps in flight
+                i, prompt = pending.pop(0)
+                engine.add(Request(f"r{i}", prompt, SamplingParams(temperature=0.0),
+                                   max_tokens=6 + i, ignore_eos=True))  # fmt: skip
+            for out in engine.step():
+                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+            steps += 1
+            ahead = engine._in_flight
+            prefill_ahead.append(ahead is not None and any(
+                n > 1 or seq.num_computed == 0 for seq, n in ahead.schedule.items))  # fmt: skip
+        results.append(tokens)
+        assert engine.stats().kv_blocks_used == 0
+    assert results[0] == results[1]
+    assert [len(results[0][f"r{i}"]) for i in range(6)] == [6 + i for i in range(6)]
+    assert any(prefill_ahead)
+
+
 def test_engine_batched_equals_unbatched(tmp_path_factory):
     from gpu.backends.cuda_backend import CudaBackend
     from gpu.engine import Engine
