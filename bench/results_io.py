@@ -46,8 +46,9 @@ def git_commit() -> str:
         return "unknown"
 
 
-def write_result(name: str, results: dict[str, object]) -> Path:
-    """Write results with date, machine and commit; returns the path."""
+def write_result(name: str, results: dict[str, object], path: Path | None = None) -> Path:
+    """Write results with date, machine and commit (to `path`, default
+    bench/results/NAME-DATE.json); returns the path."""
     now = dt.datetime.now(dt.UTC)
     payload = {
         "benchmark": name,
@@ -56,7 +57,8 @@ def write_result(name: str, results: dict[str, object]) -> Path:
         "machine": machine(),
         "results": results,
     }
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{name}-{now:%Y%m%d-%H%M%S}.json"
+    if path is None:
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        path = RESULTS_DIR / f"{name}-{now:%Y%m%d-%H%M%S}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path

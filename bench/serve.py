@@ -491,11 +491,7 @@ def main() -> int:
                "output_tokens": output_range, "multi_turn": args.multi_turn, "seed": args.seed,
                "jobs_per_client": args.jobs_per_client, "rows": rows}
     print(table(rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"benchmark": args.name, "results": results},
-                                              indent=2) + "\n")
-    else:
-        print(write_result(args.name, results))
+    print(write_result(args.name, results, Path(args.json) if args.json else None))
     return 0
 
 

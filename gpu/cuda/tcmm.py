@@ -47,7 +47,11 @@ CTAS_ENV = "ORCD_TC_CTAS_PER_SM"
 # Warps along the sequences for 4+ n tiles (tcmm.cu WN): 1 (4 warps a CTA, each all of the
 # CTA's sequences) or 2 (8 warps, each half of them: twice the warps per SM to hide latency,
 # twice the dequantisation work). Same bits either way. `ORCD_TC_WARPS_N` overrides.
-WARPS_N = 1
+# 2: H100, 2026-12-07 (bench/results/tcmm-wn*-20261207-1253-h100.json, one call), Q4_0 at 64
+# sequences: 4096x4096 51.2 -> 33.6 us, 4096x14336 78.5 -> 62.1, 28672x4096 (one split, 224
+# CTAs) 89.8 -> 97.7; at 256: 115.9 -> 87.9, 221.8 -> 198.8, 316.7 -> 323.8. The 8B Q4_0
+# decode (same machine): 3,770.9 -> 4,527.1 tok/s at 64 sequences, 5,385.4 -> 5,810.7 at 256.
+WARPS_N = 2
 WARPS_N_ENV = "ORCD_TC_WARPS_N"
 WARPS_N_MIN_TILES = 4  # the _w2 kernels exist for n tiles 4 and 8
 
