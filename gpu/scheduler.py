@@ -108,18 +108,7 @@ class Scheduler:
                 budget -= n
                 index += 1
             # else: seq itself was preempted and removed from running; same index is next
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self._next_waiting()
-            if not self._admit(seq, budget):
-                break
-            self.waiting.remove(seq)
-            n = min(seq.num_uncomputed, budget)
-            self.running.append(seq)
-            schedule.items.append((seq, n))
-            budget -= n
-        schedule.sampled = [
-            seq for seq, n in schedule.items if seq.num_computed + n == seq.num_tokens
-        ]
+        self._admit_waiting(schedule, budget)
         return schedule
 
     def schedule_ahead(self, prefill: bool = True) -> Schedule | None:
@@ -163,7 +152,16 @@ class Scheduler:
             seq.block_table.extend(blocks)
             schedule.items.append((seq, n))
             budget -= n
-        while prefill and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        if prefill:
+            self._admit_waiting(schedule, budget)
+        else:
+            schedule.sampled = _sampled(schedule)
+        return schedule or None
+
+    def _admit_waiting(self, schedule: Schedule, budget: int) -> None:
+        """Admit waiting requests into `schedule`, best score first, while the token budget,
+        the running set and the pool allow; then set the schedule's sampled sequences."""
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self._next_waiting()
             if not self._admit(seq, budget):
                 break
@@ -172,13 +170,7 @@ class Scheduler:
             self.running.append(seq)
             schedule.items.append((seq, n))
             budget -= n
-        if not schedule:
-            return None
-        schedule.sampled = [
-            seq for seq, n in schedule.items
-            if seq.num_computed + seq.num_in_flight + n == seq.num_tokens + seq.num_pending
-        ]  # fmt: skip
-        return schedule
+        schedule.sampled = _sampled(schedule)
 
     def _blocks_needed(self, seq: Sequence, n: int) -> int:
         size = self.kv.block_size
@@ -260,3 +252,10 @@ class Scheduler:
             self.kv.release_session_claim(session_id)
         self.kv.free(seq.block_table)
         seq.block_table = []
+
+
+def _sampled(schedule: Schedule) -> list[Sequence]:
+    """The sequences whose step ends at their last token (known or pending): their next token
+    is chosen this step. Outside a step in flight nothing is in flight or pending."""
+    return [seq for seq, n in schedule.items
+            if seq.num_computed + seq.num_in_flight + n == seq.num_tokens + seq.num_pending]
