@@ -289,11 +289,19 @@ class CudaBackend(Backend):
         todo = [key for key in keys if key not in self._graphs]
         self._inputs.reset()
         for done, (bucket, splits) in enumerate(todo):
-            graph_context = min(splits * PARTITION_TOKENS, self._table_width * self.block_size)
-            self._graphs[(bucket, splits)] = self._capture(bucket, graph_context)
+            self._graph(bucket, splits)
             if progress is not None:
                 progress(done + 1, len(todo))
         return len(todo)
+
+    def _graph(self, bucket: int, splits: int) -> torch.cuda.CUDAGraph:
+        """The decode graph of a batch bucket and attention split count, captured on first use
+        over the static inputs as they are staged."""
+        graph = self._graphs.get((bucket, splits))
+        if graph is None:
+            graph_context = min(splits * PARTITION_TOKENS, self._table_width * self.block_size)
+            graph = self._graphs[(bucket, splits)] = self._capture(bucket, graph_context)
+        return graph
 
     def _decode_graphed(self, batch: ForwardBatch, max_context: int) -> torch.Tensor:
         """Stage the inputs into the static buffers (one launch, padding rows included), replay
@@ -304,12 +312,7 @@ class CudaBackend(Backend):
         splits = 1 << _split_level(max_context)
         self._inputs.stage(bucket, batch.token_ids, batch.positions, batch.slot_mapping,
                            batch.context_lens, batch.block_tables)  # fmt: skip
-        key = (bucket, splits)
-        graph = self._graphs.get(key)
-        if graph is None:
-            graph_context = min(splits * PARTITION_TOKENS, self._table_width * self.block_size)
-            graph = self._graphs[key] = self._capture(bucket, graph_context)
-        graph.replay()
+        self._graph(bucket, splits).replay()
         if batch.logits_indices.shape[0] == n:  # every row (indices are ascending and unique)
             return self._logits[:n]
         return self._logits[:n][batch.logits_indices]

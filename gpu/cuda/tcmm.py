@@ -65,6 +65,11 @@ def warps_n() -> int:
     return int(value)
 
 
+def effective_warps_n(wn: int, nt: int) -> int:
+    """Warps along the sequences a launch of `nt` n tiles runs with when `wn` is asked."""
+    return wn if nt >= WARPS_N_MIN_TILES else 1
+
+
 def ctas_per_sm() -> int:
     value = os.environ.get(CTAS_ENV, "")
     if not value:
@@ -120,7 +125,7 @@ def tcmm_launch_config(
     if splits is None:
         splits = split_count(n_rows, n_cols, sm_count)
     grid = (ceil_div(n_rows, TC_BM), ceil_div(n_seqs, 8 * nt), splits)
-    threads = TC_THREADS * (wn if nt >= WARPS_N_MIN_TILES else 1)
+    threads = TC_THREADS * effective_warps_n(wn, nt)
     return LaunchConfig(grid, (threads, 1, 1), shared_bytes(stem, nt)), nt, splits
 
 
@@ -190,7 +195,7 @@ class TensorCoreMatmul:
                             f"{self.n_rows}x{self.n_cols}")  # fmt: skip
         site = self._sites.get(nt)
         if site is None:
-            suffix = "_w2" if self.wn == 2 and nt >= WARPS_N_MIN_TILES else ""
+            suffix = "_w2" if effective_warps_n(self.wn, nt) == 2 else ""
             site = self._sites[nt] = launch_site("tcmm.cu", f"tcmm_{self.stem}_n{nt}{suffix}",
                                                  _ARG_KINDS)  # fmt: skip
         site.launch(
