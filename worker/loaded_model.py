@@ -8,6 +8,7 @@ import gc
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,24 @@ class LoadedModel:
     dtype: str = "float32"  # the torch backend's weights (the CUDA backend ignores it)
 
 
+@contextmanager
+def _progress_bar(desc: str, unit: str, progress: bool, **options: object):
+    """A tqdm bar on stderr (after 1 s, on a terminal, when `progress`), yielded as the
+    (done, total) callback the engine's long steps report to."""
+    bar = tqdm(total=0, unit=unit, desc=desc, delay=1.0, leave=False, file=sys.stderr,
+               disable=not progress or not sys.stderr.isatty(), **options)  # fmt: skip
+
+    def on_progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        yield on_progress
+    finally:
+        bar.close()
+
+
 def load_model(
     name: str,
     *,
@@ -72,21 +91,9 @@ def load_model(
     start = time.perf_counter()
     gguf = open_gguf(path)
     tokenizer = GGUFTokenizer.from_metadata(gguf.metadata)
-    bar = tqdm(
-        total=0, unit="B", unit_scale=True, desc=f"Loading {name}", delay=1.0, leave=False,
-        disable=not progress or not sys.stderr.isatty(), file=sys.stderr,
-    )
-
-    def on_progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-
-    try:
+    with _progress_bar(f"Loading {name}", "B", progress, unit_scale=True) as on_progress:
         engine = Engine(gguf, backend=backend, kv_blocks=kv_blocks, progress=on_progress,
                         dtype=dtype, **engine_options)
-    finally:
-        bar.close()
     seconds = time.perf_counter() - start
     stats = engine.stats()
     on = engine.backend.name + (f" ({dtype})" if engine.backend.name == "torch" else "")
@@ -108,20 +115,9 @@ def load_model(
 def prepare_decode(model: LoadedModel, progress: bool = True) -> int:
     """Capture the engine's decode graphs before serving (`Engine.prepare_decode`), with a
     progress bar on a terminal and a log line; returns how many."""
-    bar = tqdm(total=0, unit="graph", desc=f"Capturing {model.name}'s decode graphs",
-               delay=1.0, leave=False, disable=not progress or not sys.stderr.isatty(),
-               file=sys.stderr)  # fmt: skip
-
-    def on_progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-
     start = time.perf_counter()
-    try:
+    with _progress_bar(f"Capturing {model.name}'s decode graphs", "graph", progress) as on_progress:
         count = model.engine.prepare_decode(on_progress)
-    finally:
-        bar.close()
     if count:
         seconds = time.perf_counter() - start
         get_logger(model=model.name).info(
