@@ -2,7 +2,8 @@
 # Where a 64-sequence decode step goes, for the next kernel change: Nsight Compute's full set on
 # tcmm's gate/up product (Q4_0 28672x4096, 64 sequences, one launch after a warm-up), the
 # torch-profiler kernel table of one 8B Q4_0 and one SmolLM2 Q4_1 step at 64 sequences, and
-# SmolLM2 decode at 8-128 sequences (auto's switch for small hidden sizes).
+# SmolLM2 at 64 and 256 (matvec and tensor cores), and its decode at 8-128 sequences in both
+# modes (auto's switch for small hidden sizes).
 #   bench/device_profile.sh COMMIT
 set -u
 commit=$1
@@ -32,5 +33,11 @@ if command -v ncu >/dev/null; then
 fi
 timeout 150 python3 bench/profile_step.py --batch 64 llama3-8b:Q4_0 smollm2-135m:Q4_1 2>&1 \
   | tee "$OUT/profile-64.txt" | head -40
-timeout 120 python3 bench/decode.py --commit "$commit" --out "$OUT" smollm2-135m:Q4_1@8,16,32,64,128 \
-  2>&1 | grep -v '^{' | tail -8
+timeout 60 python3 bench/profile_step.py --batch 64 --matmul tensor-cores smollm2-135m:Q4_1 2>&1 \
+  | tee "$OUT/profile-64-smol-tc.txt" | head -25
+timeout 60 python3 bench/profile_step.py --batch 256 smollm2-135m:Q4_1 2>&1 \
+  | tee "$OUT/profile-256-smol.txt" | head -25
+for mode in auto tensor-cores; do
+  timeout 120 python3 bench/decode.py --commit "$commit" --out "$OUT" --matmul $mode \
+    smollm2-135m:Q4_1@8,16,32,64,128 2>&1 | grep -v '^{' | tail -8
+done

@@ -27,15 +27,15 @@ from bench.decode import (  # noqa: E402
     sequence_tables,
     synthetic_model,
 )
-from gpu.backends.cuda_backend import CudaBackend  # noqa: E402
+from gpu.backends.cuda_backend import DEFAULT_MATMUL, MATMUL_MODES, CudaBackend  # noqa: E402
 from gpu.batch import BatchPacker  # noqa: E402
 
 STEPS = 20
 
 
-def profile_model(path: Path, label: str, batch_size: int) -> None:
+def profile_model(path: Path, label: str, batch_size: int, matmul: str) -> None:
     device = torch.device("cuda")
-    backend = CudaBackend(path)
+    backend = CudaBackend(path, matmul=matmul)
     c = backend.config
     tables = sequence_tables(batch_size, PROMPT_TOKENS + STEPS + 2)
     backend.allocate_kv(len(tables) * len(tables[0]), BLOCK_SIZE)
@@ -60,7 +60,7 @@ def profile_model(path: Path, label: str, batch_size: int) -> None:
             totals[event.name] += event.device_time
             counts[event.name] += 1
     step_us = sum(totals.values()) / STEPS
-    print(f"\n{label} batch {batch_size}: {step_us:.1f} us of kernels per step "
+    print(f"\n{label} batch {batch_size} ({matmul}): {step_us:.1f} us of kernels per step "
           f"({sum(counts.values()) / STEPS:.0f} launches), {c.n_layers} layers")  # fmt: skip
     for name, us in sorted(totals.items(), key=lambda kv: -kv[1]):
         per_step = us / STEPS
@@ -75,10 +75,13 @@ def main() -> None:
     parser.add_argument("models", nargs="+", help="shape:quant, e.g. llama3-8b:Q4_0")
     parser.add_argument("--models-dir", type=Path, default=Path("/tmp/orcd-bench"))
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--matmul", default=DEFAULT_MATMUL, choices=list(MATMUL_MODES),
+                        help="the backend's matrix path (default: %(default)s)")
     args = parser.parse_args()
     for spec in args.models:
         shape, quant = spec.split(":")
-        profile_model(synthetic_model(args.models_dir, shape, quant), spec, args.batch)
+        profile_model(synthetic_model(args.models_dir, shape, quant), spec, args.batch,
+                      args.matmul)
 
 
 if __name__ == "__main__":
