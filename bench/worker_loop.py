@@ -11,7 +11,10 @@ on the critical path. Closed loop: C jobs in flight, a job replaced as soon as i
 replacement's XADD is not timed). `--step-ms` makes the stub's device take that long per step,
 launched asynchronously as a GPU's work is (the engine's overlap then hides host time);
 `--profile` adds a cProfile breakdown of the worker's host time (publish/JSON, detokenise,
-Redis, admission/poll, logging/metrics...). Results: bench/results/worker_loop-*.json.
+Redis, admission/poll, logging/metrics...). `--backend cuda --shape S --quant Q` (on the
+device) runs the same two loops over a real engine on a synthetic model of that shape instead
+of the stub, so the profile shows where a GPU worker's loop goes, waits on the device included
+(`synchronize`, `tolist`). Results: bench/results/worker_loop-*.json.
 """
 
 from __future__ import annotations
@@ -123,6 +126,24 @@ class StubBackend(Backend):
         return self._sampler
 
 
+def real_model(backend: str, shape: str, quant: str, max_jobs: int, folder: Path,
+               seed: int) -> LoadedModel:
+    """A synthetic model of `shape` written by `orcd synth`, loaded as `orcd worker` loads it
+    (decode graphs captured ahead)."""
+    from worker.cli import main as orcd_main
+    from worker.loaded_model import load_model, prepare_decode
+
+    name = f"synth-{shape}-{quant}".lower().replace("_", "-")
+    code = orcd_main(["synth", "--shape", shape, "--quant", quant, "--out",
+                      str(folder / f"{name}.gguf"), "--seed", str(seed), "--quiet"])
+    if code:
+        raise SystemExit(f"orcd synth failed ({code})")
+    model = load_model(name, models_dir=folder, backend=backend, progress=False,
+                       max_num_seqs=max_jobs)
+    prepare_decode(model, progress=False)
+    return model
+
+
 def stub_model(step_s: float, max_jobs: int, prefill_ahead: bool) -> LoadedModel:
     path = resolve_model(MODEL)
     with open_gguf(path) as gguf:
@@ -194,9 +215,9 @@ def worker_loop(model: LoadedModel, url: str, specs: list[JobSpec], clients: int
         while queue or worker.jobs_done < submitted:
             while queue and submitted - worker.jobs_done < clients:
                 spec = queue.pop(0)
-                job = build_job(model=MODEL, prompt=spec.prompt, temperature=0,
+                job = build_job(model=model.name, prompt=spec.prompt, temperature=0,
                                 max_tokens=spec.max_tokens)
-                submitter.xadd(keys.jobs(MODEL), {"job": job.model_dump_json(
+                submitter.xadd(keys.jobs(model.name), {"job": job.model_dump_json(
                     exclude_defaults=True)})
                 submitted += 1
             start = time.perf_counter()
@@ -281,6 +302,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs per C; the median is "
                         "reported")
     parser.add_argument("--profile", action="store_true", help="cProfile the worker's loop")
+    parser.add_argument("--backend", default="stub", choices=["stub", "cuda", "torch"],
+                        help="stub: no model (default); else a real engine on --shape/--quant")
+    parser.add_argument("--shape", default="smollm2-135m")
+    parser.add_argument("--quant", default="Q4_1")
     parser.add_argument("--name", default="worker_loop")
     args = parser.parse_args()
     if shutil.which("redis-server") is None:
@@ -295,11 +320,16 @@ def main() -> None:
     # With a device time per step the stub stands for a GPU: steps launched ahead run prefill
     # chunks and admissions too, as on a GPU (Engine.prefill_ahead), unless --decode-ahead-only.
     prefill_ahead = args.step_ms > 0 and not args.decode_ahead_only
-    model = stub_model(args.step_ms / 1000, max_jobs, prefill_ahead)
-    gc.collect()
-    gc.freeze()  # as `orcd worker` does after loading
     rows = []
     with tempfile.TemporaryDirectory() as directory:
+        if args.backend == "stub":
+            model = stub_model(args.step_ms / 1000, max_jobs, prefill_ahead)
+        else:
+            model = real_model(args.backend, args.shape, args.quant, max_jobs, Path(directory),
+                               args.seed)
+            prefill_ahead = model.engine.prefill_ahead
+        gc.collect()
+        gc.freeze()  # as `orcd worker` does after loading
         server = RedisServer(Path(directory)).start()
         try:
             warm = workload(4, args.seed + 1, prompt_range, (4, 8), 0.0)
@@ -324,7 +354,7 @@ def main() -> None:
                       file=sys.__stdout__, flush=True)
         finally:
             server.kill()
-    results = {"step_ms": args.step_ms, "prefill_ahead": prefill_ahead,
+    results = {"backend": args.backend, "step_ms": args.step_ms, "prefill_ahead": prefill_ahead,
                "prompt_tokens": prompt_range,
                "output_tokens": output_range, "jobs_per_client": args.jobs_per_client,
                "repeats": args.repeats, "max_jobs": max_jobs, "worker_options": options, "profiled": args.profile, "rows": rows}

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Where a GPU worker's loop goes under load (issue 15): bench/worker_loop.py over the real CUDA
+# engine on a synthetic model, worker against engine alone, unprofiled (median of REPEATS) and
+# then cProfiled, for SmolLM2 Q4_1 at 64 and 128 clients. Needs .whl/bin/redis-server carried.
+#   bench/device_loop.sh COMMIT
+set -u
+export PYTHONUNBUFFERED=1 PATH="$PWD/.whl/bin:$PATH"
+nvidia-smi --query-gpu=name --format=csv,noheader
+for profile in "" --profile; do
+  timeout "${LOOP_S:-150}" python3 -m bench.worker_loop --backend cuda --shape smollm2-135m \
+    --quant Q4_1 --clients "${CLIENTS:-64,128}" --repeats "${REPEATS:-2}" $profile 2>&1 \
+    | python3 -c "
+import json, sys
+for line in sys.stdin:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        print(line.rstrip()); continue
+    keep = ('clients', 'engine_tok_s', 'worker_tok_s', 'overhead_pct', 'engine_us_per_step',
+            'worker_us_per_step', 'overhead_us_per_step_runs', 'profile_us_per_step')
+    print(json.dumps({k: row[k] for k in keep if k in row}))
+"
+done
+ls bench/results/worker_loop-* | tail -2 | xargs -I{} cp {} "$OUT/"
