@@ -130,6 +130,7 @@ def engine_phase(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         itl: list[float] = []  # gaps between a request's tokens as step() returns them
         steps: list[float] = []  # step() durations (ms)
         tokens = 0
+        steady_tokens, steady_end = 0, None  # as LoadGenerator: until a client finds no job
 
         def add(spec: JobSpec, prompt: str, turn2: bool, clients=clients, live=live,
                 warm=warm, added=added) -> None:
@@ -153,6 +154,8 @@ def engine_phase(args: argparse.Namespace) -> dict[str, dict[str, float]]:
                 else:
                     spec = queue.pop(0)
                     add(spec, spec.prompt, False)
+            if steady_end is None and len(live) < clients:
+                steady_end, steady_tokens = time.perf_counter(), tokens
             began = time.perf_counter()
             outputs = engine.step()
             now = time.perf_counter()
@@ -173,7 +176,11 @@ def engine_phase(args: argparse.Namespace) -> dict[str, dict[str, float]]:
                         follow[output.request_id] = (spec, ids)
         if warm:
             continue
+        if steady_end is None:
+            steady_end, steady_tokens = time.perf_counter(), tokens
         out[str(clients)] = {"tok_s": tokens / (time.perf_counter() - start),
+                             "steady_tok_s": None if steady_end is None or steady_end <= start
+                             else steady_tokens / (steady_end - start),
                              "ttft_ms_p50": percentile(ttft, 50),
                              "ttft_ms_p99": percentile(ttft, 99),
                              "itl_ms_p50": percentile(itl, 50),
@@ -198,6 +205,7 @@ class Track:
     submitted: float
     last_id: str = "0"
     token_times: list[float] = field(default_factory=list)
+    token_counts: list[int] = field(default_factory=list)  # tokens of each token event
     text: list[str] = field(default_factory=list)
     done: dict | None = None
     error: dict | None = None
@@ -245,11 +253,14 @@ class LoadGenerator:
         start = time.perf_counter()
         free = list(range(clients or 0))
         live: set[str] = set()
+        steady_end = None  # closed loop: when a client first finds no job left to send
         while queue or live:
             now = time.perf_counter()
             if rate is None:
                 while free and queue:
                     self.submit(queue.pop(0), free.pop())
+                if free and not queue and steady_end is None:
+                    steady_end = now
             else:
                 while queue and start + arrivals[len(specs) - len(queue)] <= now:
                     self.submit(queue.pop(0), 0)
@@ -274,6 +285,7 @@ class LoadGenerator:
                     data = json.loads(fields[b"data"])
                     if kind == "token":
                         track.token_times.append(seen)
+                        track.token_counts.append(len(data["token_ids"]))
                         track.text.append(data["text"])
                     elif kind in ("done", "error"):
                         track.finals += 1
@@ -283,7 +295,10 @@ class LoadGenerator:
                         elif rate is None:
                             free.append(track.client)
             live = {j for j, tr in self.tracks.items() if tr.finals == 0}
-        return self._report(time.perf_counter() - start)
+        end = time.perf_counter()
+        if rate is None and steady_end is None:
+            steady_end = end  # the last job ended as the queue ran out: no drain
+        return self._report(end - start, start, steady_end)
 
     def _second_turn(self, first_id: str, first: Track, answer: str) -> None:
         spec = first.spec
@@ -296,8 +311,16 @@ class LoadGenerator:
         self.tracks[job_id] = Track(spec, True, first.client, time.perf_counter())
         self.r.xadd(self._stream_for(session), {"job": json.dumps(job)})
 
-    def _report(self, seconds: float) -> dict:
+    def _report(self, seconds: float, start: float, steady_end: float | None) -> dict:
+        """`steady_tok_s`: completion tokens/s while every client had a job in flight (closed
+        loop, until a client first found the queue empty): the drain after it runs the
+        long-tailed last jobs at a batch far below C."""
         tracks = list(self.tracks.values())
+        steady = None
+        if steady_end is not None and steady_end > start:
+            streamed = sum(n for t in tracks for seen, n in zip(t.token_times, t.token_counts,
+                                                                strict=True) if seen <= steady_end)
+            steady = round(streamed / (steady_end - start), 2)
         done = [t for t in tracks if t.done is not None]
         ttft = [1e3 * (t.token_times[0] - t.submitted) for t in done if t.token_times]
         itl = [1e3 * (b - a) for t in done for a, b in zip(t.token_times, t.token_times[1:],
@@ -313,6 +336,8 @@ class LoadGenerator:
             "prompt_tokens": sum(t.done["usage"]["prompt_tokens"] for t in done),
             "cached_tokens": sum(t.done["usage"]["cached_tokens"] for t in done),
             "completion_tok_s": round(tokens / seconds, 2),
+            "steady_tok_s": steady,
+            "steady_seconds": None if steady is None else round(steady_end - start, 3),
             "req_s": round(len(done) / seconds, 3),
             "ttft_ms_p50": r2(percentile(ttft, 50)), "ttft_ms_p99": r2(percentile(ttft, 99)),
             "itl_ms_p50": r2(percentile(itl, 50)), "itl_ms_p99": r2(percentile(itl, 99)),
@@ -467,6 +492,10 @@ def main() -> int:
                                                          / engine["itl_ms_p99"], 2)
                     row["worker_overhead_pct"] = round(
                         100 * (1 - row["completion_tok_s"] / engine["tok_s"]), 2)
+                    if engine.get("steady_tok_s") and row["steady_tok_s"]:
+                        row["engine_steady_tok_s"] = round(engine["steady_tok_s"], 2)
+                        row["steady_overhead_pct"] = round(
+                            100 * (1 - row["steady_tok_s"] / engine["steady_tok_s"]), 2)
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr)
             for rate in rates:
@@ -496,15 +525,17 @@ def main() -> int:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| mode | C / rate | jobs | tok/s | engine tok/s | overhead | req/s | TTFT p50/p99 ms "
-            "| ITL p50/p99 ms | engine ITL p50/p99 ms | queue p50/p99 ms | errors | lost |")
-    lines = [head, "|" + "---|" * 13]
+    head = ("| mode | C / rate | jobs | tok/s | engine tok/s | overhead | steady tok/s (engine) "
+            "| steady overhead | req/s | TTFT p50/p99 ms | ITL p50/p99 ms | engine ITL p50/p99 ms "
+            "| queue p50/p99 ms | errors | lost |")
+    lines = [head, "|" + "---|" * 15]
     for row in rows:
         load = row.get("clients", row.get("rate"))
         lines.append(
             f"| {row['mode']} | {load} | {row['jobs']} | {row['completion_tok_s']} | "
             f"{row.get('engine_tok_s', '')} | {row.get('worker_overhead_pct', '')} | "
-            f"{row['req_s']} | {row['ttft_ms_p50']} / {row['ttft_ms_p99']} | "
+            f"{row.get('steady_tok_s') or ''} ({row.get('engine_steady_tok_s', '')}) | "
+            f"{row.get('steady_overhead_pct', '')} | {row['req_s']} | {row['ttft_ms_p50']} / {row['ttft_ms_p99']} | "
             f"{row['itl_ms_p50']} / {row['itl_ms_p99']} | "
             f"{row.get('engine_itl_ms_p50', '')} / {row.get('engine_itl_ms_p99', '')} | "
             f"{row['queue_ms_p50']} / "

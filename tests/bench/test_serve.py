@@ -38,3 +38,9 @@ def test_serve_bench_runs_on_the_cpu_and_loses_nothing(tmp_path):
     # Multi-turn: second turns were submitted (more jobs than first turns) and reused KV.
     assert closed[1]["jobs"] > 6 and sum(r["cached_tokens"] for r in rows) > 0
     assert all(r["engine_tok_s"] > 0 and "worker_overhead_pct" in r for r in closed)
+    # The steady window (every client busy) ends before the run and streamed some tokens.
+    for row in closed:
+        assert 0 < row["steady_seconds"] <= row["seconds"]
+        assert row["steady_tok_s"] > 0 and row["engine_steady_tok_s"] > 0
+        assert "steady_overhead_pct" in row
+    assert rows[2]["steady_tok_s"] is None  # an open loop has no such window
