@@ -16,9 +16,9 @@ are batch-invariant (one kernel at every batch size: a sequence's logits are bit
 whatever else is in the batch); "auto" is not (a sequence's logits depend on which side of the
 crossover its batch falls).
 
-Prefill chunks and mixed batches take the prefill path: up to TC_PREFILL_MAX_TOKENS tokens, the
-same tensor-core matmuls; longer, each layer's weights are dequantised into an fp16 scratch for
-torch.matmul (cuBLAS), where a big GEMM wins. Attention is our causal flash-attention
+Prefill chunks and mixed batches take the prefill path: up to TC_PREFILL_MAX_TOKENS tokens, a
+decode's tensor-core layers (`_tc_layers`) with our prefill attention; longer, each layer's
+weights are dequantised into an fp16 scratch for torch.matmul (cuBLAS), where a big GEMM wins. Attention is our causal flash-attention
 kernel over the paged KV (prefill_attention.cu: GQA, cached prefix, tensor cores); norms,
 RoPE + KV write, SiLU, the final norm and the LM head run our kernels too. The KV pool is
 fp16; the residual stream, norms, matvec sums and attention are float32; logits are float32.
@@ -72,7 +72,20 @@ TC_MIN_BATCH_SMALL = 128
 # 64: tcmm at 256 tokens cost ~1 ms a layer on 8B Q4_0 (H200), more than the whole 512-token
 # prefill's 0.85 ms a layer through the scratch; at 64 it is ~0.35 ms.
 TC_PREFILL_MAX_TOKENS = 64
+# A/B override of TC_PREFILL_MAX_TOKENS for benchmarks (bench/decode.py records it), up to the
+# engine's token budget: the tensor-core workspace is sized for it.
+TC_PREFILL_ENV = "ORCD_TC_PREFILL_MAX_TOKENS"
 KV_DTYPE = torch.float16
+
+
+def tc_prefill_max_tokens() -> int:
+    """The longest batch (in tokens) whose matrix products the prefill path runs on tcmm."""
+    value = os.environ.get(TC_PREFILL_ENV, "")
+    if not value:
+        return TC_PREFILL_MAX_TOKENS
+    if not value.isdigit():
+        raise CudaError(f"{TC_PREFILL_ENV}={value!r}: want a token count")
+    return int(value)
 
 
 def auto_tc_min_batch(hidden_size: int) -> int:
@@ -129,6 +142,7 @@ class CudaBackend(Backend):
         # Decode batches of at least this many sequences take the tensor cores.
         self.tc_min_batch = {"matvec": 1 << 30, "tensor-cores": 1,
                              "auto": auto_tc_min_batch(c.hidden_size)}[matmul]
+        self.tc_prefill_max_tokens = tc_prefill_max_tokens()
         sm_count = multiprocessor_count()
         for linear in self.weights.linears():
             linear.tensor_core(sm_count)
@@ -169,7 +183,7 @@ class CudaBackend(Backend):
         self._table_width = -(-min(c.context_length, num_blocks * block_size) // block_size)
         n = BATCH_BUCKETS[-1]
         if self.matmul != "matvec":  # split-K partials: ~38 MB on the 8B shape, only if used
-            rows = max(n, TC_PREFILL_MAX_TOKENS)
+            rows = max(n, self.tc_prefill_max_tokens)
             needs = [op.workspace_needs(rows) for lin in self.weights.linears() for op in lin.tc]
             self._tc_workspace = TcWorkspace.sized(
                 max(p for p, _ in needs), max(t for _, t in needs), self.device
@@ -214,28 +228,16 @@ class CudaBackend(Backend):
         self.embed.lookup(hidden, w.token_embd.raw, token_ids)  # after torch's input copies
         with programmatic_launches(self.programmatic):
             if n >= self.tc_min_batch:
-                # fp16 inputs of the tensor-core matmuls: the norms write x16 themselves, the
-                # SwiGLU epilogue writes act16; only the attention output is rounded apart.
                 x16, act16 = self._half_input(n), self._half_input(n)
-                ws = self._tc_workspace
-                for layer, (k_cache, v_cache) in zip(w.layers, self.kv_cache, strict=True):
-                    self.norm(x16, hidden, layer.attn_norm)
-                    layer.qkv.tc_matmul(qkv, x16, ws)
+
+                def attend(attn, qkv, k_cache, v_cache):
                     self.rope_kv(qkv, positions, slot_mapping, self.inv_freq, k_cache, v_cache)
                     self.attention(attn, qkv, k_cache, v_cache, block_tables, context_lens,
                                    max_context)  # fmt: skip
-                    self.to_half(x16, attn, c.q_size)
-                    layer.wo.tc_matmul(hidden, x16, ws, residual=True)
-                    self.norm(x16, hidden, layer.ffn_norm)
-                    if layer.gate_up.interleaved:
-                        layer.gate_up.tc_swiglu(act16, x16, ws)
-                    else:
-                        layer.gate_up.tc_matmul(gate_up, x16, ws)
-                        self.silu(act, gate_up)
-                        self.to_half(act16, act, c.ffn_size)
-                    layer.down.tc_matmul(hidden, act16, ws, residual=True)
+
+                self._tc_layers(hidden, x16, act16, qkv, attn, act, gate_up, attend)
                 self.norm(x16, hidden, w.output_norm)
-                w.output.tc_matmul(logits, x16, ws)
+                w.output.tc_matmul(logits, x16, self._tc_workspace)
                 return
             for layer, (k_cache, v_cache) in zip(w.layers, self.kv_cache, strict=True):
                 self.norm(x, hidden, layer.attn_norm)
@@ -261,16 +263,30 @@ class CudaBackend(Backend):
         width = -(-max(c.hidden_size, c.q_size, c.ffn_size) // 8) * 8
         return torch.empty(n, width, dtype=torch.float16, device=self.device)
 
-    def _tc_linear(self, linear, y: torch.Tensor, x: torch.Tensor, x16: torch.Tensor,
-                   residual: bool = False) -> None:  # fmt: skip
-        """y = W x (+ bias) (+ y) on the tensor cores, x rounded into x16 first."""
-        self.to_half(x16, x, linear.parts[0][0].n_cols)
-        linear.tc_matmul(y, x16, self._tc_workspace, residual=residual)
-
-    def _tc_swiglu(self, linear, out: torch.Tensor, x: torch.Tensor, x16: torch.Tensor) -> None:
-        """out = silu(gate x) * (up x), interleaved gate.up, in the matmul's epilogue."""
-        self.to_half(x16, x, linear.parts[0][0].n_cols)
-        linear.tc_swiglu(out, x16, self._tc_workspace)
+    def _tc_layers(self, hidden: torch.Tensor, x16: torch.Tensor, act16: torch.Tensor,
+                   qkv: torch.Tensor, attn: torch.Tensor, act: torch.Tensor,
+                   gate_up: torch.Tensor | None,
+                   attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None],
+                   ) -> None:  # fmt: skip
+        """Every layer with its matrix products on the tensor cores, over `hidden` in place:
+        decode steps (graphed) and short prefill chunks alike; `attend(attn, qkv, k, v)` does
+        RoPE, the KV write and attention. The norms write x16 themselves and the SwiGLU
+        epilogue writes act16: the attention output is the only input rounded apart."""
+        c, ws = self.config, self._tc_workspace
+        for layer, (k_cache, v_cache) in zip(self.weights.layers, self.kv_cache, strict=True):
+            self.norm(x16, hidden, layer.attn_norm)
+            layer.qkv.tc_matmul(qkv, x16, ws)
+            attend(attn, qkv, k_cache, v_cache)
+            self.to_half(x16, attn, c.q_size)
+            layer.wo.tc_matmul(hidden, x16, ws, residual=True)
+            self.norm(x16, hidden, layer.ffn_norm)
+            if layer.gate_up.interleaved:
+                layer.gate_up.tc_swiglu(act16, x16, ws)
+            else:
+                layer.gate_up.tc_matmul(gate_up, x16, ws)
+                self.silu(act, gate_up)
+                self.to_half(act16, act, c.ffn_size)
+            layer.down.tc_matmul(hidden, act16, ws, residual=True)
 
     @torch.inference_mode()
     def prepare_decode(self, max_seqs: int, max_context: int,
@@ -340,44 +356,48 @@ class CudaBackend(Backend):
         c, w = self.config, self.weights
         n = batch.num_tokens
         hidden = torch.empty(n, c.hidden_size, dtype=torch.float32, device=self.device)
-        x = torch.empty_like(hidden)
         act = torch.empty(n, c.ffn_size, dtype=torch.float32, device=self.device)
         attn = torch.empty(n, c.q_size, dtype=torch.float32, device=self.device)
         self.embed.lookup(hidden, w.token_embd.raw, batch.token_ids)
-        # Up to TC_PREFILL_MAX_TOKENS tokens (mixed batches, short chunks) on the tensor cores:
-        # no fp16 copy of any weight; longer prompts dequantise each matrix for cuBLAS.
-        tc = self.matmul != "matvec" and n <= TC_PREFILL_MAX_TOKENS
-        x16 = self._half_input(n) if tc else None
+        # Up to tc_prefill_max_tokens tokens (mixed batches, short chunks) on the tensor cores:
+        # no fp16 copy of any weight, and half the launches of the path below.
+        if self.matmul != "matvec" and n <= self.tc_prefill_max_tokens:
+
+            def attend(attn, qkv, k_cache, v_cache):
+                self.rope_kv(qkv, batch.positions, batch.slot_mapping, self.inv_freq, k_cache,
+                             v_cache)  # fmt: skip
+                self.prefill_attention(attn, qkv, k_cache, v_cache, batch.block_tables,
+                                       batch.query_start, batch.context_lens, batch.query_lens,
+                                       batch.context_lens_host)  # fmt: skip
+
+            qkv = torch.empty(n, c.q_size + 2 * c.kv_size, dtype=torch.float32,
+                              device=self.device)  # fmt: skip
+            gate_up = None if self._fused_silu else torch.empty(
+                n, 2 * c.ffn_size, dtype=torch.float32, device=self.device)
+            self._tc_layers(hidden, self._half_input(n), self._half_input(n), qkv, attn, act,
+                            gate_up, attend)  # fmt: skip
+            return self._prefill_logits(batch, hidden)
+        x = torch.empty_like(hidden)
         for layer, (k_cache, v_cache) in zip(w.layers, self.kv_cache, strict=True):
             self.norm(x, hidden, layer.attn_norm)
-            if x16 is not None:
-                qkv = torch.empty(n, layer.qkv.n_out, dtype=torch.float32, device=self.device)
-                self._tc_linear(layer.qkv, qkv, x, x16)
-            else:
-                qkv = F.linear(x.half(), layer.qkv.dense()).float()
-                if layer.qkv.bias is not None:
-                    qkv += layer.qkv.bias
+            qkv = F.linear(x.half(), layer.qkv.dense()).float()
+            if layer.qkv.bias is not None:
+                qkv += layer.qkv.bias
             self.rope_kv(qkv, batch.positions, batch.slot_mapping, self.inv_freq, k_cache, v_cache)
             self.prefill_attention(attn, qkv, k_cache, v_cache, batch.block_tables,
                                    batch.query_start, batch.context_lens, batch.query_lens,
                                    batch.context_lens_host)  # fmt: skip
-            if x16 is not None:
-                self._tc_linear(layer.wo, hidden, attn, x16, residual=True)
-                self.norm(x, hidden, layer.ffn_norm)
-                if layer.gate_up.interleaved:
-                    self._tc_swiglu(layer.gate_up, act, x, x16)
-                else:
-                    gate_up = torch.empty(n, 2 * c.ffn_size, dtype=torch.float32,
-                                          device=self.device)  # fmt: skip
-                    self._tc_linear(layer.gate_up, gate_up, x, x16)
-                    self.silu(act, gate_up)
-                self._tc_linear(layer.down, hidden, act, x16, residual=True)
-                continue
             hidden += F.linear(attn.half(), layer.wo.dense()).float()
             self.norm(x, hidden, layer.ffn_norm)
             gate_up = F.linear(x.half(), layer.gate_up.dense()).float()
             self.silu(act, gate_up, interleaved=layer.gate_up.interleaved)
             hidden += F.linear(act.half(), layer.down.dense()).float()
+        return self._prefill_logits(batch, hidden)
+
+    def _prefill_logits(self, batch: ForwardBatch, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of the rows that want them (the last token of each finished prompt chunk
+        and each decode), through the final norm and the LM head's matvec."""
+        c, w = self.config, self.weights
         rows = hidden[batch.logits_indices].contiguous()
         if rows.shape[0] == 0:  # a prompt chunk that is not the prompt's end: no logits wanted
             return torch.empty(0, c.vocab_size, dtype=torch.float32, device=self.device)

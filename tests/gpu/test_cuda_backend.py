@@ -105,6 +105,36 @@ def test_logits_match_torch_backend(tmp_path_factory, record_property, shape_nam
     assert decode_err <= DECODE_TOL
 
 
+@pytest.mark.parametrize("limit", ["64", "512"])
+@pytest.mark.parametrize("quant", [_T.Q4_0, _T.Q4_K, _T.Q6_K, _T.F16], ids=lambda t: t.name)
+def test_long_prefill_on_either_path_matches_torch_backend(tmp_path_factory, monkeypatch, quant,
+                                                           limit):
+    """A 350-token mixed batch (two prompts, one with a cached prefix, and a decode) with the
+    tensor-core prefill limit at 64 (dequantise + cuBLAS) and at 512 (`_tc_layers`, the
+    workspace sized for it): logits as the torch backend's, then decodes on top of its KV."""
+    monkeypatch.setenv("ORCD_TC_PREFILL_MAX_TOKENS", limit)
+    path = synthetic(tmp_path_factory, "smollm2-135m", quant)
+    ours, ref = both(path)
+    assert ours.tc_prefill_max_tokens == int(limit)
+    gen = torch.Generator().manual_seed(5)
+    vocab = ref.config.vocab_size
+    a = torch.randint(0, vocab, (120,), generator=gen).tolist()
+    b = torch.randint(0, vocab, (110,), generator=gen).tolist()
+    c = torch.randint(0, vocab, (2,), generator=gen).tolist()
+    steps = [[(2, c, 0)], [(0, a[:100], 0), (1, b, 0), (2, c[1:], 1)], [(0, a[100:], 100)]]
+    errors = []
+    for seqs in steps:
+        got = ours.forward(make_batch(seqs, "cuda"))
+        want = ref.forward(make_batch(seqs, "cpu"))
+        errors.append(max_rel_error(got, want))
+    tokens = torch.randint(0, vocab, (3,), generator=gen).tolist()
+    seqs = [(0, [tokens[0]], 120), (1, [tokens[1]], 110), (2, [tokens[2]], 2)]
+    got = ours.forward(make_batch(seqs, "cuda"))
+    decode_err = max_rel_error(got, ref.forward(make_batch(seqs, "cpu")))
+    assert max(errors) <= PREFILL_TOL, errors
+    assert decode_err <= PREFILL_TOL, decode_err
+
+
 @pytest.mark.parametrize("matmul", ["tensor-cores", "auto", "matvec"])
 @pytest.mark.parametrize("quant", LLAMA_TYPES, ids=lambda t: t.name)
 def test_decode_of_64_sequences_matches_torch_backend(tmp_path_factory, quant, matmul):
