@@ -29,4 +29,4 @@ for line in sys.stdin:
 "
 done
 done
-ls bench/results/worker_loop-* | tail -2 | xargs -I{} cp {} "$OUT/"
+find bench/results -name "worker_loop-*" -newer bench/device_loop.sh -exec cp {} "$OUT/" \;
