@@ -33,12 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.results_io import git_commit  # noqa: E402
-from gpu.backends.cuda_backend import (  # noqa: E402
-    DEFAULT_MATMUL,
-    MATMUL_MODES,
-    CudaBackend,
-    tc_prefill_max_tokens,
-)
+from gpu.backends.cuda_backend import DEFAULT_MATMUL, MATMUL_MODES, CudaBackend  # noqa: E402
 from gpu.batch import BatchPacker, ForwardBatch  # noqa: E402
 from gpu.cuda import driver  # noqa: E402
 from gpu.cuda.kernel_timing import copy_bandwidth, read_bandwidth  # noqa: E402
@@ -292,7 +287,7 @@ def run_batch(backend: CudaBackend, path: Path, shape: str, quant: str, batch_si
         "kernel_defines": os.environ.get(TUNING_ENV, ""),  # compile-time overrides, if any
         "tc_ctas_per_sm": ctas_per_sm(),
         "tc_warps_n": warps_n(),
-        "tc_prefill_max_tokens": tc_prefill_max_tokens(),
+        "tc_prefill_max_tokens": backend.tc_prefill_max_tokens,
         "graph_nodes_per_layer": round((nodes - 3) / c.n_layers, 2),
         "load_s": round(load_s, 1),
         "llama_cpp_decode_tok_s": LLAMA_CPP.get((shape, quant, batch_size)),

@@ -16,8 +16,8 @@ are batch-invariant (one kernel at every batch size: a sequence's logits are bit
 whatever else is in the batch); "auto" is not (a sequence's logits depend on which side of the
 crossover its batch falls).
 
-Prefill chunks and mixed batches take the prefill path: up to TC_PREFILL_MAX_TOKENS tokens, a
-decode's tensor-core layers (`_tc_layers`) with our prefill attention; longer, each layer's
+Prefill chunks and mixed batches take the prefill path: up to TC_PREFILL_MAX_TOKENS tokens
+(TC_PREFILL_MAX_TOKENS_SMALL on small models), a decode's tensor-core layers (`_tc_layers`) with our prefill attention; longer, each layer's
 weights are dequantised into an fp16 scratch for torch.matmul (cuBLAS), where a big GEMM wins. Attention is our causal flash-attention
 kernel over the paged KV (prefill_attention.cu: GQA, cached prefix, tensor cores); norms,
 RoPE + KV write, SiLU, the final norm and the LM head run our kernels too. The KV pool is
@@ -61,28 +61,39 @@ DEFAULT_MATMUL = "auto"
 # "auto": the smallest batch that takes the tensor cores. At 8 tcmm beats the matvec on every
 # 8B Q4_0 shape (H100, 2026-12-07: gate.up 50.4 vs 163.1 us, down 29.1 vs 143.5); the 8B step
 # at 8 sequences went from 526 tok/s (matvec, 2026-11-25) to 1,603. Models with a hidden size
-# below TC_SMALL_HIDDEN have matrices too small for a tcmm launch to pay at 8: SmolLM2-135M
-# (576) decoded 4,175 tok/s at 8 with tcmm against the matvec's 6,290 and 7,880 at 64 against
-# 8,162 (H100); tcmm gave 21,898 at 256. They switch at TC_MIN_BATCH_SMALL.
+# below TC_SMALL_HIDDEN have matrices too small for a tcmm launch to pay at 8 or 16: SmolLM2-135M
+# (576) Q4_1 decode, matvec against tcmm (8 warps a CTA), H100, 2026-12-07 15:08 UTC, one call
+# (bench/results/gpu_decode-20261207-15085*-h100.json): 16 sequences 7,036 vs 5,697 tok/s,
+# 32: 7,938 vs 9,895, 64: 8,551 vs 11,981, 128: 20,105 vs 20,115. They switch at
+# TC_MIN_BATCH_SMALL.
 TC_MIN_BATCH = 8
 TC_SMALL_HIDDEN = 2048
-TC_MIN_BATCH_SMALL = 128
+TC_MIN_BATCH_SMALL = 32
 # Prefill and mixed batches of up to this many tokens run their matrix products on the tensor
 # cores too (the workspace is sized for it); longer ones dequantise each matrix for cuBLAS.
 # 64: tcmm at 256 tokens cost ~1 ms a layer on 8B Q4_0 (H200), more than the whole 512-token
 # prefill's 0.85 ms a layer through the scratch; at 64 it is ~0.35 ms.
 TC_PREFILL_MAX_TOKENS = 64
+# Below TC_SMALL_HIDDEN, every batch up to the engine's token budget (512): a small model's
+# prefill step is host-bound, and the dequantise + cuBLAS path launches about twice as many
+# kernels a layer. SmolLM2-135M Q4_1, H100, 2026-12-07 15:09-15:11 UTC, limit 64 against 512 in
+# one warm machine: pp256 10,094 vs 18,472 tok/s, pp512 20,330 vs 36,214 (36,000 in the
+# other runs of that call); the engine alone under bench/worker_loop.py's load (real CUDA
+# engine, 64 / 128 clients) 4,704 vs 5,594 and 6,912 vs 8,621 tok/s.
+TC_PREFILL_MAX_TOKENS_SMALL = 512
 # A/B override of TC_PREFILL_MAX_TOKENS for benchmarks (bench/decode.py records it), up to the
 # engine's token budget: the tensor-core workspace is sized for it.
 TC_PREFILL_ENV = "ORCD_TC_PREFILL_MAX_TOKENS"
 KV_DTYPE = torch.float16
 
 
-def tc_prefill_max_tokens() -> int:
-    """The longest batch (in tokens) whose matrix products the prefill path runs on tcmm."""
+def tc_prefill_max_tokens(hidden_size: int) -> int:
+    """The longest batch (in tokens) whose matrix products the prefill path runs on tcmm, for a
+    model's hidden size."""
     value = os.environ.get(TC_PREFILL_ENV, "")
     if not value:
-        return TC_PREFILL_MAX_TOKENS
+        small = hidden_size < TC_SMALL_HIDDEN
+        return TC_PREFILL_MAX_TOKENS_SMALL if small else TC_PREFILL_MAX_TOKENS
     if not value.isdigit():
         raise CudaError(f"{TC_PREFILL_ENV}={value!r}: want a token count")
     return int(value)
@@ -142,7 +153,7 @@ class CudaBackend(Backend):
         # Decode batches of at least this many sequences take the tensor cores.
         self.tc_min_batch = {"matvec": 1 << 30, "tensor-cores": 1,
                              "auto": auto_tc_min_batch(c.hidden_size)}[matmul]
-        self.tc_prefill_max_tokens = tc_prefill_max_tokens()
+        self.tc_prefill_max_tokens = tc_prefill_max_tokens(c.hidden_size)
         sm_count = multiprocessor_count()
         for linear in self.weights.linears():
             linear.tensor_core(sm_count)

@@ -422,5 +422,19 @@ def test_auto_takes_the_tensor_cores_later_on_small_models():
     from gpu.backends.cuda_backend import BATCH_BUCKETS, TC_MIN_BATCH_SMALL, auto_tc_min_batch
 
     assert auto_tc_min_batch(4096) == auto_tc_min_batch(2048) == 8  # 8B, TinyLlama
-    assert auto_tc_min_batch(576) == auto_tc_min_batch(896) == 128  # SmolLM2-135M, Qwen2-0.5B
+    assert auto_tc_min_batch(576) == auto_tc_min_batch(896) == 32  # SmolLM2-135M, Qwen2-0.5B
     assert TC_MIN_BATCH_SMALL in BATCH_BUCKETS  # a graph bucket starts on the tensor cores
+
+
+def test_small_models_take_the_tensor_cores_for_whole_prefill_steps(monkeypatch):
+    from gpu.backends.cuda_backend import TC_PREFILL_ENV, tc_prefill_max_tokens
+    from gpu.cuda.errors import CudaError
+
+    monkeypatch.delenv(TC_PREFILL_ENV, raising=False)
+    assert tc_prefill_max_tokens(4096) == tc_prefill_max_tokens(2048) == 64  # 8B, TinyLlama
+    assert tc_prefill_max_tokens(576) == 512  # SmolLM2-135M: the engine's token budget
+    monkeypatch.setenv(TC_PREFILL_ENV, "128")
+    assert tc_prefill_max_tokens(4096) == tc_prefill_max_tokens(576) == 128
+    monkeypatch.setenv(TC_PREFILL_ENV, "lots")
+    with pytest.raises(CudaError, match=TC_PREFILL_ENV):
+        tc_prefill_max_tokens(576)
