@@ -24,6 +24,11 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+# (grid, block, shared_mem) already checked: a step builds hundreds of configs, nearly all
+# seen before, and the check costs a few µs of host time each (bench/NOTES.md, session 11).
+_CHECKED: set[tuple] = set()
+
+
 @dataclass(frozen=True, slots=True)
 class LaunchConfig:
     """Grid, block and dynamic shared memory of one launch (x, y, z)."""
@@ -33,6 +38,9 @@ class LaunchConfig:
     shared_mem: int = 0
 
     def __post_init__(self) -> None:
+        key = (self.grid, self.block, self.shared_mem)
+        if key in _CHECKED:
+            return
         for what, dims, limits in (("grid", self.grid, MAX_GRID), ("block", self.block, MAX_BLOCK)):
             if len(dims) != 3 or any(d < 1 or d > lim for d, lim in zip(dims, limits, strict=True)):
                 raise CudaError(f"{what} {dims} is outside CUDA's limits {limits} (each >= 1)")
@@ -41,6 +49,8 @@ class LaunchConfig:
             raise CudaError(f"block {self.block} has {threads} threads, more than 1024")
         if not 0 <= self.shared_mem <= OPT_IN_SHARED_LIMIT:
             raise CudaError(f"{self.shared_mem} bytes of dynamic shared memory: over 227 KiB")
+        if len(_CHECKED) < 65536:
+            _CHECKED.add(key)
 
 
 def pointer(
@@ -58,7 +68,7 @@ def pointer(
         raise CudaError(f"{name}: a tensor is required")
     if tensor.dtype != dtype:
         raise CudaError(f"{name}: expected {dtype}, got {tensor.dtype}")
-    if tensor.device.type != "cuda":
+    if not tensor.is_cuda:
         raise CudaError(f"{name}: expected a CUDA tensor, got one on {tensor.device}")
     if tensor.dim() and tensor.stride(-1) != 1:
         raise CudaError(

@@ -160,6 +160,7 @@ class TensorCoreMatmul:
         self.splits = split_count(n_rows, n_cols, sm_count)
         self.wn = warps_n()
         self._sites: dict[int, LaunchSite] = {}
+        self._configs: dict[int, tuple[LaunchConfig, int, int]] = {}  # per sequence count
 
     def workspace_needs(self, max_seqs: int) -> tuple[int, int]:
         """(partial floats, tickets) a launch of up to max_seqs sequences uses."""
@@ -184,9 +185,12 @@ class TensorCoreMatmul:
         if y_half and not swiglu:
             raise CudaError("tcmm: an fp16 y is for the SwiGLU epilogue only")
         n_seqs = x16.shape[0]
-        config, nt, splits = tcmm_launch_config(
-            self.stem, self.n_rows, self.n_cols, n_seqs, self.sm_count, self.splits, self.wn
-        )
+        launch = self._configs.get(n_seqs)
+        if launch is None:
+            launch = self._configs[n_seqs] = tcmm_launch_config(
+                self.stem, self.n_rows, self.n_cols, n_seqs, self.sm_count, self.splits, self.wn
+            )
+        config, nt, splits = launch
         check_product_args("tcmm", self.ggml_type, self.n_rows, self.n_cols, self.row_bytes,
                            y, x16, weight, bias, residual, swiglu)  # fmt: skip
         partials, tickets = self.workspace_needs(n_seqs)
