@@ -99,6 +99,11 @@ def percentile(values: list[float], q: float) -> float | None:
 
 # ----- the engine phase -----------------------------------------------------------------------
 
+def synth_name(shape: str, quant: str) -> str:
+    """The model name a benchmark gives the synthetic file it writes for shape and quant."""
+    return f"synth-{shape}-{quant}".lower().replace("_", "-")
+
+
 def engine_phase(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     """Completion tokens/s and TTFT p50/p99 (add to first token) of `Engine` itself at each
     closed-loop C, same jobs (subprocess)."""
@@ -436,7 +441,7 @@ def main() -> int:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     with tempfile.TemporaryDirectory() as directory:
         folder = Path(directory)
-        name = f"synth-{args.shape}-{args.quant}".lower().replace("_", "-")
+        name = synth_name(args.shape, args.quant)
         synth = ["synth", "--shape", args.shape, "--quant", args.quant, "--out",
                  str(folder / f"{name}.gguf"), "--seed", str(args.seed), "--quiet"]
         if args.layers:

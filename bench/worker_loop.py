@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from bench.results_io import write_result
-from bench.serve import WORDS, JobSpec, workload
+from bench.serve import WORDS, JobSpec, synth_name, workload
 from gpu.backends.base import (
     Backend,
     PendingTokens,
@@ -133,7 +133,7 @@ def real_model(backend: str, shape: str, quant: str, max_jobs: int, folder: Path
     from worker.cli import main as orcd_main
     from worker.loaded_model import load_model, prepare_decode
 
-    name = f"synth-{shape}-{quant}".lower().replace("_", "-")
+    name = synth_name(shape, quant)
     code = orcd_main(["synth", "--shape", shape, "--quant", quant, "--out",
                       str(folder / f"{name}.gguf"), "--seed", str(seed), "--quiet"])
     if code:

@@ -17,8 +17,9 @@ whatever else is in the batch); "auto" is not (a sequence's logits depend on whi
 crossover its batch falls).
 
 Prefill chunks and mixed batches take the prefill path: up to TC_PREFILL_MAX_TOKENS tokens
-(TC_PREFILL_MAX_TOKENS_SMALL on small models), a decode's tensor-core layers (`_tc_layers`) with our prefill attention; longer, each layer's
-weights are dequantised into an fp16 scratch for torch.matmul (cuBLAS), where a big GEMM wins. Attention is our causal flash-attention
+(TC_PREFILL_MAX_TOKENS_SMALL on small models), a decode's tensor-core layers (`_tc_layers`)
+with our prefill attention; longer, each layer's weights are dequantised into an fp16 scratch
+for torch.matmul (cuBLAS), where a big GEMM wins. Attention is our causal flash-attention
 kernel over the paged KV (prefill_attention.cu: GQA, cached prefix, tensor cores); norms,
 RoPE + KV write, SiLU, the final norm and the LM head run our kernels too. The KV pool is
 fp16; the residual stream, norms, matvec sums and attention are float32; logits are float32.
