@@ -421,6 +421,9 @@ def main() -> int:
     parser.add_argument("--max-jobs", type=int, help="worker --max-jobs (default: largest C)")
     parser.add_argument("--kv-blocks", type=int)
     parser.add_argument("--redis-server", help="redis-server binary")
+    parser.add_argument("--worker-arg", action="append", default=[], metavar="ARG",
+                        help="one more argument for `orcd worker` (repeatable; A/B runs, e.g. "
+                        "--worker-arg=--no-publish-thread)")
     parser.add_argument("--no-engine", action="store_true", help="skip the engine phase")
     parser.add_argument("--engine-phase", help=argparse.SUPPRESS)  # internal: JSON args
     parser.add_argument("--name", default="serve", help="results file prefix")
@@ -465,6 +468,7 @@ def main() -> int:
                        "--max-jobs", str(max_jobs)]
         if args.kv_blocks:
             worker_args += ["--kv-blocks", str(args.kv_blocks)]
+        worker_args += args.worker_arg
         worker = subprocess.Popen(orcd(*worker_args), env=env, cwd=ROOT,
                                   stdout=subprocess.DEVNULL, stderr=log)
         rows = []
@@ -526,7 +530,8 @@ def main() -> int:
     results = {"backend": args.backend, "shape": args.shape, "quant": args.quant,
                "layers": args.layers, "max_jobs": max_jobs, "prompt_tokens": prompt_range,
                "output_tokens": output_range, "multi_turn": args.multi_turn, "seed": args.seed,
-               "jobs_per_client": args.jobs_per_client, "rows": rows}
+               "jobs_per_client": args.jobs_per_client, "worker_args": args.worker_arg,
+               "rows": rows}
     print(table(rows))
     print(write_result(args.name, results, Path(args.json) if args.json else None))
     return 0

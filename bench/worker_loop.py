@@ -295,6 +295,8 @@ def main() -> None:
                         "as bench/serve.py)")
     parser.add_argument("--cancel-check", type=float, help="the worker's cancel_check_s "
                         "(default: its own)")
+    parser.add_argument("--no-publish-thread", dest="publish_thread", action="store_false",
+                        help="the worker sends its Redis writes from the loop's thread (A/B)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--decode-ahead-only", action="store_true",
                         help="with --step-ms: steps launched ahead decode only (the engine "
@@ -317,6 +319,7 @@ def main() -> None:
     output_range = tuple(int(x) for x in args.output_tokens.split(","))
     max_jobs = args.max_jobs or max(clients_list)
     options = {} if args.cancel_check is None else {"cancel_check_s": args.cancel_check}
+    options["publish_thread"] = args.publish_thread
     # With a device time per step the stub stands for a GPU: steps launched ahead run prefill
     # chunks and admissions too, as on a GPU (Engine.prefill_ahead), unless --decode-ahead-only.
     prefill_ahead = args.step_ms > 0 and not args.decode_ahead_only

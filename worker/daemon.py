@@ -13,7 +13,10 @@ A worker's life, one loop iteration at a time:
    publish `queued` and `started`;
 3. step: one `Engine.step()`; each output becomes `token`/`done` events (`ActiveJob`); a
    running job past its deadline ends with finish_reason `deadline`;
-4. flush: every write of the iteration in one MULTI/EXEC, XACK after the job's last event;
+4. flush: every write of the iteration in one MULTI/EXEC, XACK after the job's last event,
+   sent by the publisher's writer thread (`publish_thread`, on by default) while the loop goes
+   on to the next step; without it, on the loop's thread with the next poll's reads riding in
+   the same round trip;
 5. maintain: heartbeat every second, reclaim dead workers' jobs every few seconds.
 
 Failures: an error tied to one job (its logits not finite, its detokenising, its stop strings,
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import math
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -70,6 +74,7 @@ from worker.scripts import ScriptSet
 from worker.systemd_notify import SystemdNotifier
 
 EXIT_DEVICE_LOST = 75  # EX_TEMPFAIL: the device failed; a restart (or another worker) serves on
+GIL_SWITCH_S = 0.0005  # sys.setswitchinterval with the publisher thread (Worker.open)
 
 
 @dataclass(slots=True)
@@ -94,6 +99,7 @@ class WorkerConfig:
     deadline_sweep_s: float = 1.0  # how often queued jobs past their deadline are answered
     orphan_idle_s: float = 10.0  # an entry of ours we do not run, idle this long: re-queued
     cancel_check_s: float = 0.05  # how often the running jobs' cancel keys are read
+    publish_thread: bool = True  # Redis writes sent from a thread of their own (publisher.py)
 
 
 @dataclass(slots=True)
@@ -104,6 +110,7 @@ class _PollPlan:
     capacity: int
     admit: bool
     idle: bool = False  # nothing to step: wait for new entries if none is admitted
+    sweep: bool = False  # the periodic admission call, due whatever the queue looked like
 
 
 def short(job_id: str) -> str:
@@ -175,8 +182,15 @@ class Worker:
         """Bind the worker's log context and mirror narration to Redis (`run` does this)."""
         structlog.contextvars.bind_contextvars(worker_id=self.worker_id, model=self.model.name)
         add_narration_sink(self._mirror)
+        if self.config.publish_thread:
+            # A thread waiting for the GIL asks for it after the switch interval (5 ms by
+            # default): the loop, back from waiting on the device, would wait that long behind
+            # the writer's packing. 0.5 ms bounds that wait at a small share of a step.
+            sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_S))
+            self.publisher.start_writer()  # after the bind: its log lines carry the worker
 
     def close(self) -> None:
+        self.publisher.stop_writer()
         remove_narration_sink(self._mirror)
         self.grammars.close()
         structlog.contextvars.unbind_contextvars("worker_id", "model")
@@ -334,10 +348,7 @@ class Worker:
             f"{len(held)} sessions released",
             jobs_done=self.jobs_done,
         )
-        give_up = time.monotonic() + max(2.0, self.deadline - time.monotonic())
-        while not self.publisher.flush() and time.monotonic() < give_up:
-            time.sleep(max(0.05, self.link.seconds_to_retry()))
-        if len(self.publisher):
+        if not self.publisher.drain(max(2.0, self.deadline - time.monotonic())):
             self.log.error("worker.unpublished", count=len(self.publisher),
                            narration=f"Redis stayed away: {len(self.publisher)} writes lost")
 
@@ -372,7 +383,11 @@ class Worker:
 
     def _flush(self) -> None:
         """Write the iteration's events; the next iteration's reads (cancel flags, admission)
-        ride in the same round trip when there is something to write."""
+        ride in the same round trip when there is something to write (without the writer
+        thread: with it the next poll reads on its own, while the writer sends)."""
+        if self.publisher.threaded:
+            self.publisher.flush()
+            return
         plan = self._plan_poll() if len(self.publisher) and self.link.ready() else None
         if plan is None:
             self.publisher.flush()
@@ -399,7 +414,7 @@ class Worker:
         idle = bool(capacity) and not self.engine.has_work() and not self.stopping
         if admit and not (idle and self._quiet_since is not None and not sweep):
             self._next_sweep = now + self.config.deadline_sweep_s
-        return _PollPlan(running, capacity, admit, idle)
+        return _PollPlan(running, capacity, admit, idle, sweep)
 
     def _queue_poll(self, pipe, plan: _PollPlan) -> int:
         """Queue a plan's reads on a pipeline; returns how many commands."""
@@ -422,8 +437,7 @@ class Worker:
         plan = self._plan_poll()
         if plan is None:
             return []
-        if plan.idle and not plan.running and self._quiet_since is not None \
-                and time.monotonic() < self._next_sweep:
+        if plan.idle and not plan.running and self._quiet_since is not None and not plan.sweep:
             self._wait_idle(self._quiet_since)  # nothing new since the last admission call
             return []
         pipe = self.redis.pipeline(transaction=False)
@@ -826,9 +840,7 @@ class Worker:
         )
         entries = [(job.delivery.stream, job.delivery.entry_id) for job in self.active.values()]
         self.active.clear()
-        give_up = time.monotonic() + 5.0
-        while not self.publisher.flush() and time.monotonic() < give_up:
-            time.sleep(max(0.05, self.link.seconds_to_retry()))
+        self.publisher.drain(5.0)
         try:
             if entries:
                 self.link.call(self.consumer.release, entries)

@@ -8,11 +8,21 @@ away the queue keeps growing and no event is lost; narration is the exception: p
 all-or-nothing, so a retried flush never leaves half of a step behind; if EXEC ran but its
 reply was lost, the retry writes the step twice,
 and readers drop repeated tokens by their `index` (`jobs.protocol.EventFollower`).
+
+The writer thread (`start_writer`, the worker's default): `flush()` then only wakes a thread
+that sends, so the engine's loop goes on while Redis is written: the packing of a step's
+events, their JSON (encoded at send time: a queued event's data must not be changed after),
+the round trip and Redis's own time came to ~60% of the worker's host time per step at 128
+jobs on SmolLM2 (bench/NOTES.md, "Worker host loop"). Order is kept: one queue, one sender.
+`drain()` waits until everything queued is written (shutdown, a lost device).
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
+import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -93,6 +103,7 @@ NARRATION_BUFFER = 10_000  # lines kept while Redis is away
 DEAD_MAXLEN = 100_000
 MAX_OPS_PER_FLUSH = 4096
 OUT_TTL_RUNNING_S = 24 * 3600  # an abandoned output stream still goes away eventually
+WRITER_RETRY_S = 0.05  # the writer thread's longest sleep while writes wait for Redis
 
 
 @dataclass(slots=True)
@@ -125,9 +136,74 @@ class Publisher:
         self.refused_finals: list[str] = []  # job ids whose final event another worker owns
         self._reads: list | None = None  # replies of the reads sent with the last flush
         self.unwritable: dict[str, Unwritable] = {}  # job id -> a write Redis refused
+        # Held for what both the caller's thread and the writer change.
+        self._lock = threading.Lock()
+        self._writer: threading.Thread | None = None
+        self._wake = threading.Event()
+        self._closing = False
 
     def __len__(self) -> int:
+        """Writes queued and not yet sent (those being sent count until they are)."""
         return len(self._ops)
+
+    @property
+    def threaded(self) -> bool:
+        return self._writer is not None
+
+    # ----- the writer thread ------------------------------------------------------------------
+
+    def start_writer(self) -> None:
+        """Send from a thread of this publisher's own from now on (module docstring). The
+        thread runs in a copy of the caller's context: its log lines keep the worker's bound
+        fields."""
+        if self._writer is not None:
+            return
+        self._closing = False
+        context = contextvars.copy_context()
+        self._writer = threading.Thread(target=context.run, args=(self._write_loop,),
+                                        name="orcd-publisher", daemon=True)
+        self._writer.start()
+
+    def stop_writer(self, timeout_s: float = 5.0) -> None:
+        """Stop the writer thread (after one more attempt at what is queued); `drain` first
+        to wait for everything."""
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return
+        self._closing = True
+        self._wake.set()
+        writer.join(timeout_s)
+
+    def _write_loop(self) -> None:
+        while True:
+            # Woken by flush(); the timeout retries what a lost Redis kept queued.
+            self._wake.wait(WRITER_RETRY_S)
+            self._wake.clear()
+            try:
+                sent = self._send_queued()
+            except Exception as exc:  # noqa: BLE001 - a bug here must not end the thread
+                sent = False
+                self._log.error("publisher.failed", error=repr(exc),
+                                narration=f"Sending to Redis failed ({type(exc).__name__}: "
+                                f"{exc}); the writes stay queued and are tried again")
+            if self._closing:
+                return
+            if not sent:
+                time.sleep(min(WRITER_RETRY_S, max(0.005, self.link.seconds_to_retry())))
+
+    def drain(self, timeout_s: float) -> bool:
+        """Write everything queued, from this thread or by waiting for the writer, trying for
+        up to `timeout_s` while Redis is away; whether nothing is left."""
+        give_up = time.monotonic() + timeout_s
+        while self._ops:
+            if self._writer is not None:
+                self._wake.set()
+                time.sleep(0.002)
+            elif not self._send_queued():
+                time.sleep(max(0.05, self.link.seconds_to_retry()))
+            if time.monotonic() >= give_up:
+                break
+        return not self._ops
 
     # ----- queueing ---------------------------------------------------------------------------
 
@@ -136,8 +212,9 @@ class Publisher:
         self._ops.append((method, args, kwargs))
 
     def event(self, job_id: str, kind: str, data: dict[str, Any]) -> None:
-        """Queue one event for `orcd:out:{job_id}`."""
-        self._ops.append(("event", (self.keys.out(job_id), kind, _to_json(data)), {}))
+        """Queue one event for `orcd:out:{job_id}` (`data` is encoded when sent: the caller
+        must not change it after)."""
+        self._ops.append(("event", (self.keys.out(job_id), kind, data), {}))
 
     def opened(self, job_id: str) -> None:
         """A job's first event was queued: give its stream a long safety TTL. Queue it after
@@ -148,8 +225,9 @@ class Publisher:
     def final(self, job_id: str, kind: str, data: dict[str, Any], *, stream: str, entry_id: str,
               consumer: str, attempt: int) -> None:
         """Queue a job's `done` or `error` with its acknowledgement, written only if this
-        consumer still owns the delivery (`_FINAL_IF_OWNER`): at most one final per job."""
-        args = (GROUP, consumer, entry_id, attempt, kind, _to_json(data), self.out_ttl_s)
+        consumer still owns the delivery (`_FINAL_IF_OWNER`): at most one final per job.
+        `data` is encoded when sent, as `event`'s."""
+        args = (GROUP, consumer, entry_id, attempt, kind, data, self.out_ttl_s)
         self._ops.append(("final", (stream, self.keys.out(job_id), job_id), {"args": args}))
 
     def release_session(self, session_id: str, worker_id: str) -> None:
@@ -173,10 +251,11 @@ class Publisher:
                                                             "approximate": True}))
 
     def narration(self, fields: dict[str, str]) -> None:
-        if self._narration_queued >= NARRATION_BUFFER:
-            self.narration_dropped += 1
-            return
-        self._narration_queued += 1
+        with self._lock:
+            if self._narration_queued >= NARRATION_BUFFER:
+                self.narration_dropped += 1
+                return
+            self._narration_queued += 1
         self._ops.append(("xadd", (self.keys.narration, fields),
                           {"maxlen": NARRATION_MAXLEN, "approximate": True}))
 
@@ -185,7 +264,19 @@ class Publisher:
     def flush(self, reads: Callable[[redis.client.Pipeline], int] | None = None) -> bool:
         """Send what is queued; False (and everything kept) when Redis is away. `reads`
         queues read commands (returning how many) after the last writes, in the same round
-        trip; their replies are kept for `pop_reads` (none when nothing was written)."""
+        trip; their replies are kept for `pop_reads` (none when nothing was written). With the
+        writer thread this only wakes it (no `reads`: the caller reads on its own) and says
+        whether Redis was last seen up."""
+        if self._writer is not None:
+            if reads is not None:
+                raise ValueError("reads ride with a flush only without the writer thread")
+            self._wake.set()
+            return self.link.up
+        return self._send_queued(reads)
+
+    def _send_queued(self, reads: Callable[[redis.client.Pipeline], int] | None = None
+                     ) -> bool:
+        """flush() on the calling thread."""
         self._reads = None
         while self._ops:
             if not self.link.ready():
@@ -210,7 +301,8 @@ class Publisher:
                 ops = [op for i, op in enumerate(ops) if i not in again]
                 results = [r for i, r in enumerate(results) if i not in again]
             narration = sum(1 for _, args, _ in ops if args[0] == self.keys.narration)
-            self._narration_queued -= narration
+            with self._lock:
+                self._narration_queued -= narration
             self.events_published += sum(1 for op in ops if op[0] in ("event", "xadd", "final"))
             self.events_published -= narration
             self._report_errors(ops, results)
@@ -223,7 +315,8 @@ class Publisher:
 
     def pop_refused_finals(self) -> list[str]:
         """Jobs whose final event was refused since the last call: another worker owns them."""
-        refused, self.refused_finals = self.refused_finals, []
+        with self._lock:
+            refused, self.refused_finals = self.refused_finals, []
         return refused
 
     def _send(self, ops: list[tuple[str, tuple, dict]], reads=None) -> list:
@@ -234,11 +327,13 @@ class Publisher:
             method, args, kwargs = ops[first]
             if method == "event":
                 run = ops[first:first + count]
-                blob = "".join(f"{args[1]}\n{args[2]}\n" for _, args, _ in run)
+                blob = "".join(f"{args[1]}\n{_to_json(args[2])}\n" for _, args, _ in run)
                 self._events_script.queue(pipe, [args[0] for _, args, _ in run],
                                           [EVENT_FIELD, DATA_FIELD, blob])
             elif method == "final":
-                self._final_script.queue(pipe, list(args[:2]), list(kwargs["args"]))
+                final = list(kwargs["args"])
+                final[5] = _to_json(final[5])
+                self._final_script.queue(pipe, list(args[:2]), final)
             elif method == "release_session":
                 self._release_script.queue(pipe, [args[0]], [args[1]])
             else:
@@ -260,19 +355,24 @@ class Publisher:
     def pop_unwritable(self) -> dict[str, Unwritable]:
         """Jobs whose output stream Redis refused a write to since the last call (say
         WRONGTYPE: someone wrote another type under the key); the caller ends them."""
-        failed, self.unwritable = self.unwritable, {}
+        with self._lock:
+            failed, self.unwritable = self.unwritable, {}
         return failed
 
     def _report_errors(self, ops: list, results: list) -> None:
         out_prefix = self.keys.out("")
         for (method, args, kwargs), result in zip(ops, results, strict=False):
             if method == "final" and result == 0:
-                self.refused_finals.append(args[2])
+                with self._lock:
+                    self.refused_finals.append(args[2])
             elif isinstance(result, redis.ResponseError) and method == "final":
-                self.unwritable[args[2]] = Unwritable(str(result), args[0], kwargs["args"][2])
+                with self._lock:
+                    self.unwritable[args[2]] = Unwritable(str(result), args[0],
+                                                          kwargs["args"][2])
             elif isinstance(result, redis.ResponseError) and method == "event":
                 job_id = str(args[0])[len(out_prefix):]
-                self.unwritable.setdefault(job_id, Unwritable(str(result)))
+                with self._lock:
+                    self.unwritable.setdefault(job_id, Unwritable(str(result)))
             elif isinstance(result, redis.ResponseError):
                 self._log.error(
                     "redis.write_refused",

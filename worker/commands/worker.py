@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cancel-check", type=float, default=0.05, metavar="S",
                         help="seconds between reads of the running jobs' cancel keys "
                         "(default 0.05: a cancel takes effect within that)")
+    parser.add_argument("--no-publish-thread", dest="publish_thread", action="store_false",
+                        help="send the Redis writes from the loop's own thread (default: a "
+                        "writer thread sends them while the loop runs the next step)")
     parser.add_argument("--grace", type=float, default=30.0,
                         help="seconds given to running jobs on SIGTERM (default 30)")
     parser.add_argument("--reclaim-idle", type=float, default=30.0,
@@ -109,5 +112,6 @@ def run(args: argparse.Namespace) -> int:
         stall_timeout_s=args.stall_timeout,
         priority_aging_s=args.priority_aging,
         cancel_check_s=args.cancel_check,
+        publish_thread=args.publish_thread,
     )
     return Worker(model, config, metrics=metrics).run()
