@@ -51,3 +51,40 @@ def test_a_final_refused_with_noscript_is_sent_again_after_its_tokens(redis_serv
     assert len(reads) == 1 and publisher.pop_reads() == [True]  # the reads went once
     assert r.xpending(stream, GROUP)["pending"] == 0 and r.xlen(stream) == 0
     assert not publisher.pop_refused_finals() and not publisher.pop_unwritable()
+
+
+def test_the_writer_thread_keeps_order_while_events_are_queued_and_drain_waits_for_them(
+        redis_server):
+    r = connect(redis_server.url)
+    publisher = Publisher(RedisLink(r), KEYS)
+    publisher.start_writer()
+    try:
+        for index in range(2000):  # queued while the writer sends what came before
+            publisher.event("a", "token", {"index": index})
+            if index % 50 == 0:
+                assert publisher.flush()  # only wakes the writer
+        assert publisher.drain(10.0) and len(publisher) == 0
+        assert [data["index"] for _, data in events(r, "a")] == list(range(2000))
+    finally:
+        publisher.stop_writer()
+
+
+def test_the_writer_thread_keeps_writes_while_redis_is_away_and_sends_them_after(
+        redis_server):
+    r = connect(redis_server.url)
+    publisher = Publisher(RedisLink(r), KEYS)
+    publisher.start_writer()
+    try:
+        publisher.event("a", "token", {"index": 0})
+        assert publisher.drain(5.0)
+        redis_server.kill()
+        publisher.event("a", "token", {"index": 1})
+        publisher.flush()
+        assert not publisher.drain(0.3) and len(publisher) == 1  # kept, not lost
+        redis_server.start()  # an empty Redis on the same port: the stream was lost
+        publisher.event("a", "token", {"index": 2})
+        publisher.flush()
+        assert publisher.drain(10.0)
+        assert [data["index"] for _, data in events(r, "a")] == [1, 2]
+    finally:
+        publisher.stop_writer()
