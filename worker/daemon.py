@@ -68,7 +68,7 @@ from worker.log import (
 )
 from worker.metrics import WorkerMetrics
 from worker.narration import NarrationMirror, narrate_engine_event
-from worker.publisher import Publisher, Unwritable
+from worker.publisher import READS_LOST, Publisher, Unwritable
 from worker.resume import Streamed, resumed_request, streamed_so_far
 from worker.scripts import ScriptSet
 from worker.systemd_notify import SystemdNotifier
@@ -149,6 +149,7 @@ class Worker:
         self._next_cancel_check = 0.0
         self._deadlines: dict[str, float] = {}  # running jobs that have a deadline (unix ms)
         self._polled: tuple[_PollPlan, list] | None = None  # reads sent with the last flush
+        self._poll_sent: _PollPlan | None = None  # reads handed to the publisher thread
         # Set while idle after a wait that saw nothing new: the next poll only waits again.
         self._quiet_since: dict[str, str] | None = None
         self._completions: list[float] = []  # monotonic times of recent job ends (throughput)
@@ -297,7 +298,9 @@ class Worker:
             return False
         if self.active and time.monotonic() >= self.deadline:
             self._abandon()
-        return not self.active
+        # Reads still with the publisher thread may admit jobs: those start, or are handed
+        # back, before the worker stops.
+        return not self.active and self._poll_sent is None
 
     def _abandon(self) -> None:
         """Grace period over: stop the running jobs and hand them over: they stay pending,
@@ -386,7 +389,16 @@ class Worker:
         ride in the same round trip when there is something to write (without the writer
         thread: with it the next poll reads on its own, while the writer sends)."""
         if self.publisher.threaded:
-            self.publisher.flush()
+            # While the engine has work the next poll's reads go with the writer thread's send:
+            # the loop does not wait for their round trip; it applies the replies once back.
+            plan = None
+            if self._poll_sent is None and self.engine.has_work() and self.link.ready():
+                plan = self._plan_poll()  # not idle: the engine has work
+            if plan is None:
+                self.publisher.flush()
+            else:
+                self._poll_sent = plan
+                self.publisher.flush(reads=lambda pipe: self._queue_poll(pipe, plan))
             return
         plan = self._plan_poll() if len(self.publisher) and self.link.ready() else None
         if plan is None:
@@ -431,6 +443,15 @@ class Worker:
         `block_ms` for the next entry."""
         if self._polled is not None:
             (plan, replies), self._polled = self._polled, None
+            return self._apply_poll(plan, replies)
+        if self._poll_sent is not None:
+            # With nothing to step there is nothing to overlap: wait for the replies.
+            replies = self.publisher.pop_reads(0.0 if self.engine.has_work() else 1.0)
+            if replies is None and self.publisher.threaded:
+                return []  # not back yet
+            plan, self._poll_sent = self._poll_sent, None
+            if replies is None or replies is READS_LOST:
+                return []  # not sent (Redis away): what they would have admitted stays queued
             return self._apply_poll(plan, replies)
         if not self.link.ready():
             return []

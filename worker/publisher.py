@@ -104,6 +104,7 @@ DEAD_MAXLEN = 100_000
 MAX_OPS_PER_FLUSH = 4096
 OUT_TTL_RUNNING_S = 24 * 3600  # an abandoned output stream still goes away eventually
 WRITER_RETRY_S = 0.05  # the writer thread's longest sleep while writes wait for Redis
+READS_LOST = object()  # pop_reads: the writer thread could not send a flush's reads
 
 
 @dataclass(slots=True)
@@ -141,6 +142,9 @@ class Publisher:
         self._writer: threading.Thread | None = None
         self._wake = threading.Event()
         self._closing = False
+        self._next_reads = None  # reads handed to the writer for its next send
+        self._thread_reads: list | object | None = None  # their replies, or READS_LOST
+        self._reads_ready = threading.Event()
 
     def __len__(self) -> int:
         """Writes queued and not yet sent (those being sent count until they are)."""
@@ -179,13 +183,20 @@ class Publisher:
             # Woken by flush(); the timeout retries what a lost Redis kept queued.
             self._wake.wait(WRITER_RETRY_S)
             self._wake.clear()
+            with self._lock:
+                reads, self._next_reads = self._next_reads, None
+            replies = None
             try:
-                sent = self._send_queued()
+                sent, replies = self._send_queued(reads, alone=True)
             except Exception as exc:  # noqa: BLE001 - a bug here must not end the thread
                 sent = False
                 self._log.error("publisher.failed", error=repr(exc),
                                 narration=f"Sending to Redis failed ({type(exc).__name__}: "
                                 f"{exc}); the writes stay queued and are tried again")
+            finally:
+                if reads is not None:
+                    self._thread_reads = replies if replies is not None else READS_LOST
+                    self._reads_ready.set()
             if self._closing:
                 return
             if not sent:
@@ -199,7 +210,7 @@ class Publisher:
             if self._writer is not None:
                 self._wake.set()
                 time.sleep(0.002)
-            elif not self._send_queued():
+            elif not self._send_queued()[0]:
                 time.sleep(max(0.05, self.link.seconds_to_retry()))
             if time.monotonic() >= give_up:
                 break
@@ -265,30 +276,39 @@ class Publisher:
         """Send what is queued; False (and everything kept) when Redis is away. `reads`
         queues read commands (returning how many) after the last writes, in the same round
         trip; their replies are kept for `pop_reads` (none when nothing was written). With the
-        writer thread this only wakes it (no `reads`: the caller reads on its own) and says
-        whether Redis was last seen up."""
+        writer thread this only wakes it and says whether Redis was last seen up; `reads` then
+        run on the writer thread with its next send (alone if nothing is queued), and
+        `pop_reads` gives their replies once they are back (`READS_LOST`: not sent, Redis was
+        away). One flush's reads at a time."""
         if self._writer is not None:
             if reads is not None:
-                raise ValueError("reads ride with a flush only without the writer thread")
+                with self._lock:
+                    if self._next_reads is not None:
+                        raise RuntimeError("the last flush's reads are not sent yet")
+                    self._reads_ready.clear()
+                    self._next_reads = reads
             self._wake.set()
             return self.link.up
-        return self._send_queued(reads)
+        sent, self._reads = self._send_queued(reads)
+        return sent
 
-    def _send_queued(self, reads: Callable[[redis.client.Pipeline], int] | None = None
-                     ) -> bool:
-        """flush() on the calling thread."""
-        self._reads = None
+    def _send_queued(self, reads: Callable[[redis.client.Pipeline], int] | None = None,
+                     alone: bool = False) -> tuple[bool, list | None]:
+        """Send the queue on the calling thread, `reads` after its last writes (`alone`: in a
+        round trip of their own when nothing was written); whether all went, and the reads'
+        replies (None when they were not sent)."""
+        replies = None
         while self._ops:
             if not self.link.ready():
-                return False
+                return False, None
             ops = [self._ops[i] for i in range(min(len(self._ops), MAX_OPS_PER_FLUSH))]
             last = reads if len(ops) == len(self._ops) else None
             try:
                 results = self.link.call(self._send, ops, last)
             except RedisDown:
-                return False
+                return False, None
             if last is not None:
-                self._reads = results[len(ops):]
+                replies = results[len(ops):]
                 results = results[:len(ops)]
                 reads = None  # sent: not again with script calls sent again below
             for _ in ops:
@@ -306,11 +326,26 @@ class Publisher:
             self.events_published += sum(1 for op in ops if op[0] in ("event", "xadd", "final"))
             self.events_published -= narration
             self._report_errors(ops, results)
-        return True
+        if reads is not None and alone:
+            if not self.link.ready():
+                return False, None
+            try:
+                replies = self.link.call(self._send, [], reads)
+            except RedisDown:
+                return False, None
+        return True, replies
 
-    def pop_reads(self) -> list | None:
-        """Replies of the reads sent with the last flush (None if they were not sent)."""
-        reads, self._reads = self._reads, None
+    def pop_reads(self, timeout_s: float = 0.0) -> list | object | None:
+        """Replies of the reads sent with the last flush (None if they were not sent). With
+        the writer thread: None while they are not back, waiting up to `timeout_s` for them;
+        `READS_LOST` when the writer could not send them."""
+        if self._writer is None:
+            reads, self._reads = self._reads, None
+            return reads
+        if not self._reads_ready.wait(timeout_s):
+            return None
+        self._reads_ready.clear()
+        reads, self._thread_reads = self._thread_reads, None
         return reads
 
     def pop_refused_finals(self) -> list[str]:

@@ -193,7 +193,9 @@ def test_cancel_ends_the_job_and_frees_its_kv(setup, model):
     while not final(r, job_id):
         worker.iteration()
         steps += 1
-    assert steps <= 2  # within one engine step
+    # Within a few engine steps: the cancel read goes with the publisher thread's next send
+    # and is applied on the turn after its reply (one step without the thread).
+    assert steps <= 4
     kind, done = final(r, job_id)
     assert kind == "done" and done["finish_reason"] == "cancelled"
     assert done["usage"]["completion_tokens"] < 500

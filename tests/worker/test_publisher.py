@@ -7,7 +7,7 @@ import json
 
 from jobs.keys import GROUP, Keys
 from worker.connection import RedisLink, connect
-from worker.publisher import Publisher
+from worker.publisher import READS_LOST, Publisher
 
 KEYS = Keys("pub")
 
@@ -86,5 +86,24 @@ def test_the_writer_thread_keeps_writes_while_redis_is_away_and_sends_them_after
         publisher.flush()
         assert publisher.drain(10.0)
         assert [data["index"] for _, data in events(r, "a")] == [1, 2]
+    finally:
+        publisher.stop_writer()
+
+
+def test_reads_go_with_the_writer_threads_send_or_alone_and_are_lost_only_with_redis(
+        redis_server):
+    r = connect(redis_server.url)
+    publisher = Publisher(RedisLink(r), KEYS)
+    publisher.start_writer()
+    try:
+        publisher.event("a", "token", {"index": 0})
+        assert publisher.flush(reads=lambda pipe: pipe.xlen(KEYS.out("a")) and 1)
+        assert publisher.pop_reads(5.0) == [1]  # after the write, in the same MULTI/EXEC
+        publisher.flush(reads=lambda pipe: pipe.ping() and 1)  # nothing queued: alone
+        assert publisher.pop_reads(5.0) == [True]
+        assert publisher.pop_reads(0.05) is None  # one flush's replies, given once
+        redis_server.kill()
+        publisher.flush(reads=lambda pipe: pipe.ping() and 1)
+        assert publisher.pop_reads(5.0) is READS_LOST
     finally:
         publisher.stop_writer()
