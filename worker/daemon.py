@@ -2,7 +2,8 @@
 
 A worker's life, one loop iteration at a time:
 
-1. poll: one pipeline reads the cancel keys of its running jobs (every `cancel_check_s`, 50 ms,
+1. poll: one pipeline (with the last flush while the engine has work) reads the cancel keys
+   of its running jobs (every `cancel_check_s`, 50 ms,
    not every step) and, while it has room (`max_jobs`, and the engine admitted everything it
    was given), takes exactly as many queued
    jobs as it has room for, best priority first (worker/admission.py); once a second it also
@@ -14,9 +15,9 @@ A worker's life, one loop iteration at a time:
 3. step: one `Engine.step()`; each output becomes `token`/`done` events (`ActiveJob`); a
    running job past its deadline ends with finish_reason `deadline`;
 4. flush: every write of the iteration in one MULTI/EXEC, XACK after the job's last event,
-   sent by the publisher's writer thread (`publish_thread`, on by default) while the loop goes
-   on to the next step; without it, on the loop's thread with the next poll's reads riding in
-   the same round trip;
+   with the next poll's reads riding in the same round trip; the publisher's writer thread
+   (`publish_thread`, on by default) sends it while the loop goes on to the next step and
+   applies the replies on the turn they are back; without it the loop sends it and waits;
 5. maintain: heartbeat every second, reclaim dead workers' jobs every few seconds.
 
 Failures: an error tied to one job (its logits not finite, its detokenising, its stop strings,
