@@ -383,7 +383,9 @@ class Worker:
             # the next steps (a long prompt's prefill chunks) do not hold admission back: they
             # kept new jobs 30-50 ms in the stream (queue p50 at 64 clients, H100, 2026-12-07).
             return 0
-        return max(0, self.config.max_jobs - len(self.active))
+        # An admission still with the publisher thread may start up to its capacity.
+        sent = self._poll_sent.capacity if self._poll_sent is not None else 0
+        return max(0, self.config.max_jobs - len(self.active) - sent)
 
     def _flush(self) -> None:
         """Write the iteration's events; the next iteration's reads (cancel flags, admission)
