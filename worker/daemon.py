@@ -129,8 +129,10 @@ class Worker:
         self.model = model
         self.engine = model.engine
         self.tokenizer = model.tokenizer
-        # Grammars of jobs with a response_format, compiled on their own threads.
-        self.grammars = GrammarCompiler(self.tokenizer, self.engine.config.vocab_size)
+        # Grammars of jobs with a response_format, compiled on their own threads (by the engine's
+        # process when it has one: worker/engine_process.py).
+        self.grammars = getattr(self.engine, "grammars", None) or GrammarCompiler(
+            self.tokenizer, self.engine.config.vocab_size)
         self.config = config
         self.keys = Keys(config.prefix)
         self.worker_id = config.worker_id
@@ -652,7 +654,7 @@ class Worker:
             return
         self.active[job.job_id] = active
         self.publisher.event(job.job_id, "queued", {
-            "position": self.engine.stats().waiting - 1, "queue_depth": len(self.active)})
+            "position": max(0, self.engine.stats().waiting - 1), "queue_depth": len(self.active)})
         self.publisher.opened(job.job_id)  # after the first event: the stream exists then
         started = {"worker_id": self.worker_id, "attempt": delivery.attempt}
         if streamed is not None and streamed.token_ids:  # nothing streamed: a plain restart

@@ -11,7 +11,13 @@ from jobs.limits import DEFAULT_MODEL, DEFAULT_SESSION_TTL_S
 from worker.admission import DEFAULT_AGING_S
 from worker.commands.options import add_backend_options
 from worker.daemon import Worker, WorkerConfig
-from worker.loaded_model import freeze_startup_objects, load_model, prepare_decode
+from worker.engine_process import EngineProcess
+from worker.loaded_model import (
+    freeze_startup_objects,
+    load_model,
+    prepare_decode,
+    start_engine_process,
+)
 from worker.log import configure_logging
 from worker.metrics import WorkerMetrics
 
@@ -48,6 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cancel-check", type=float, default=0.05, metavar="S",
                         help="seconds between reads of the running jobs' cancel keys "
                         "(default 0.05: a cancel takes effect within that)")
+    parser.add_argument("--engine-process", action="store_true",
+                        help="run the engine in a child process of its own, fed requests and "
+                        "returning token ids, so the worker's Redis, events and detokenising "
+                        "never hold up a step (default: in the worker's process)")
     parser.add_argument("--no-publish-thread", dest="publish_thread", action="store_false",
                         help="send the Redis writes from the loop's own thread (default: a "
                         "writer thread sends them while the loop runs the next step)")
@@ -90,13 +100,20 @@ def run(args: argparse.Namespace) -> int:
     metrics = WorkerMetrics()
     if args.metrics_port is not None:  # before loading the model: a taken port fails fast
         metrics.serve(args.metrics_port, args.metrics_host)
-    model = load_model(args.model, models_dir=args.models_dir, backend=args.backend,
-                       dtype=args.dtype, kv_blocks=args.kv_blocks, session_ttl_s=args.session_ttl,
-                       max_num_seqs=max(args.max_jobs, 1), overlap=args.overlap,
-                       priority_aging_s=args.priority_aging,
-                       matmul=args.matmul, tensor_parallel=args.tensor_parallel)
-    if args.graph_warmup:
-        prepare_decode(model)
+    options = dict(backend=args.backend, dtype=args.dtype, kv_blocks=args.kv_blocks,
+                   session_ttl_s=args.session_ttl, max_num_seqs=max(args.max_jobs, 1),
+                   overlap=args.overlap, priority_aging_s=args.priority_aging,
+                   matmul=args.matmul, tensor_parallel=args.tensor_parallel)
+    if args.engine_process:
+        if args.tensor_parallel > 1:
+            raise SystemExit("orcd worker: --engine-process does not combine with "
+                             "--tensor-parallel (its ranks are processes of the engine's own)")
+        model = start_engine_process(args.model, models_dir=args.models_dir,
+                                     graph_warmup=args.graph_warmup, **options)
+    else:
+        model = load_model(args.model, models_dir=args.models_dir, **options)
+        if args.graph_warmup:
+            prepare_decode(model)
     freeze_startup_objects()  # the model stays for the process's life: out of the GC's scans
     config = WorkerConfig(
         worker_id=args.worker_id or default_worker_id(),
@@ -114,4 +131,8 @@ def run(args: argparse.Namespace) -> int:
         cancel_check_s=args.cancel_check,
         publish_thread=args.publish_thread,
     )
-    return Worker(model, config, metrics=metrics).run()
+    try:
+        return Worker(model, config, metrics=metrics).run()
+    finally:
+        if isinstance(model.engine, EngineProcess):
+            model.engine.close()

@@ -1,0 +1,102 @@
+"""`orcd worker --engine-process` on a private redis-server with the real default model: the
+engine in a child process answers as the in-process engine does (greedy text, stop strings,
+a grammar, cancel, a bad request), and a dead engine process makes the worker exit 75 and hand
+its job to another worker, which finishes it."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from jobs import OrcdClient
+from jobs.keys import Keys
+from jobs.protocol import JobEvent
+from tests.worker.workers import WorkerProcess
+from worker.daemon import EXIT_DEVICE_LOST
+
+pytestmark = pytest.mark.slow
+KEYS = Keys()
+PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):"]
+
+
+def events(client: OrcdClient, job_id: str) -> list[JobEvent]:
+    return [JobEvent.from_entry(i, f) for i, f in client.redis.xrange(KEYS.out(job_id))]
+
+
+def engine_processes(pid: int) -> list[int]:
+    """Process ids of the spawned children of `pid` (from /proc; not multiprocessing's
+    resource tracker)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"spawn_main" in cmdline:
+                found.append(int(entry.name))
+    return found
+
+
+def test_the_engine_process_answers_as_the_engine_does(redis_server, tmp_path, reference):
+    client = OrcdClient(redis_server.url)
+    worker = WorkerProcess(redis_server.url, "ep", tmp_path, "--engine-process",
+                           "--max-jobs", "8")
+    try:
+        worker.wait_ready()
+        assert len(engine_processes(worker.process.pid)) == 1
+        greedy = {client.submit(p, max_tokens=12, temperature=0): p for p in PROMPTS}
+        schema = {"type": "object", "properties": {"n": {"type": "integer"}},
+                  "required": ["n"], "additionalProperties": False}
+        structured = client.submit("Give a number as JSON:", max_tokens=24, temperature=0,
+                                   response_format={"type": "json_schema", "json_schema": {
+                                       "name": "n", "schema": schema}})
+        long_job = client.submit("Tell me a long story", max_tokens=400, temperature=0)
+        too_long = client.submit("word " * 9000, max_tokens=4, temperature=0)
+        for job_id, prompt in greedy.items():
+            done = client.wait(job_id, timeout=120)
+            assert done.finish_reason in ("length", "stop")
+            assert done.text == reference(prompt, 12)
+        done = client.wait(structured, timeout=120)
+        assert isinstance(json.loads(done.text)["n"], int)
+        while not any(e.kind == "token" for e in events(client, long_job)):
+            time.sleep(0.02)
+        client.cancel(long_job)
+        done = client.wait(long_job, timeout=60)
+        assert done.finish_reason == "cancelled" and done.usage.completion_tokens < 400
+        final = events(client, too_long)[-1]
+        assert final.kind == "error" and final.data["code"] == "invalid_request"
+        assert "does not fit the context" in final.data["message"]
+        heartbeat = json.loads(client.redis.get(KEYS.worker("ep")))
+        assert heartbeat["kv_blocks_total"] > 0
+    finally:
+        worker.stop()
+
+
+def test_a_dead_engine_process_ends_the_worker_with_75_and_another_finishes_its_job(
+        redis_server, tmp_path):
+    client = OrcdClient(redis_server.url)
+    dying = WorkerProcess(redis_server.url, "dying", tmp_path, "--engine-process")
+    other = None
+    try:
+        dying.wait_ready()
+        job_id = client.submit("Once upon a time", max_tokens=200, temperature=0)
+        while not any(e.kind == "token" for e in events(client, job_id)):
+            time.sleep(0.02)
+        (engine_pid,) = engine_processes(dying.process.pid)
+        os.kill(engine_pid, 9)
+        assert dying.process.wait(60) == EXIT_DEVICE_LOST
+        assert "engine process is gone" in dying.log()
+        other = WorkerProcess(redis_server.url, "other", tmp_path).wait_ready()
+        done = client.wait(job_id, timeout=180)
+        assert done.finish_reason in ("length", "stop")
+        assert [e.kind for e in events(client, job_id)].count("done") == 1
+    finally:
+        dying.stop()
+        if other is not None:
+            other.stop()

@@ -1,0 +1,375 @@
+"""The engine in a process of its own (`orcd worker --engine-process`): `EngineProcess` stands
+in for `Engine` in the worker, and a child process runs the real one.
+
+Why: on a small model the engine's host loop (scheduling, packing, launches, the read) is the
+step's critical path, and whatever else runs Python in the worker's process (events,
+detokenising, JSON, Redis; on any thread, under one GIL) lengthens every step (bench/NOTES.md,
+"Worker host loop"). Here the child only steps: it takes requests and aborts from a pipe,
+steps while it has work, and sends each step's outputs (token ids, finish reasons), the
+engine's events and its stats back. The worker's process does the rest meanwhile.
+
+The child is spawned (it initialises CUDA; the worker's process never does), loads the model
+and captures the decode graphs itself, ignores SIGINT/SIGTERM (the worker drains and then
+stops it) and exits when the pipe closes (the worker died). What `Engine.add` would refuse at
+once is refused here, in the worker's process, with the same messages. Grammars compile in
+the child (`RemoteGrammars` hands it the spec and the tokens a resumed job already has).
+A step that raises in the child ends every request there (`step()` raises it here, as an
+in-process engine's would); a lost device, or the child gone, raises `DeviceLostError`.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
+from typing import Any
+
+from gpu.events import EngineEvent
+from gpu.request import DeviceLostError, Request, RequestError, StepOutput
+
+STEP_WAIT_S = 0.01  # step(): longest wait for the child's next outputs (the loop polls Redis)
+STATS_EVERY_S = 0.05  # the child sends its stats at least this often while it has work
+START_TIMEOUT_S = 1800.0  # loading and graph capture of the largest models
+
+
+@dataclass(slots=True)
+class RemoteGrammar:
+    """A response_format grammar for the child to compile: its spec and the tokens it has
+    consumed already (a resumed job's, through `structured.compiler.after_tokens`)."""
+
+    spec: Any
+    consumed: list[int] = field(default_factory=list)
+
+    def consume(self, token_id: int) -> None:
+        self.consumed.append(token_id)
+
+
+class RemoteGrammars:
+    """The worker's grammar compiler when the engine runs in the child: `submit` resolves at
+    once to a `RemoteGrammar` (the child compiles it; a failed compile ends the request there
+    with finish_reason `error`, as in-process)."""
+
+    def submit(self, spec) -> Future:
+        future: Future = Future()
+        future.set_result(RemoteGrammar(spec))
+        return future
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass(slots=True)
+class _Static:
+    """What the worker reads of an engine that never changes."""
+
+    max_model_len: int
+    session_ttl_s: float
+    vocab_size: int
+    architecture: str
+    n_layers: int
+    backend_name: str
+    device: str
+    max_num_seqs: int
+    load_seconds: float
+    graphs: int
+
+
+class EngineProcess:
+    """`Engine`'s interface as the worker uses it, over a pipe to the child (module docstring)."""
+
+    def __init__(self, load_options: dict, graph_warmup: bool = True,
+                 start_timeout_s: float = START_TIMEOUT_S) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._conn, child_conn = context.Pipe()
+        self._process = context.Process(target=_child_main, name="orcd-engine",
+                                        args=(child_conn, load_options, graph_warmup),
+                                        daemon=True)
+        self._process.start()
+        child_conn.close()
+        self._outstanding: set[str] = set()
+        self._outputs: list[StepOutput] = []
+        self._events: list[EngineEvent] = []
+        self._stats = None
+        self._waiting_fits = True
+        self._failure: BaseException | None = None
+        self._lost: DeviceLostError | None = None
+        self._replies: dict[int, Any] = {}
+        self._next_call = 0
+        self.grammars = RemoteGrammars()
+        if not self._conn.poll(start_timeout_s):
+            self.close()
+            raise RuntimeError(f"the engine process did not start in {start_timeout_s:.0f} s")
+        message = self._recv()
+        if message[0] != "ready":
+            self.close()
+            raise RuntimeError(f"the engine process failed to start: {message[1]}")
+        static: _Static = message[1]
+        self._stats = message[2]
+        self.static = static
+        self.max_model_len = static.max_model_len
+        self.session_ttl_s = static.session_ttl_s
+        self.config = SimpleNamespace(vocab_size=static.vocab_size,
+                                      architecture=static.architecture,
+                                      n_layers=static.n_layers)
+        self.backend = SimpleNamespace(name=static.backend_name, device=static.device)
+        self.scheduler = SimpleNamespace(max_num_seqs=static.max_num_seqs)
+
+    # ----- what the worker calls --------------------------------------------------------------
+
+    def add(self, request: Request) -> None:
+        """Send a request to the child; raises `RequestError` for what `Engine.add` refuses."""
+        self._check(request)
+        grammar = request.grammar
+        if isinstance(grammar, Future):
+            grammar = grammar.result()  # a RemoteGrammar: resolved at once
+        if grammar is not None and not isinstance(grammar, RemoteGrammar):
+            raise RequestError("a grammar for the engine process must come from its "
+                               "RemoteGrammars")
+        sent = replace(request, grammar=None)
+        self._send(("add", sent, (grammar.spec, grammar.consumed) if grammar else None))
+        self._outstanding.add(request.request_id)
+
+    def abort(self, request_id: str, reason: str = "abort") -> bool:
+        if request_id not in self._outstanding:
+            return False
+        self._send(("abort", request_id, reason))
+        return True
+
+    def has_work(self) -> bool:
+        return bool(self._outstanding) or bool(self._outputs)
+
+    def step(self) -> list[StepOutput]:
+        """The outputs the child sent since the last call, waiting up to `STEP_WAIT_S` for
+        some; raises what the child's step raised (once), `DeviceLostError` for good."""
+        if self._lost is not None:
+            raise self._lost
+        if not self._outputs and self._outstanding:
+            self._take(STEP_WAIT_S)
+        else:
+            self._take(0.0)
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise failure
+        if self._lost is not None:
+            raise self._lost
+        outputs, self._outputs = self._outputs, []
+        return outputs
+
+    def pop_events(self) -> list[EngineEvent]:
+        events, self._events = self._events, []
+        return events
+
+    def stats(self):
+        return self._stats
+
+    def waiting_fits(self) -> bool:
+        return self._waiting_fits
+
+    def end_session(self, session_id: str) -> bool:
+        return bool(self._call("end_session", session_id))
+
+    def session_ids(self) -> list[str]:
+        return list(self._call("session_ids"))
+
+    def prepare_decode(self, progress=None) -> int:
+        """The child captured its graphs at start (its `graph_warmup`); how many."""
+        return self.static.graphs
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop the child (it finishes nothing more) and wait for it."""
+        try:
+            self._conn.send(("stop",))
+        except (OSError, ValueError):
+            pass
+        self._process.join(timeout_s)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join(5.0)
+        self._conn.close()
+
+    # ----- the pipe ---------------------------------------------------------------------------
+
+    def _check(self, request: Request) -> None:
+        """Engine.add's refusals, with its messages."""
+        rid = request.request_id
+        if rid in self._outstanding:
+            raise RequestError(f"request {rid!r} is already in the engine")
+        prompt = request.prompt_token_ids
+        if not prompt:
+            raise RequestError(f"request {rid!r}: empty prompt")
+        if len(prompt) >= self.max_model_len:
+            raise RequestError(f"request {rid!r}: prompt of {len(prompt)} tokens does not fit "
+                               f"the context of {self.max_model_len} tokens")
+        vocab = self.config.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise RequestError(f"request {rid!r}: token ids must be in [0, {vocab})")
+        if request.max_tokens < 1:
+            raise RequestError(f"request {rid!r}: max_tokens must be >= 1")
+        request.sampling.validate()
+
+    def _send(self, message: tuple) -> None:
+        if self._lost is not None:
+            raise self._lost
+        try:
+            self._conn.send(message)
+        except (OSError, ValueError) as exc:
+            self._gone(exc)
+            raise self._lost from None
+
+    def _recv(self) -> tuple:
+        try:
+            return self._conn.recv()
+        except (EOFError, OSError) as exc:
+            self._gone(exc)
+            raise self._lost from None
+
+    def _gone(self, exc: BaseException) -> None:
+        code = self._process.exitcode
+        self._lost = DeviceLostError(f"the engine process is gone (exit status {code}: "
+                                     f"{type(exc).__name__})")
+        self._outstanding.clear()
+
+    def _take(self, wait_s: float) -> None:
+        """Apply every message waiting in the pipe, after waiting up to `wait_s` for one."""
+        try:
+            ready = self._conn.poll(wait_s)
+            while ready:
+                self._apply(self._recv())
+                ready = self._conn.poll()
+        except DeviceLostError:
+            return
+        except (EOFError, OSError) as exc:
+            self._gone(exc)
+
+    def _apply(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "out":
+            _, outputs, events, stats, fits = message
+            for output in outputs:
+                if output.finished:
+                    self._outstanding.discard(output.request_id)
+            self._outputs += outputs
+            self._events += events
+            self._stats, self._waiting_fits = stats, fits
+        elif kind == "reply":
+            self._replies[message[1]] = message[2]
+        elif kind == "failed":  # the step raised: the child ended every request
+            self._outstanding.clear()
+            self._failure = RuntimeError(message[1])
+        elif kind == "lost":
+            self._lost = DeviceLostError(message[1])
+            self._outstanding.clear()
+
+    def _call(self, name: str, *args: Any, timeout_s: float = 30.0) -> Any:
+        """A call the worker waits for (rare: sessions), answered between the child's steps."""
+        self._next_call += 1
+        call = self._next_call
+        self._send(("call", call, name, args))
+        give_up = time.monotonic() + timeout_s
+        while call not in self._replies:
+            if self._lost is not None:
+                raise self._lost
+            if time.monotonic() >= give_up:
+                raise RuntimeError(f"the engine process did not answer {name} in {timeout_s} s")
+            self._take(0.05)
+        return self._replies.pop(call)
+
+
+# ----- the child ------------------------------------------------------------------------------
+
+
+def _child_main(conn, load_options: dict, graph_warmup: bool) -> None:
+    """The engine's loop in the child process (module docstring)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker drains, then stops this process
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from structured.compiler import GrammarCompiler, after_tokens
+    from worker.loaded_model import freeze_startup_objects, load_model, prepare_decode
+    from worker.log import configure_logging
+
+    configure_logging(json=True)
+    try:
+        model = load_model(progress=False, **load_options)
+        graphs = prepare_decode(model, progress=False) if graph_warmup else 0
+        freeze_startup_objects()
+    except Exception as exc:  # noqa: BLE001 - reported to the worker, which exits with it
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    engine = model.engine
+    grammars = GrammarCompiler(model.tokenizer, engine.config.vocab_size)
+    conn.send(("ready", _Static(
+        max_model_len=engine.max_model_len, session_ttl_s=engine.session_ttl_s,
+        vocab_size=engine.config.vocab_size, architecture=engine.config.architecture,
+        n_layers=engine.config.n_layers, backend_name=engine.backend.name,
+        device=str(engine.backend.device), max_num_seqs=engine.scheduler.max_num_seqs,
+        load_seconds=model.load_seconds, graphs=graphs), engine.stats()))
+    try:
+        _serve(conn, engine, grammars, after_tokens)
+    finally:
+        grammars.close()
+
+
+def _serve(conn, engine, grammars, after_tokens) -> None:
+    """Commands in, steps, outputs out, until "stop" or the pipe closes."""
+    last_stats = 0.0
+    while True:
+        try:
+            ready = conn.poll(0.0 if engine.has_work() else 0.05)
+            while ready:
+                message = conn.recv()
+                if message[0] == "stop":
+                    return
+                _command(conn, engine, grammars, after_tokens, message)
+                ready = conn.poll()
+        except (EOFError, OSError):
+            return  # the worker is gone
+        if not engine.has_work():
+            continue
+        try:
+            outputs = engine.step()
+        except DeviceLostError as exc:
+            conn.send(("lost", str(exc)))
+            return
+        except Exception as exc:  # noqa: BLE001 - the worker fails the jobs and goes on
+            _end_everything(engine)
+            conn.send(("failed", f"{type(exc).__name__}: {exc}"))
+            continue
+        events = engine.pop_events()
+        now = time.monotonic()
+        if outputs or events or now - last_stats >= STATS_EVERY_S:
+            last_stats = now
+            conn.send(("out", outputs, events, engine.stats(), engine.waiting_fits()))
+
+
+def _command(conn, engine, grammars, after_tokens, message: tuple) -> None:
+    kind = message[0]
+    if kind == "add":
+        _, request, grammar = message
+        if grammar is not None:
+            spec, consumed = grammar
+            future = grammars.submit(spec)
+            request.grammar = after_tokens(future, consumed) if consumed else future
+        try:
+            engine.add(request)
+        except RequestError as exc:  # checked in the worker first: only a bug gets here
+            output = StepOutput(request.request_id, [], finish_reason="error")
+            output.error = str(exc)
+            conn.send(("out", [output], [], engine.stats(), engine.waiting_fits()))
+    elif kind == "abort":
+        engine.abort(message[1], message[2])
+    elif kind == "call":
+        _, call, name, args = message
+        conn.send(("reply", call, getattr(engine, name)(*args)))
+
+
+def _end_everything(engine) -> None:
+    """After a step that raised: abort every request and empty the engine."""
+    for request_id in list(engine._sequences):  # noqa: SLF001 - the engine's own registry
+        engine.abort(request_id)
+    try:
+        while engine.has_work():
+            engine.step()
+    except Exception:  # noqa: BLE001 - being emptied: nothing to save
+        pass
