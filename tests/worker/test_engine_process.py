@@ -100,3 +100,38 @@ def test_a_dead_engine_process_ends_the_worker_with_75_and_another_finishes_its_
         dying.stop()
         if other is not None:
             other.stop()
+
+
+def test_faults_in_the_engine_process_fail_one_job_or_end_the_worker(redis_server, tmp_path,
+                                                                     reference):
+    """NaN logits for one request (fault injection, in the engine's process): that job alone
+    fails with engine_error. A lost device there: the worker exits 75 and hands its jobs over."""
+    client = OrcdClient(redis_server.url)
+    worker = WorkerProcess(redis_server.url, "epn", tmp_path, "--engine-process",
+                           env={"ORCD_FAULT_INJECT": "nan=poisoned"})
+    try:
+        worker.wait_ready()
+        ids = [client.submit(p, max_tokens=10, temperature=0) for p in PROMPTS]
+        poisoned = client.submit(PROMPTS[0], max_tokens=10, temperature=0, job_id="poisoned")
+        for job_id, prompt in zip(ids, PROMPTS, strict=True):
+            assert client.wait(job_id, timeout=120).text == reference(prompt, 10)
+        final = events(client, poisoned)[-1]
+        assert final.kind == "error" and final.data["code"] == "engine_error"
+        assert "not finite" in final.data["message"]
+        assert worker.process.poll() is None
+    finally:
+        worker.stop()
+    lost = WorkerProcess(redis_server.url, "epl", tmp_path, "--engine-process",
+                         env={"ORCD_FAULT_INJECT": "device_lost_after=4"})
+    other = None
+    try:
+        lost.wait_ready()
+        job_id = client.submit(PROMPTS[1], max_tokens=10, temperature=0)
+        assert lost.process.wait(120) == EXIT_DEVICE_LOST
+        assert "worker.device_lost" in lost.log()
+        other = WorkerProcess(redis_server.url, "epo", tmp_path).wait_ready()
+        assert client.wait(job_id, timeout=120).text == reference(PROMPTS[1], 10)
+    finally:
+        lost.stop()
+        if other is not None:
+            other.stop()
