@@ -20,6 +20,7 @@ in-process engine's would); a lost device, or the child gone, raises `DeviceLost
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
 import time
 from concurrent.futures import Future
@@ -29,6 +30,17 @@ from typing import Any
 
 from gpu.events import EngineEvent
 from gpu.request import DeviceLostError, Request, RequestError, StepOutput
+from loader.gguf_file import open_gguf
+from loader.registry import resolve_model
+from tokenizer.tokenizer import GGUFTokenizer
+from worker.loaded_model import (
+    LoadedModel,
+    freeze_startup_objects,
+    load_model,
+    prepare_decode,
+    resolve_dtype,
+)
+from worker.log import configure_logging, get_logger
 
 STEP_WAIT_S = 0.01  # step(): longest wait for the child's next outputs (the loop polls Redis)
 STATS_EVERY_S = 0.05  # the child sends its stats at least this often while it has work
@@ -278,6 +290,34 @@ class EngineProcess:
         return self._replies.pop(call)
 
 
+def start_engine_process(name: str, *, models_dir: str | os.PathLike | None = None,
+                         dtype: str = "float32", graph_warmup: bool = True,
+                         **load_options: object) -> LoadedModel:
+    """`load_model` with the engine in a child process (worker/engine_process.py): the
+    tokenizer is built here, the engine there (weights, KV pool and, with `graph_warmup`, the
+    decode graphs); this waits until it is ready."""
+    log = get_logger(model=name)
+    path = resolve_model(name, models_dir)
+    start = time.perf_counter()
+    tokenizer = GGUFTokenizer.from_metadata(open_gguf(path).metadata)
+    options = {"name": name, "models_dir": models_dir, "dtype": dtype, **load_options}
+    engine = EngineProcess(options, graph_warmup=graph_warmup)
+    seconds = time.perf_counter() - start
+    stats = engine.stats()
+    log.info(
+        "model.loaded",
+        narration=f"Loaded {name} ({engine.config.architecture}, {engine.config.n_layers} "
+        f"layers) on {engine.backend.name} in an engine process of its own in {seconds:.2f} s"
+        f"; KV pool {stats.kv_blocks_total} blocks of {stats.block_size} tokens"
+        + (f", {engine.static.graphs} decode graphs captured" if engine.static.graphs else ""),
+        seconds=round(seconds, 3), backend=engine.backend.name,
+        kv_blocks=stats.kv_blocks_total, engine_process=True,
+    )
+    return LoadedModel(name, path, engine, tokenizer, seconds,
+                       resolve_dtype(dtype, str(load_options.get("backend", "auto"))))
+
+
+
 # ----- the child ------------------------------------------------------------------------------
 
 
@@ -286,8 +326,6 @@ def _child_main(conn, load_options: dict, graph_warmup: bool) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker drains, then stops this process
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from structured.compiler import GrammarCompiler, after_tokens
-    from worker.loaded_model import freeze_startup_objects, load_model, prepare_decode
-    from worker.log import configure_logging
 
     configure_logging(json=True)
     try:

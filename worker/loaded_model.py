@@ -112,35 +112,6 @@ def load_model(
     return LoadedModel(name, path, engine, tokenizer, seconds, dtype)
 
 
-def start_engine_process(name: str, *, models_dir: str | os.PathLike | None = None,
-                         dtype: str = "float32", graph_warmup: bool = True,
-                         **load_options: object) -> LoadedModel:
-    """`load_model` with the engine in a child process (worker/engine_process.py): the
-    tokenizer is built here, the engine there (weights, KV pool and, with `graph_warmup`, the
-    decode graphs); this waits until it is ready."""
-    from worker.engine_process import EngineProcess
-
-    log = get_logger(model=name)
-    path = resolve_model(name, models_dir)
-    start = time.perf_counter()
-    tokenizer = GGUFTokenizer.from_metadata(open_gguf(path).metadata)
-    options = {"name": name, "models_dir": models_dir, "dtype": dtype, **load_options}
-    engine = EngineProcess(options, graph_warmup=graph_warmup)
-    seconds = time.perf_counter() - start
-    stats = engine.stats()
-    log.info(
-        "model.loaded",
-        narration=f"Loaded {name} ({engine.config.architecture}, {engine.config.n_layers} "
-        f"layers) on {engine.backend.name} in an engine process of its own in {seconds:.2f} s"
-        f"; KV pool {stats.kv_blocks_total} blocks of {stats.block_size} tokens"
-        + (f", {engine.static.graphs} decode graphs captured" if engine.static.graphs else ""),
-        seconds=round(seconds, 3), backend=engine.backend.name,
-        kv_blocks=stats.kv_blocks_total, engine_process=True,
-    )
-    return LoadedModel(name, path, engine, tokenizer, seconds,
-                       resolve_dtype(dtype, str(load_options.get("backend", "auto"))))
-
-
 def prepare_decode(model: LoadedModel, progress: bool = True) -> int:
     """Capture the engine's decode graphs before serving (`Engine.prepare_decode`), with a
     progress bar on a terminal and a log line; returns how many."""

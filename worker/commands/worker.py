@@ -11,13 +11,8 @@ from jobs.limits import DEFAULT_MODEL, DEFAULT_SESSION_TTL_S
 from worker.admission import DEFAULT_AGING_S
 from worker.commands.options import add_backend_options
 from worker.daemon import Worker, WorkerConfig
-from worker.engine_process import EngineProcess
-from worker.loaded_model import (
-    freeze_startup_objects,
-    load_model,
-    prepare_decode,
-    start_engine_process,
-)
+from worker.engine_process import EngineProcess, start_engine_process
+from worker.loaded_model import freeze_startup_objects, load_model, prepare_decode
 from worker.log import configure_logging
 from worker.metrics import WorkerMetrics
 
