@@ -30,6 +30,7 @@ from typing import Any
 
 from gpu.events import EngineEvent
 from gpu.request import DeviceLostError, Request, RequestError, StepOutput
+from jobs.errors import OrcdError
 from loader.gguf_file import open_gguf
 from loader.registry import resolve_model
 from tokenizer.tokenizer import GGUFTokenizer
@@ -45,6 +46,11 @@ from worker.log import configure_logging, get_logger
 STEP_WAIT_S = 0.01  # step(): longest wait for the child's next outputs (the loop polls Redis)
 STATS_EVERY_S = 0.05  # the child sends its stats at least this often while it has work
 START_TIMEOUT_S = 1800.0  # loading and graph capture of the largest models
+
+
+class EngineStartError(OrcdError):
+    """The engine process did not come up: its own error (a model it cannot load, no device),
+    or it died or timed out while loading."""
 
 
 @dataclass(slots=True)
@@ -111,13 +117,21 @@ class EngineProcess:
         self._replies: dict[int, Any] = {}
         self._next_call = 0
         self.grammars = RemoteGrammars()
-        if not self._conn.poll(start_timeout_s):
+        try:
+            if not self._conn.poll(start_timeout_s):
+                raise EngineStartError(f"the engine process did not start in "
+                                       f"{start_timeout_s:.0f} s")
+            message = self._recv()
+        except DeviceLostError as exc:
             self.close()
-            raise RuntimeError(f"the engine process did not start in {start_timeout_s:.0f} s")
-        message = self._recv()
+            raise EngineStartError(f"the engine process died while loading the model ({exc}); "
+                                   "its log lines above say why") from None
+        except EngineStartError:
+            self.close()
+            raise
         if message[0] != "ready":
             self.close()
-            raise RuntimeError(f"the engine process failed to start: {message[1]}")
+            raise EngineStartError(f"the engine process failed to start: {message[1]}")
         static: _Static = message[1]
         self._stats = message[2]
         self.static = static
@@ -300,6 +314,9 @@ def start_engine_process(name: str, *, models_dir: str | os.PathLike | None = No
     path = resolve_model(name, models_dir)
     start = time.perf_counter()
     tokenizer = GGUFTokenizer.from_metadata(open_gguf(path).metadata)
+    log.info("model.loading", engine_process=True,
+             narration=f"Loading {name} in an engine process of its own: it loads the weights"
+             + (" and captures the decode graphs" if graph_warmup else "") + " before serving")
     options = {"name": name, "models_dir": models_dir, "dtype": dtype, **load_options}
     engine = EngineProcess(options, graph_warmup=graph_warmup)
     seconds = time.perf_counter() - start

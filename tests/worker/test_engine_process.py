@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from jobs import OrcdClient
 from jobs.keys import Keys
@@ -135,3 +138,14 @@ def test_faults_in_the_engine_process_fail_one_job_or_end_the_worker(redis_serve
         lost.stop()
         if other is not None:
             other.stop()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_an_engine_process_that_cannot_load_is_a_clear_error(redis_server):
+    done = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "worker", "--redis", redis_server.url,
+         "--backend", "cuda", "--engine-process"],
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "orcd worker: error: the engine process failed to start: CudaError: no CUDA" \
+        in done.stderr
