@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -149,3 +150,43 @@ def test_an_engine_process_that_cannot_load_is_a_clear_error(redis_server):
     assert done.returncode == 2
     assert "orcd worker: error: the engine process failed to start: CudaError: no CUDA" \
         in done.stderr
+
+
+def test_sessions_and_sigterm_with_the_engine_process(redis_server, tmp_path, reference):
+    """A session's second turn reuses its KV in the child, ending the session goes through the
+    child, and SIGTERM drains the running jobs (the child ignores the signal) and exits 0."""
+    client = OrcdClient(redis_server.url)
+    worker = WorkerProcess(redis_server.url, "eps", tmp_path, "--engine-process", "--grace",
+                           "60")
+    try:
+        worker.wait_ready()
+        messages = [{"role": "user", "content": "Name a color."}]
+        first = client.wait(client.submit(messages=messages, session_id="s1", max_tokens=8,
+                                          temperature=0), timeout=120)
+        messages += [{"role": "assistant", "content": first.text},
+                     {"role": "user", "content": "And another?"}]
+        second = client.wait(client.submit(messages=messages, session_id="s1", max_tokens=8,
+                                           temperature=0), timeout=120)
+        assert second.usage.cached_tokens > 0
+        assert client.end_session("s1")
+        deadline = time.monotonic() + 60
+        while "session.ended" not in worker.log():
+            assert time.monotonic() < deadline, worker.log()
+            time.sleep(0.05)
+        assert "its KV blocks are free" in worker.log()
+        jobs = {client.submit(p, max_tokens=16, temperature=0): p for p in PROMPTS}
+        while not all(any(e.kind == "token" for e in events(client, j)) for j in jobs):
+            assert time.monotonic() < deadline + 60, worker.log()
+            time.sleep(0.05)
+        (engine_pid,) = engine_processes(worker.process.pid)
+        worker.signal(signal.SIGTERM)
+        assert worker.process.wait(120) == 0
+        for job_id, prompt in jobs.items():
+            assert client.wait(job_id, timeout=5).text == reference(prompt, 16)
+        assert "worker.stopped" in worker.log()
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{engine_pid}").exists():  # stopped by the worker, not left behind
+            assert time.monotonic() < deadline, "the engine process outlived the worker"
+            time.sleep(0.05)
+    finally:
+        worker.stop()
