@@ -14,7 +14,9 @@ stops it) and exits when the pipe closes (the worker died). What `Engine.add` wo
 once is refused here, in the worker's process, with the same messages. Grammars compile in
 the child (`RemoteGrammars` hands it the spec and the tokens a resumed job already has).
 A step that raises in the child ends every request there (`step()` raises it here, as an
-in-process engine's would); a lost device, or the child gone, raises `DeviceLostError`.
+in-process engine's would); a lost device, the child gone, or nothing from it for
+`stall_timeout_s` while requests run (a stuck step: the worker's loop itself keeps turning, so
+its liveness check cannot see it) raises `DeviceLostError`.
 """
 
 from __future__ import annotations
@@ -99,7 +101,11 @@ class EngineProcess:
     """`Engine`'s interface as the worker uses it, over a pipe to the child (module docstring)."""
 
     def __init__(self, load_options: dict, graph_warmup: bool = True,
-                 start_timeout_s: float = START_TIMEOUT_S) -> None:
+                 start_timeout_s: float = START_TIMEOUT_S,
+                 stall_timeout_s: float = 300.0) -> None:
+        """`stall_timeout_s`: with requests outstanding and nothing from the child for this
+        long, its step is stuck (a hung device): `step()` raises `DeviceLostError`, as the
+        worker's own liveness check ends an in-process engine's stuck step."""
         context = multiprocessing.get_context("spawn")
         self._conn, child_conn = context.Pipe()
         self._process = context.Process(target=_child_main, name="orcd-engine",
@@ -116,6 +122,8 @@ class EngineProcess:
         self._lost: DeviceLostError | None = None
         self._replies: dict[int, Any] = {}
         self._next_call = 0
+        self._stall_timeout_s = stall_timeout_s
+        self._heard_at = time.monotonic()  # the child's last message
         self.grammars = RemoteGrammars()
         try:
             if not self._conn.poll(start_timeout_s):
@@ -156,6 +164,8 @@ class EngineProcess:
                                "RemoteGrammars")
         sent = replace(request, grammar=None)
         self._send(("add", sent, (grammar.spec, grammar.consumed) if grammar else None))
+        if not self._outstanding:
+            self._heard_at = time.monotonic()  # idle until now: the stall clock starts here
         self._outstanding.add(request.request_id)
 
     def abort(self, request_id: str, reason: str = "abort") -> bool:
@@ -180,6 +190,11 @@ class EngineProcess:
             failure, self._failure = self._failure, None
             raise failure
         if self._lost is not None:
+            raise self._lost
+        if self._outstanding and time.monotonic() - self._heard_at > self._stall_timeout_s:
+            self._lost = DeviceLostError(
+                f"the engine process sent nothing for {self._stall_timeout_s:g} s with "
+                f"{len(self._outstanding)} requests running: its step is stuck")
             raise self._lost
         outputs, self._outputs = self._outputs, []
         return outputs
@@ -271,6 +286,7 @@ class EngineProcess:
             self._gone(exc)
 
     def _apply(self, message: tuple) -> None:
+        self._heard_at = time.monotonic()
         kind = message[0]
         if kind == "out":
             _, outputs, events, stats, fits = message
@@ -306,7 +322,7 @@ class EngineProcess:
 
 def start_engine_process(name: str, *, models_dir: str | os.PathLike | None = None,
                          dtype: str = "float32", graph_warmup: bool = True,
-                         **load_options: object) -> LoadedModel:
+                         stall_timeout_s: float = 300.0, **load_options: object) -> LoadedModel:
     """`load_model` with the engine in a child process (worker/engine_process.py): the
     tokenizer is built here, the engine there (weights, KV pool and, with `graph_warmup`, the
     decode graphs); this waits until it is ready."""
@@ -318,7 +334,7 @@ def start_engine_process(name: str, *, models_dir: str | os.PathLike | None = No
              narration=f"Loading {name} in an engine process of its own: it loads the weights"
              + (" and captures the decode graphs" if graph_warmup else "") + " before serving")
     options = {"name": name, "models_dir": models_dir, "dtype": dtype, **load_options}
-    engine = EngineProcess(options, graph_warmup=graph_warmup)
+    engine = EngineProcess(options, graph_warmup=graph_warmup, stall_timeout_s=stall_timeout_s)
     seconds = time.perf_counter() - start
     stats = engine.stats()
     log.info(

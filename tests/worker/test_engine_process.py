@@ -190,3 +190,27 @@ def test_sessions_and_sigterm_with_the_engine_process(redis_server, tmp_path, re
             time.sleep(0.05)
     finally:
         worker.stop()
+
+
+def test_a_stuck_engine_process_is_a_lost_device():
+    """The child stopped mid-request (SIGSTOP, as a hung device would leave it): with nothing
+    from it for the stall timeout, step() raises DeviceLostError instead of waiting forever."""
+    from gpu.request import DeviceLostError, Request, SamplingParams
+    from worker.engine_process import EngineProcess
+
+    engine = EngineProcess({"name": "smollm2-135m", "kv_blocks": 64}, graph_warmup=False,
+                           stall_timeout_s=1.0)
+    try:
+        engine.add(Request("r", [1, 2, 3], SamplingParams(temperature=0), max_tokens=500))
+        outputs = []
+        while not outputs:
+            outputs = engine.step()
+        os.kill(engine._process.pid, signal.SIGSTOP)  # noqa: SLF001 - the child under test
+        started = time.monotonic()
+        with pytest.raises(DeviceLostError, match="its step is stuck"):
+            while time.monotonic() - started < 30:
+                engine.step()
+        assert time.monotonic() - started < 10
+    finally:
+        os.kill(engine._process.pid, signal.SIGCONT)  # noqa: SLF001
+        engine.close()

@@ -104,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit("orcd worker: --engine-process does not combine with "
                              "--tensor-parallel (its ranks are processes of the engine's own)")
         model = start_engine_process(args.model, models_dir=args.models_dir,
-                                     graph_warmup=args.graph_warmup, **options)
+                                     graph_warmup=args.graph_warmup,
+                                     stall_timeout_s=args.stall_timeout, **options)
     else:
         model = load_model(args.model, models_dir=args.models_dir, **options)
         if args.graph_warmup:
