@@ -391,8 +391,8 @@ class Worker:
 
     def _flush(self) -> None:
         """Write the iteration's events; the next iteration's reads (cancel flags, admission)
-        ride in the same round trip when there is something to write (without the writer
-        thread: with it the next poll reads on its own, while the writer sends)."""
+        ride in the same round trip: without the writer thread when there is something to
+        write, with it while the engine has work (sent alone if nothing is queued)."""
         if self.publisher.threaded:
             # While the engine has work the next poll's reads go with the writer thread's send:
             # the loop does not wait for their round trip; it applies the replies once back.
