@@ -83,8 +83,10 @@ class Server:
 
 
 class Worker:
-    def __init__(self, url: str, worker_id: str, log_dir: Path, max_jobs: int) -> None:
+    def __init__(self, url: str, worker_id: str, log_dir: Path, max_jobs: int,
+                 extra: list[str] = ()) -> None:
         self.url, self.worker_id, self.log_dir, self.max_jobs = url, worker_id, log_dir, max_jobs
+        self.extra = list(extra)
         self.process: subprocess.Popen | None = None
         self.starts = 0
 
@@ -95,7 +97,7 @@ class Worker:
             [sys.executable, "-m", "worker.cli", "worker", "--redis", self.url,
              "--id", self.worker_id, "--backend", "torch", "--heartbeat", "0.5",
              "--reclaim-idle", "2", "--kv-blocks", "512", "--max-jobs", str(self.max_jobs),
-             "--log-json"],
+             "--log-json", *self.extra],
             stdout=subprocess.DEVNULL, stderr=log,
             env={**os.environ, "OMP_NUM_THREADS": "1"},
         )
@@ -137,7 +139,7 @@ def run(args: argparse.Namespace) -> dict:
     directory = Path(tempfile.mkdtemp(prefix="orcd-soak-"))
     server = Server(directory)
     server.start()
-    workers = [Worker(server.url, f"soak-{i}", directory, args.max_jobs)
+    workers = [Worker(server.url, f"soak-{i}", directory, args.max_jobs, args.worker_arg)
                for i in range(args.workers)]
     for worker in workers:
         worker.start()
@@ -198,6 +200,7 @@ def run(args: argparse.Namespace) -> dict:
         "host_cpus": os.cpu_count(),
         "jobs": len(job_ids),
         "workers": args.workers,
+        "worker_args": args.worker_arg,
         "kill_every_s": args.kill_every,
         "seconds": round(elapsed, 1),
         "sigkills": kills,
@@ -225,6 +228,9 @@ def main() -> int:
     parser.add_argument("--kill-every", type=float, default=20.0)
     parser.add_argument("--timeout", type=float, default=560.0, help="seconds for all jobs")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--worker-arg", action="append", default=[], metavar="ARG",
+                        help="one more argument for each `orcd worker` (repeatable), e.g. "
+                        "--worker-arg=--engine-process")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()
     result = run(args)

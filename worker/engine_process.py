@@ -383,7 +383,15 @@ def _child_main(conn, load_options: dict, graph_warmup: bool) -> None:
 
 
 def _serve(conn, engine, grammars, after_tokens) -> None:
-    """Commands in, steps, outputs out, until "stop" or the pipe closes."""
+    """Commands in, steps, outputs out, until "stop" or the pipe closes (the worker gone: a
+    send to it fails, or the next read does)."""
+    try:
+        _loop(conn, engine, grammars, after_tokens)
+    except (BrokenPipeError, ConnectionResetError, EOFError):
+        return
+
+
+def _loop(conn, engine, grammars, after_tokens) -> None:
     last_stats = 0.0
     while True:
         try:

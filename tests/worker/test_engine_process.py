@@ -214,3 +214,29 @@ def test_a_stuck_engine_process_is_a_lost_device():
     finally:
         os.kill(engine._process.pid, signal.SIGCONT)  # noqa: SLF001
         engine.close()
+
+
+def exited(pid: int) -> bool:
+    """Gone, or a zombie no one has reaped yet (its parent was killed)."""
+    try:
+        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) == "Z"
+    except OSError:
+        return True
+
+
+def test_the_engine_process_ends_when_its_worker_is_killed_mid_step(redis_server, tmp_path):
+    client = OrcdClient(redis_server.url)
+    worker = WorkerProcess(redis_server.url, "epk", tmp_path, "--engine-process")
+    try:
+        worker.wait_ready()
+        job_id = client.submit("Once upon a time", max_tokens=400, temperature=0)
+        while not any(e.kind == "token" for e in events(client, job_id)):
+            time.sleep(0.02)
+        (engine_pid,) = engine_processes(worker.process.pid)
+        worker.stop()  # SIGKILL: no drain, no "stop" to the child
+        deadline = time.monotonic() + 10
+        while not exited(engine_pid):  # its next send or read finds the pipe closed
+            assert time.monotonic() < deadline, "the engine process outlived its worker"
+            time.sleep(0.05)
+    finally:
+        worker.stop()
