@@ -113,6 +113,26 @@ def stop_token_ids_of(gguf: GGUFFile) -> frozenset[int]:
     return frozenset(meta.get_int(key) for key in _STOP_TOKEN_KEYS if key in meta)
 
 
+def check_request(request: Request, duplicate: bool, max_model_len: int, vocab_size: int
+                  ) -> None:
+    """What `Engine.add` refuses, as `RequestError` (`duplicate`: its id is already in the
+    engine); worker/engine_process.py asks the same before a request leaves the worker."""
+    rid = request.request_id
+    if duplicate:
+        raise RequestError(f"request {rid!r} is already in the engine")
+    prompt = request.prompt_token_ids
+    if not prompt:
+        raise RequestError(f"request {rid!r}: empty prompt")
+    if len(prompt) >= max_model_len:
+        raise RequestError(f"request {rid!r}: prompt of {len(prompt)} tokens does not fit "
+                           f"the context of {max_model_len} tokens")
+    if min(prompt) < 0 or max(prompt) >= vocab_size:
+        raise RequestError(f"request {rid!r}: token ids must be in [0, {vocab_size})")
+    if request.max_tokens < 1:
+        raise RequestError(f"request {rid!r}: max_tokens must be >= 1")
+    request.sampling.validate()
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
 
 
@@ -250,24 +270,9 @@ class Engine:
 
     def add(self, request: Request) -> None:
         """Queue a request; raises `RequestError` if it can never run."""
-        if request.request_id in self._sequences:
-            raise RequestError(f"request {request.request_id!r} is already in the engine")
+        check_request(request, request.request_id in self._sequences, self.max_model_len,
+                      self.config.vocab_size)
         prompt = list(request.prompt_token_ids)
-        if not prompt:
-            raise RequestError(f"request {request.request_id!r}: empty prompt")
-        if len(prompt) >= self.max_model_len:
-            raise RequestError(
-                f"request {request.request_id!r}: prompt of {len(prompt)} tokens does not fit "
-                f"the context of {self.max_model_len} tokens"
-            )
-        vocab = self.config.vocab_size
-        if min(prompt) < 0 or max(prompt) >= vocab:
-            raise RequestError(
-                f"request {request.request_id!r}: token ids must be in [0, {vocab})"
-            )
-        if request.max_tokens < 1:
-            raise RequestError(f"request {request.request_id!r}: max_tokens must be >= 1")
-        request.sampling.validate()
         seq = Sequence(request=request, token_ids=prompt, num_prompt_tokens=len(prompt))
         self._sequences[request.request_id] = seq
         if isinstance(request.grammar, Future):

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 from typing import Any
 
+from gpu.engine import check_request
 from gpu.events import EngineEvent
 from gpu.request import DeviceLostError, Request, RequestError, StepOutput
 from jobs.errors import OrcdError
@@ -155,7 +156,8 @@ class EngineProcess:
 
     def add(self, request: Request) -> None:
         """Send a request to the child; raises `RequestError` for what `Engine.add` refuses."""
-        self._check(request)
+        check_request(request, request.request_id in self._outstanding, self.max_model_len,
+                      self.config.vocab_size)
         grammar = request.grammar
         if isinstance(grammar, Future):
             grammar = grammar.result()  # a RemoteGrammar: resolved at once
@@ -232,24 +234,6 @@ class EngineProcess:
         self._conn.close()
 
     # ----- the pipe ---------------------------------------------------------------------------
-
-    def _check(self, request: Request) -> None:
-        """Engine.add's refusals, with its messages."""
-        rid = request.request_id
-        if rid in self._outstanding:
-            raise RequestError(f"request {rid!r} is already in the engine")
-        prompt = request.prompt_token_ids
-        if not prompt:
-            raise RequestError(f"request {rid!r}: empty prompt")
-        if len(prompt) >= self.max_model_len:
-            raise RequestError(f"request {rid!r}: prompt of {len(prompt)} tokens does not fit "
-                               f"the context of {self.max_model_len} tokens")
-        vocab = self.config.vocab_size
-        if min(prompt) < 0 or max(prompt) >= vocab:
-            raise RequestError(f"request {rid!r}: token ids must be in [0, {vocab})")
-        if request.max_tokens < 1:
-            raise RequestError(f"request {rid!r}: max_tokens must be >= 1")
-        request.sampling.validate()
 
     def _send(self, message: tuple) -> None:
         if self._lost is not None:
