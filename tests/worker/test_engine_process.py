@@ -31,6 +31,14 @@ def events(client: OrcdClient, job_id: str) -> list[JobEvent]:
     return [JobEvent.from_entry(i, f) for i, f in client.redis.xrange(KEYS.out(job_id))]
 
 
+def first_token(client: OrcdClient, job_id: str, timeout_s: float = 60.0) -> None:
+    """Wait until the job has streamed a token."""
+    deadline = time.monotonic() + timeout_s
+    while not any(e.kind == "token" for e in events(client, job_id)):
+        assert time.monotonic() < deadline, f"no token of {job_id} in {timeout_s:g} s"
+        time.sleep(0.02)
+
+
 def engine_processes(pid: int) -> list[int]:
     """Process ids of the spawned children of `pid` (from /proc; not multiprocessing's
     resource tracker)."""
@@ -68,8 +76,7 @@ def test_the_engine_process_answers_as_the_engine_does(redis_server, tmp_path, r
             assert done.text == reference(prompt, 12)
         done = client.wait(structured, timeout=120)
         assert isinstance(json.loads(done.text)["n"], int)
-        while not any(e.kind == "token" for e in events(client, long_job)):
-            time.sleep(0.02)
+        first_token(client, long_job)
         client.cancel(long_job)
         done = client.wait(long_job, timeout=60)
         assert done.finish_reason == "cancelled" and done.usage.completion_tokens < 400
@@ -90,8 +97,7 @@ def test_a_dead_engine_process_ends_the_worker_with_75_and_another_finishes_its_
     try:
         dying.wait_ready()
         job_id = client.submit("Once upon a time", max_tokens=200, temperature=0)
-        while not any(e.kind == "token" for e in events(client, job_id)):
-            time.sleep(0.02)
+        first_token(client, job_id)
         (engine_pid,) = engine_processes(dying.process.pid)
         os.kill(engine_pid, 9)
         assert dying.process.wait(60) == EXIT_DEVICE_LOST
@@ -230,8 +236,7 @@ def test_the_engine_process_ends_when_its_worker_is_killed_mid_step(redis_server
     try:
         worker.wait_ready()
         job_id = client.submit("Once upon a time", max_tokens=400, temperature=0)
-        while not any(e.kind == "token" for e in events(client, job_id)):
-            time.sleep(0.02)
+        first_token(client, job_id)
         (engine_pid,) = engine_processes(worker.process.pid)
         worker.stop()  # SIGKILL: no drain, no "stop" to the child
         deadline = time.monotonic() + 10

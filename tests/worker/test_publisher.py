@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from jobs.keys import GROUP, Keys
 from worker.connection import RedisLink, connect
 from worker.publisher import READS_LOST, Publisher
@@ -53,57 +55,52 @@ def test_a_final_refused_with_noscript_is_sent_again_after_its_tokens(redis_serv
     assert not publisher.pop_refused_finals() and not publisher.pop_unwritable()
 
 
-def test_the_writer_thread_keeps_order_while_events_are_queued_and_drain_waits_for_them(
-        redis_server):
+@pytest.fixture
+def threaded(redis_server):
+    """A publisher sending from its writer thread, and its client."""
     r = connect(redis_server.url)
     publisher = Publisher(RedisLink(r), KEYS)
     publisher.start_writer()
-    try:
-        for index in range(2000):  # queued while the writer sends what came before
-            publisher.event("a", "token", {"index": index})
-            if index % 50 == 0:
-                assert publisher.flush()  # only wakes the writer
-        assert publisher.drain(10.0) and len(publisher) == 0
-        assert [data["index"] for _, data in events(r, "a")] == list(range(2000))
-    finally:
-        publisher.stop_writer()
+    yield publisher, r
+    publisher.stop_writer()
+
+
+def test_the_writer_thread_keeps_order_while_events_are_queued_and_drain_waits_for_them(
+        threaded):
+    publisher, r = threaded
+    for index in range(2000):  # queued while the writer sends what came before
+        publisher.event("a", "token", {"index": index})
+        if index % 50 == 0:
+            assert publisher.flush()  # only wakes the writer
+    assert publisher.drain(10.0) and len(publisher) == 0
+    assert [data["index"] for _, data in events(r, "a")] == list(range(2000))
 
 
 def test_the_writer_thread_keeps_writes_while_redis_is_away_and_sends_them_after(
-        redis_server):
-    r = connect(redis_server.url)
-    publisher = Publisher(RedisLink(r), KEYS)
-    publisher.start_writer()
-    try:
-        publisher.event("a", "token", {"index": 0})
-        assert publisher.drain(5.0)
-        redis_server.kill()
-        publisher.event("a", "token", {"index": 1})
-        publisher.flush()
-        assert not publisher.drain(0.3) and len(publisher) == 1  # kept, not lost
-        redis_server.start()  # an empty Redis on the same port: the stream was lost
-        publisher.event("a", "token", {"index": 2})
-        publisher.flush()
-        assert publisher.drain(10.0)
-        assert [data["index"] for _, data in events(r, "a")] == [1, 2]
-    finally:
-        publisher.stop_writer()
+        threaded, redis_server):
+    publisher, r = threaded
+    publisher.event("a", "token", {"index": 0})
+    assert publisher.drain(5.0)
+    redis_server.kill()
+    publisher.event("a", "token", {"index": 1})
+    publisher.flush()
+    assert not publisher.drain(0.3) and len(publisher) == 1  # kept, not lost
+    redis_server.start()  # an empty Redis on the same port: the stream was lost
+    publisher.event("a", "token", {"index": 2})
+    publisher.flush()
+    assert publisher.drain(10.0)
+    assert [data["index"] for _, data in events(r, "a")] == [1, 2]
 
 
 def test_reads_go_with_the_writer_threads_send_or_alone_and_are_lost_only_with_redis(
-        redis_server):
-    r = connect(redis_server.url)
-    publisher = Publisher(RedisLink(r), KEYS)
-    publisher.start_writer()
-    try:
-        publisher.event("a", "token", {"index": 0})
-        assert publisher.flush(reads=lambda pipe: pipe.xlen(KEYS.out("a")) and 1)
-        assert publisher.pop_reads(5.0) == [1]  # after the write, in the same MULTI/EXEC
-        publisher.flush(reads=lambda pipe: pipe.ping() and 1)  # nothing queued: alone
-        assert publisher.pop_reads(5.0) == [True]
-        assert publisher.pop_reads(0.05) is None  # one flush's replies, given once
-        redis_server.kill()
-        publisher.flush(reads=lambda pipe: pipe.ping() and 1)
-        assert publisher.pop_reads(5.0) is READS_LOST
-    finally:
-        publisher.stop_writer()
+        threaded, redis_server):
+    publisher, _ = threaded
+    publisher.event("a", "token", {"index": 0})
+    assert publisher.flush(reads=lambda pipe: pipe.xlen(KEYS.out("a")) and 1)
+    assert publisher.pop_reads(5.0) == [1]  # after the write, in the same MULTI/EXEC
+    publisher.flush(reads=lambda pipe: pipe.ping() and 1)  # nothing queued: alone
+    assert publisher.pop_reads(5.0) == [True]
+    assert publisher.pop_reads(0.05) is None  # one flush's replies, given once
+    redis_server.kill()
+    publisher.flush(reads=lambda pipe: pipe.ping() and 1)
+    assert publisher.pop_reads(5.0) is READS_LOST
