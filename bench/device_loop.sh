@@ -16,17 +16,8 @@ timeout 60 python3 bench/decode.py --commit "$1" --out "$OUT" smollm2-135m:Q4_1@
 for profile in "" ${PROFILE---profile}; do
   timeout "${LOOP_S:-150}" python3 -m bench.worker_loop --backend cuda --shape smollm2-135m \
     --quant Q4_1 --clients "${CLIENTS:-64,128}" --repeats "${REPEATS:-2}" $profile 2>&1 \
-    | python3 -c "
-import json, sys
-for line in sys.stdin:
-    try:
-        row = json.loads(line)
-    except ValueError:
-        print(line.rstrip()); continue
-    keep = ('clients', 'engine_tok_s', 'worker_tok_s', 'overhead_pct', 'engine_us_per_step',
-            'worker_us_per_step', 'overhead_us_per_step_runs', 'profile_us_per_step')
-    print(json.dumps({k: row[k] for k in keep if k in row}))
-"
+    | python3 -m bench.json_rows clients engine_tok_s worker_tok_s overhead_pct engine_us_per_step \
+      worker_us_per_step overhead_us_per_step_runs profile_us_per_step
 done
 done
 find bench/results -name "worker_loop-*" -newer bench/device_loop.sh -exec cp {} "$OUT/" \;

@@ -10,17 +10,9 @@ nvidia-smi --query-gpu=name --format=csv,noheader
 for mode in "" --no-publish-thread; do
   echo "== worker_loop ${mode:-(publisher thread)}"
   timeout 150 python3 -m bench.worker_loop --backend cuda --shape smollm2-135m --quant Q4_1 \
-    --clients 64,128 --repeats 2 $mode 2>&1 | python3 -c "
-import json, sys
-for line in sys.stdin:
-    try:
-        row = json.loads(line)
-    except ValueError:
-        print(line.rstrip()); continue
-    keep = ('clients', 'engine_tok_s', 'worker_tok_s', 'overhead_pct', 'engine_us_per_step',
-            'worker_us_per_step', 'overhead_us_per_step_runs')
-    print(json.dumps({k: row[k] for k in keep if k in row}))
-"
+    --clients 64,128 --repeats 2 $mode 2>&1 \
+    | python3 -m bench.json_rows clients engine_tok_s worker_tok_s overhead_pct engine_us_per_step \
+      worker_us_per_step overhead_us_per_step_runs
 done
 timeout 200 python3 bench/serve.py --backend cuda --shape smollm2-135m --quant Q4_1 \
   --clients 1,16,64,128 --jobs-per-client "${JOBS:-12}" --redis-server .whl/bin/redis-server \
