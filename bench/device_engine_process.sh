@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The serving rows with the engine in a process of its own (issue 15) that session 12 had no
 # device time left for: bench/serve.py at 64 and 128 clients with `--engine-process`, beside
-# the default (in-process) worker in the same call, after the engine process's GPU test. A
+# the in-process worker (`--no-engine-process`) in the same call, after the engine process's GPU test. A
 # model takes 3-4 minutes: one call per model keeps a call under the 10-minute limit. Needs
 # .whl (redis-server in .whl/bin) carried.
 #   bench/device_engine_process.sh COMMIT 8b|smol
@@ -15,10 +15,10 @@ export PYTHONUNBUFFERED=1 PATH="$PWD/.whl/bin:$PATH" ORCD_COMMIT=$1
 nvidia-smi --query-gpu=name --format=csv,noheader
 timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider -p no:xdist \
   tests/gpu/test_engine_process_cuda.py 2>&1 | tail -3
-for mode in --engine-process ""; do
-  echo "== $shape $quant ${mode:-in-process}"
+for mode in --engine-process --no-engine-process; do
+  echo "== $shape $quant $mode"
   timeout 230 python3 bench/serve.py --backend cuda --shape "$shape" --quant "$quant" \
     --clients 64,128 --jobs-per-client "$jobs" --redis-server .whl/bin/redis-server \
-    ${mode:+--worker-arg=$mode} --json "$OUT/serve-$shape${mode:+-engine-process}.json" 2>&1 \
+    --worker-arg=$mode --json "$OUT/serve-$shape$mode.json" 2>&1 \
     | grep -v '^{\|^engine C=\|^wrote' | tail -5
 done

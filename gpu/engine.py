@@ -136,6 +136,11 @@ def check_request(request: Request, duplicate: bool, max_model_len: int, vocab_s
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
 
 
+def uses_cuda(kind: str) -> bool:
+    """Whether backend `kind` ("auto", "torch" or "cuda") means our CUDA kernels here."""
+    return kind == "cuda" or (kind == "auto" and torch.cuda.is_available())
+
+
 def make_backend(
     kind: str, gguf: GGUFFile, progress: Callable | None = None, dtype: str = "float32",
     matmul: str | None = None, tensor_parallel: int = 1,
@@ -156,7 +161,7 @@ def make_backend(
     if tensor_parallel < 1:
         raise RequestError(f"tensor-parallel size must be at least 1, got {tensor_parallel}")
     if tensor_parallel > 1:
-        if kind == "cuda" or (kind == "auto" and torch.cuda.is_available()):
+        if uses_cuda(kind):
             raise RequestError(
                 f"tensor parallelism ({tensor_parallel}) exists only on the torch backend (gloo "
                 "processes on the CPU); the cuda backend has no NCCL sharding yet: pass "
@@ -167,7 +172,7 @@ def make_backend(
         from gpu.backends.torch_tp import TensorParallelTorchBackend
 
         return TensorParallelTorchBackend(gguf.path, tensor_parallel, dtype=DTYPES[dtype])
-    if kind == "cuda" or (kind == "auto" and torch.cuda.is_available()):
+    if uses_cuda(kind):
         from gpu.backends.cuda_backend import CudaBackend
 
         options = {} if matmul is None else {"matmul": matmul}

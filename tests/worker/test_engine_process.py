@@ -148,14 +148,27 @@ def test_faults_in_the_engine_process_fail_one_job_or_end_the_worker(redis_serve
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_an_engine_process_that_cannot_load_is_a_clear_error(redis_server):
+@pytest.mark.parametrize("flag", [["--engine-process"], []], ids=["asked", "cuda-default"])
+def test_an_engine_process_that_cannot_load_is_a_clear_error(redis_server, flag):
+    """The cuda backend runs the engine in its own process by default, asked or not."""
     done = subprocess.run(
         [sys.executable, "-m", "worker.cli", "worker", "--redis", redis_server.url,
-         "--backend", "cuda", "--engine-process"],
+         "--backend", "cuda", *flag],
         capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "orcd worker: error: the engine process failed to start: CudaError: no CUDA" \
         in done.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_no_engine_process_loads_the_cuda_backend_in_the_worker(redis_server):
+    done = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "worker", "--redis", redis_server.url,
+         "--backend", "cuda", "--no-engine-process"],
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "orcd worker: error:" in done.stderr
+    assert "engine process" not in done.stderr
 
 
 def test_sessions_and_sigterm_with_the_engine_process(redis_server, tmp_path, reference):
