@@ -240,6 +240,16 @@ template <int T, bool G> struct TcSlot {
 
 // One stage's copies: the CTA's rows' chunk c (row bytes of the matvec layout) and its x chunk.
 // Returns nothing; records each row's offset of its first byte within the slot in `skew`.
+// The loops are shaped for the instruction count: the repacked types copy quants and scales in
+// two loops (one loop over both made every warp run both branches), in whole rounds of the
+// CTA's threads, and a whole chunk of x has constant divisors. SASS of the Q4_0 n8 8-warp
+// kernel: ~400 -> ~140 instructions a warp per chunk here, of ~1,300. H100, 2026-12-07, same
+// call (bench/results/tcmm-20261207-1950-h100-ab-v*.json): Q4_0 gate.up (28672x4096) 97.2 /
+// 98.4 -> 89.8 us at 64 sequences and 67.5 -> 57.9 at one; F16 gate.up 180 -> 171 at 64;
+// the 8B Q4_0 decode at 64 sequences 4,529 -> 4,642 tok/s. Tried beside it and dropped: an
+// L2 bulk prefetch of each row's next 4 or 8 chunks as one run (so DRAM would see long runs
+// instead of 144-byte pieces at the row stride): slower everywhere (gate.up at 64 99-105 us,
+// F16 gate.up 206-222), so the pieces' DRAM pattern is not what holds the kernel back.
 template <int T, bool G, int NT, int THREADS>
 __device__ __forceinline__ void tc_stage(u8* ws, u16* xs, u8* skew, const u8* __restrict__ weight,
                                          i64 row_bytes, int row0, int n_rows, int n_cols, int c,
@@ -249,20 +259,30 @@ __device__ __forceinline__ void tc_stage(u8* ws, u16* xs, u8* skew, const u8* __
     constexpr int SLOT = TcSlot<T, G>::BYTES, WORDS = SLOT / 16;
     const int elems = min(TC_KC, n_cols - c * TC_KC);
     if (weights) {
-        const int n_blocks = n_cols / 32;  // 32-blocks per row (repacked types)
-        for (int i = threadIdx.x; i < TC_BM * WORDS; i += THREADS) {
-            const int r = i / WORDS, w = i % WORDS;
-            const u8* row = weight + (i64)min(row0 + r, n_rows - 1) * row_bytes;
-            u8* dst = ws + r * SLOT + 16 * w;
-            if constexpr (P::PACKED_QB > 0) {
-                constexpr int QWORDS = 8 * P::PACKED_QB / 16;
-                const int nb = elems / 32;
-                if (w < QWORDS) {  // quants of the chunk's blocks
-                    if (16 * w < nb * P::PACKED_QB) cp_async_16(dst, row + (i64)c * 8 * P::PACKED_QB + 16 * w, 16);
-                } else if (w == QWORDS) {  // their scales: 16 bytes (rows are padded to 16)
-                    cp_async_16(dst, row + (i64)n_blocks * P::PACKED_QB + 16 * c, 16);
-                }
-            } else {
+        if constexpr (P::PACKED_QB > 0) {
+            constexpr int QWORDS = 8 * P::PACKED_QB / 16;  // quant words of a full chunk
+            const int n_blocks = n_cols / 32;  // 32-blocks per row
+            const int q_bytes = elems / 32 * P::PACKED_QB;
+            static_assert(TC_BM * QWORDS % THREADS == 0 && THREADS % QWORDS == 0, "whole rounds");
+            const int w = threadIdx.x % QWORDS;  // the same word of each of this thread's rows
+#pragma unroll
+            for (int k = 0; k < TC_BM * QWORDS / THREADS; ++k) {
+                const int r = threadIdx.x / QWORDS + k * (THREADS / QWORDS);
+                const u8* row = weight + (i64)min(row0 + r, n_rows - 1) * row_bytes;
+                if (16 * w < q_bytes) cp_async_16(ws + r * SLOT + 16 * w, row + (i64)c * 8 * P::PACKED_QB + 16 * w, 16);
+            }
+            // The chunk's scales: 16 bytes (rows are padded to 16).
+            static_assert(THREADS >= TC_BM, "one scale word a thread");
+            if (threadIdx.x < TC_BM) {
+                const int r = threadIdx.x;
+                const u8* row = weight + (i64)min(row0 + r, n_rows - 1) * row_bytes;
+                cp_async_16(ws + r * SLOT + 16 * QWORDS, row + (i64)n_blocks * P::PACKED_QB + 16 * c, 16);
+            }
+        } else {
+            for (int i = threadIdx.x; i < TC_BM * WORDS; i += THREADS) {
+                const int r = i / WORDS, w = i % WORDS;
+                const u8* row = weight + (i64)min(row0 + r, n_rows - 1) * row_bytes;
+                u8* dst = ws + r * SLOT + 16 * w;
                 const i64 first = (i64)c * P::CHUNK;  // chunk c's first byte in the row
                 const int bytes = elems == TC_KC ? P::CHUNK : elems / 32 * (P::CHUNK / 8);
                 const unsigned long long start = (unsigned long long)(row + first);
@@ -276,11 +296,22 @@ __device__ __forceinline__ void tc_stage(u8* ws, u16* xs, u8* skew, const u8* __
         }
     }
     if (acts) {
-        const int words = elems / 8;  // 16-byte words of fp16 x per sequence in this chunk
-        for (int i = threadIdx.x; i < NT * 8 * words; i += THREADS) {
-            const int b = i / words, w = i % words;
-            const u16* src = x + (i64)min(seq0 + b, n_seqs - 1) * x_stride + c * TC_KC + 8 * w;
-            cp_async_16(xs + b * TC_XS + 8 * w, src, 16);
+        const u16* x0 = x + c * TC_KC;
+        if (elems == TC_KC) {
+            constexpr int XW = TC_KC / 8;  // 16-byte words of fp16 x per sequence
+            static_assert(NT * 8 * XW % THREADS == 0 && THREADS % XW == 0, "whole rounds");
+            const int w = threadIdx.x % XW;
+#pragma unroll
+            for (int k = 0; k < NT * 8 * XW / THREADS; ++k) {
+                const int b = threadIdx.x / XW + k * (THREADS / XW);
+                cp_async_16(xs + b * TC_XS + 8 * w, x0 + (i64)min(seq0 + b, n_seqs - 1) * x_stride + 8 * w, 16);
+            }
+        } else {
+            const int words = elems / 8;
+            for (int i = threadIdx.x; i < NT * 8 * words; i += THREADS) {
+                const int b = i / words, w = i % words;
+                cp_async_16(xs + b * TC_XS + 8 * w, x0 + (i64)min(seq0 + b, n_seqs - 1) * x_stride + 8 * w, 16);
+            }
         }
     }
 }
