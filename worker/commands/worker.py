@@ -54,8 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run the engine in a child process of its own, fed requests and "
                         "returning token ids, so the worker's Redis, events and detokenising "
                         "never hold up a step (default: on with the cuda backend, where it "
-                        "took the worker's overhead on SmolLM2 at 128 clients from 29%% to "
-                        "2%%; off on the torch backend, whose steps are slow enough not to "
+                        "took the worker's overhead on SmolLM2 at 128 clients from 29-39%% to "
+                        "2-7%%; off on the torch backend, whose steps are slow enough not to "
                         "notice, and with --tensor-parallel)")
     parser.add_argument("--no-publish-thread", dest="publish_thread", action="store_false",
                         help="send the Redis writes from the loop's own thread (default: a "
