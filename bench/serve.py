@@ -334,6 +334,10 @@ class LoadGenerator:
         itl = [1e3 * (b - a) for t in done for a, b in zip(t.token_times, t.token_times[1:],
                                                             strict=False)]
         queue_ms = [t.done["timings"]["queue_ms"] for t in done]
+        # The worker's own time from a job's start to its first token (`done` timings): the
+        # client's TTFT less this and the queue wait is the events' way out to the client.
+        worker_ttft = [t.done["timings"]["ttft_ms"] for t in done
+                       if t.done["timings"].get("ttft_ms") is not None]
         tokens = sum(t.done["usage"]["completion_tokens"] for t in done)
         mismatched = sum(1 for t in done if "".join(t.text) != t.done["text"])
         r2 = lambda x: None if x is None else round(x, 2)  # noqa: E731
@@ -351,6 +355,8 @@ class LoadGenerator:
             "itl_ms_p50": r2(percentile(itl, 50)), "itl_ms_p99": r2(percentile(itl, 99)),
             "queue_ms_p50": r2(percentile(queue_ms, 50)),
             "queue_ms_p99": r2(percentile(queue_ms, 99)),
+            "worker_ttft_ms_p50": r2(percentile(worker_ttft, 50)),
+            "worker_ttft_ms_p99": r2(percentile(worker_ttft, 99)),
             "errors": sum(1 for t in tracks if t.error is not None),
             "lost": sum(1 for t in tracks if t.finals != 1),
             "streamed_text_mismatch": mismatched,

@@ -191,6 +191,10 @@ class Worker:
             # default): the loop, back from waiting on the device, would wait that long behind
             # the writer's packing. 0.5 ms bounds that wait at a small share of a step.
             sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_S))
+            # An engine in its own process: the loop waits for its outputs, and an admission
+            # read coming back ends that wait, so a new job starts without waiting for the
+            # child's next step (worker/engine_process.py).
+            self.publisher.on_reads = getattr(self.engine, "wake", None)
             self.publisher.start_writer()  # after the bind: its log lines carry the worker
 
     def close(self) -> None:

@@ -22,6 +22,7 @@ its liveness check cannot see it) raises `DeviceLostError`.
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import time
@@ -125,6 +126,11 @@ class EngineProcess:
         self._next_call = 0
         self._stall_timeout_s = stall_timeout_s
         self._heard_at = time.monotonic()  # the child's last message
+        # `wake()` ends step()'s wait for the child early: another thread (the publisher's
+        # writer, whose send carried the worker's admission read) has something for the loop.
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
         self.grammars = RemoteGrammars()
         try:
             if not self._conn.poll(start_timeout_s):
@@ -232,6 +238,21 @@ class EngineProcess:
             self._process.kill()
             self._process.join(5.0)
         self._conn.close()
+        # -1 first: a closed descriptor's number may be reused, and wake() must not write there.
+        fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), -1, -1
+        for fd in fds:
+            if fd >= 0:
+                os.close(fd)
+
+    def wake(self) -> None:
+        """End a `step()` waiting for the child now (thread-safe; a no-op once closed)."""
+        fd = self._wake_w
+        if fd < 0:
+            return
+        try:
+            os.write(fd, b"w")
+        except OSError:  # full: a wake is already pending
+            pass
 
     # ----- the pipe ---------------------------------------------------------------------------
 
@@ -258,9 +279,17 @@ class EngineProcess:
         self._outstanding.clear()
 
     def _take(self, wait_s: float) -> None:
-        """Apply every message waiting in the pipe, after waiting up to `wait_s` for one."""
+        """Apply every message waiting in the pipe, after waiting up to `wait_s` for one (or
+        for a `wake()`)."""
         try:
-            ready = self._conn.poll(wait_s)
+            if wait_s > 0:
+                woken = multiprocessing.connection.wait([self._conn, self._wake_r], wait_s)
+                if self._wake_r in woken:
+                    try:
+                        os.read(self._wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+            ready = self._conn.poll()
             while ready:
                 self._apply(self._recv())
                 ready = self._conn.poll()

@@ -145,6 +145,9 @@ class Publisher:
         self._next_reads = None  # reads handed to the writer for its next send
         self._thread_reads: list | object | None = None  # their replies, or READS_LOST
         self._reads_ready = threading.Event()
+        # Called by the writer thread once a send's reads are back (`pop_reads` has them): the
+        # worker points it at whatever its loop may be waiting on (EngineProcess.wake).
+        self.on_reads: Callable[[], None] | None = None
 
     def __len__(self) -> int:
         """Writes queued and not yet sent (those being sent count until they are)."""
@@ -197,6 +200,8 @@ class Publisher:
                 if reads is not None:
                     self._thread_reads = replies if replies is not None else READS_LOST
                     self._reads_ready.set()
+                    if self.on_reads is not None:
+                        self.on_reads()
             if self._closing:
                 return
             if not sent:

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -233,6 +234,32 @@ def test_a_stuck_engine_process_is_a_lost_device():
     finally:
         os.kill(engine._process.pid, signal.SIGCONT)  # noqa: SLF001
         engine.close()
+
+
+def test_wake_ends_a_wait_for_the_engine_process_at_once():
+    """`wake()` from another thread (the publisher's writer) ends the loop's wait for the
+    child's next outputs: with the child stopped, a 5 s wait returns as soon as woken."""
+    from gpu.request import Request, SamplingParams
+    from worker.engine_process import EngineProcess
+
+    engine = EngineProcess({"name": "smollm2-135m", "kv_blocks": 64}, graph_warmup=False)
+    try:
+        engine.add(Request("r", [1, 2, 3], SamplingParams(temperature=0), max_tokens=500))
+        while not engine.step():
+            pass
+        os.kill(engine._process.pid, signal.SIGSTOP)  # noqa: SLF001 - nothing more comes
+        engine._take(0.0)  # noqa: SLF001 - what was sent before the stop
+        threading.Timer(0.2, engine.wake).start()
+        started = time.monotonic()
+        engine._take(5.0)  # noqa: SLF001 - the wait step() does, longer
+        assert 0.15 < time.monotonic() - started < 2.0
+        started = time.monotonic()
+        engine._take(0.3)  # noqa: SLF001 - the wake was used up: a full wait again
+        assert time.monotonic() - started >= 0.25
+    finally:
+        os.kill(engine._process.pid, signal.SIGCONT)  # noqa: SLF001
+        engine.close()
+    engine.wake()  # after close: nothing happens
 
 
 def exited(pid: int) -> bool:

@@ -4,6 +4,7 @@ and fails a refused XADD alone; scripts called by SHA survive Redis losing them 
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 
@@ -104,3 +105,17 @@ def test_reads_go_with_the_writer_threads_send_or_alone_and_are_lost_only_with_r
     redis_server.kill()
     publisher.flush(reads=lambda pipe: pipe.ping() and 1)
     assert publisher.pop_reads(5.0) is READS_LOST
+
+
+def test_the_writer_thread_calls_on_reads_once_their_replies_are_back(threaded):
+    """The worker points `on_reads` at its engine process's `wake`, so the loop's wait for the
+    child ends when an admission read is back."""
+    publisher, _ = threaded
+    called = threading.Event()
+    seen = []
+    publisher.on_reads = lambda: (seen.append(publisher.pop_reads(0.0)), called.set())
+    publisher.event("a", "token", {"index": 0})
+    publisher.flush()  # no reads: no call
+    assert publisher.drain(5.0) and not called.wait(0.2)
+    publisher.flush(reads=lambda pipe: pipe.ping() and 1)
+    assert called.wait(5.0) and seen == [[True]]  # the replies are there when it is called
