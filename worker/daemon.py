@@ -192,9 +192,10 @@ class Worker:
             # the writer's packing. 0.5 ms bounds that wait at a small share of a step.
             sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_S))
             # An engine in its own process: the loop waits for its outputs, and an admission
-            # read coming back ends that wait, so a new job starts without waiting for the
+            # read that claimed jobs ends that wait, so they start without waiting for the
             # child's next step (worker/engine_process.py).
-            self.publisher.on_reads = getattr(self.engine, "wake", None)
+            if hasattr(self.engine, "wake"):
+                self.publisher.on_reads = self._reads_back
             self.publisher.start_writer()  # after the bind: its log lines carry the worker
 
     def close(self) -> None:
@@ -415,6 +416,18 @@ class Worker:
             return
         if self.publisher.flush(reads=lambda pipe: self._queue_poll(pipe, plan)):
             self._polled = (plan, self.publisher.pop_reads())
+
+    def _reads_back(self, replies) -> None:
+        """The writer thread's call once a send's reads are back: wake the loop's wait for the
+        engine process only when the admission read claimed jobs. Waking it for every reply
+        turned the loop into a storm of admission reads (a turn, a read, a reply, a turn...)
+        that took a 2-core machine's CPU from the engine: 10x slower in bench/soak.py."""
+        plan = self._poll_sent
+        if plan is None or not plan.admit or not isinstance(replies, list):
+            return
+        reply = replies[1 if plan.running else 0] if len(replies) > bool(plan.running) else None
+        if isinstance(reply, (list, tuple)) and reply and reply[0]:
+            self.engine.wake()
 
     def _plan_poll(self) -> _PollPlan | None:
         """What the next poll reads: the cancel flags of the running jobs, and an admission

@@ -145,9 +145,10 @@ class Publisher:
         self._next_reads = None  # reads handed to the writer for its next send
         self._thread_reads: list | object | None = None  # their replies, or READS_LOST
         self._reads_ready = threading.Event()
-        # Called by the writer thread once a send's reads are back (`pop_reads` has them): the
-        # worker points it at whatever its loop may be waiting on (EngineProcess.wake).
-        self.on_reads: Callable[[], None] | None = None
+        # Called by the writer thread with a send's replies once they are back (`pop_reads` has
+        # them too; READS_LOST when they were not sent): the worker wakes its loop's wait for
+        # the engine process with it when they admitted jobs.
+        self.on_reads: Callable[[list | object], None] | None = None
 
     def __len__(self) -> int:
         """Writes queued and not yet sent (those being sent count until they are)."""
@@ -201,7 +202,7 @@ class Publisher:
                     self._thread_reads = replies if replies is not None else READS_LOST
                     self._reads_ready.set()
                     if self.on_reads is not None:
-                        self.on_reads()
+                        self.on_reads(self._thread_reads)
             if self._closing:
                 return
             if not sent:

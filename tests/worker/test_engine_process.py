@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from jobs.keys import Keys
 from jobs.protocol import JobEvent
 from tests.worker.workers import WorkerProcess
 from worker.daemon import EXIT_DEVICE_LOST
+from worker.publisher import READS_LOST
 
 pytestmark = pytest.mark.slow
 KEYS = Keys()
@@ -285,3 +287,27 @@ def test_the_engine_process_ends_when_its_worker_is_killed_mid_step(redis_server
             time.sleep(0.05)
     finally:
         worker.stop()
+
+
+@pytest.mark.parametrize(("running", "replies", "wakes"), [
+    ([], [[[["s", "1-0", ["job", "{}"], 1]], ["0-0"]]], 1),  # the admission claimed a job
+    (["j"], [[None], [[["s", "1-0", ["job", "{}"], 1]], ["0-0"]]], 1),  # after the cancel MGET
+    ([], [[[], ["0-0"]]], 0),  # nothing claimed: the loop keeps its pace
+    (["j"], [[None], [[], ["0-0"]]], 0),
+    ([], READS_LOST, 0),  # not sent (Redis away)
+], ids=["claimed", "claimed-after-cancels", "empty", "empty-after-cancels", "lost"])
+def test_an_admission_read_wakes_the_engine_wait_only_when_it_claimed_jobs(running, replies,
+                                                                           wakes):
+    """Waking the loop for every reply made a storm of admission reads (a turn, a read, its
+    reply, a turn...) that took a 2-core machine's CPU from the engine: bench/soak.py ran 10x
+    slower, and reclaimed live workers' jobs."""
+    from worker.daemon import Worker, _PollPlan
+
+    woken = []
+    engine = SimpleNamespace(wake=lambda: woken.append(1))
+    loop = SimpleNamespace(_poll_sent=_PollPlan(running, capacity=4, admit=True), engine=engine)
+    Worker._reads_back(loop, replies)
+    assert len(woken) == wakes
+    loop._poll_sent = _PollPlan(running, capacity=0, admit=False)  # cancel flags only
+    Worker._reads_back(loop, [[None]] if running else [])
+    assert len(woken) == wakes

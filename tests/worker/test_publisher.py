@@ -108,14 +108,15 @@ def test_reads_go_with_the_writer_threads_send_or_alone_and_are_lost_only_with_r
 
 
 def test_the_writer_thread_calls_on_reads_once_their_replies_are_back(threaded):
-    """The worker points `on_reads` at its engine process's `wake`, so the loop's wait for the
-    child ends when an admission read is back."""
+    """The worker wakes its engine process's wait with it when an admission read claimed
+    jobs."""
     publisher, _ = threaded
     called = threading.Event()
     seen = []
-    publisher.on_reads = lambda: (seen.append(publisher.pop_reads(0.0)), called.set())
+    publisher.on_reads = lambda replies: (seen.append((replies, publisher.pop_reads(0.0))),
+                                          called.set())
     publisher.event("a", "token", {"index": 0})
     publisher.flush()  # no reads: no call
     assert publisher.drain(5.0) and not called.wait(0.2)
     publisher.flush(reads=lambda pipe: pipe.ping() and 1)
-    assert called.wait(5.0) and seen == [[True]]  # the replies are there when it is called
+    assert called.wait(5.0) and seen == [([True], [True])]  # and pop_reads has them already
