@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The serving rows with the engine in a process of its own (issue 15) that session 12 had no
-# device time left for: bench/serve.py with `--engine-process` (the default on CUDA since
-# session 13), beside the in-process worker (`--no-engine-process`) in the same call, after the
-# engine process's GPU test. A model takes 4-5 minutes: one call per model keeps a call under the 10-minute limit. Needs
-# .whl (redis-server in .whl/bin) carried.
+# The serving rows with the engine in a process of its own (issue 15): bench/serve.py with
+# `--engine-process` (the default on CUDA since session 13), beside the in-process worker
+# (`--no-engine-process`) in the same call, after the engine process's GPU test. A model takes
+# 4-6 minutes on a fresh machine (the 8B call ran 367 s in session 13, 116 of them the GPU test
+# compiling the kernels): one call per model keeps a call under the 10-minute limit. Needs .whl
+# (redis-server in .whl/bin) carried.
 #   bench/device_engine_process.sh COMMIT 8b|smol
 set -u
 case "${2:-}" in
