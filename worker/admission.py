@@ -158,6 +158,12 @@ class Admission:
         self._script.queue(pipe, self.streams, [GROUP, self.worker_id, QUEUE, capacity,
                                                 self.window, now_ms, self.aging_ms, int(idle)])
 
+    @staticmethod
+    def claimed_any(reply) -> bool:
+        """Whether an admission reply (as `parse` takes it; an error reply is not) holds
+        entries, without parsing them: the publisher's thread asks."""
+        return isinstance(reply, (list, tuple)) and bool(reply) and bool(reply[0])
+
     def parse(self, reply) -> Admitted:
         claimed, last = reply
         entries = []

@@ -113,6 +113,13 @@ class _PollPlan:
     idle: bool = False  # nothing to step: wait for new entries if none is admitted
     sweep: bool = False  # the periodic admission call, due whatever the queue looked like
 
+    def replies_of(self, replies: list) -> tuple[object, object]:
+        """(the cancel flags' reply, the admission's reply) of this plan's reads, in the order
+        `Worker._queue_poll` queued them; None for a read the plan did not make."""
+        flags = replies[0] if self.running else None
+        admission = replies[bool(self.running)] if self.admit else None
+        return flags, admission
+
 
 def short(job_id: str) -> str:
     return job_id[:8]
@@ -425,8 +432,7 @@ class Worker:
         plan = self._poll_sent
         if plan is None or not plan.admit or not isinstance(replies, list):
             return
-        reply = replies[1 if plan.running else 0] if len(replies) > bool(plan.running) else None
-        if isinstance(reply, (list, tuple)) and reply and reply[0]:
+        if Admission.claimed_any(plan.replies_of(replies)[1]):
             self.engine.wake()
 
     def _plan_poll(self) -> _PollPlan | None:
@@ -496,9 +502,8 @@ class Worker:
         return self._apply_poll(plan, replies)
 
     def _apply_poll(self, plan: _PollPlan, replies: list) -> list[Entry]:
-        replies = list(replies)
+        flags, reply = plan.replies_of(replies)
         if plan.running:
-            flags = replies.pop(0)
             if not isinstance(flags, Exception):
                 for job_id, flag in zip(plan.running, flags, strict=True):
                     job = self.active.get(job_id)
@@ -506,7 +511,6 @@ class Worker:
                         self._cancel(job)
         if not plan.admit:
             return []
-        reply = replies[0]
         if self.scripts.refused(reply):
             return []  # Redis lost the scripts (restarted): loaded again for the next poll
         if isinstance(reply, redis.ResponseError):
