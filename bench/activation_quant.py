@@ -21,6 +21,7 @@ import argparse
 import math
 import sys
 import time
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import gpu.backends.torch_backend as torch_backend  # noqa: E402
 from bench.results_io import write_result  # noqa: E402
 from gpu.engine import make_backend  # noqa: E402
-from gpu.perplexity import chunk_batch  # noqa: E402
+from gpu.perplexity import scored_chunks  # noqa: E402
 from loader.gguf_file import open_gguf  # noqa: E402
 from loader.registry import resolve_model  # noqa: E402
 from tokenizer.tokenizer import GGUFTokenizer  # noqa: E402
@@ -55,19 +56,6 @@ ROUNDINGS = {
 }
 
 
-def chunk_logits(backend, tokens: list[int], ctx: int, chunks: int, bos: int | None):
-    """Logits of the second half of each perplexity chunk (the positions llama.cpp scores),
-    with their targets."""
-    backend.allocate_kv(-(-ctx // 16), 16)
-    for chunk in range(chunks):
-        window = tokens[chunk * ctx:(chunk + 1) * ctx]
-        inputs = list(window)
-        if bos is not None:
-            inputs[0] = bos
-        logits = backend.forward(chunk_batch(inputs, 16, backend.device))
-        yield logits[ctx // 2:ctx - 1].double(), torch.tensor(window[ctx // 2 + 1:])
-
-
 def measure(backend, tokens, ctx, chunks, bos, rounding: str | None,
             reference: list[torch.Tensor] | None) -> tuple[dict, list[torch.Tensor]]:
     original = torch_backend.linear
@@ -80,7 +68,9 @@ def measure(backend, tokens, ctx, chunks, bos, rounding: str | None,
         count = agree = 0
         max_diff = 0.0
         kept = []
-        for i, (logits, targets) in enumerate(chunk_logits(backend, tokens, ctx, chunks, bos)):
+        scored = islice(scored_chunks(backend, tokens, ctx, bos_token_id=bos), chunks)
+        for i, (logits, targets) in enumerate(scored):
+            logits = logits.double()
             logprobs = torch.log_softmax(logits, dim=-1)
             nll -= float(logprobs.gather(1, targets[:, None]).sum())
             count += len(targets)

@@ -53,6 +53,23 @@ def chunk_batch(tokens: list[int], block_size: int, device: torch.device) -> For
     )
 
 
+def scored_chunks(
+    backend: Backend, tokens: list[int], n_ctx: int, *, bos_token_id: int | None,
+    block_size: int = 16,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Each whole chunk's logits at the scored positions (n_ctx/2 .. n_ctx-2) and the tokens
+    they predict, each chunk from an empty cache (module docstring)."""
+    backend.allocate_kv(-(-n_ctx // block_size), block_size)
+    first = n_ctx // 2
+    for chunk in range(len(tokens) // n_ctx):
+        window = tokens[chunk * n_ctx : (chunk + 1) * n_ctx]
+        inputs = list(window)
+        if bos_token_id is not None:
+            inputs[0] = bos_token_id
+        logits = backend.forward(chunk_batch(inputs, block_size, backend.device))
+        yield logits[first : n_ctx - 1], torch.tensor(window[first + 1 :], device=logits.device)
+
+
 def iter_perplexity(
     backend: Backend,
     tokens: list[int],
@@ -74,22 +91,16 @@ def iter_perplexity(
             f"need at least {2 * n_ctx} tokens for a context of {n_ctx}, "
             f"the text has {len(tokens)}"
         )
-    backend.allocate_kv(-(-n_ctx // block_size), block_size)
-    first = n_ctx // 2
     nll = nll2 = 0.0
     count = 0
-    for chunk in range(n_chunks):
-        window = tokens[chunk * n_ctx : (chunk + 1) * n_ctx]
-        inputs = list(window)
-        if bos_token_id is not None:
-            inputs[0] = bos_token_id
-        logits = backend.forward(chunk_batch(inputs, block_size, backend.device))
-        logprobs = torch.log_softmax(logits[first : n_ctx - 1].double(), dim=-1)
-        targets = torch.tensor(window[first + 1 :], device=logprobs.device)
+    chunks = scored_chunks(backend, tokens, n_ctx, bos_token_id=bos_token_id,
+                           block_size=block_size)
+    for chunk, (logits, targets) in enumerate(chunks):
+        logprobs = torch.log_softmax(logits.double(), dim=-1)
         token_nll = -logprobs.gather(1, targets[:, None]).squeeze(1)
         nll += float(token_nll.sum())
         nll2 += float((token_nll * token_nll).sum())
-        count += len(window) - 1 - first
+        count += len(targets)
         mean = nll / count
         ppl = math.exp(mean)
         var = nll2 / count - mean * mean
