@@ -20,15 +20,8 @@ out=$1 commit=$2 spec=$3
 shift 3
 [ $# -gt 0 ] || set -- ""
 models_dir=${ORCD_BENCH_MODELS:-/tmp/orcd-bench}
-python - "$models_dir" $spec <<'PY' || exit 1
-import sys
-from pathlib import Path
-sys.path.insert(0, ".")
-from bench.decode import synthetic_model
-for item in sys.argv[2:]:
-    shape, quant = item.partition("@")[0].split(":")
-    synthetic_model(Path(sys.argv[1]), shape, quant)
-PY
+# shellcheck disable=SC2086
+python bench/decode.py --write-only --models-dir "$models_dir" $spec || exit 1
 sync
 status=0 n=0
 for defines in "$@"; do

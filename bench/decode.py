@@ -342,7 +342,14 @@ def main() -> None:
                         "the backend's own, what users get)")
     parser.add_argument("--pp", default="512",
                         help="prompt lengths timed once per model, e.g. 512,4096")
+    parser.add_argument("--write-only", action="store_true",
+                        help="write the models' synthetic files and stop (the device scripts "
+                        "write them once, then sync, before timing anything)")
     args = parser.parse_args()
+    if args.write_only:
+        for spec in args.models:
+            synthetic_model(args.models_dir, *spec.partition("@")[0].split(":"))
+        return
     COMMIT = args.commit or git_commit()
     bandwidth = {"read": read_bandwidth(), "copy": copy_bandwidth()}
     print(f"read-only {bandwidth['read'] / 1e9:.0f} GB/s, copy {bandwidth['copy'] / 1e9:.0f} "

@@ -20,15 +20,9 @@ if [ "$what" = kernels ]; then
   timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -p no:xdist \
     tests/gpu/test_cuda_tcmm.py -x 2>&1 | tail -4
 else
-  python3 - /tmp/orcd-bench "$spec" <<'PY' || exit 1
-import sys
-from pathlib import Path
-sys.path.insert(0, ".")
-from bench.decode import synthetic_model
-for item in sys.argv[2].split():
-    shape, quant = item.partition("@")[0].split(":")
-    synthetic_model(Path(sys.argv[1]), shape, quant)
-PY
+  # shellcheck disable=SC2086
+  python3 bench/decode.py --write-only --models-dir /tmp/orcd-bench $spec || exit 1
+  sync
 fi
 n=0
 first=${variants%% *}
