@@ -39,6 +39,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -374,6 +375,18 @@ class LoadGenerator:
 
 # ----- processes ------------------------------------------------------------------------------
 
+def start_py_spy(pid: int, out: Path) -> subprocess.Popen:
+    """py-spy sampling a process and its children (threads apart, idle time left out) until
+    SIGINT; `--nonblocking` so that the sampled process is never paused."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    spy = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--subprocesses",
+                            "--threads", "--nonblocking", "--rate", "200", "--format", "raw",
+                            "-o", str(out)], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    time.sleep(0.5)  # attached before the load starts
+    return spy
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -401,6 +414,47 @@ def start_redis(binary: str, directory: Path) -> tuple[subprocess.Popen, str]:
             time.sleep(0.05)
     process.kill()
     raise SystemExit("bench/serve.py: redis-server did not start")
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a live process (Linux /proc; None elsewhere or gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def child_pids(pid: int) -> list[int]:
+    """The direct children of a process (the worker's engine process), Linux only."""
+    try:
+        return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+class CpuMeter:
+    """CPU use over a run, in % of one core: this client, the worker's process and its
+    children (the engine process): which of them is saturated (100%) bounds the row."""
+
+    def __init__(self, worker_pid: int) -> None:
+        self.pids = {"worker": [worker_pid], "engine": child_pids(worker_pid)}
+        self.start = self._read()
+
+    def _read(self) -> dict[str, float | None]:
+        out: dict[str, float | None] = {"client": time.process_time(),
+                                        "wall": time.perf_counter()}
+        for name, pids in self.pids.items():
+            values = [cpu_seconds(pid) for pid in pids]
+            out[name] = None if not values or None in values else sum(values)
+        return out
+
+    def report(self) -> dict[str, float]:
+        end = self._read()
+        wall = end["wall"] - self.start["wall"]
+        return {f"{name}_cpu_pct": round(100 * (end[name] - self.start[name]) / wall, 1)
+                for name in ("client", "worker", "engine")
+                if end[name] is not None and self.start[name] is not None and wall > 0}
 
 
 def orcd(*args: str) -> list[str]:
@@ -431,6 +485,9 @@ def main() -> int:
                         help="one more argument for `orcd worker` (repeatable; A/B runs, e.g. "
                         "--worker-arg=--no-publish-thread)")
     parser.add_argument("--no-engine", action="store_true", help="skip the engine phase")
+    parser.add_argument("--py-spy", metavar="DIR", help="sample the worker (and its engine "
+                        "process) with py-spy, on the PATH, during each closed loop: collapsed "
+                        "stacks in DIR/worker-C<clients>.txt (a profile; slows the worker)")
     parser.add_argument("--engine-phase", help=argparse.SUPPRESS)  # internal: JSON args
     parser.add_argument("--name", default="serve", help="results file prefix")
     parser.add_argument("--json", help="write the results here instead of bench/results/")
@@ -492,8 +549,14 @@ def main() -> int:
             for clients in client_list:
                 specs = workload(clients * args.jobs_per_client, args.seed, prompt_range,
                                  output_range, args.multi_turn)
+                spy = start_py_spy(worker.pid, Path(args.py_spy) / f"worker-C{clients}.txt") \
+                    if args.py_spy else None
+                meter = CpuMeter(worker.pid)
                 row = {"mode": "closed", "clients": clients,
-                       **load.run(clients, specs, None, args.seed)}
+                       **load.run(clients, specs, None, args.seed), **meter.report()}
+                if spy is not None:
+                    spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+                    spy.wait(60)
                 row["lost"] = load.exactly_one_done()
                 engine = engine_rows.get(str(clients))
                 if engine:
@@ -546,8 +609,8 @@ def main() -> int:
 def table(rows: list[dict]) -> str:
     head = ("| mode | C / rate | jobs | tok/s | engine tok/s | overhead | steady tok/s (engine) "
             "| steady overhead | req/s | TTFT p50/p99 ms | ITL p50/p99 ms | engine ITL p50/p99 ms "
-            "| queue p50/p99 ms | errors | lost |")
-    lines = [head, "|" + "---|" * 15]
+            "| queue p50/p99 ms | CPU % client / worker / engine | errors | lost |")
+    lines = [head, "|" + "---|" * 16]
     for row in rows:
         load = row.get("clients", row.get("rate"))
         lines.append(
@@ -558,7 +621,9 @@ def table(rows: list[dict]) -> str:
             f"{row['itl_ms_p50']} / {row['itl_ms_p99']} | "
             f"{row.get('engine_itl_ms_p50', '')} / {row.get('engine_itl_ms_p99', '')} | "
             f"{row['queue_ms_p50']} / "
-            f"{row['queue_ms_p99']} | {row['errors']} | {row['lost']} |")
+            f"{row['queue_ms_p99']} | {row.get('client_cpu_pct', '')} / "
+            f"{row.get('worker_cpu_pct', '')} / {row.get('engine_cpu_pct', '')} | "
+            f"{row['errors']} | {row['lost']} |")
     return "\n".join(lines)
 
 
