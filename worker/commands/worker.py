@@ -57,6 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "took the worker's overhead on SmolLM2 at 128 clients from 29-39%% to "
                         "2-7%%; off on the torch backend, whose steps are slow enough not to "
                         "notice, and with --tensor-parallel)")
+    parser.add_argument("--admit-per-turn", type=int, default=0, metavar="N",
+                        help="start at most N jobs per turn of the loop (0: as many as there is "
+                        "room for): a burst of admissions (tokenizing, events) then delays "
+                        "the running jobs' tokens by at most N jobs' work")
     parser.add_argument("--no-publish-thread", dest="publish_thread", action="store_false",
                         help="send the Redis writes from the loop's own thread (default: a "
                         "writer thread sends them while the loop runs the next step)")
@@ -94,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(json=args.log_json)
     if args.max_jobs < 1:
         raise SystemExit("orcd worker: --max-jobs must be at least 1")
+    if args.admit_per_turn < 0:
+        raise SystemExit("orcd worker: --admit-per-turn must be 0 (no limit) or more")
     if not args.priority_aging > 0:
         raise SystemExit("orcd worker: --priority-aging must be a positive number of seconds")
     metrics = WorkerMetrics()
@@ -132,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
         priority_aging_s=args.priority_aging,
         cancel_check_s=args.cancel_check,
         publish_thread=args.publish_thread,
+        admit_per_turn=args.admit_per_turn,
     )
     try:
         return Worker(model, config, metrics=metrics).run()
