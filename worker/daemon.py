@@ -70,6 +70,7 @@ from worker.log import (
 from worker.metrics import WorkerMetrics
 from worker.narration import NarrationMirror, narrate_engine_event
 from worker.publisher import READS_LOST, Publisher, Unwritable
+from worker.queue_watch import QueueWatcher
 from worker.resume import Streamed, resumed_request, streamed_so_far
 from worker.scripts import ScriptSet
 from worker.systemd_notify import SystemdNotifier
@@ -102,6 +103,7 @@ class WorkerConfig:
     cancel_check_s: float = 0.05  # how often the running jobs' cancel keys are read
     publish_thread: bool = True  # Redis writes sent from a thread of their own (publisher.py)
     admit_per_turn: int = 0  # jobs one admission call may claim (0: all there is room for)
+    watch_queue: bool = True  # a thread sees new entries at once (engine process: queue_watch.py)
 
 
 @dataclass(slots=True)
@@ -113,6 +115,7 @@ class _PollPlan:
     admit: bool
     idle: bool = False  # nothing to step: wait for new entries if none is admitted
     sweep: bool = False  # the periodic admission call, due whatever the queue looked like
+    arrivals: int = 0  # the queue watcher's count of arrivals when the plan was made
 
     def replies_of(self, replies: list) -> tuple[object, object]:
         """(the cancel flags' reply, the admission's reply) of this plan's reads, in the order
@@ -187,6 +190,7 @@ class Worker:
         self.liveness = Liveness(client, self.heartbeat, self.notifier,
                                  stall_timeout_s=config.stall_timeout_s)
         self._next_snapshot = 0.0
+        self._watcher: QueueWatcher | None = None
 
     # ----- life -------------------------------------------------------------------------------
 
@@ -204,9 +208,16 @@ class Worker:
             # child's next step (worker/engine_process.py).
             if hasattr(self.engine, "wake"):
                 self.publisher.on_reads = self._reads_back
+                if self.config.watch_queue:
+                    self._watcher = QueueWatcher(self.redis, self.admission.streams,
+                                                 self.engine.wake, self._wants_arrivals,
+                                                 block_ms=self.config.block_ms)
+                    self._watcher.start()
             self.publisher.start_writer()  # after the bind: its log lines carry the worker
 
     def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.stop()
         self.publisher.stop_writer()
         remove_narration_sink(self._mirror)
         self.grammars.close()
@@ -435,6 +446,15 @@ class Worker:
             return
         if Admission.claimed_any(plan.replies_of(replies)[1]):
             self.engine.wake()
+        elif self._watcher is not None and self._watcher.arrivals > plan.arrivals:
+            # An entry came after this read was planned (it may have missed it): the next
+            # turn's read should go now, not after the child's next step.
+            self.engine.wake()
+
+    def _wants_arrivals(self) -> bool:
+        """The queue watcher's question (from its thread): would a new entry start now? Only
+        while the engine has work: an idle loop blocks on the streams itself."""
+        return not self.stopping and self.engine.has_work() and self._capacity() > 0
 
     def _plan_poll(self) -> _PollPlan | None:
         """What the next poll reads: the cancel flags of the running jobs, and an admission
@@ -457,7 +477,8 @@ class Worker:
         idle = bool(capacity) and not self.engine.has_work() and not self.stopping
         if admit and not (idle and self._quiet_since is not None and not sweep):
             self._next_sweep = now + self.config.deadline_sweep_s
-        return _PollPlan(running, capacity, admit, idle, sweep)
+        arrivals = self._watcher.arrivals if self._watcher is not None else 0
+        return _PollPlan(running, capacity, admit, idle, sweep, arrivals)
 
     def _queue_poll(self, pipe, plan: _PollPlan) -> int:
         """Queue a plan's reads on a pipeline; returns how many commands."""

@@ -305,9 +305,19 @@ def test_an_admission_read_wakes_the_engine_wait_only_when_it_claimed_jobs(runni
 
     woken = []
     engine = SimpleNamespace(wake=lambda: woken.append(1))
-    loop = SimpleNamespace(_poll_sent=_PollPlan(running, capacity=4, admit=True), engine=engine)
+    loop = SimpleNamespace(_poll_sent=_PollPlan(running, capacity=4, admit=True), engine=engine,
+                           _watcher=None)
     Worker._reads_back(loop, replies)
     assert len(woken) == wakes
     loop._poll_sent = _PollPlan(running, capacity=0, admit=False)  # cancel flags only
     Worker._reads_back(loop, [[None]] if running else [])
     assert len(woken) == wakes
+    # The queue watcher saw an entry after the read was planned: the read may have missed it,
+    # so the next turn's read goes at once; an arrival the read already knew of wakes nothing.
+    loop._watcher = SimpleNamespace(arrivals=3)
+    loop._poll_sent = _PollPlan(running, capacity=4, admit=True, arrivals=3)
+    Worker._reads_back(loop, replies)
+    assert len(woken) == 2 * wakes
+    loop._poll_sent = _PollPlan(running, capacity=4, admit=True, arrivals=2)
+    Worker._reads_back(loop, replies)
+    assert len(woken) == 2 * wakes + (replies is not READS_LOST)

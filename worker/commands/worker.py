@@ -61,6 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="start at most N jobs per turn of the loop (0: as many as there is "
                         "room for): a burst of admissions (tokenizing, events) then delays "
                         "the running jobs' tokens by at most N jobs' work")
+    parser.add_argument("--no-watch-queue", dest="watch_queue", action="store_false",
+                        help="no thread blocking on the job streams to wake a busy worker when "
+                        "a job comes (engine process only; then a job waits for the loop's "
+                        "next turn, up to an engine step)")
     parser.add_argument("--no-publish-thread", dest="publish_thread", action="store_false",
                         help="send the Redis writes from the loop's own thread (default: a "
                         "writer thread sends them while the loop runs the next step)")
@@ -139,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
         cancel_check_s=args.cancel_check,
         publish_thread=args.publish_thread,
         admit_per_turn=args.admit_per_turn,
+        watch_queue=args.watch_queue,
     )
     try:
         return Worker(model, config, metrics=metrics).run()
