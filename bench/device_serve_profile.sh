@@ -20,7 +20,7 @@ nvidia-smi --query-gpu=name --format=csv,noheader
 serve() {  # serve NAME [serve.py arguments...]
   local name=$1; shift
   echo "== $shape $quant $name"
-  timeout 250 python3 bench/serve.py --backend cuda --shape "$shape" --quant "$quant" \
+  timeout "${SERVE_TIMEOUT:-250}" python3 bench/serve.py --backend cuda --shape "$shape" --quant "$quant" \
     --clients "$clients" --jobs-per-client "$jobs" --redis-server .whl/bin/redis-server \
     --json "$OUT/serve-$shape-$name.json" "$@" 2>&1 | grep -v '^{\|^engine C=\|^wrote' | tail -5
 }
