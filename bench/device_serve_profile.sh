@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Where the worker's time goes at 16-128 clients (issue 15): bench/serve.py with the engine
 # process, once plain (the numbers, with each process's CPU use), then once per extra worker
-# argument in $AB (space-separated, e.g. AB="--admit-per-turn=4"; no engine phase: compare
+# argument in $AB (space-separated, e.g. AB="--no-split-cpus"; no engine phase: compare
 # with the first run's), then under py-spy if SPY=1 (the profiles land in
 # $OUT/spy-<shape>/worker-C<clients>.txt; read them with bench/spy_summary.py). Needs .whl
 # (redis-server in .whl/bin, the py-spy wheel) installed with --target /tmp/site first, as

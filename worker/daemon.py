@@ -102,7 +102,6 @@ class WorkerConfig:
     orphan_idle_s: float = 10.0  # an entry of ours we do not run, idle this long: re-queued
     cancel_check_s: float = 0.05  # how often the running jobs' cancel keys are read
     publish_thread: bool = True  # Redis writes sent from a thread of their own (publisher.py)
-    admit_per_turn: int = 0  # jobs one admission call may claim (0: all there is room for)
     watch_queue: bool = True  # a thread sees new entries at once (engine process: queue_watch.py)
 
 
@@ -466,8 +465,6 @@ class Worker:
             running = [job_id for job_id, job in self.active.items() if not job.cancelled]
             self._next_cancel_check = now + self.config.cancel_check_s
         capacity = self._capacity()
-        if self.config.admit_per_turn > 0:
-            capacity = min(capacity, self.config.admit_per_turn)
         # Room or not, queued jobs past their deadline and control messages are taken once
         # in a while (the admission script hands them over whatever the capacity).
         sweep = now >= self._next_sweep and self._groups_ready and not self.stopping

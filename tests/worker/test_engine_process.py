@@ -321,3 +321,43 @@ def test_an_admission_read_wakes_the_engine_wait_only_when_it_claimed_jobs(runni
     loop._poll_sent = _PollPlan(running, capacity=4, admit=True, arrivals=2)
     Worker._reads_back(loop, replies)
     assert len(woken) == 2 * wakes + (replies is not READS_LOST)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux CPU affinity")
+def test_the_engine_process_and_the_worker_get_separate_cpus():
+    """`separate_cpus` gives a child the upper half of the CPUs and every thread of this
+    process the lower half: on one shared CPU a CUDA engine's busy loop lost a quarter of its
+    steps (bench/NOTES.md). One CPU: nothing to split."""
+    from worker.engine_process import cpu_list, separate_cpus
+
+    allowed = sorted(os.sched_getaffinity(0))
+    tasks = [int(t) for t in os.listdir("/proc/self/task")]
+    before = {task: os.sched_getaffinity(task) for task in tasks}
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        split = separate_cpus(child.pid)
+        if len(allowed) < 2:
+            assert split is None
+            return
+        mine, engine = split
+        assert mine and engine and sorted(mine + engine) == allowed
+        assert set(mine).isdisjoint(engine)
+        assert os.sched_getaffinity(child.pid) == set(engine)
+        for task in os.listdir("/proc/self/task"):
+            assert os.sched_getaffinity(int(task)) == set(mine)
+        seen = []  # a thread started after the split inherits the worker's half
+        later = threading.Thread(target=lambda: seen.append(os.sched_getaffinity(0)))
+        later.start()
+        later.join()
+        assert seen == [set(mine)]
+        os.sched_setaffinity(0, {allowed[0]})  # one CPU left: nothing to split
+        assert separate_cpus(child.pid) is None
+    finally:
+        child.kill()
+        child.wait()
+        for task, cpus in before.items():
+            try:
+                os.sched_setaffinity(task, cpus)
+            except OSError:
+                pass  # that thread has ended
+    assert cpu_list([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8" and cpu_list([3]) == "3"

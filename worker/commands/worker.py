@@ -57,10 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "took the worker's overhead on SmolLM2 at 128 clients from 29-39%% to "
                         "2-7%%; off on the torch backend, whose steps are slow enough not to "
                         "notice, and with --tensor-parallel)")
-    parser.add_argument("--admit-per-turn", type=int, default=0, metavar="N",
-                        help="start at most N jobs per turn of the loop (0: as many as there is "
-                        "room for): a burst of admissions (tokenizing, events) then delays "
-                        "the running jobs' tokens by at most N jobs' work")
+    parser.add_argument("--no-split-cpus", dest="split_cpus", action="store_false",
+                        help="leave the engine process and the worker's threads wherever Linux "
+                        "puts them (default with the engine process on the cuda backend: the "
+                        "engine on the upper half of the allowed CPUs, the worker on the lower)")
     parser.add_argument("--no-watch-queue", dest="watch_queue", action="store_false",
                         help="no thread blocking on the job streams to wake a busy worker when "
                         "a job comes (engine process only; then a job waits for the loop's "
@@ -102,8 +102,6 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(json=args.log_json)
     if args.max_jobs < 1:
         raise SystemExit("orcd worker: --max-jobs must be at least 1")
-    if args.admit_per_turn < 0:
-        raise SystemExit("orcd worker: --admit-per-turn must be 0 (no limit) or more")
     if not args.priority_aging > 0:
         raise SystemExit("orcd worker: --priority-aging must be a positive number of seconds")
     metrics = WorkerMetrics()
@@ -121,7 +119,9 @@ def run(args: argparse.Namespace) -> int:
                              "--tensor-parallel (its ranks are processes of the engine's own)")
         model = start_engine_process(args.model, models_dir=args.models_dir,
                                      graph_warmup=args.graph_warmup,
-                                     stall_timeout_s=args.stall_timeout, **options)
+                                     stall_timeout_s=args.stall_timeout,
+                                     split_cpus=args.split_cpus and uses_cuda(args.backend),
+                                     **options)
     else:
         model = load_model(args.model, models_dir=args.models_dir, **options)
         if args.graph_warmup:
@@ -142,7 +142,6 @@ def run(args: argparse.Namespace) -> int:
         priority_aging_s=args.priority_aging,
         cancel_check_s=args.cancel_check,
         publish_thread=args.publish_thread,
-        admit_per_turn=args.admit_per_turn,
         watch_queue=args.watch_queue,
     )
     try:
