@@ -3,7 +3,7 @@ samples inclusive (on the stack) and exclusive (on top), in % of that thread's s
 
     python bench/spy_summary.py results/worker-C64.txt [--top 25] [--under Worker.iteration]
 
-Reads `py-spy record --format raw` (collapsed stacks, `bench/serve.py --py-spy DIR` writes
+Reads `py-spy record --format raw` (collapsed stacks, gzipped or not, `bench/serve.py --py-spy DIR` writes
 them). `--under NAME` keeps only the stacks through a frame whose function is NAME and
 reports their inclusive split one level below it: what one loop turn spends its time on.
 """
@@ -11,6 +11,7 @@ reports their inclusive split one level below it: what one loop turn spends its 
 from __future__ import annotations
 
 import argparse
+import gzip
 import re
 from collections import Counter, defaultdict
 
@@ -20,15 +21,20 @@ FRAME = re.compile(r"^(?P<func>.*?) \((?P<where>[^()]*)\)$")
 def parse(path: str) -> dict[str, list[tuple[list[str], int]]]:
     """Stacks per `process pid / thread` (frames outermost first, without line numbers)."""
     threads: dict[str, list[tuple[list[str], int]]] = defaultdict(list)
-    with open(path, encoding="utf-8", errors="replace") as handle:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8", errors="replace") as handle:
         for line in handle:
             stack, _, count = line.rstrip("\n").rpartition(" ")
             if not stack or not count.isdigit():
                 continue
             parts = stack.split(";")
-            process = parts[0].split(":", 1)[0]
-            thread = parts[1] if len(parts) > 1 and parts[1].startswith("thread") else ""
-            frames = [function(frame) for frame in parts[2 if thread else 1:]]
+            # `--subprocesses` prefixes a child's stacks with its parent's process frame too.
+            heads = [i for i, part in enumerate(parts) if part.startswith(("process ", "thread ("))]
+            body = heads[-1] + 1 if heads else 0
+            process = next((parts[i].split(":", 1)[0] for i in reversed(heads)
+                            if parts[i].startswith("process ")), "")
+            thread = next((parts[i] for i in heads if parts[i].startswith("thread (")), "")
+            frames = [function(frame) for frame in parts[body:]]
             threads[f"{process} / {thread}"].append((frames, int(count)))
     return threads
 
