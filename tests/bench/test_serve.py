@@ -44,3 +44,6 @@ def test_serve_bench_runs_on_the_cpu_and_loses_nothing(tmp_path):
         assert row["steady_tok_s"] > 0 and row["engine_steady_tok_s"] > 0
         assert "steady_overhead_pct" in row
     assert rows[2]["steady_tok_s"] is None  # an open loop has no such window
+    if sys.platform == "linux":  # CPU use per row, from /proc (the worker computed the tokens)
+        assert all(r["client_cpu_pct"] >= 0 and r["worker_cpu_pct"] > 0 for r in closed)
+        assert all("engine_cpu_pct" not in r for r in closed)  # torch: no engine process
