@@ -90,6 +90,18 @@ def cpu_list(cpus: list[int]) -> str:
     return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
 
 
+def pack_outputs(outputs: list[StepOutput]) -> list[tuple]:
+    """A step's outputs as plain tuples for the pipe: pickling 128 slotted dataclasses took
+    154 µs on this workplace's CPU, the tuples 27 µs (and 97 -> 44 µs to read them back), on a
+    child whose loop is SmolLM2's critical path. Field order is StepOutput's."""
+    return [(o.request_id, o.new_token_ids, o.logprobs, o.num_cached_tokens, o.finish_reason,
+             o.error, o.engine_fault) for o in outputs]
+
+
+def unpack_outputs(packed: list[tuple]) -> list[StepOutput]:
+    return [StepOutput(*fields) for fields in packed]
+
+
 class EngineStartError(OrcdError):
     """The engine process did not come up: its own error (a model it cannot load, no device),
     or it died or timed out while loading."""
@@ -343,7 +355,8 @@ class EngineProcess:
         self._heard_at = time.monotonic()
         kind = message[0]
         if kind == "out":
-            _, outputs, events, stats, fits = message
+            _, packed, events, stats, fits = message
+            outputs = unpack_outputs(packed)
             for output in outputs:
                 if output.finished:
                     self._outstanding.discard(output.request_id)
@@ -481,7 +494,8 @@ def _loop(conn, engine, grammars, after_tokens) -> None:
         now = time.monotonic()
         if outputs or events or now - last_stats >= STATS_EVERY_S:
             last_stats = now
-            conn.send(("out", outputs, events, engine.stats(), engine.waiting_fits()))
+            conn.send(("out", pack_outputs(outputs), events, engine.stats(),
+                       engine.waiting_fits()))
 
 
 def _command(conn, engine, grammars, after_tokens, message: tuple) -> None:
@@ -497,7 +511,7 @@ def _command(conn, engine, grammars, after_tokens, message: tuple) -> None:
         except RequestError as exc:  # checked in the worker first: only a bug gets here
             output = StepOutput(request.request_id, [], finish_reason="error")
             output.error = str(exc)
-            conn.send(("out", [output], [], engine.stats(), engine.waiting_fits()))
+            conn.send(("out", pack_outputs([output]), [], engine.stats(), engine.waiting_fits()))
     elif kind == "abort":
         engine.abort(message[1], message[2])
     elif kind == "call":

@@ -361,3 +361,23 @@ def test_the_engine_process_and_the_worker_get_separate_cpus():
             except OSError:
                 pass  # that thread has ended
     assert cpu_list([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8" and cpu_list([3]) == "3"
+
+
+def test_step_outputs_cross_the_pipe_whole():
+    """The child sends outputs as tuples (`pack_outputs`): every field of StepOutput must
+    come back, a field added later included (this fails until the tuples carry it)."""
+    import dataclasses
+    import pickle
+
+    from gpu.request import StepOutput, TokenLogprobs
+    from worker.engine_process import pack_outputs, unpack_outputs
+
+    values = {"request_id": "r1", "new_token_ids": [5, 6], "num_cached_tokens": 3,
+              "logprobs": [TokenLogprobs(5, -0.5, [(5, -0.5), (9, -1.0)])],
+              "finish_reason": "error", "error": "NaN logits", "engine_fault": True}
+    names = [field.name for field in dataclasses.fields(StepOutput)]
+    assert sorted(names) == sorted(values), "a new StepOutput field: give it a value here"
+    output = StepOutput(**values)
+    back = unpack_outputs(pickle.loads(pickle.dumps(pack_outputs([output, StepOutput("r2", [])]))))
+    assert back == [output, StepOutput("r2", [])]
+    assert back[0].finished and not back[1].finished
