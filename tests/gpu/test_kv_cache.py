@@ -118,3 +118,27 @@ def test_session_ttl_and_cap():
     assert list(kv.sessions) == ["c"]
     assert [e.kind for e in kv.events] == ["session_evicted", "session_expired"]
     assert kv.events[0].reason == "cap"
+
+
+def test_expiry_walks_only_the_stale_end_of_the_session_order():
+    """Sessions stay in `last_used` order (an aborted turn's release moves its session to
+    the end too), so expiry stops at the first fresh one; an old active session in front
+    is skipped, not a stop, and stale idle ones behind it still go."""
+    clock = FakeClock()
+    kv = KVCache(16, 2, session_ttl_s=5, clock=clock)
+    kv.claim_session("running")  # active since t=0: never expired while it runs
+    for t, name in enumerate(["idle1", "idle2", "fresh"], start=1):
+        clock.now = t
+        kv.claim_session(name)
+        kv.pin_session(name, [], 0)
+    clock.now = 3.5
+    kv.claim_session("idle1")
+    kv.release_session_claim("idle1")  # an aborted turn: idle1 was used at 3.5
+    assert list(kv.sessions) == ["running", "idle2", "fresh", "idle1"]
+    clock.now = 7.8  # deadline 2.8: idle2 (2) is stale; fresh (3) and idle1 (3.5) are not
+    kv.expire_sessions()
+    assert list(kv.sessions) == ["running", "fresh", "idle1"]
+    clock.now = 8.2  # deadline 3.2: fresh (3) goes; the walk stops at idle1 (3.5)
+    kv.expire_sessions()
+    assert list(kv.sessions) == ["running", "idle1"]
+    assert [e.session_id for e in kv.events] == ["idle2", "fresh"]
