@@ -66,7 +66,11 @@ class QueueWatcher:
         last: dict[str, str] | None = None
         log = get_logger()
         while not self._stop.is_set():
-            if not self.armed():
+            try:
+                armed = self.armed()
+            except Exception:  # noqa: BLE001 - the worker's state mid-change: ask again
+                armed = False
+            if not armed:
                 # Nothing to wake: the loop is idle (it blocks on the streams itself) or full;
                 # what comes meanwhile its own reads find. Armed again, watch from then on.
                 last = None
