@@ -444,7 +444,8 @@ def child_pids(pid: int) -> list[int]:
 
 class CpuMeter:
     """CPU use over a run, in % of one core: this client, the worker's process and its
-    children (the engine process): which of them is saturated (100%) bounds the row."""
+    children (the engine process, plus multiprocessing's resource tracker, idle): which of
+    them is saturated (100%) bounds the row."""
 
     def __init__(self, worker_pid: int) -> None:
         self.pids = {"worker": [worker_pid], "engine": child_pids(worker_pid)}

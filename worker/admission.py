@@ -172,8 +172,20 @@ class Admission:
             entries.append(Entry(as_text(stream), as_text(entry_id), fields, int(count)))
         return Admitted(entries, {s: as_text(i) for s, i in zip(self.streams, last, strict=False)})
 
-    def wait(self, last_ids: dict[str, str], block_ms: int) -> bool:
-        """Block up to `block_ms` until an entry newer than `last_ids` arrives; whether one
-        did (it is not read: the next admission call takes it)."""
-        return bool(self.redis.xread({s: last_ids.get(s, "$") for s in self.streams},
-                                     count=1, block=block_ms))
+    def wait(self, last_ids: dict[str, str], block_ms: int, count: int = 1) -> dict[str, str]:
+        """Block up to `block_ms` until entries newer than `last_ids` arrive (`$` for a stream
+        not named); the newest id seen on each stream that had some, {} when none came (they
+        are not read: the next admission call takes them; `count` caps the ids looked at)."""
+        reply = self.redis.xread({s: last_ids.get(s, "$") for s in self.streams},
+                                 count=count, block=block_ms)
+        pairs = reply.items() if isinstance(reply, dict) else reply or ()
+        return {as_text(key): as_text(entries[-1][0]) for key, entries in pairs if entries}
+
+    def tails(self) -> dict[str, str]:
+        """Each stream's newest id now ("0-0" while it has none): where a `wait` that must not
+        miss what comes between two of its reads starts (a read from `$` would)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for stream in self.streams:
+            pipe.xrevrange(stream, count=1)
+        return {stream: as_text(newest[0][0]) if newest else "0-0"
+                for stream, newest in zip(self.streams, pipe.execute(), strict=True)}

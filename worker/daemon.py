@@ -208,8 +208,8 @@ class Worker:
             if hasattr(self.engine, "wake"):
                 self.publisher.on_reads = self._reads_back
                 if self.config.watch_queue:
-                    self._watcher = QueueWatcher(self.redis, self.admission.streams,
-                                                 self.engine.wake, self._wants_arrivals,
+                    self._watcher = QueueWatcher(self.admission, self.engine.wake,
+                                                 self._wants_arrivals,
                                                  block_ms=self.config.block_ms)
                     self._watcher.start()
             self.publisher.start_writer()  # after the bind: its log lines carry the worker
@@ -453,7 +453,7 @@ class Worker:
     def _wants_arrivals(self) -> bool:
         """The queue watcher's question (from its thread): would a new entry start now? Only
         while the engine has work: an idle loop blocks on the streams itself."""
-        return not self.stopping and self.engine.has_work() and self._capacity() > 0
+        return self.engine.has_work() and self._capacity() > 0  # 0 once stopping
 
     def _plan_poll(self) -> _PollPlan | None:
         """What the next poll reads: the cancel flags of the running jobs, and an admission

@@ -5,9 +5,9 @@ While the engine has work the loop's admission read goes with the publisher thre
 once a turn, and a turn of a worker whose engine runs in a process of its own lasts until
 the child's next outputs (worker/engine_process.py): a job XADDed just after a read waited
 that turn, the read's round trip and the next turn before it started (queue p50 13-23 ms,
-bench/NOTES.md "Session 13"). This thread blocks on XREAD over the worker's job streams (on a
-connection of its own from the client's pool) and calls `on_arrival` when an entry newer than
-the last one it saw comes: the worker wakes its wait on the child, and the turn that follows
+bench/NOTES.md "Session 13"). This thread blocks on the worker's job streams with
+`Admission.wait` (on a connection of its own from the client's pool) and calls `on_arrival`
+when an entry newer than the last one it saw comes: the worker wakes its wait on the child, and the turn that follows
 sends the admission read. It reads no job and claims nothing: admission stays the loop's, with
 its capacity and priorities. Redis errors are retried after a pause, never raised.
 """
@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import redis
 
+from worker.admission import Admission
 from worker.log import get_logger
 
 RETRY_S = 1.0  # after a failed read (Redis away): the loop's link narrates the loss
@@ -29,10 +30,9 @@ class QueueWatcher:
     `armed()` (read by the thread) says whether the worker wants to hear (room, engine busy);
     `stop()` ends the thread within `block_ms`."""
 
-    def __init__(self, client: redis.Redis, streams: list[str], on_arrival: Callable[[], None],
+    def __init__(self, admission: Admission, on_arrival: Callable[[], None],
                  armed: Callable[[], bool], block_ms: int = 100) -> None:
-        self.redis = client
-        self.streams = streams
+        self.admission = admission
         self.on_arrival = on_arrival
         self.armed = armed
         self.block_ms = block_ms
@@ -50,18 +50,6 @@ class QueueWatcher:
             self._thread.join(timeout=2 * self.block_ms / 1000 + 1.0)
             self._thread = None
 
-    def _tails(self) -> dict[str, str]:
-        """Each stream's newest id now ("0-0" while it has none). Not `$`: a read from `$`
-        misses what came between the last read's return and the next read."""
-        pipe = self.redis.pipeline(transaction=False)
-        for stream in self.streams:
-            pipe.xrevrange(stream, count=1)
-        tails = {}
-        for stream, newest in zip(self.streams, pipe.execute(), strict=True):
-            entry_id = newest[0][0] if newest else b"0-0"
-            tails[stream] = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-        return tails
-
     def _run(self) -> None:
         last: dict[str, str] | None = None
         log = get_logger()
@@ -78,8 +66,8 @@ class QueueWatcher:
                 continue
             try:
                 if last is None:
-                    last = self._tails()
-                reply = self.redis.xread(last, count=64, block=self.block_ms)
+                    last = self.admission.tails()  # not `$`: see Admission.tails
+                newest = self.admission.wait(last, self.block_ms, count=64)
             except (redis.ConnectionError, redis.TimeoutError, OSError):
                 self._stop.wait(RETRY_S)
                 continue
@@ -87,12 +75,8 @@ class QueueWatcher:
                 log.debug("queue_watch.read_failed", error=str(exc))
                 self._stop.wait(RETRY_S)
                 continue
-            if not reply:
+            if not newest:
                 continue
-            for key, entries in reply:
-                name = key.decode() if isinstance(key, bytes) else key
-                if entries:
-                    entry_id = entries[-1][0]
-                    last[name] = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+            last.update(newest)
             self.arrivals += 1
             self.on_arrival()

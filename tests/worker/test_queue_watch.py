@@ -9,6 +9,7 @@ import time
 
 import redis
 
+from worker.admission import Admission
 from worker.queue_watch import QueueWatcher
 
 STREAMS = ["orcd:jobs:m:w1", "orcd:jobs:m"]  # routed, shared
@@ -28,8 +29,8 @@ def test_arrivals_on_either_stream_call_back_while_armed(redis_server):
     calls = []
     armed = threading.Event()
     armed.set()
-    watcher = QueueWatcher(client, STREAMS, lambda: calls.append(time.monotonic()),
-                           armed.is_set, block_ms=50)
+    watcher = QueueWatcher(Admission(client, STREAMS, "w1"),
+                           lambda: calls.append(time.monotonic()), armed.is_set, block_ms=50)
     watcher.start()
     try:
         time.sleep(0.2)  # its first read is blocking on the streams
@@ -62,7 +63,8 @@ def test_arrivals_on_either_stream_call_back_while_armed(redis_server):
 def test_the_watcher_outlives_a_redis_restart(redis_server):
     client = redis.Redis.from_url(redis_server.url, socket_timeout=2)
     calls = []
-    watcher = QueueWatcher(client, STREAMS, lambda: calls.append(1), lambda: True, block_ms=50)
+    watcher = QueueWatcher(Admission(client, STREAMS, "w1"), lambda: calls.append(1),
+                           lambda: True, block_ms=50)
     watcher.start()
     try:
         time.sleep(0.2)
