@@ -92,8 +92,9 @@ def cpu_list(cpus: list[int]) -> str:
 
 def pack_outputs(outputs: list[StepOutput]) -> list[tuple]:
     """A step's outputs as plain tuples for the pipe: pickling 128 slotted dataclasses took
-    154 µs on this workplace's CPU, the tuples 27 µs (and 97 -> 44 µs to read them back), on a
-    child whose loop is SmolLM2's critical path. Field order is StepOutput's."""
+    155 µs on this workplace's CPU, the tuples 26 µs (and 98 -> 42 µs to read them back;
+    bench/pipe_outputs.py), on a child whose loop is SmolLM2's critical path. Field order is
+    StepOutput's."""
     return [(o.request_id, o.new_token_ids, o.logprobs, o.num_cached_tokens, o.finish_reason,
              o.error, o.engine_fault) for o in outputs]
 
